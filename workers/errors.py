@@ -1,0 +1,84 @@
+"""The one error root of actmap.
+
+::
+
+    ActmapError                   Raised for anything actmap reports on purpose.
+    ├── UserError                 Raised when the caller can fix it; never retried.
+    │   ├── SpecError             Raised when a job spec or option is impossible.
+    │   ├── LayerError            Raised when a layer is unknown or unusable as asked.
+    │   ├── ModelError            Raised when a model file, factory or weights cannot be used.
+    │   ├── InputError            Raised when one sample cannot be decoded (a per-sample code).
+    │   └── JobError              Raised when a job id or its store does not exist.
+    └── TransientError            Raised when a retry may succeed (connection, CUDA OOM).
+
+Every message is one line a person can act on. Tracebacks are for bugs.
+"""
+
+from __future__ import annotations
+
+from enum import IntEnum
+
+__all__ = [
+    "ActmapError",
+    "InputError",
+    "JobError",
+    "LayerError",
+    "ModelError",
+    "SampleCode",
+    "SpecError",
+    "TransientError",
+    "UserError",
+]
+
+
+class ActmapError(Exception):
+    """Raised for anything actmap reports on purpose; the root of the tree."""
+
+
+class UserError(ActmapError):
+    """Raised when the caller can fix the cause; retrying would not help."""
+
+
+class SpecError(UserError):
+    """Raised when a job spec or an option is impossible."""
+
+
+class LayerError(UserError):
+    """Raised when a layer is unknown or cannot be used as asked."""
+
+
+class ModelError(UserError):
+    """Raised when a model file, factory or weights file cannot be loaded safely."""
+
+
+class JobError(UserError):
+    """Raised when a job id, or the store holding it, does not exist."""
+
+
+class SampleCode(IntEnum):
+    """Per-sample error codes stored in `error_code`; the table goes into the job's attrs."""
+
+    OK = 0
+    UNREADABLE = 1
+    EMPTY = 2
+    CORRUPT = 3
+    WRONG_SHAPE = 4
+    UNSUPPORTED = 5
+    TOO_LARGE = 6
+    COMPUTE = 7
+
+    @classmethod
+    def table(cls) -> dict[str, str]:
+        return {str(int(c)): c.name.lower() for c in cls}
+
+
+class InputError(UserError):
+    """Raised when one sample cannot be decoded; carries the code stored for it."""
+
+    def __init__(self, code: SampleCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class TransientError(ActmapError):
+    """Raised when the same call may succeed later: a lost connection, CUDA out of memory."""

@@ -1,0 +1,184 @@
+"""Input discovery, labels and decoders: images, `.npy` arrays and raw binaries.
+
+Decoders return a float32 (C, H, W) array as the model wants it, or raise InputError with
+the per-sample code; the caller records it and goes on with the other samples.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from workers.errors import InputError, SampleCode, SpecError
+from workers.jobs import Preprocessing
+
+__all__ = [
+    "IMAGE_SUFFIXES",
+    "MAX_INPUT_BYTES",
+    "Source",
+    "decode",
+    "discover",
+    "labels_from_csv",
+    "labels_from_dirs",
+    "nataraj_width",
+]
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif"}
+MAX_INPUT_BYTES = 256 << 20
+# Nataraj et al. (2011): image width by file size, upper bounds in KiB.
+_WIDTHS = ((10, 32), (30, 64), (60, 128), (100, 256), (200, 384), (500, 512), (1000, 768))
+
+
+@dataclass(frozen=True)
+class Source:
+    """One sample: its stable id and where its bytes are."""
+
+    id: str
+    path: str
+
+
+def discover(inputs: list[str] | tuple[str, ...]) -> list[Source]:
+    """Expand files, directories (recursive, sorted) and `@list.txt` into samples with
+    stable ids: the path under a directory, else the path as given."""
+    found: list[tuple[str, Path]] = []
+    for item in inputs:
+        if item.startswith("@"):
+            listing = Path(item[1:])
+            if not listing.is_file():
+                raise SpecError(f"list file {listing} does not exist")
+            lines = [ln.strip() for ln in listing.read_text().splitlines()]
+            found.extend((ln, Path(ln)) for ln in lines if ln and not ln.startswith("#"))
+            continue
+        path = Path(item)
+        if path.is_dir():
+            files = sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
+            found.extend((p.relative_to(path).as_posix(), p) for p in files)
+        elif path.exists() or path.is_symlink():
+            found.append((path.as_posix(), path))
+        else:
+            raise SpecError(f"input {item} does not exist; give files, directories or @list.txt")
+    if not found:
+        raise SpecError(f"no input files found in {', '.join(inputs)}")
+    seen: dict[str, int] = {}
+    sources = []
+    for sid, path in found:
+        seen[sid] = seen.get(sid, 0) + 1
+        unique = sid if seen[sid] == 1 else f"{sid}~{seen[sid]}"
+        sources.append(Source(unique, str(path.absolute())))
+    return sources
+
+
+def labels_from_dirs(sources: list[Source]) -> tuple[list[int], list[str]]:
+    """Each sample's parent directory name, the sorted names mapped to 0..K-1."""
+    names = [Path(s.path).parent.name for s in sources]
+    classes = sorted(set(names))
+    index = {name: i for i, name in enumerate(classes)}
+    return [index[n] for n in names], classes
+
+
+def labels_from_csv(path: str, sources: list[Source]) -> tuple[list[int], list[str] | None]:
+    """`sample_id,label` rows. Integer labels are kept; names map sorted to 0..K-1.
+    Samples the file does not list get -1."""
+    file = Path(path)
+    if not file.is_file():
+        raise SpecError(f"labels file {path} does not exist")
+    rows = [r for r in csv.reader(file.read_text().splitlines()) if r]
+    if rows and rows[0][:2] == ["sample_id", "label"]:
+        rows = rows[1:]
+    if any(len(r) != 2 for r in rows):
+        raise SpecError(f"labels file {path} needs two columns per row: sample_id,label")
+    given = {sid.strip(): label.strip() for sid, label in rows}
+    if all(v.lstrip("-").isdigit() for v in given.values()):
+        return [int(given.get(s.id, -1)) for s in sources], None
+    classes = sorted(set(given.values()))
+    index = {name: i for i, name in enumerate(classes)}
+    return [index[given[s.id]] if s.id in given else -1 for s in sources], classes
+
+
+def nataraj_width(size: int) -> int:
+    """Image width for a binary of `size` bytes (Nataraj et al. 2011)."""
+    for upper_kib, width in _WIDTHS:
+        if size < upper_kib * 1024:
+            return width
+    return 1024
+
+
+def decode(path: str, prep: Preprocessing, max_bytes: int = MAX_INPUT_BYTES) -> np.ndarray:
+    """Read one sample as the model's float32 (C, H, W) input."""
+    file = Path(path)
+    try:
+        size = file.stat().st_size
+    except OSError as exc:
+        raise InputError(SampleCode.UNREADABLE, f"cannot read {file.name}: {exc.strerror}") from exc
+    if size == 0:
+        raise InputError(SampleCode.EMPTY, f"{file.name} is empty")
+    if size > max_bytes:
+        raise InputError(SampleCode.TOO_LARGE, f"{file.name} is {size} bytes, over {max_bytes}")
+    suffix = file.suffix.lower()
+    try:
+        if suffix == ".npy":
+            return _array(file, prep)
+        if suffix in IMAGE_SUFFIXES:
+            return _normalise(_image(file, prep), prep)
+        return _normalise(_binary(file.read_bytes(), prep), prep)
+    except PermissionError as exc:
+        raise InputError(SampleCode.UNREADABLE, f"cannot read {file.name}: permission denied") from exc
+
+
+def _array(file: Path, prep: Preprocessing) -> np.ndarray:
+    try:
+        array = np.load(file, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as exc:
+        raise InputError(SampleCode.CORRUPT, f"{file.name} is not a valid .npy array") from exc
+    if not isinstance(array, np.ndarray) or array.shape != prep.input_shape:
+        shape = getattr(array, "shape", None)
+        raise InputError(
+            SampleCode.WRONG_SHAPE, f"{file.name} has shape {shape}, the model takes {prep.input_shape}"
+        )
+    if not np.issubdtype(array.dtype, np.number):
+        raise InputError(SampleCode.WRONG_SHAPE, f"{file.name} holds {array.dtype}, not numbers")
+    return array.astype(np.float32, copy=False)
+
+
+def _image(file: Path, prep: Preprocessing) -> np.ndarray:
+    mode = "L" if prep.channels == 1 else "RGB"
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(file) as img:
+                img.seek(0)  # the first frame of an animated GIF
+                frame = img.convert(mode)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise InputError(SampleCode.TOO_LARGE, f"{file.name} is too many pixels to decode") from exc
+    except UnidentifiedImageError as exc:
+        raise InputError(SampleCode.CORRUPT, f"{file.name} is not a readable image") from exc
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise InputError(SampleCode.CORRUPT, f"{file.name} is corrupt or truncated: {exc}") from exc
+    height, width = prep.size
+    if frame.size != (width, height):
+        frame = frame.resize((width, height), Image.Resampling.BILINEAR)
+    array = np.asarray(frame, dtype=np.float32)
+    return array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
+
+
+def _binary(data: bytes, prep: Preprocessing) -> np.ndarray:
+    width = nataraj_width(len(data))
+    rows = math.ceil(len(data) / width)
+    pixels = np.zeros(rows * width, dtype=np.uint8)  # the last row zero-padded
+    pixels[: len(data)] = np.frombuffer(data, dtype=np.uint8)
+    height, out_width = prep.size
+    image = Image.fromarray(pixels.reshape(rows, width), mode="L")
+    array = np.asarray(image.resize((out_width, height), Image.Resampling.BILINEAR), np.float32)
+    return np.repeat(array[None], prep.channels, axis=0)
+
+
+def _normalise(array: np.ndarray, prep: Preprocessing) -> np.ndarray:
+    mean = np.asarray(prep.mean, np.float32).reshape(-1, 1, 1)
+    std = np.asarray(prep.std, np.float32).reshape(-1, 1, 1)
+    return np.ascontiguousarray((array * np.float32(prep.scale) - mean) / std, dtype=np.float32)

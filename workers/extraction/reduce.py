@@ -1,0 +1,64 @@
+"""Reductions applied on the device, before the copy to the host."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from workers.errors import LayerError
+from workers.jobs import ExtractionSpec, cap_spatial
+
+__all__ = ["Reduced", "Reduction"]
+
+_POOL = {1: F.adaptive_avg_pool1d, 2: F.adaptive_avg_pool2d, 3: F.adaptive_avg_pool3d}
+
+
+@dataclass(frozen=True)
+class Reduced:
+    """What is stored for one layer and one batch, still on the device."""
+
+    acts: torch.Tensor
+    pooled: torch.Tensor
+    top_index: torch.Tensor | None
+
+
+@dataclass(frozen=True)
+class Reduction:
+    channels: tuple[int, ...] | None = None
+    top_k: int | None = None
+    max_size: tuple[int, int] | None = None
+    dtype: torch.dtype = torch.float16
+
+    @classmethod
+    def from_spec(cls, spec: ExtractionSpec) -> Reduction:
+        dtype = torch.float16 if spec.dtype == "float16" else torch.float32
+        return cls(spec.channels, spec.top_k, spec.max_size, dtype)
+
+    def __call__(self, name: str, output: torch.Tensor) -> Reduced:
+        spatial = output.dim() - 2
+        # The per-channel spatial mean over all channels, always kept in float32.
+        pooled = output.float() if spatial == 0 else output.float().mean(dim=tuple(range(2, 2 + spatial)))
+        acts = output
+        top_index = None
+        width = output.shape[1]
+        if self.channels is not None:
+            if max(self.channels) >= width:
+                raise LayerError(
+                    f"channel {max(self.channels)} asked of layer {name!r}, which has {width}"
+                )
+            index = torch.tensor(self.channels, device=output.device)
+            acts = acts.index_select(1, index)
+        elif self.top_k is not None:
+            if self.top_k > width:
+                raise LayerError(f"top_k={self.top_k} asked of layer {name!r}, which has {width}")
+            top_index = pooled.topk(self.top_k, dim=1).indices
+            shape = top_index.shape + (1,) * spatial
+            acts = acts.gather(1, top_index.view(shape).expand(-1, -1, *acts.shape[2:]))
+        if self.max_size is not None and spatial > 0:
+            target = cap_spatial(tuple(acts.shape[2:]), self.max_size)
+            if target != tuple(acts.shape[2:]):
+                acts = _POOL[spatial](acts.float(), target)
+        return Reduced(acts.to(self.dtype), pooled, top_index)
+

@@ -1,0 +1,182 @@
+"""The contract shared by the API and the workers: job specs, states, queue and task names.
+
+Pydantic only; importing this never loads torch or celery.
+"""
+
+from __future__ import annotations
+
+import difflib
+from enum import StrEnum
+from typing import Literal, Self
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+__all__ = [
+    "QUEUES",
+    "ExtractionSpec",
+    "JobState",
+    "LayerInfo",
+    "ModelInfo",
+    "Preprocessing",
+    "TaskName",
+    "cap_spatial",
+    "close_matches",
+    "stored_shape",
+]
+
+QUEUES = ("screen", "extract", "analysis")
+
+
+class TaskName(StrEnum):
+    RUN_BATCH = "actmap.run_batch"
+    FINALIZE = "actmap.finalize"
+
+
+class JobState(StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    PARTIAL = "partial"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @property
+    def finished(self) -> bool:
+        return self not in (JobState.QUEUED, JobState.RUNNING)
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class Preprocessing(_Frozen):
+    """How a model wants its input: resize to `size`, convert to `channels`, then
+    `(x * scale - mean) / std` per channel."""
+
+    size: tuple[int, int] = Field(description="input height and width")
+    channels: Literal[1, 3]
+    scale: float = 1.0 / 255.0
+    mean: tuple[float, ...] = (0.0,)
+    std: tuple[float, ...] = (1.0,)
+
+    @model_validator(mode="after")
+    def _per_channel(self) -> Self:
+        for name in ("mean", "std"):
+            values = getattr(self, name)
+            if len(values) not in (1, self.channels):
+                raise ValueError(f"{name} needs 1 or {self.channels} values, got {len(values)}")
+        if any(s == 0 for s in self.std):
+            raise ValueError("std must not contain 0")
+        if min(self.size) < 1:
+            raise ValueError("size must be positive")
+        return self
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        return (self.channels, *self.size)
+
+
+class LayerInfo(_Frozen):
+    """One row of a model's layer catalogue, from a dry run at the declared input shape."""
+
+    name: str
+    type: str
+    output_shape: tuple[int, ...] = Field(description="per sample, without the batch dimension")
+    params: int
+    receptive_field: tuple[int, ...] | None = None
+    rf_stride: tuple[int, ...] | None = None
+
+    @property
+    def flat(self) -> bool:
+        return len(self.output_shape) == 1
+
+
+class ModelInfo(_Frozen):
+    """What registration learns about a model; stored in every job's attrs."""
+
+    name: str
+    format: Literal["pt2", "factory"]
+    sha256: str
+    preprocessing: Preprocessing
+    frozen_batch: int | None = None
+    classes: int = Field(description="width of the model's output (the logits)")
+    layers: tuple[LayerInfo, ...]
+
+    def layer(self, name: str) -> LayerInfo:
+        for info in self.layers:
+            if info.name == name:
+                return info
+        raise KeyError(name)
+
+    def layer_names(self) -> list[str]:
+        return [info.name for info in self.layers]
+
+
+def close_matches(name: str, known: list[str]) -> str:
+    """A phrase naming the closest known names, for 'unknown X' messages."""
+    near = difflib.get_close_matches(name, known, n=5, cutoff=0.5)
+    if not near:
+        near = [k for k in known if name in k][:5]
+    return f"close matches: {', '.join(near)}" if near else "run `actmap layers` to list them"
+
+
+class ExtractionSpec(_Frozen):
+    """An extraction job as submitted. Layers are checked against the model's catalogue at
+    plan time, where it is known."""
+
+    model: str = Field(description="a .pt2 path, package.module:factory, or a registered name")
+    weights: str | None = Field(default=None, description="safetensors or state dict, factories only")
+    layers: tuple[str, ...] = Field(min_length=1)
+    inputs: tuple[str, ...] = Field(min_length=1)
+    batch_size: int = Field(default=32, ge=1, le=4096)
+    dtype: Literal["float16", "float32"] = "float16"
+    channels: tuple[int, ...] | None = Field(default=None, description="keep these channels only")
+    top_k: int | None = Field(default=None, ge=1, description="keep each sample's k strongest")
+    max_size: tuple[int, int] | None = Field(default=None, description="downsample to at most HxW")
+    preprocessing: Preprocessing | None = Field(default=None, description="overrides the model's")
+    labels_csv: str | None = None
+    labels_from_dirs: bool = False
+    tenant: str = "local"
+
+    @field_validator("layers")
+    @classmethod
+    def _dedupe(cls, layers: tuple[str, ...]) -> tuple[str, ...]:
+        # Asking for a layer twice captures it once.
+        return tuple(dict.fromkeys(layers))
+
+    @field_validator("channels")
+    @classmethod
+    def _channels(cls, channels: tuple[int, ...] | None) -> tuple[int, ...] | None:
+        if channels is None:
+            return None
+        if not channels or min(channels) < 0 or len(set(channels)) != len(channels):
+            raise ValueError("channels must be distinct non-negative indices")
+        return channels
+
+    @model_validator(mode="after")
+    def _exclusive(self) -> Self:
+        if self.channels is not None and self.top_k is not None:
+            raise ValueError("choose either channels or top_k, not both")
+        if self.labels_csv and self.labels_from_dirs:
+            raise ValueError("choose either labels_csv or labels_from_dirs, not both")
+        if self.max_size is not None and min(self.max_size) < 1:
+            raise ValueError("max_size must be positive")
+        return self
+
+
+def cap_spatial(shape: tuple[int, ...], max_size: tuple[int, int]) -> tuple[int, ...]:
+    """Cap the last two spatial dimensions at max_size (the last one only for 1-d outputs)."""
+    caps = (*(shape[:-2] if len(shape) > 2 else ()), *max_size[-len(shape[-2:]) :])
+    return tuple(min(s, c) for s, c in zip(shape, caps, strict=True))
+
+
+def stored_shape(output_shape: tuple[int, ...], spec: ExtractionSpec) -> tuple[int, ...]:
+    """The per-sample shape of `acts` for a layer output of `output_shape` under `spec`."""
+    width, spatial = output_shape[0], output_shape[1:]
+    if spec.channels is not None:
+        width = len(spec.channels)
+    elif spec.top_k is not None:
+        width = spec.top_k
+    if spec.max_size is not None and spatial:
+        spatial = cap_spatial(spatial, spec.max_size)
+    return (width, *spatial)

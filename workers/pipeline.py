@@ -1,0 +1,291 @@
+"""Plan a job, run one batch, finalize: the three calls a task (or the embedded runner) makes.
+
+`run_batch` = `decode_batch` (threads) -> `compute_batch` (torch) -> `store_batch` (Zarr,
+ledger last). The stages are separate so that the runner can overlap them.
+"""
+
+from __future__ import annotations
+
+import secrets
+from concurrent.futures import Executor
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import numpy as np
+import torch
+import zarr
+
+from workers.errors import InputError, LayerError, SampleCode, SpecError
+from workers.extraction.cache import ModelCache
+from workers.extraction.hooks import capture
+from workers.extraction.inputs import decode, discover, labels_from_csv, labels_from_dirs
+from workers.extraction.models import LoadedModel
+from workers.extraction.reduce import Reduction
+from workers.jobs import ExtractionSpec, JobState, ModelInfo, close_matches, stored_shape
+from workers.storage.consolidate import publish
+from workers.storage.layout import LayerLayout, create_job, open_job
+from workers.storage.ledger import done_batches, is_done, mark_done
+from workers.storage.rows import BatchRows, LayerRows, write_rows
+
+__all__ = [
+    "Decoded",
+    "Plan",
+    "compute_batch",
+    "decode_batch",
+    "finalize",
+    "mark_started",
+    "new_job_id",
+    "plan",
+    "run_batch",
+    "spec_of",
+    "store_batch",
+    "summary",
+]
+
+VERSION = "0.1.0"
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="milliseconds")
+
+
+def new_job_id() -> str:
+    return f"{datetime.now(UTC):%Y%m%d-%H%M%S}-{secrets.token_hex(3)}"
+
+
+@dataclass(frozen=True)
+class Plan:
+    store: str
+    job_id: str
+    n_samples: int
+    batch_size: int
+
+    @property
+    def n_batches(self) -> int:
+        return -(-self.n_samples // self.batch_size)
+
+
+def _layouts(spec: ExtractionSpec, info: ModelInfo) -> list[LayerLayout]:
+    known = info.layer_names()
+    layouts = []
+    for name in spec.layers:
+        if name not in known:
+            raise LayerError(f"unknown layer {name!r} in {info.name}; {close_matches(name, known)}")
+        out = info.layer(name).output_shape
+        width = out[0]
+        if spec.channels is not None and max(spec.channels) >= width:
+            raise SpecError(f"channel {max(spec.channels)} asked of layer {name!r}, which has {width}")
+        if spec.top_k is not None and spec.top_k > width:
+            raise SpecError(f"top_k={spec.top_k} asked of layer {name!r}, which has {width}")
+        dim = "rank" if spec.top_k else "kept_channel" if spec.channels else "channel"
+        layouts.append(
+            LayerLayout(name, stored_shape(out, spec), width, spec.dtype, dim, spec.channels)
+        )
+    return layouts
+
+
+def plan(store: str, spec: ExtractionSpec, info: ModelInfo, job_id: str | None = None) -> Plan:
+    """Check the spec against the catalogue, list the inputs, and create every array."""
+    layouts = _layouts(spec, info)
+    sources = discover(spec.inputs)
+    classes: list[str] | None = None
+    if spec.labels_from_dirs:
+        labels, classes = labels_from_dirs(sources)
+    elif spec.labels_csv:
+        labels, classes = labels_from_csv(spec.labels_csv, sources)
+    else:
+        labels = [-1] * len(sources)
+    job_id = job_id or new_job_id()
+    attrs: dict[str, Any] = {
+        "kind": "extraction",
+        "spec": spec.model_dump(mode="json"),
+        "state": JobState.QUEUED.value,
+        "tenant": spec.tenant,
+        "model": {"name": info.name, "format": info.format, "sha256": info.sha256},
+        "catalogue": info.model_dump(mode="json"),
+        "n_samples": len(sources),
+        "batch_size": spec.batch_size,
+        "n_batches": -(-len(sources) // spec.batch_size),
+        "classes": classes,
+        "error_codes": SampleCode.table(),
+        "created": _now(),
+        "actmap_version": VERSION,
+    }
+    n = len(sources)
+    group = create_job(store, job_id, attrs, n, spec.batch_size, info.classes, layouts)
+    group["sample"][:] = np.asarray([s.id for s in sources], dtype=object)  # type: ignore[index]
+    group["source"][:] = np.asarray([s.path for s in sources], dtype=object)  # type: ignore[index]
+    group["label"][:] = np.asarray(labels, dtype=np.int32)  # type: ignore[index]
+    publish(store, job_id)
+    return Plan(store, job_id, n, spec.batch_size)
+
+
+def spec_of(group: zarr.Group) -> ExtractionSpec:
+    return ExtractionSpec.model_validate(group.attrs["spec"])
+
+
+@dataclass(frozen=True)
+class Decoded:
+    """A batch's inputs: the stacked array, and per sample its code and message."""
+
+    batch: int
+    start: int
+    x: np.ndarray
+    codes: np.ndarray
+    messages: list[str]
+
+
+def decode_batch(
+    group: zarr.Group, spec: ExtractionSpec, info: ModelInfo, batch: int, pool: Executor | None = None
+) -> Decoded:
+    """Decode rows [batch*B, (batch+1)*B); a bad sample gets its code, the rest go on."""
+    start = batch * spec.batch_size
+    paths = list(group["source"][start : start + spec.batch_size])  # type: ignore[index]
+    prep = info.preprocessing
+    x = np.zeros((len(paths), *prep.input_shape), dtype=np.float32)
+    codes = np.zeros(len(paths), dtype=np.int16)
+    messages = [""] * len(paths)
+
+    def one(i: int) -> None:
+        try:
+            x[i] = decode(str(paths[i]), prep)
+        except InputError as exc:
+            codes[i], messages[i] = exc.code, str(exc)
+
+    if pool is None:
+        for i in range(len(paths)):
+            one(i)
+    else:
+        list(pool.map(one, range(len(paths))))
+    return Decoded(batch, start, x, codes, messages)
+
+
+def _host(t: torch.Tensor) -> np.ndarray:
+    if t.is_cuda:  # pinned buffer, asynchronous copy; the caller synchronises once
+        buf = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+        buf.copy_(t, non_blocking=True)
+        t = buf
+    return t.numpy()
+
+
+def compute_batch(model: LoadedModel, spec: ExtractionSpec, decoded: Decoded) -> BatchRows:
+    """One forward pass with hooks on every requested layer, reduced on the device."""
+    ok = decoded.codes == 0
+    n = len(ok)
+    reduce = Reduction.from_spec(spec)
+    device = next(iter(model.module.parameters()), torch.empty(0)).device
+    layers: dict[str, LayerRows] = {}
+    logits = np.full((n, model.info.classes), np.nan, dtype=np.float32)
+    pred = np.full(n, -1, dtype=np.int32)
+    if ok.any():
+        x = torch.from_numpy(decoded.x[ok]).to(device, non_blocking=True)
+        with torch.inference_mode(), capture(model.module, spec.layers) as forward:
+            out, captured = model.run(forward, x)
+            reduced = {name: reduce(name, t) for name, t in captured.items()}
+            host = {
+                name: (_host(r.acts), _host(r.pooled), None if r.top_index is None else _host(r.top_index))
+                for name, r in reduced.items()
+            }
+            logits_ok = _host(out.float())
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+        logits[ok] = logits_ok
+        pred[ok] = logits_ok.argmax(axis=1)
+        for name, (acts, pooled, top) in host.items():
+            layers[name] = LayerRows(
+                _fill(acts, ok, np.nan), _fill(pooled, ok, np.nan), None if top is None else _fill(top, ok, -1)
+            )
+    else:
+        layers = _empty_layers(model.info, spec, n)
+    return BatchRows(decoded.start, decoded.codes, decoded.messages, logits, pred, layers)
+
+
+def _fill(rows: np.ndarray, ok: np.ndarray, value: float) -> np.ndarray:
+    """Spread the good samples' rows over the batch; failed samples get `value`."""
+    if ok.all():
+        return rows
+    full = np.full((len(ok), *rows.shape[1:]), value, dtype=rows.dtype)
+    full[ok] = rows
+    return full
+
+
+def _empty_layers(info: ModelInfo, spec: ExtractionSpec, n: int) -> dict[str, LayerRows]:
+    rows = {}
+    for layout in _layouts(spec, info):
+        top = np.full((n, layout.shape[0]), -1, np.int32) if spec.top_k else None
+        rows[layout.name] = LayerRows(
+            np.full((n, *layout.shape), np.nan, dtype=spec.dtype),
+            np.full((n, layout.channels), np.nan, dtype=np.float32),
+            top,
+        )
+    return rows
+
+
+def store_batch(group: zarr.Group, batch: int, rows: BatchRows) -> None:
+    """Write the batch's chunks, then mark it done in the ledger: last, so a crash in
+    between leaves it pending and a rerun rewrites identical bytes."""
+    write_rows(group, rows)
+    mark_done(group, batch)
+
+
+def run_batch(store: str, job_id: str, batch: int, models: ModelCache) -> bool:
+    """Run batch `batch` of the job unless the ledger has it. Returns whether it ran."""
+    group = open_job(store, job_id)
+    if is_done(group, batch):
+        return False
+    spec = spec_of(group)
+    model = models.get(spec)
+    decoded = decode_batch(group, spec, model.info, batch)
+    store_batch(group, batch, compute_batch(model, spec, decoded))
+    return True
+
+
+def finalize(store: str, job_id: str, state: JobState | None = None, reason: str = "") -> dict[str, Any]:
+    """Set the final state from the ledger and the per-sample codes, record timings, and
+    publish the metadata. Returns the job's summary."""
+    group = open_job(store, job_id)
+    attrs = dict(group.attrs)
+    done = done_batches(group)
+    codes = np.asarray(group["error_code"][:])  # type: ignore[index]
+    n = int(attrs["n_samples"])
+    n_failed = int(np.count_nonzero(codes))
+    if state is None:
+        if not done.all():
+            state = JobState.FAILED
+            reason = reason or f"{int((~done).sum())} of {len(done)} batches did not complete"
+        elif n and n_failed == n:
+            state = JobState.FAILED
+            reason = reason or "every sample failed; see error_message"
+        else:
+            state = JobState.PARTIAL if n_failed else JobState.SUCCEEDED
+    finished = _now()
+    update: dict[str, Any] = {"state": state.value, "finished": finished, "n_failed": n_failed}
+    if reason:
+        update["reason"] = reason
+    started = attrs.get("started")
+    if started:
+        elapsed = (datetime.fromisoformat(finished) - datetime.fromisoformat(started)).total_seconds()
+        update["elapsed_s"] = round(elapsed, 3)
+        update["samples_per_s"] = round(n / elapsed, 2) if elapsed > 0 else None
+    group.attrs.update(update)
+    publish(store, job_id)
+    return summary(store, job_id, group)
+
+
+def mark_started(store: str, job_id: str) -> None:
+    group = open_job(store, job_id)
+    group.attrs.update({"state": JobState.RUNNING.value, "started": _now()})
+
+
+def summary(store: str, job_id: str, group: zarr.Group | None = None) -> dict[str, Any]:
+    """The one JSON object `actmap scan --json` prints."""
+    attrs = (group or open_job(store, job_id, mode="r")).attrs
+    return {
+        "job_id": job_id,
+        "store": store,
+        "state": attrs["state"],
+        "n_samples": attrs["n_samples"],
+        "n_failed": attrs.get("n_failed", 0),
+    }
+

@@ -1,0 +1,114 @@
+"""Run a whole job in this process, overlapping decode, compute and write.
+
+Decoding runs one batch ahead in threads, writes go to a background thread through a
+queue of two batches: memory stays bounded by a few batches, whatever the job size, and
+the device never waits on disk.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
+
+import zarr
+
+from workers.errors import ActmapError
+from workers.extraction.cache import ModelCache
+from workers.jobs import JobState
+from workers.pipeline import (
+    Decoded,
+    compute_batch,
+    decode_batch,
+    finalize,
+    mark_started,
+    spec_of,
+    store_batch,
+)
+from workers.storage.layout import open_job
+from workers.storage.ledger import pending_batches
+from workers.storage.rows import BatchRows
+
+__all__ = ["run_job"]
+
+Progress = Callable[[int], None]
+
+
+class _Writer:
+    """One thread writing batches in order; `put` blocks when two are waiting."""
+
+    def __init__(self, group: zarr.Group, progress: Progress | None) -> None:
+        self._group = group
+        self._progress = progress
+        self._queue: queue.Queue[tuple[int, BatchRows] | None] = queue.Queue(maxsize=2)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._loop, name="actmap-writer", daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        while (item := self._queue.get()) is not None:
+            if self._error is not None:
+                continue  # drain without writing after a failure
+            batch, rows = item
+            try:
+                store_batch(self._group, batch, rows)
+            except BaseException as exc:  # re-raised in the caller's thread
+                self._error = exc
+                continue
+            if self._progress:
+                self._progress(len(rows.error_code))
+
+    def put(self, batch: int, rows: BatchRows) -> None:
+        self.check()
+        self._queue.put((batch, rows))
+
+    def check(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    def close(self) -> None:
+        self._queue.put(None)
+        self._thread.join()
+        self.check()
+
+
+def run_job(
+    store: str,
+    job_id: str,
+    models: ModelCache,
+    progress: Progress | None = None,
+    decode_threads: int = 4,
+) -> dict[str, Any]:
+    """Run every batch the ledger lacks, then finalize. A job-level user error (a layer
+    that returns a tuple, say) fails the job with its reason and is raised."""
+    group = open_job(store, job_id)
+    spec = spec_of(group)
+    mark_started(store, job_id)
+    try:
+        model = models.get(spec)
+        writer = _Writer(group, progress)
+        try:
+            with ThreadPoolExecutor(decode_threads) as pool, ThreadPoolExecutor(1) as ahead:
+                ahead_of: deque[Future[Decoded]] = deque()
+                pending = deque(pending_batches(group))
+
+                def prefetch() -> None:
+                    if pending:
+                        b = pending.popleft()
+                        ahead_of.append(ahead.submit(decode_batch, group, spec, model.info, b, pool))
+
+                prefetch()
+                prefetch()
+                while ahead_of:
+                    decoded = ahead_of.popleft().result()
+                    prefetch()
+                    writer.put(decoded.batch, compute_batch(model, spec, decoded))
+        finally:
+            writer.close()
+    except ActmapError as exc:
+        finalize(store, job_id, JobState.FAILED, str(exc))
+        raise
+    return finalize(store, job_id)

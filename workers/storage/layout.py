@@ -1,0 +1,134 @@
+"""The Zarr layout of a job (DESIGN.md, "Zarr layout"). Never imports torch.
+
+Every array is created at plan time with its final shape, chunked so that batch i owns
+whole chunks of rows [i*B, (i+1)*B): no two tasks ever write the same chunk.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import zarr
+from zarr.codecs import BloscCodec
+
+from workers.errors import JobError
+
+__all__ = [
+    "CHUNK_BYTES",
+    "COMPRESSOR",
+    "LayerLayout",
+    "create_job",
+    "job_ids",
+    "open_job",
+    "sample_chunk",
+    "spatial_dims",
+]
+
+# Aim for chunks of up to this size; a batch smaller than that owns one chunk per array.
+CHUNK_BYTES = 8 << 20
+# Chosen by tests/bench/compression.py on real activations (see the README's figures).
+COMPRESSOR = BloscCodec(cname="zstd", clevel=1, shuffle="bitshuffle")
+
+
+@dataclass(frozen=True)
+class LayerLayout:
+    """What one layer stores: the per-sample `acts` shape and its channel dimension name."""
+
+    name: str
+    shape: tuple[int, ...]
+    channels: int  # width of `pooled`, the layer's full channel count
+    dtype: str
+    channel_dim: str = "channel"  # "kept_channel" for a subset, "rank" for top-k
+    kept: tuple[int, ...] | None = None
+
+
+def spatial_dims(n: int) -> list[str]:
+    return ["z", "y", "x"][3 - n :] if n else []
+
+
+def sample_chunk(batch_size: int, row_bytes: int) -> int:
+    """The largest divisor of the batch size whose chunk stays within CHUNK_BYTES."""
+    for d in range(batch_size, 0, -1):
+        if batch_size % d == 0 and d * row_bytes <= CHUNK_BYTES:
+            return d
+    return 1
+
+
+def _root(store: str, mode: str = "a") -> zarr.Group:
+    return zarr.open_group(store, mode=mode, use_consolidated=False)  # type: ignore[arg-type]
+
+
+def job_ids(store: str) -> list[str]:
+    try:
+        jobs = zarr.open_group(store, path="jobs", mode="r", use_consolidated=False)
+    except FileNotFoundError:
+        return []
+    return sorted(name for name, _ in jobs.groups())
+
+
+def open_job(store: str, job_id: str, mode: str = "r+") -> zarr.Group:
+    """The job's group, read fresh from the store (never from consolidated metadata)."""
+    try:
+        return zarr.open_group(store, path=f"jobs/{job_id}", mode=mode, use_consolidated=False)  # type: ignore[arg-type]
+    except FileNotFoundError:
+        raise JobError(f"no job {job_id!r} in store {store}; `actmap jobs list` shows them") from None
+
+
+def _array(
+    group: zarr.Group,
+    name: str,
+    shape: tuple[int, ...],
+    chunks: tuple[int, ...],
+    dtype: Any,
+    dims: list[str],
+    fill: Any,
+) -> zarr.Array:
+    compress = np.dtype(dtype).kind in "fiub" if dtype is not str else False
+    return group.create_array(
+        name,
+        shape=shape,
+        chunks=chunks,
+        dtype=dtype,
+        dimension_names=dims,
+        fill_value=fill,
+        compressors=COMPRESSOR if compress else "auto",
+    )
+
+
+def create_job(
+    store: str,
+    job_id: str,
+    attrs: dict[str, Any],
+    n: int,
+    batch_size: int,
+    n_classes: int,
+    layers: list[LayerLayout],
+) -> zarr.Group:
+    """Create the job's group and every array with its final shape."""
+    group = _root(store).require_group("jobs").create_group(job_id, attributes=attrs)
+    b = min(batch_size, max(n, 1))
+    n_batches = -(-n // batch_size)
+    _array(group, "sample", (n,), (b,), str, ["sample"], "")
+    _array(group, "source", (n,), (b,), str, ["sample"], "")
+    _array(group, "label", (n,), (b,), "int32", ["sample"], -1)
+    _array(group, "logits", (n, n_classes), (b, n_classes), "float32", ["sample", "class"], np.nan)
+    _array(group, "pred", (n,), (b,), "int32", ["sample"], -1)
+    _array(group, "error_code", (n,), (b,), "int16", ["sample"], 0)
+    _array(group, "error_message", (n,), (b,), str, ["sample"], "")
+    _array(group, "done", (n_batches,), (1,), "bool", ["batch"], False)
+    for layer in layers:
+        lg = group.require_group(f"layers/{layer.name}")
+        dims = ["sample", layer.channel_dim, *spatial_dims(len(layer.shape) - 1)]
+        row = int(np.prod(layer.shape)) * np.dtype(layer.dtype).itemsize
+        chunk = sample_chunk(b, row)
+        _array(lg, "acts", (n, *layer.shape), (chunk, *layer.shape), layer.dtype, dims, np.nan)
+        pooled_chunk = (b, layer.channels)
+        _array(lg, "pooled", (n, layer.channels), pooled_chunk, "float32", ["sample", "channel"], np.nan)
+        if layer.channel_dim == "rank":
+            _array(lg, "top_channel", (n, layer.shape[0]), (b, layer.shape[0]), "int32", ["sample", "rank"], -1)
+        if layer.kept is not None:
+            kept = _array(lg, "kept_channel", (len(layer.kept),), (len(layer.kept),), "int32", ["kept_channel"], -1)
+            kept[:] = np.asarray(layer.kept, dtype=np.int32)
+    return group
