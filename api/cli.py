@@ -21,6 +21,7 @@ from rich.table import Table
 from workers.errors import ActmapError, UserError
 from workers.jobs import ExtractionSpec, ModelInfo, Preprocessing
 from workers.settings import Settings
+from workers.storage.layout import array, read
 
 __all__ = ["main"]
 
@@ -40,20 +41,28 @@ def _ints(text: str) -> tuple[int, ...]:
     try:
         return tuple(int(v) for v in text.split(",") if v.strip())
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated integers, got {text!r}"
+        ) from None
 
 
 def _floats(text: str) -> tuple[float, ...]:
     try:
         return tuple(float(v) for v in text.split(",") if v.strip())
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated numbers, got {text!r}"
+        ) from None
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help=".pt2 file, package.module:factory, or a registered name")
+    p.add_argument(
+        "--model", required=True, help=".pt2 file, package.module:factory, or a registered name"
+    )
     p.add_argument("--weights", help="safetensors or state dict, for a factory")
-    p.add_argument("--input-size", type=_pair, metavar="HxW", help="override the model's input size")
+    p.add_argument(
+        "--input-size", type=_pair, metavar="HxW", help="override the model's input size"
+    )
     p.add_argument("--input-channels", type=int, choices=(1, 3), help="override: 1 or 3")
     p.add_argument("--mean", type=_floats, help="override: per-channel mean, comma-separated")
     p.add_argument("--std", type=_floats, help="override: per-channel std, comma-separated")
@@ -73,7 +82,9 @@ def parser() -> argparse.ArgumentParser:
     scan.add_argument("--dtype", choices=("float16", "float32"), default="float16")
     scan.add_argument("--channels", type=_ints, help="keep only these channel indices")
     scan.add_argument("--top-k", type=int, help="keep each sample's k strongest channels")
-    scan.add_argument("--max-size", type=_pair, metavar="HxW", help="downsample maps to at most HxW")
+    scan.add_argument(
+        "--max-size", type=_pair, metavar="HxW", help="downsample maps to at most HxW"
+    )
     scan.add_argument("--labels", help="CSV of sample_id,label")
     scan.add_argument("--labels-from-dirs", action="store_true", help="label = parent directory")
     scan.add_argument("--no-wait", action="store_true", help="return once queued (broker or API)")
@@ -121,7 +132,9 @@ def _catalogue_table(info: ModelInfo) -> None:
     for row in info.layers:
         rf = "x".join(map(str, row.receptive_field)) if row.receptive_field else "-"
         stride = "x".join(map(str, row.rf_stride)) if row.rf_stride else "-"
-        table.add_row(row.name, row.type, "x".join(map(str, row.output_shape)), f"{row.params:,}", rf, stride)
+        table.add_row(
+            row.name, row.type, "x".join(map(str, row.output_shape)), f"{row.params:,}", rf, stride
+        )
     out.print(table)
 
 
@@ -129,9 +142,13 @@ def _scan(args: argparse.Namespace, settings: Settings) -> int:
     if args.api or settings.api_url:
         raise UserError("submitting through an API arrives with the API issue; run without --api")
     if settings.broker_url is not None:
-        raise UserError("submitting to a broker arrives with the distributed issue; unset ACTMAP_BROKER_URL")
+        raise UserError(
+            "submitting to a broker arrives with the distributed issue; unset ACTMAP_BROKER_URL"
+        )
     if args.no_wait:
-        raise UserError("--no-wait needs a broker or an API; the embedded run finishes in this process")
+        raise UserError(
+            "--no-wait needs a broker or an API; the embedded run finishes in this process"
+        )
     try:
         spec = ExtractionSpec(
             model=args.model,
@@ -181,17 +198,19 @@ def _report(result: dict[str, Any]) -> None:
         f"job [bold]{job_id}[/] {result['state']}: {result['n_samples']} samples, "
         f"{result['n_failed']} failed"
     )
-    labels, preds = group["label"][:], group["pred"][:]  # type: ignore[index]
+    labels, preds = read(group, "label"), read(group, "pred")
     known = (labels >= 0) & (preds >= 0)
     if known.any():
-        correct = int((labels[known] == preds[known]).sum())
-        out.print(f"accuracy on labelled samples: {correct}/{int(known.sum())} ({correct / known.sum():.1%})")
-    for name, layer in sorted(group["layers"].groups()):  # type: ignore[union-attr]
-        acts = layer["acts"]
-        out.print(f"  {name}: acts {acts.shape} {acts.dtype}, pooled {layer['pooled'].shape}")  # type: ignore[union-attr]
-    codes, messages = group["error_code"][:], group["error_message"][:]  # type: ignore[index]
-    for i in list(codes.nonzero()[0])[:5]:
-        out.print(f"  [yellow]failed[/] {group['sample'][i]}: {messages[i]}")  # type: ignore[index]
+        correct, total = int((labels[known] == preds[known]).sum()), int(known.sum())
+        out.print(f"accuracy on labelled samples: {correct}/{total} ({correct / total:.1%})")
+    layers = group["layers"]
+    for name, layer in sorted(layers.groups()) if isinstance(layers, zarr.Group) else []:
+        acts, pooled = array(layer, "acts"), array(layer, "pooled")
+        out.print(f"  {name}: acts {acts.shape} {acts.dtype}, pooled {pooled.shape}")
+    codes, messages = read(group, "error_code"), read(group, "error_message")
+    samples = read(group, "sample")
+    for i in codes.nonzero()[0][:5]:
+        out.print(f"  [yellow]failed[/] {samples[i]}: {messages[i]}", highlight=False)
     where = str(Path(store).absolute()) if "://" not in store else store
     out.print(f"results in {where} (group jobs/{job_id}); open with")
     out.print(f"  xarray.open_datatree({where!r}, group='jobs/{job_id}', engine='zarr')")
@@ -200,7 +219,9 @@ def _report(result: dict[str, Any]) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
     logging.basicConfig(
-        level=logging.WARNING, format="%(message)s", handlers=[RichHandler(console=err, show_path=False)]
+        level=logging.WARNING,
+        format="%(message)s",
+        handlers=[RichHandler(console=err, show_path=False)],
     )
     settings = Settings()
     try:

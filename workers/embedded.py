@@ -14,7 +14,9 @@ from workers.settings import Settings
 __all__ = ["catalogue", "scan"]
 
 
-def catalogue(model: str, weights: str | None, prep: Preprocessing | None, settings: Settings) -> ModelInfo:
+def catalogue(
+    model: str, weights: str | None, prep: Preprocessing | None, settings: Settings
+) -> ModelInfo:
     return load_model(model, weights, prep, device=settings.device).info
 
 

@@ -125,7 +125,9 @@ class ExtractionSpec(_Frozen):
     plan time, where it is known."""
 
     model: str = Field(description="a .pt2 path, package.module:factory, or a registered name")
-    weights: str | None = Field(default=None, description="safetensors or state dict, factories only")
+    weights: str | None = Field(
+        default=None, description="safetensors or state dict, factories only"
+    )
     layers: tuple[str, ...] = Field(min_length=1)
     inputs: tuple[str, ...] = Field(min_length=1)
     batch_size: int = Field(default=32, ge=1, le=4096)

@@ -24,7 +24,7 @@ from workers.extraction.models import LoadedModel
 from workers.extraction.reduce import Reduction
 from workers.jobs import ExtractionSpec, JobState, ModelInfo, close_matches, stored_shape
 from workers.storage.consolidate import publish
-from workers.storage.layout import LayerLayout, create_job, open_job
+from workers.storage.layout import LayerLayout, array, create_job, open_job, read
 from workers.storage.ledger import done_batches, is_done, mark_done
 from workers.storage.rows import BatchRows, LayerRows, write_rows
 
@@ -75,7 +75,9 @@ def _layouts(spec: ExtractionSpec, info: ModelInfo) -> list[LayerLayout]:
         out = info.layer(name).output_shape
         width = out[0]
         if spec.channels is not None and max(spec.channels) >= width:
-            raise SpecError(f"channel {max(spec.channels)} asked of layer {name!r}, which has {width}")
+            raise SpecError(
+                f"channel {max(spec.channels)} asked of layer {name!r}, which has {width}"
+            )
         if spec.top_k is not None and spec.top_k > width:
             raise SpecError(f"top_k={spec.top_k} asked of layer {name!r}, which has {width}")
         dim = "rank" if spec.top_k else "kept_channel" if spec.channels else "channel"
@@ -114,9 +116,9 @@ def plan(store: str, spec: ExtractionSpec, info: ModelInfo, job_id: str | None =
     }
     n = len(sources)
     group = create_job(store, job_id, attrs, n, spec.batch_size, info.classes, layouts)
-    group["sample"][:] = np.asarray([s.id for s in sources], dtype=object)  # type: ignore[index]
-    group["source"][:] = np.asarray([s.path for s in sources], dtype=object)  # type: ignore[index]
-    group["label"][:] = np.asarray(labels, dtype=np.int32)  # type: ignore[index]
+    array(group, "sample")[:] = np.asarray([s.id for s in sources], dtype=object)
+    array(group, "source")[:] = np.asarray([s.path for s in sources], dtype=object)
+    array(group, "label")[:] = np.asarray(labels, dtype=np.int32)
     publish(store, job_id)
     return Plan(store, job_id, n, spec.batch_size)
 
@@ -137,11 +139,15 @@ class Decoded:
 
 
 def decode_batch(
-    group: zarr.Group, spec: ExtractionSpec, info: ModelInfo, batch: int, pool: Executor | None = None
+    group: zarr.Group,
+    spec: ExtractionSpec,
+    info: ModelInfo,
+    batch: int,
+    pool: Executor | None = None,
 ) -> Decoded:
     """Decode rows [batch*B, (batch+1)*B); a bad sample gets its code, the rest go on."""
     start = batch * spec.batch_size
-    paths = list(group["source"][start : start + spec.batch_size])  # type: ignore[index]
+    paths = list(read(group, "source", slice(start, start + spec.batch_size)))
     prep = info.preprocessing
     x = np.zeros((len(paths), *prep.input_shape), dtype=np.float32)
     codes = np.zeros(len(paths), dtype=np.int16)
@@ -184,7 +190,11 @@ def compute_batch(model: LoadedModel, spec: ExtractionSpec, decoded: Decoded) ->
             out, captured = model.run(forward, x)
             reduced = {name: reduce(name, t) for name, t in captured.items()}
             host = {
-                name: (_host(r.acts), _host(r.pooled), None if r.top_index is None else _host(r.top_index))
+                name: (
+                    _host(r.acts),
+                    _host(r.pooled),
+                    None if r.top_index is None else _host(r.top_index),
+                )
                 for name, r in reduced.items()
             }
             logits_ok = _host(out.float())
@@ -194,7 +204,9 @@ def compute_batch(model: LoadedModel, spec: ExtractionSpec, decoded: Decoded) ->
         pred[ok] = logits_ok.argmax(axis=1)
         for name, (acts, pooled, top) in host.items():
             layers[name] = LayerRows(
-                _fill(acts, ok, np.nan), _fill(pooled, ok, np.nan), None if top is None else _fill(top, ok, -1)
+                _fill(acts, ok, np.nan),
+                _fill(pooled, ok, np.nan),
+                None if top is None else _fill(top, ok, -1),
             )
     else:
         layers = _empty_layers(model.info, spec, n)
@@ -241,13 +253,15 @@ def run_batch(store: str, job_id: str, batch: int, models: ModelCache) -> bool:
     return True
 
 
-def finalize(store: str, job_id: str, state: JobState | None = None, reason: str = "") -> dict[str, Any]:
+def finalize(
+    store: str, job_id: str, state: JobState | None = None, reason: str = ""
+) -> dict[str, Any]:
     """Set the final state from the ledger and the per-sample codes, record timings, and
     publish the metadata. Returns the job's summary."""
     group = open_job(store, job_id)
-    attrs = dict(group.attrs)
+    attrs: dict[str, Any] = dict(group.attrs)
     done = done_batches(group)
-    codes = np.asarray(group["error_code"][:])  # type: ignore[index]
+    codes = read(group, "error_code")
     n = int(attrs["n_samples"])
     n_failed = int(np.count_nonzero(codes))
     if state is None:
@@ -265,7 +279,9 @@ def finalize(store: str, job_id: str, state: JobState | None = None, reason: str
         update["reason"] = reason
     started = attrs.get("started")
     if started:
-        elapsed = (datetime.fromisoformat(finished) - datetime.fromisoformat(started)).total_seconds()
+        elapsed = (
+            datetime.fromisoformat(finished) - datetime.fromisoformat(started)
+        ).total_seconds()
         update["elapsed_s"] = round(elapsed, 3)
         update["samples_per_s"] = round(n / elapsed, 2) if elapsed > 0 else None
     group.attrs.update(update)
@@ -288,4 +304,3 @@ def summary(store: str, job_id: str, group: zarr.Group | None = None) -> dict[st
         "n_samples": attrs["n_samples"],
         "n_failed": attrs.get("n_failed", 0),
     }
-

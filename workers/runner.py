@@ -98,7 +98,9 @@ def run_job(
                 def prefetch() -> None:
                     if pending:
                         b = pending.popleft()
-                        ahead_of.append(ahead.submit(decode_batch, group, spec, model.info, b, pool))
+                        ahead_of.append(
+                            ahead.submit(decode_batch, group, spec, model.info, b, pool)
+                        )
 
                 prefetch()
                 prefetch()

@@ -128,7 +128,9 @@ def decode(path: str, prep: Preprocessing, max_bytes: int = MAX_INPUT_BYTES) -> 
             return _normalise(_image(file, prep), prep)
         return _normalise(_binary(file.read_bytes(), prep), prep)
     except PermissionError as exc:
-        raise InputError(SampleCode.UNREADABLE, f"cannot read {file.name}: permission denied") from exc
+        raise InputError(
+            SampleCode.UNREADABLE, f"cannot read {file.name}: permission denied"
+        ) from exc
 
 
 def _array(file: Path, prep: Preprocessing) -> np.ndarray:
@@ -139,7 +141,8 @@ def _array(file: Path, prep: Preprocessing) -> np.ndarray:
     if not isinstance(array, np.ndarray) or array.shape != prep.input_shape:
         shape = getattr(array, "shape", None)
         raise InputError(
-            SampleCode.WRONG_SHAPE, f"{file.name} has shape {shape}, the model takes {prep.input_shape}"
+            SampleCode.WRONG_SHAPE,
+            f"{file.name} has shape {shape}, the model takes {prep.input_shape}",
         )
     if not np.issubdtype(array.dtype, np.number):
         raise InputError(SampleCode.WRONG_SHAPE, f"{file.name} holds {array.dtype}, not numbers")

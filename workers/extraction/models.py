@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import importlib
-import json
 import logging
 import pickle
 import zipfile
@@ -31,7 +30,10 @@ log = logging.getLogger("actmap")
 
 # Registered names: name -> (factory, weights file).
 REGISTERED: dict[str, tuple[str, Path]] = {
-    "digits-cnn": ("workers.demo.digits:digits_cnn", Path(__file__).parents[1] / "demo" / "digits_cnn.safetensors"),
+    "digits-cnn": (
+        "workers.demo.digits:digits_cnn",
+        Path(__file__).parents[1] / "demo" / "digits_cnn.safetensors",
+    ),
 }
 PREPROCESSING_FILE = "actmap/preprocessing.json"  # inside a .pt2 archive
 _EXPORT_HOWTO = (
@@ -50,7 +52,9 @@ class LoadedModel:
     info: ModelInfo
     _warned: bool = field(default=False, repr=False)
 
-    def run(self, forward: Forward, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def run(
+        self, forward: Forward, x: torch.Tensor
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """One forward of `x` through `forward` (see hooks.capture), sliced when frozen."""
         frozen = self.info.frozen_batch
         if frozen is None or x.shape[0] == frozen:
@@ -68,7 +72,7 @@ class LoadedModel:
         pad = (-n) % frozen
         if pad:
             x = torch.cat([x, x[-1:].expand(pad, *x.shape[1:])])
-        parts = [forward(chunk) for chunk in x.split(frozen)]
+        parts = [forward(x[i : i + frozen]) for i in range(0, len(x), frozen)]
         logits = torch.cat([p[0] for p in parts])[:n]
         captured = {k: torch.cat([p[1][k] for p in parts])[:n] for k in parts[0][1]}
         return logits, captured
@@ -308,5 +312,8 @@ def conv_weights(model: LoadedModel, layer: str) -> torch.Tensor:
     kind = model.info.layer(layer).type if layer in model.info.layer_names() else ""
     weight = getattr(modules[layer], "weight", None)
     if kind not in ("Conv1d", "Conv2d", "Conv3d") or not isinstance(weight, torch.Tensor):
-        raise LayerError(f"layer {layer!r} is a {kind or 'module'}, not a conv layer; weights are drawn for Conv1d/2d/3d")
+        raise LayerError(
+            f"layer {layer!r} is a {kind or 'module'}, not a conv layer; "
+            "filter weights exist for Conv1d, Conv2d and Conv3d"
+        )
     return weight.detach().cpu()

@@ -37,17 +37,19 @@ def _per_dim(value: int | Sequence[int], n: int, default: int) -> tuple[int, ...
     return values * n if len(values) == 1 else values
 
 
-def _grow(field: Field, kernel: tuple[int, ...], stride: tuple[int, ...], dil: tuple[int, ...]) -> Field:
+def _grow(
+    field: Field, kernel: tuple[int, ...], stride: tuple[int, ...], dil: tuple[int, ...]
+) -> Field:
     size, jump = field
     grown = tuple(s + (k - 1) * d * j for s, k, d, j in zip(size, kernel, dil, jump, strict=True))
     return grown, tuple(j * s for j, s in zip(jump, stride, strict=True))
 
 
-class FieldTracker(TorchDispatchMode):
+class FieldTracker(TorchDispatchMode):  # type: ignore[no-untyped-call]
     """Tag tensors with their receptive field while a forward runs inside `with tracker:`."""
 
     def __init__(self, image: torch.Tensor) -> None:
-        super().__init__()
+        super().__init__()  # type: ignore[no-untyped-call]
         self._fields: dict[int, Field] = {}
         self._alive: list[torch.Tensor] = []  # keeps ids unique for the tracker's lifetime
         n = image.dim() - 2
@@ -96,7 +98,8 @@ class FieldTracker(TorchDispatchMode):
         fields = [
             f
             for a in bound.values()
-            if isinstance(a, torch.Tensor) and a.shape[1:] == out.shape[1:]
+            if isinstance(a, torch.Tensor)
+            and a.shape[1:] == out.shape[1:]
             and (f := self.field(a)) is not None
         ]
         if not fields or len({f[1] for f in fields}) != 1:

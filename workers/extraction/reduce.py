@@ -39,7 +39,11 @@ class Reduction:
     def __call__(self, name: str, output: torch.Tensor) -> Reduced:
         spatial = output.dim() - 2
         # The per-channel spatial mean over all channels, always kept in float32.
-        pooled = output.float() if spatial == 0 else output.float().mean(dim=tuple(range(2, 2 + spatial)))
+        pooled = (
+            output.float()
+            if spatial == 0
+            else output.float().mean(dim=tuple(range(2, 2 + spatial)))
+        )
         acts = output
         top_index = None
         width = output.shape[1]
@@ -59,6 +63,5 @@ class Reduction:
         if self.max_size is not None and spatial > 0:
             target = cap_spatial(tuple(acts.shape[2:]), self.max_size)
             if target != tuple(acts.shape[2:]):
-                acts = _POOL[spatial](acts.float(), target)
+                acts = _POOL[spatial](acts.float(), target)  # type: ignore[arg-type]
         return Reduced(acts.to(self.dtype), pooled, top_index)
-

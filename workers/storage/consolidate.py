@@ -22,7 +22,7 @@ from fsspec.implementations.local import LocalFileSystem
 
 __all__ = ["publish"]
 
-_EMPTY = {"kind": "inline", "must_understand": False, "metadata": {}}
+_EMPTY: dict[str, Any] = {"kind": "inline", "must_understand": False, "metadata": {}}
 _GROUP = {"zarr_format": 3, "node_type": "group", "attributes": {}}
 
 
@@ -58,8 +58,9 @@ def publish(store: str, job_id: str) -> None:
         fresh[rel] = _node(json.loads(fs.cat_file(path)))
     with _locked(fs, root):
         top = f"{root.rstrip('/')}/zarr.json"
-        doc = json.loads(fs.cat_file(top)) if fs.exists(top) else dict(_GROUP)
-        merged = dict((doc.get("consolidated_metadata") or _EMPTY)["metadata"])
+        doc: dict[str, Any] = json.loads(fs.cat_file(top)) if fs.exists(top) else dict(_GROUP)
+        current: dict[str, Any] = doc.get("consolidated_metadata") or _EMPTY
+        merged = dict(current["metadata"])
         merged = {k: v for k, v in merged.items() if k != prefix and not k.startswith(prefix + "/")}
         merged.setdefault("jobs", _node(dict(_GROUP)))
         merged.update(fresh)

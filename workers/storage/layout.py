@@ -17,6 +17,8 @@ from workers.errors import JobError
 
 __all__ = [
     "CHUNK_BYTES",
+    "array",
+    "read",
     "COMPRESSOR",
     "LayerLayout",
     "create_job",
@@ -42,6 +44,18 @@ class LayerLayout:
     dtype: str
     channel_dim: str = "channel"  # "kept_channel" for a subset, "rank" for top-k
     kept: tuple[int, ...] | None = None
+
+
+def array(group: zarr.Group, name: str) -> zarr.Array[Any]:
+    """The array at `name` under `group`; a group there is a bug in the layout."""
+    node = group[name]
+    if not isinstance(node, zarr.Array):
+        raise TypeError(f"{name} is a group, not an array")
+    return node
+
+
+def read(group: zarr.Group, name: str, rows: slice = slice(None)) -> np.ndarray:
+    return np.asarray(array(group, name)[rows])
 
 
 def spatial_dims(n: int) -> list[str]:
@@ -73,7 +87,9 @@ def open_job(store: str, job_id: str, mode: str = "r+") -> zarr.Group:
     try:
         return zarr.open_group(store, path=f"jobs/{job_id}", mode=mode, use_consolidated=False)  # type: ignore[arg-type]
     except FileNotFoundError:
-        raise JobError(f"no job {job_id!r} in store {store}; `actmap jobs list` shows them") from None
+        raise JobError(
+            f"no job {job_id!r} in store {store}; `actmap jobs list` shows them"
+        ) from None
 
 
 def _array(
@@ -84,7 +100,7 @@ def _array(
     dtype: Any,
     dims: list[str],
     fill: Any,
-) -> zarr.Array:
+) -> zarr.Array[Any]:
     compress = np.dtype(dtype).kind in "fiub" if dtype is not str else False
     return group.create_array(
         name,
@@ -125,10 +141,34 @@ def create_job(
         chunk = sample_chunk(b, row)
         _array(lg, "acts", (n, *layer.shape), (chunk, *layer.shape), layer.dtype, dims, np.nan)
         pooled_chunk = (b, layer.channels)
-        _array(lg, "pooled", (n, layer.channels), pooled_chunk, "float32", ["sample", "channel"], np.nan)
+        _array(
+            lg,
+            "pooled",
+            (n, layer.channels),
+            pooled_chunk,
+            "float32",
+            ["sample", "channel"],
+            np.nan,
+        )
         if layer.channel_dim == "rank":
-            _array(lg, "top_channel", (n, layer.shape[0]), (b, layer.shape[0]), "int32", ["sample", "rank"], -1)
+            _array(
+                lg,
+                "top_channel",
+                (n, layer.shape[0]),
+                (b, layer.shape[0]),
+                "int32",
+                ["sample", "rank"],
+                -1,
+            )
         if layer.kept is not None:
-            kept = _array(lg, "kept_channel", (len(layer.kept),), (len(layer.kept),), "int32", ["kept_channel"], -1)
+            kept = _array(
+                lg,
+                "kept_channel",
+                (len(layer.kept),),
+                (len(layer.kept),),
+                "int32",
+                ["kept_channel"],
+                -1,
+            )
             kept[:] = np.asarray(layer.kept, dtype=np.int32)
     return group

@@ -8,26 +8,22 @@ from __future__ import annotations
 import numpy as np
 import zarr
 
+from workers.storage.layout import array, read
+
 __all__ = ["done_batches", "is_done", "mark_done", "pending_batches"]
 
 
 def mark_done(group: zarr.Group, batch: int) -> None:
     """Written last, after every chunk of the batch: a crash before it leaves the batch pending."""
-    done = group["done"]
-    assert isinstance(done, zarr.Array)
-    done[batch] = True
+    array(group, "done")[batch] = True
 
 
 def is_done(group: zarr.Group, batch: int) -> bool:
-    done = group["done"]
-    assert isinstance(done, zarr.Array)
-    return bool(done[batch])
+    return bool(read(group, "done", slice(batch, batch + 1))[0])
 
 
 def done_batches(group: zarr.Group) -> np.ndarray:
-    done = group["done"]
-    assert isinstance(done, zarr.Array)
-    return np.asarray(done[:], dtype=bool)
+    return read(group, "done").astype(bool)
 
 
 def pending_batches(group: zarr.Group) -> list[int]:

@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import zarr
 
+from workers.storage.layout import array
+
 __all__ = ["BatchRows", "LayerRows", "write_rows"]
 
 
@@ -30,9 +32,7 @@ class BatchRows:
 
 
 def _set(group: zarr.Group, name: str, start: int, values: np.ndarray) -> None:
-    array = group[name]
-    assert isinstance(array, zarr.Array)
-    array[start : start + len(values)] = values
+    array(group, name)[start : start + len(values)] = values
 
 
 def write_rows(group: zarr.Group, rows: BatchRows) -> None:
