@@ -25,8 +25,8 @@ from workers.storage.layout import array, read
 
 __all__ = ["main"]
 
-err = Console(stderr=True)
-out = Console()
+err = Console(stderr=True, soft_wrap=True)
+out = Console(soft_wrap=True)
 
 
 def _pair(text: str) -> tuple[int, int]:

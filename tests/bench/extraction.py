@@ -1,0 +1,364 @@
+"""Extraction throughput: actmap end to end against the bare forward pass and the seed's way.
+
+Run from the repository root:
+
+    .venv/bin/python tests/bench/extraction.py [--images 256] [--repeats 3] [--stages]
+
+On one set of seeded random 112 x 112 RGB PNGs and one ResNet-18-shaped model with random
+weights (tests/bench/resnet.py), it measures images per second, interleaved and repeated
+(A B C A B C ...) so that the noise of a shared machine falls on every method alike:
+
+- bare:   the bar (DESIGN.md, "Performance rules"): the model's forward pass at batch 32 under
+          torch.inference_mode on tensors decoded beforehand; no decode, no hooks, no storage.
+- seed:   the seed document's per-image way: decode the PNG with Pillow once, then for each of
+          layer1..layer4 register a forward hook on that layer, run the image alone (batch 1,
+          torch.no_grad), remove the hook and np.save the output (float32) to a .npy file.
+- actmap: workers.embedded.scan into a fresh Zarr store each repeat, float16, batch 32,
+          layers layer1..layer4: decode, forward, reduction, compression and writes. Shown twice:
+          the whole call (model load, catalogue and plan included) and the job's run phase
+          alone (the job's own `started`..`finished`, which excludes those fixed costs).
+
+Then the `actmap scan` CLI once as a subprocess (Python and torch startup included), the
+store's bytes on disk per image and the compression ratio of the stored acts and pooled
+arrays. `--stages` adds each pipeline stage timed alone, serially, on the same inputs, and
+`--profile` a cProfile of one in-process scan. Ratios come from one run; nothing here is an
+assertion. Threads: torch's default (the machine's cores).
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import json
+import os
+import pstats
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+
+ROOT = Path(__file__).resolve().parents[2]
+BENCH = Path(__file__).resolve().parent
+for entry in (str(ROOT), str(BENCH)):  # `tests` is not a package: the factory is resnet:resnet18
+    if entry not in sys.path:
+        sys.path.insert(0, entry)
+
+import zarr  # noqa: E402
+
+from resnet import FACTORY, LAYERS, PREPROCESSING, resnet18  # noqa: E402
+from workers.embedded import scan  # noqa: E402
+from workers.extraction.cache import ModelCache  # noqa: E402
+from workers.extraction.inputs import decode  # noqa: E402
+from workers.jobs import ExtractionSpec  # noqa: E402
+from workers.pipeline import compute_batch, decode_batch, plan, spec_of, store_batch  # noqa: E402
+from workers.settings import Settings  # noqa: E402
+from workers.storage.layout import open_job  # noqa: E402
+
+BATCH = 32
+
+
+def make_images(folder: Path, n: int, seed: int = 0) -> list[Path]:
+    """n RGB PNGs of smooth random colour fields plus pixel noise, seeded."""
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    height, width = PREPROCESSING.size
+    paths = []
+    for i in range(n):
+        coarse = Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8), "RGB")
+        smooth = np.asarray(coarse.resize((width, height), Image.Resampling.BICUBIC), np.float32)
+        pixels = np.clip(smooth + rng.normal(0, 12, smooth.shape), 0, 255).astype(np.uint8)
+        path = folder / f"{i:05d}.png"
+        Image.fromarray(pixels, "RGB").save(path)
+        paths.append(path)
+    return paths
+
+
+def disk_bytes(path: Path) -> tuple[int, int]:
+    """(apparent size, allocated size as du counts it) of every file under path."""
+    apparent = allocated = 0
+    for folder, _, files in os.walk(path):
+        for name in files:
+            st = os.stat(os.path.join(folder, name))
+            apparent += st.st_size
+            allocated += st.st_blocks * 512
+    return apparent, allocated
+
+
+# --- the three methods -------------------------------------------------------------------
+
+
+def run_bare(model: nn.Module, x: torch.Tensor) -> float:
+    start = time.perf_counter()
+    with torch.inference_mode():
+        for i in range(0, len(x), BATCH):
+            model(x[i : i + BATCH])
+    return time.perf_counter() - start
+
+
+def _seed_decode(path: Path) -> torch.Tensor:
+    with Image.open(path) as img:
+        array = np.asarray(img.convert("RGB"), dtype=np.float32)
+    mean = np.asarray(PREPROCESSING.mean, np.float32)
+    std = np.asarray(PREPROCESSING.std, np.float32)
+    array = (array * np.float32(PREPROCESSING.scale) - mean) / std
+    return torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1)))[None]
+
+
+def run_seed(model: nn.Module, paths: list[Path], out: Path) -> float:
+    """One hook, one batch-1 forward and one .npy per (image, layer)."""
+    out.mkdir(parents=True, exist_ok=True)
+    modules = dict(model.named_modules())
+    start = time.perf_counter()
+    for i, path in enumerate(paths):
+        x = _seed_decode(path)
+        for layer in LAYERS:
+            captured: list[torch.Tensor] = []
+
+            def hook(_m: nn.Module, _i: object, output: torch.Tensor) -> None:
+                captured.append(output.detach().cpu())  # noqa: B023 (called before the loop moves on)
+
+            handle = modules[layer].register_forward_hook(hook)
+            try:
+                with torch.no_grad():
+                    model(x)
+            finally:
+                handle.remove()
+            np.save(out / f"{i:05d}_{layer}.npy", captured[0][0].numpy())
+    return time.perf_counter() - start
+
+
+def actmap_spec(inputs: str, layers: tuple[str, ...] = LAYERS) -> ExtractionSpec:
+    return ExtractionSpec(
+        model=FACTORY, layers=layers, inputs=(inputs,), batch_size=BATCH, dtype="float16"
+    )
+
+
+def run_actmap(inputs: str, store: Path) -> tuple[float, float, str]:
+    """Seconds for the whole scan() call, seconds of the job's run phase, and the job id."""
+    start = time.perf_counter()
+    result = scan(actmap_spec(inputs), str(store), Settings())
+    total = time.perf_counter() - start
+    if result["state"] != "succeeded":
+        raise RuntimeError(f"actmap job ended {result['state']}: {result}")
+    attrs = open_job(str(store), result["job_id"], mode="r").attrs
+    return total, float(attrs["elapsed_s"]), str(result["job_id"])  # type: ignore[arg-type]
+
+
+def run_cli(inputs: Path, store: Path) -> float:
+    actmap = Path(sys.executable).with_name("actmap")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ACTMAP_")}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(BENCH), env.get("PYTHONPATH")]))
+    command = [
+        str(actmap), "scan", str(inputs), "--model", FACTORY, "--layers", ",".join(LAYERS),
+        "--out", str(store), "--batch-size", str(BATCH), "--dtype", "float16", "--json",
+    ]  # fmt: skip
+    start = time.perf_counter()
+    done = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
+    seconds = time.perf_counter() - start
+    if done.returncode != 0:
+        raise RuntimeError(f"actmap scan failed ({done.returncode}): {done.stderr.strip()}")
+    state = json.loads(done.stdout.strip().splitlines()[-1])["state"]
+    if state != "succeeded":
+        raise RuntimeError(f"actmap scan ended {state}")
+    return seconds
+
+
+# --- what the store holds ----------------------------------------------------------------
+
+
+def store_figures(store: Path, job_id: str, n: int) -> list[tuple[str, str]]:
+    job = store / "jobs" / job_id
+    apparent, allocated = disk_bytes(job)
+    group = zarr.open_group(str(store), path=f"jobs/{job_id}", mode="r", use_consolidated=False)
+    rows = [
+        ("job dir, du (allocated) / image", f"{allocated / n / 1024:,.1f} KiB"),
+        ("job dir, apparent size / image", f"{apparent / n / 1024:,.1f} KiB"),
+    ]
+    raw_total = stored_total = 0
+    for layer in LAYERS:
+        raw = stored = 0
+        for name in ("acts", "pooled"):
+            arr = group[f"layers/{layer}/{name}"]
+            assert isinstance(arr, zarr.Array)
+            raw += arr.nbytes
+            stored += disk_bytes(job / "layers" / layer / name)[0]
+        raw_total += raw
+        stored_total += stored
+        rows.append((f"  {layer} acts+pooled: raw / on disk", f"{raw / stored:.2f}x"))
+    rows.append(("acts+pooled, all layers: raw / on disk", f"{raw_total / stored_total:.2f}x"))
+    rows.append(("acts+pooled raw (float16 acts, float32 pooled) / image",
+                 f"{raw_total / n / 1024:,.1f} KiB"))  # fmt: skip
+    return rows
+
+
+# --- optional diagnostics ----------------------------------------------------------------
+
+
+def stages(inputs: str, store: Path, repeats: int) -> list[tuple[str, float]]:
+    """Each stage of the pipeline alone, serially, over every batch (best of `repeats`)."""
+    settings = Settings()
+    models = ModelCache(settings.device)
+    spec = actmap_spec(inputs)
+    t0 = time.perf_counter()
+    model = models.get(spec)
+    load = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    job = plan(str(store), spec, model.info)
+    planned = time.perf_counter() - t0
+    group = open_job(str(store), job.job_id)
+    spec = spec_of(group)
+    best: dict[str, float] = {}
+    for _ in range(repeats):
+        times = {"decode (1 thread)": 0.0, "compute_batch": 0.0, "store_batch": 0.0}
+        for b in range(job.n_batches):
+            t0 = time.perf_counter()
+            decoded = decode_batch(group, spec, model.info, b)
+            t1 = time.perf_counter()
+            rows = compute_batch(model, spec, decoded)
+            t2 = time.perf_counter()
+            store_batch(group, b, rows)
+            t3 = time.perf_counter()
+            times["decode (1 thread)"] += t1 - t0
+            times["compute_batch"] += t2 - t1
+            times["store_batch"] += t3 - t2
+        for k, v in times.items():
+            best[k] = min(best.get(k, float("inf")), v)
+    return [("model load + catalogue", load), ("plan", planned), *best.items()]
+
+
+def profile_scan(inputs: str, store: Path, top: int = 25) -> str:
+    profiler = cProfile.Profile()
+    profiler.enable()
+    scan(actmap_spec(inputs), str(store), Settings())
+    profiler.disable()
+    text = io.StringIO()
+    pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(top)
+    return text.getvalue()
+
+
+# --- the run -----------------------------------------------------------------------------
+
+
+def _table(rows: list[tuple[str, ...]]) -> str:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = []
+    for j, row in enumerate(rows):
+        cells = [c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))]
+        lines.append("  ".join(cells))
+        if j == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--images", type=int, default=256, help="number of input images")
+    p.add_argument("--repeats", type=int, default=3, help="interleaved repeats of each method")
+    p.add_argument("--stages", action="store_true", help="also time each pipeline stage alone")
+    p.add_argument("--profile", action="store_true", help="also cProfile one in-process scan")
+    p.add_argument("--no-cli", action="store_true", help="skip the `actmap scan` subprocess")
+    args = p.parse_args(argv)
+    n = args.images
+
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} cores; "
+        f"zarr {zarr.__version__}; {n} images 112x112 RGB PNG, batch {BATCH}, layers "
+        f"{','.join(LAYERS)}, {args.repeats} repeats"
+    )
+    with tempfile.TemporaryDirectory(prefix="actmap-bench-") as tmp_name:
+        tmp = Path(tmp_name)
+        paths = make_images(tmp / "images", n)
+        inputs = str(tmp / "images")
+        model = resnet18()
+        x = torch.from_numpy(np.stack([decode(str(q), PREPROCESSING) for q in paths]))
+
+        # Warm-up: oneDNN primitives, imports, the first Zarr store.
+        warm = tmp / "warm-list.txt"
+        warm.write_text("\n".join(map(str, paths[: min(n, BATCH)])))
+        run_bare(model, x[:BATCH])
+        run_seed(model, paths[:2], tmp / "seed-warm")
+        scan(actmap_spec(f"@{warm}"), str(tmp / "store-warm"), Settings())
+
+        times: dict[str, list[float]] = {"bare": [], "seed": [], "actmap": [], "actmap run": []}
+        methods: list[tuple[str, Callable[[int], None]]] = []
+        job: dict[str, str] = {}
+
+        def bare(_r: int) -> None:
+            times["bare"].append(run_bare(model, x))
+
+        def seed(r: int) -> None:
+            times["seed"].append(run_seed(model, paths, tmp / f"seed-{r}"))
+            for f in (tmp / f"seed-{r}").iterdir():
+                f.unlink()
+
+        def actmap(r: int) -> None:
+            total, run, job_id = run_actmap(inputs, tmp / f"store-{r}")
+            times["actmap"].append(total)
+            times["actmap run"].append(run)
+            job["store"], job["id"] = str(tmp / f"store-{r}"), job_id
+
+        methods = [("bare", bare), ("seed", seed), ("actmap", actmap)]
+        for r in range(args.repeats):
+            for _, method in methods:
+                method(r)
+
+        def rate(name: str) -> tuple[float, float]:
+            """(best, median) images/s."""
+            return n / min(times[name]), n / statistics.median(times[name])
+
+        rows: list[tuple[str, ...]] = [("method", "best img/s", "median img/s", "runs (s)")]
+        labels = {
+            "bare": "bare forward, pre-decoded, batch 32 (the bar)",
+            "seed": "seed: per image x layer hook + batch 1 + np.save",
+            "actmap": "actmap embedded.scan, whole call",
+            "actmap run": "actmap, job run phase (excl. load+plan)",
+        }
+        for name, label in labels.items():
+            best, median = rate(name)
+            runs = " ".join(f"{t:.2f}" for t in times[name])
+            rows.append((label, f"{best:,.1f}", f"{median:,.1f}", runs))
+        print()
+        print(_table(rows))
+
+        bare_best, seed_best = rate("bare")[0], rate("seed")[0]
+        ratios: list[tuple[str, ...]] = [("ratio (best of each)", "value", "target")]
+        for name in ("actmap", "actmap run"):
+            ratios.append((f"{name} / bare", f"{rate(name)[0] / bare_best:.2f}x", ">= 0.85x"))
+            ratios.append((f"{name} / seed", f"{rate(name)[0] / seed_best:.1f}x", ">= 4x"))
+        print()
+        print(_table(ratios))
+
+        print()
+        print(_table([("store", "value"), *store_figures(Path(job["store"]), job["id"], n)]))
+
+        if not args.no_cli:
+            seconds = run_cli(tmp / "images", tmp / "store-cli")
+            print()
+            print(
+                f"`actmap scan` CLI, one subprocess run (startup included): {seconds:.2f} s, "
+                f"{n / seconds:,.1f} img/s"
+            )
+        if args.stages:
+            timed = stages(inputs, tmp / "store-stages", args.repeats)
+            rows = [("stage, alone and serial", "seconds", "img/s")]
+            rows += [(name, f"{s:.3f}", f"{n / s:,.1f}") for name, s in timed]
+            rows.append(("bare forward (best, above)", f"{n / bare_best:.3f}", f"{bare_best:,.1f}"))
+            print()
+            print(_table(rows))
+        if args.profile:
+            print()
+            print(profile_scan(inputs, tmp / "store-profile"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

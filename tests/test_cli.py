@@ -1,0 +1,106 @@
+"""`actmap scan` and `actmap layers` as a user runs them."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from api.cli import main
+
+SAMPLES = Path(__file__).parents[1] / "workers" / "demo" / "samples"
+
+
+def test_scan_json_prints_one_object_with_where_the_results_are(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    store = tmp_path / "store"
+    code = main(
+        [
+            "scan", str(SAMPLES), "--model", "digits-cnn", "--layers", "conv1,conv3,fc",
+            "--labels-from-dirs", "--out", str(store), "--batch-size", "16", "--json",
+        ]
+    )  # fmt: skip
+    assert code == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["state"] == "succeeded"
+    assert result["n_samples"] == 40 and result["n_failed"] == 0
+    assert (store / "jobs" / result["job_id"] / "layers" / "conv3" / "acts").is_dir()
+
+
+def test_scan_summary_names_the_store_and_the_accuracy(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    store = tmp_path / "store"
+    code = main(["scan", str(SAMPLES), "--model", "digits-cnn", "--layers", "conv1",
+                 "--labels-from-dirs", "--out", str(store)])  # fmt: skip
+    printed = capsys.readouterr().out
+    assert code == 0
+    assert "accuracy on labelled samples" in printed
+    assert str(store.absolute()) in printed and "open_datatree" in printed
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--layers", "conv_1"], "unknown layer 'conv_1'"),
+        (["--layers", "conv1", "--channels", "99"], "channel 99"),
+        (["--layers", "conv1", "--batch-size", "0"], "invalid batch_size"),
+        (["--layers", "conv1", "--model", "no-such-model"], "is not a file"),
+        (["--layers", "conv1", "--no-wait"], "--no-wait needs a broker"),
+    ],
+)
+def test_user_errors_exit_2_with_one_line_and_no_traceback(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], argv: list[str], message: str
+) -> None:
+    base = ["scan", str(SAMPLES / "3"), "--model", "digits-cnn", "--out", str(tmp_path / "s")]
+    if "--model" in argv:
+        base = base[:2] + argv[argv.index("--model") : argv.index("--model") + 2] + base[4:]
+        argv = argv[: argv.index("--model")] + argv[argv.index("--model") + 2 :]
+    code = main(base + argv)
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert len(err.splitlines()) == 1, err
+    assert err.startswith("actmap: error:") and message in err
+    assert "Traceback" not in err
+
+
+def test_a_missing_input_is_a_one_line_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = main(["scan", str(tmp_path / "nope"), "--model", "digits-cnn", "--layers", "conv1",
+                 "--out", str(tmp_path / "s")])  # fmt: skip
+    assert code == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_layers_lists_the_catalogue_with_receptive_fields(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert main(["layers", "--model", "digits-cnn", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    rows = {row["name"]: row for row in info["layers"]}
+    assert rows["conv3"]["receptive_field"] == [21, 21] and rows["conv3"]["rf_stride"] == [4, 4]
+    assert rows["fc"]["output_shape"] == [10] and rows["fc"]["receptive_field"] is None
+
+
+def test_preprocessing_is_overridable_on_the_command_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["layers", "--model", "digits-cnn", "--input-size", "32x32", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["preprocessing"]["size"] == [32, 32]
+    assert {r["name"]: r for r in info["layers"]}["conv1"]["output_shape"] == [16, 32, 32]
+
+
+def test_the_installed_command_runs_as_a_subprocess(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "api.cli", "scan", str(SAMPLES / "7"), "--model", "digits-cnn",
+         "--layers", "fc", "--out", str(tmp_path / "s"), "--json"],
+        capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout.splitlines()[-1])["n_samples"] == 4
