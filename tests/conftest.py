@@ -23,7 +23,8 @@ def random_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
     model = DigitsNet()
     for module in model.modules():
         if isinstance(module, torch.nn.BatchNorm2d):
-            assert module.running_mean is not None and module.running_var is not None
+            assert module.running_mean is not None
+            assert module.running_var is not None
             module.running_mean.uniform_(-0.5, 0.5)
             module.running_var.uniform_(0.5, 2.0)
             module.weight.data.uniform_(0.5, 1.5)

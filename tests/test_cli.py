@@ -27,7 +27,8 @@ def test_scan_json_prints_one_object_with_where_the_results_are(
     assert code == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["state"] == "succeeded"
-    assert result["n_samples"] == 40 and result["n_failed"] == 0
+    assert result["n_samples"] == 40
+    assert result["n_failed"] == 0
     assert (store / "jobs" / result["job_id"] / "layers" / "conv3" / "acts").is_dir()
 
 
@@ -40,7 +41,8 @@ def test_scan_summary_names_the_store_and_the_accuracy(
     printed = capsys.readouterr().out
     assert code == 0
     assert "accuracy on labelled samples" in printed
-    assert str(store.absolute()) in printed and "open_datatree" in printed
+    assert str(store.absolute()) in printed
+    assert "open_datatree" in printed
 
 
 @pytest.mark.parametrize(
@@ -64,7 +66,8 @@ def test_user_errors_exit_2_with_one_line_and_no_traceback(
     err = capsys.readouterr().err.strip()
     assert code == 2
     assert len(err.splitlines()) == 1, err
-    assert err.startswith("actmap: error:") and message in err
+    assert err.startswith("actmap: error:")
+    assert message in err
     assert "Traceback" not in err
 
 
@@ -83,8 +86,10 @@ def test_layers_lists_the_catalogue_with_receptive_fields(
     assert main(["layers", "--model", "digits-cnn", "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     rows = {row["name"]: row for row in info["layers"]}
-    assert rows["conv3"]["receptive_field"] == [21, 21] and rows["conv3"]["rf_stride"] == [4, 4]
-    assert rows["fc"]["output_shape"] == [10] and rows["fc"]["receptive_field"] is None
+    assert rows["conv3"]["receptive_field"] == [21, 21]
+    assert rows["conv3"]["rf_stride"] == [4, 4]
+    assert rows["fc"]["output_shape"] == [10]
+    assert rows["fc"]["receptive_field"] is None
 
 
 def test_preprocessing_is_overridable_on_the_command_line(

@@ -50,7 +50,9 @@ def _reference(model: LoadedModel, paths: list[Path], batch: int) -> dict[str, n
     for start in range(0, len(paths), batch):
         seen: dict[str, torch.Tensor] = {}
         handles = [
-            modules[n].register_forward_hook(lambda _m, _i, o, n=n: seen.__setitem__(n, o))
+            modules[n].register_forward_hook(
+                lambda _m, _i, o, n=n, seen=seen: seen.__setitem__(n, o)
+            )
             for n in LAYERS
         ]
         with torch.inference_mode():
@@ -119,13 +121,17 @@ def test_a_bad_sample_gets_its_code_and_the_good_samples_still_land(
     _, group = _scan(tmp_path / "store", _spec(arrays, random_weights))
     codes = read(group, "error_code")
     messages = read(group, "error_message")
-    assert codes[2] == SampleCode.CORRUPT and "0002.npy" in messages[2]
-    assert codes[7] == SampleCode.EMPTY and "empty" in messages[7]
+    assert codes[2] == SampleCode.CORRUPT
+    assert "0002.npy" in messages[2]
+    assert codes[7] == SampleCode.EMPTY
+    assert "empty" in messages[7]
     good = np.ones(len(arrays), bool)
     good[[2, 7]] = False
-    assert (codes[good] == 0).all() and all(m == "" for m in messages[good])
+    assert (codes[good] == 0).all()
+    assert all(m == "" for m in messages[good])
     acts = read(group, "layers/conv1/acts")
-    assert np.isnan(acts[~good]).all() and np.isfinite(acts[good]).all()
+    assert np.isnan(acts[~good]).all()
+    assert np.isfinite(acts[good]).all()
     assert (read(group, "pred")[~good] == -1).all()
     assert group.attrs["state"] == "partial"
     assert group.attrs["n_failed"] == 2

@@ -53,8 +53,8 @@ for entry in (str(ROOT), str(BENCH)):  # `tests` is not a package: the factory i
         sys.path.insert(0, entry)
 
 import zarr  # noqa: E402
-
 from resnet import FACTORY, LAYERS, PREPROCESSING, resnet18  # noqa: E402
+
 from workers.embedded import scan  # noqa: E402
 from workers.extraction.cache import ModelCache  # noqa: E402
 from workers.extraction.inputs import decode  # noqa: E402
@@ -252,7 +252,8 @@ def _table(rows: list[tuple[str, ...]]) -> str:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = []
     for j, row in enumerate(rows):
-        cells = [c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))]
+        pairs = enumerate(zip(row, widths, strict=True))
+        cells = [c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in pairs]
         lines.append("  ".join(cells))
         if j == 0:
             lines.append("  ".join("-" * w for w in widths))

@@ -70,13 +70,18 @@ def sample_chunk(batch_size: int, row_bytes: int) -> int:
     return 1
 
 
+def _location(store: str) -> str:
+    # zarr's fsspec store does not create local directories; a file:// URL is a plain path.
+    return store.removeprefix("file://")
+
+
 def _root(store: str, mode: str = "a") -> zarr.Group:
-    return zarr.open_group(store, mode=mode, use_consolidated=False)  # type: ignore[arg-type]
+    return zarr.open_group(_location(store), mode=mode, use_consolidated=False)  # type: ignore[arg-type]
 
 
 def job_ids(store: str) -> list[str]:
     try:
-        jobs = zarr.open_group(store, path="jobs", mode="r", use_consolidated=False)
+        jobs = zarr.open_group(_location(store), path="jobs", mode="r", use_consolidated=False)
     except FileNotFoundError:
         return []
     return sorted(name for name, _ in jobs.groups())
@@ -85,7 +90,9 @@ def job_ids(store: str) -> list[str]:
 def open_job(store: str, job_id: str, mode: str = "r+") -> zarr.Group:
     """The job's group, read fresh from the store (never from consolidated metadata)."""
     try:
-        return zarr.open_group(store, path=f"jobs/{job_id}", mode=mode, use_consolidated=False)  # type: ignore[arg-type]
+        return zarr.open_group(
+            _location(store), path=f"jobs/{job_id}", mode=mode, use_consolidated=False  # type: ignore[arg-type]
+        )
     except FileNotFoundError:
         raise JobError(
             f"no job {job_id!r} in store {store}; `actmap jobs list` shows them"
