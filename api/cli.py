@@ -4,29 +4,21 @@ imports the worker side only when it runs."""
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 from collections.abc import Sequence
-from pathlib import Path
-from typing import Any
 
-import zarr
 from pydantic import ValidationError
-from rich.console import Console
 from rich.logging import RichHandler
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
-from rich.table import Table
 
+from api import output
+from api.backends import Backend, backend_for
+from workers.control import Status
 from workers.errors import ActmapError, UserError
-from workers.jobs import ExtractionSpec, ModelInfo, Preprocessing
+from workers.jobs import ExtractionSpec, JobState, Preprocessing
 from workers.settings import Settings
-from workers.storage.layout import array, read
 
 __all__ = ["main"]
-
-err = Console(stderr=True, soft_wrap=True)
-out = Console(soft_wrap=True)
 
 
 def _pair(text: str) -> tuple[int, int]:
@@ -91,6 +83,17 @@ def parser() -> argparse.ArgumentParser:
     scan.add_argument("--api", help="submit through this API (default $ACTMAP_API_URL)")
     layers = sub.add_parser("layers", help="the model's layer catalogue")
     _model_args(layers)
+    jobs = sub.add_parser("jobs", help="list, inspect, wait for, cancel or resume jobs")
+    jobs.add_argument("action", choices=("list", "status", "wait", "cancel", "resume"))
+    jobs.add_argument("job_id", nargs="?", metavar="JOB")
+    jobs.add_argument("--state", choices=[s.value for s in JobState], help="list: filter")
+    jobs.add_argument("--store", help="store (default $ACTMAP_STORE)")
+    jobs.add_argument("--no-wait", action="store_true", help="resume: return once queued")
+    jobs.add_argument("--json", action="store_true", help="print one JSON object at the end")
+    worker = sub.add_parser("worker", help="run Celery workers against $ACTMAP_BROKER_URL")
+    worker.add_argument("--gpus", help="'all' or indices like 0,2: one worker per GPU")
+    worker.add_argument("--cpu", type=int, metavar="N", help="N CPU workers")
+    worker.add_argument("--queues", default="screen,extract,analysis", help="comma-separated")
     return root
 
 
@@ -116,41 +119,15 @@ def _layers(args: argparse.Namespace, settings: Settings) -> int:
 
     info = embedded.catalogue(args.model, args.weights, _preprocessing(args, settings), settings)
     if args.json:
-        out.print_json(info.model_dump_json())
-        return 0
-    _catalogue_table(info)
+        output.print_json(info.model_dump(mode="json"))
+    else:
+        output.catalogue(info)
     return 0
 
 
-def _catalogue_table(info: ModelInfo) -> None:
-    prep = info.preprocessing
-    out.print(
-        f"[bold]{info.name}[/] ({info.format}, sha256 {info.sha256[:12]}), input "
-        f"{'x'.join(map(str, prep.input_shape))}, {info.classes} outputs"
-    )
-    table = Table("layer", "type", "output", "params", "receptive field", "stride")
-    for row in info.layers:
-        rf = "x".join(map(str, row.receptive_field)) if row.receptive_field else "-"
-        stride = "x".join(map(str, row.rf_stride)) if row.rf_stride else "-"
-        table.add_row(
-            row.name, row.type, "x".join(map(str, row.output_shape)), f"{row.params:,}", rf, stride
-        )
-    out.print(table)
-
-
-def _scan(args: argparse.Namespace, settings: Settings) -> int:
-    if args.api or settings.api_url:
-        raise UserError("submitting through an API arrives with the API issue; run without --api")
-    if settings.broker_url is not None:
-        raise UserError(
-            "submitting to a broker arrives with the distributed issue; unset ACTMAP_BROKER_URL"
-        )
-    if args.no_wait:
-        raise UserError(
-            "--no-wait needs a broker or an API; the embedded run finishes in this process"
-        )
+def _spec(args: argparse.Namespace, settings: Settings) -> ExtractionSpec:
     try:
-        spec = ExtractionSpec(
+        return ExtractionSpec(
             model=args.model,
             weights=args.weights,
             layers=tuple(v.strip() for v in args.layers.split(",") if v.strip()),
@@ -168,52 +145,62 @@ def _scan(args: argparse.Namespace, settings: Settings) -> int:
         first = exc.errors()[0]
         where = ".".join(map(str, first["loc"])) or "spec"
         raise UserError(f"invalid {where}: {first['msg']}") from None
-    store = args.out or settings.store
-    from workers import embedded
 
-    show = not args.json and err.is_terminal
-    bar = Progress(
-        "[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
-        TimeRemainingColumn(), console=err, disable=not show,
-    )  # fmt: skip
-    with bar:
-        task = bar.add_task("scanning", total=None)
 
-        def planned(job: Any) -> None:
-            bar.update(task, total=job.n_samples, description=f"job {job.job_id}")
+def _exit_code(s: Status) -> int:
+    return 0 if s.state in ("succeeded", "partial", "queued", "running") else 1
 
-        result = embedded.scan(spec, store, settings, planned, lambda n: bar.advance(task, n))
+
+def _scan(args: argparse.Namespace, settings: Settings, backend: Backend) -> int:
+    if args.api or settings.api_url:
+        raise UserError("submitting through an API arrives with the API issue; run without --api")
+    if args.no_wait and settings.broker_url is None:
+        raise UserError("--no-wait needs a broker or an API; the embedded run finishes here")
+    spec = _spec(args, settings)
+    with output.progress(not args.json and output.err.is_terminal) as (on_plan, on_status):
+        result = backend.scan(spec, not args.no_wait, on_plan, on_status)
     if args.json:
-        print(json.dumps(result))
+        keys = ("job_id", "state", "n_samples", "n_failed")
+        output.print_json({"store": backend.store, **{k: getattr(result, k) for k in keys}})
+    elif JobState(result.state).finished:
+        output.scan_report(backend.store, result)
     else:
-        _report(result)
-    return 0 if result["state"] in ("succeeded", "partial") else 1
+        output.out.print(output.status_line(result), highlight=False)
+    return _exit_code(result)
 
 
-def _report(result: dict[str, Any]) -> None:
-    """Where the results are, and what they hold."""
-    store, job_id = result["store"], result["job_id"]
-    group = zarr.open_group(store, path=f"jobs/{job_id}", mode="r", use_consolidated=False)
-    out.print(
-        f"job [bold]{job_id}[/] {result['state']}: {result['n_samples']} samples, "
-        f"{result['n_failed']} failed"
-    )
-    labels, preds = read(group, "label"), read(group, "pred")
-    known = (labels >= 0) & (preds >= 0)
-    if known.any():
-        correct, total = int((labels[known] == preds[known]).sum()), int(known.sum())
-        out.print(f"accuracy on labelled samples: {correct}/{total} ({correct / total:.1%})")
-    layers = group["layers"]
-    for name, layer in sorted(layers.groups()) if isinstance(layers, zarr.Group) else []:
-        acts, pooled = array(layer, "acts"), array(layer, "pooled")
-        out.print(f"  {name}: acts {acts.shape} {acts.dtype}, pooled {pooled.shape}")
-    codes, messages = read(group, "error_code"), read(group, "error_message")
-    samples = read(group, "sample")
-    for i in codes.nonzero()[0][:5]:
-        out.print(f"  [yellow]failed[/] {samples[i]}: {messages[i]}", highlight=False)
-    where = str(Path(store).absolute()) if "://" not in store else store
-    out.print(f"results in {where} (group jobs/{job_id}); open with")
-    out.print(f"  xarray.open_datatree({where!r}, group='jobs/{job_id}', engine='zarr')")
+def _jobs(args: argparse.Namespace, backend: Backend) -> int:
+    if args.action == "list":
+        found = backend.list(args.state)
+        if args.json:
+            output.print_json({"jobs": [s.as_dict() for s in found]})
+        else:
+            output.job_table(found)
+        return 0
+    if not args.job_id:
+        raise UserError(f"`actmap jobs {args.action}` needs a JOB id")
+    show = not args.json and output.err.is_terminal
+    with output.progress(show) as (_, on_status):
+        if args.action == "status":
+            result = backend.status(args.job_id)
+        elif args.action == "wait":
+            result = backend.wait(args.job_id, on_status)
+        elif args.action == "cancel":
+            result = backend.cancel(args.job_id)
+        else:
+            result = backend.resume(args.job_id, not args.no_wait, on_status)
+    if args.json:
+        output.print_json(result.as_dict())
+    else:
+        output.out.print(output.status_line(result), highlight=False)
+    return 0 if args.action in ("status", "cancel") else _exit_code(result)
+
+
+def _worker(args: argparse.Namespace, settings: Settings) -> int:
+    from workers.launcher import launch
+
+    code: int = launch(settings, args.gpus, args.cpu, args.queues)
+    return code
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -221,21 +208,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.WARNING,
         format="%(message)s",
-        handlers=[RichHandler(console=err, show_path=False)],
+        handlers=[RichHandler(console=output.err, show_path=False)],
     )
     settings = Settings()
     try:
         if args.command == "layers":
             return _layers(args, settings)
-        return _scan(args, settings)
+        if args.command == "worker":
+            return _worker(args, settings)
+        store = getattr(args, "out", None) or getattr(args, "store", None) or settings.store
+        backend = backend_for(settings, store)
+        if args.command == "jobs":
+            return _jobs(args, backend)
+        return _scan(args, settings, backend)
     except UserError as exc:
-        err.print(f"actmap: error: {exc}", markup=False, highlight=False)
+        print(f"actmap: error: {exc}", file=sys.stderr)
         return 2
     except ActmapError as exc:
-        err.print(f"actmap: {exc}", markup=False, highlight=False)
+        print(f"actmap: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        err.print("actmap: interrupted; the batches already stored are kept", highlight=False)
+        print("actmap: interrupted; `actmap jobs resume JOB` runs what is left", file=sys.stderr)
         return 130
 
 

@@ -1,35 +1,127 @@
-"""The embedded default: plan and run a job in this process, no broker needed."""
+"""The embedded default: the same Celery tasks through the in-memory transport, drained by
+a solo-pool worker in a thread of this process. No Redis anywhere."""
 
 from __future__ import annotations
 
-from typing import Any
+import threading
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass
 
+from celery import Celery
+from celery.worker import state as worker_state
+from celery.worker.worker import WorkController
+
+from workers.batches import Runtime
+from workers.celery_app import MEMORY_BROKER, make_celery
+from workers.control import Status, enqueue, prepare_resume, wait
+from workers.counters import MemoryCounters
+from workers.errors import ActmapError
 from workers.extraction.cache import ModelCache
 from workers.extraction.models import load_model
-from workers.jobs import ExtractionSpec, ModelInfo, Preprocessing
-from workers.pipeline import plan
-from workers.runner import Progress, run_job
+from workers.jobs import QUEUES, ExtractionSpec, ModelInfo, Preprocessing
+from workers.pipeline import Plan, plan
 from workers.settings import Settings
+from workers.tasks import register
 
-__all__ = ["catalogue", "scan"]
+__all__ = ["Embedded", "catalogue", "embedded", "resume", "scan"]
+
+Progress = Callable[[Status], None]
 
 
 def catalogue(
     model: str, weights: str | None, prep: Preprocessing | None, settings: Settings
 ) -> ModelInfo:
-    return load_model(model, weights, prep, device=settings.device).info
+    return load_model(model, weights, prep, settings.factories, settings.device).info
+
+
+@dataclass
+class Embedded:
+    app: Celery
+    runtime: Runtime
+    thread: threading.Thread
+
+    def watch(self, progress: Progress | None) -> Progress:
+        """Progress that also notices a worker thread that stopped (a bug): fail loudly
+        instead of waiting forever."""
+
+        def check(status: Status) -> None:
+            if not self.thread.is_alive():
+                raise ActmapError("the in-process worker stopped; see the log above")
+            if progress is not None:
+                progress(status)
+
+        return check
+
+
+@contextmanager
+def embedded(settings: Settings) -> Iterator[Embedded]:
+    """A Celery app on the memory transport and a worker thread draining it."""
+    app = make_celery(settings, MEMORY_BROKER)
+    with ThreadPoolExecutor(settings.decode_threads) as pool:
+        runtime = Runtime(
+            ModelCache(settings.device, factories=settings.factories),
+            MemoryCounters(),
+            settings.attempt_cap,
+            pool,
+        )
+        register(app, lambda: runtime)
+
+        @app.task(name="actmap.wake", shared=False)  # type: ignore[untyped-decorator]
+        def wake() -> None:
+            """Lets the worker loop see the stop flag now, not after its 2 s poll."""
+
+        ready = threading.Event()
+        app.finalize()
+        # The worker thread resolves tasks through the process-wide default app.
+        app.set_current()
+        app.set_default()
+        worker = WorkController(
+            app=app,
+            hostname="actmap-embedded@localhost",
+            pool="solo",  # the threads pool hangs on the memory transport
+            concurrency=1,
+            queues=list(QUEUES),
+            without_heartbeat=True,
+            without_mingle=True,
+            without_gossip=True,
+            ready_callback=lambda *_: ready.set(),
+            loglevel="WARNING",
+        )
+        thread = threading.Thread(target=worker.start, name="actmap-worker", daemon=True)
+        thread.start()
+        try:
+            yield Embedded(app, runtime, thread)
+        finally:
+            worker_state.should_terminate = 0  # the worker loop's own stop flag
+            # The loop checks the flag, then drains once more: two messages wake it twice
+            # instead of waiting out its 2 s poll each time.
+            wake.apply_async(queue="extract")
+            wake.apply_async(queue="extract")
+            thread.join(30)
+            worker_state.should_terminate = None
 
 
 def scan(
     spec: ExtractionSpec,
     store: str,
     settings: Settings,
-    on_plan: Any = None,
+    on_plan: Callable[[Plan], None] | None = None,
     progress: Progress | None = None,
-) -> dict[str, Any]:
-    """Plan the job, then run it here. `on_plan(plan)` is called once the job exists."""
-    models = ModelCache(settings.device)
-    job = plan(store, spec, models.get(spec).info)
-    if on_plan is not None:
-        on_plan(job)
-    return run_job(store, job.job_id, models, progress, settings.decode_threads)
+) -> Status:
+    """Plan the job, enqueue its batches, and wait for the worker thread to finish them."""
+    with embedded(settings) as local:
+        job = plan(store, spec, local.runtime.models.get(spec).info)
+        if on_plan is not None:
+            on_plan(job)
+        enqueue(local.app, store, job.job_id, range(job.n_batches))
+        return wait(store, job.job_id, local.runtime.counters, local.watch(progress))
+
+
+def resume(store: str, job_id: str, settings: Settings, progress: Progress | None = None) -> Status:
+    """Run exactly the batches the ledger lacks."""
+    with embedded(settings) as local:
+        missing = prepare_resume(store, job_id, local.runtime.counters)
+        enqueue(local.app, store, job_id, missing)
+        return wait(store, job_id, local.runtime.counters, local.watch(progress))

@@ -66,6 +66,7 @@ class SampleCode(IntEnum):
     UNSUPPORTED = 5
     TOO_LARGE = 6
     COMPUTE = 7
+    BATCH_FAILED = 8
 
     @classmethod
     def table(cls) -> dict[str, str]:

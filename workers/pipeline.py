@@ -16,6 +16,7 @@ import numpy as np
 import torch
 import zarr
 
+from workers.control import finalize, now, summary
 from workers.errors import InputError, LayerError, SampleCode, SpecError
 from workers.extraction.cache import ModelCache
 from workers.extraction.hooks import capture
@@ -25,7 +26,7 @@ from workers.extraction.reduce import Reduction
 from workers.jobs import ExtractionSpec, JobState, ModelInfo, close_matches, stored_shape
 from workers.storage.consolidate import publish
 from workers.storage.layout import LayerLayout, array, create_job, open_job, read
-from workers.storage.ledger import done_batches, is_done, mark_done
+from workers.storage.ledger import is_done, mark_done
 from workers.storage.rows import BatchRows, LayerRows, write_rows
 
 __all__ = [
@@ -34,20 +35,16 @@ __all__ = [
     "compute_batch",
     "decode_batch",
     "finalize",
-    "mark_started",
     "new_job_id",
     "plan",
     "run_batch",
     "spec_of",
+    "split_decoded",
     "store_batch",
     "summary",
 ]
 
 VERSION = "0.1.0"
-
-
-def _now() -> str:
-    return datetime.now(UTC).isoformat(timespec="milliseconds")
 
 
 def new_job_id() -> str:
@@ -111,7 +108,7 @@ def plan(store: str, spec: ExtractionSpec, info: ModelInfo, job_id: str | None =
         "n_batches": -(-len(sources) // spec.batch_size),
         "classes": classes,
         "error_codes": SampleCode.table(),
-        "created": _now(),
+        "created": now(),
         "actmap_version": VERSION,
     }
     n = len(sources)
@@ -165,6 +162,17 @@ def decode_batch(
     else:
         list(pool.map(one, range(len(paths))))
     return Decoded(batch, start, x, codes, messages)
+
+
+def split_decoded(decoded: Decoded, k: int) -> tuple[Decoded, Decoded]:
+    """The first k samples and the rest, as two runs of rows."""
+    first = Decoded(
+        decoded.batch, decoded.start, decoded.x[:k], decoded.codes[:k], decoded.messages[:k]
+    )
+    rest = Decoded(
+        decoded.batch, decoded.start + k, decoded.x[k:], decoded.codes[k:], decoded.messages[k:]
+    )
+    return first, rest
 
 
 def _host(t: torch.Tensor) -> np.ndarray:
@@ -251,56 +259,3 @@ def run_batch(store: str, job_id: str, batch: int, models: ModelCache) -> bool:
     decoded = decode_batch(group, spec, model.info, batch)
     store_batch(group, batch, compute_batch(model, spec, decoded))
     return True
-
-
-def finalize(
-    store: str, job_id: str, state: JobState | None = None, reason: str = ""
-) -> dict[str, Any]:
-    """Set the final state from the ledger and the per-sample codes, record timings, and
-    publish the metadata. Returns the job's summary."""
-    group = open_job(store, job_id)
-    attrs: dict[str, Any] = dict(group.attrs)
-    done = done_batches(group)
-    codes = read(group, "error_code")
-    n = int(attrs["n_samples"])
-    n_failed = int(np.count_nonzero(codes))
-    if state is None:
-        if not done.all():
-            state = JobState.FAILED
-            reason = reason or f"{int((~done).sum())} of {len(done)} batches did not complete"
-        elif n and n_failed == n:
-            state = JobState.FAILED
-            reason = reason or "every sample failed; see error_message"
-        else:
-            state = JobState.PARTIAL if n_failed else JobState.SUCCEEDED
-    finished = _now()
-    update: dict[str, Any] = {"state": state.value, "finished": finished, "n_failed": n_failed}
-    if reason:
-        update["reason"] = reason
-    started = attrs.get("started")
-    if started:
-        elapsed = (
-            datetime.fromisoformat(finished) - datetime.fromisoformat(started)
-        ).total_seconds()
-        update["elapsed_s"] = round(elapsed, 3)
-        update["samples_per_s"] = round(n / elapsed, 2) if elapsed > 0 else None
-    group.attrs.update(update)
-    publish(store, job_id)
-    return summary(store, job_id, group)
-
-
-def mark_started(store: str, job_id: str) -> None:
-    group = open_job(store, job_id)
-    group.attrs.update({"state": JobState.RUNNING.value, "started": _now()})
-
-
-def summary(store: str, job_id: str, group: zarr.Group | None = None) -> dict[str, Any]:
-    """The one JSON object `actmap scan --json` prints."""
-    attrs = (group or open_job(store, job_id, mode="r")).attrs
-    return {
-        "job_id": job_id,
-        "store": store,
-        "state": attrs["state"],
-        "n_samples": attrs["n_samples"],
-        "n_failed": attrs.get("n_failed", 0),
-    }

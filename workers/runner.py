@@ -16,18 +16,11 @@ from typing import Any
 
 import zarr
 
+from workers.control import finalize, mark_started
 from workers.errors import ActmapError
 from workers.extraction.cache import ModelCache
 from workers.jobs import JobState
-from workers.pipeline import (
-    Decoded,
-    compute_batch,
-    decode_batch,
-    finalize,
-    mark_started,
-    spec_of,
-    store_batch,
-)
+from workers.pipeline import Decoded, compute_batch, decode_batch, spec_of, store_batch
 from workers.storage.layout import open_job
 from workers.storage.ledger import pending_batches
 from workers.storage.rows import BatchRows

@@ -20,3 +20,14 @@ class Settings(BaseSettings):
     auth_file: str | None = None
     device: str = "cpu"
     decode_threads: int = 4
+    # Celery: a task is sized to run seconds to minutes; the hard limit stops a stuck one.
+    task_soft_time_limit: int = 540
+    task_time_limit: int = 600
+    attempt_cap: int = 3  # starts of one batch before it is marked failed
+    factories: tuple[str, ...] | None = None  # allow-list of package.module:factory
+
+    @property
+    def visibility_timeout(self) -> int:
+        """Redis redelivers an unacked task after this; it must outlast the hard limit or a
+        long batch would run twice at once."""
+        return self.task_time_limit * 2 + 60

@@ -13,16 +13,18 @@ weights (tests/bench/resnet.py), it measures images per second, interleaved and 
 - seed:   the seed document's per-image way: decode the PNG with Pillow once, then for each of
           layer1..layer4 register a forward hook on that layer, run the image alone (batch 1,
           torch.no_grad), remove the hook and np.save the output (float32) to a .npy file.
-- actmap: workers.embedded.scan into a fresh Zarr store each repeat, float16, batch 32,
-          layers layer1..layer4: decode, forward, reduction, compression and writes. Shown twice:
-          the whole call (model load, catalogue and plan included) and the job's run phase
-          alone (the job's own `started`..`finished`, which excludes those fixed costs).
+- actmap: workers.embedded.scan (`--actmap runner`: plan + workers.runner.run_job instead)
+          into a fresh Zarr store each repeat, float16, batch 32, layers layer1..layer4:
+          decode, forward, reduction, compression and writes. Shown twice: the whole call
+          (model load, catalogue and plan included) and its run phase alone (from the plan
+          callback to the call's return).
 
 Then the `actmap scan` CLI once as a subprocess (Python and torch startup included), the
 store's bytes on disk per image and the compression ratio of the stored acts and pooled
-arrays. `--stages` adds each pipeline stage timed alone, serially, on the same inputs, and
-`--profile` a cProfile of one in-process scan. Ratios come from one run; nothing here is an
-assertion. Threads: torch's default (the machine's cores).
+arrays. `--stages` adds each pipeline stage timed alone, serially, in this thread, on the
+same inputs; `--profile` a cProfile of that serial pass. Ratios come from one run; nothing
+here is an assertion. Threads: torch's default (the machine's cores). The load average is
+printed before and after: other processes on the machine skew every figure.
 """
 
 from __future__ import annotations
@@ -37,9 +39,11 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -124,7 +128,7 @@ def run_seed(model: nn.Module, paths: list[Path], out: Path) -> float:
             captured: list[torch.Tensor] = []
 
             def hook(_m: nn.Module, _i: object, output: torch.Tensor) -> None:
-                captured.append(output.detach().cpu())  # noqa: B023 (called before the loop moves on)
+                captured.append(output.detach().cpu())  # noqa: B023 (runs inside this iteration)
 
             handle = modules[layer].register_forward_hook(hook)
             try:
@@ -142,18 +146,56 @@ def actmap_spec(inputs: str, layers: tuple[str, ...] = LAYERS) -> ExtractionSpec
     )
 
 
-def run_actmap(inputs: str, store: Path) -> tuple[float, float, str]:
-    """Seconds for the whole scan() call, seconds of the job's run phase, and the job id."""
+def _field(result: Any, name: str) -> Any:
+    """A field of the job's result: a Status dataclass, or a summary dict."""
+    return result[name] if isinstance(result, dict) else getattr(result, name)
+
+
+def _run_job(spec: ExtractionSpec, store: str, on_plan: Callable[[Any], None]) -> Any:
+    """The in-process pipelined runner, without the embedded broker around it."""
+    from workers.runner import run_job
+
+    settings = Settings()
+    models = ModelCache(settings.device)
+    job = plan(store, spec, models.get(spec).info)
+    on_plan(job)
+    return run_job(store, job.job_id, models, None, settings.decode_threads)
+
+
+def run_actmap(kind: str, inputs: str, store: Path, timeout: float) -> tuple[float, float, str]:
+    """Seconds for the whole call, seconds from the job's plan to the call's end (the run
+    phase: model load, catalogue and plan excluded), and the job id. The call runs in a
+    thread so that a job that never finishes ends the benchmark instead of hanging it."""
+    planned: list[float] = []
+    outcome: dict[str, Any] = {}
+
+    def call() -> None:
+        spec = actmap_spec(inputs)
+        mark = lambda _plan: planned.append(time.perf_counter())  # noqa: E731
+        try:
+            if kind == "scan":
+                outcome["result"] = scan(spec, str(store), Settings(), mark)
+            else:
+                outcome["result"] = _run_job(spec, str(store), mark)
+        except BaseException as exc:  # re-raised below, in the main thread
+            outcome["error"] = exc
+
     start = time.perf_counter()
-    result = scan(actmap_spec(inputs), str(store), Settings())
-    total = time.perf_counter() - start
-    if result["state"] != "succeeded":
-        raise RuntimeError(f"actmap job ended {result['state']}: {result}")
-    attrs = open_job(str(store), result["job_id"], mode="r").attrs
-    return total, float(attrs["elapsed_s"]), str(result["job_id"])  # type: ignore[arg-type]
+    worker = threading.Thread(target=call, name="bench-actmap", daemon=True)
+    worker.start()
+    worker.join(timeout)
+    end = time.perf_counter()
+    if worker.is_alive():
+        raise TimeoutError(f"actmap {kind} did not finish within {timeout:.0f} s (hung?)")
+    if "error" in outcome:
+        raise outcome["error"]
+    result = outcome["result"]
+    if _field(result, "state") != "succeeded":
+        raise RuntimeError(f"actmap job ended {_field(result, 'state')}: {result}")
+    return end - start, end - planned[0], str(_field(result, "job_id"))
 
 
-def run_cli(inputs: Path, store: Path) -> float:
+def run_cli(inputs: Path, store: Path, timeout: float) -> float:
     actmap = Path(sys.executable).with_name("actmap")
     env = {k: v for k, v in os.environ.items() if not k.startswith("ACTMAP_")}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(BENCH), env.get("PYTHONPATH")]))
@@ -162,7 +204,9 @@ def run_cli(inputs: Path, store: Path) -> float:
         "--out", str(store), "--batch-size", str(BATCH), "--dtype", "float16", "--json",
     ]  # fmt: skip
     start = time.perf_counter()
-    done = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
+    done = subprocess.run(
+        command, env=env, capture_output=True, text=True, check=False, timeout=timeout
+    )
     seconds = time.perf_counter() - start
     if done.returncode != 0:
         raise RuntimeError(f"actmap scan failed ({done.returncode}): {done.stderr.strip()}")
@@ -203,8 +247,11 @@ def store_figures(store: Path, job_id: str, n: int) -> list[tuple[str, str]]:
 # --- optional diagnostics ----------------------------------------------------------------
 
 
-def stages(inputs: str, store: Path, repeats: int) -> list[tuple[str, float]]:
-    """Each stage of the pipeline alone, serially, over every batch (best of `repeats`)."""
+def stages(
+    inputs: str, store: Path, repeats: int, profiler: cProfile.Profile | None = None
+) -> list[tuple[str, float]]:
+    """Each stage of the pipeline alone, serially in this thread, over every batch (best
+    of `repeats`); the first pass under `profiler` when given."""
     settings = Settings()
     models = ModelCache(settings.device)
     spec = actmap_spec(inputs)
@@ -217,8 +264,10 @@ def stages(inputs: str, store: Path, repeats: int) -> list[tuple[str, float]]:
     group = open_job(str(store), job.job_id)
     spec = spec_of(group)
     best: dict[str, float] = {}
-    for _ in range(repeats):
-        times = {"decode (1 thread)": 0.0, "compute_batch": 0.0, "store_batch": 0.0}
+    for r in range(repeats):
+        times = {"decode_batch (1 thread)": 0.0, "compute_batch": 0.0, "store_batch": 0.0}
+        if profiler is not None and r == 0:
+            profiler.enable()
         for b in range(job.n_batches):
             t0 = time.perf_counter()
             decoded = decode_batch(group, spec, model.info, b)
@@ -227,22 +276,15 @@ def stages(inputs: str, store: Path, repeats: int) -> list[tuple[str, float]]:
             t2 = time.perf_counter()
             store_batch(group, b, rows)
             t3 = time.perf_counter()
-            times["decode (1 thread)"] += t1 - t0
+            times["decode_batch (1 thread)"] += t1 - t0
             times["compute_batch"] += t2 - t1
             times["store_batch"] += t3 - t2
+        if profiler is not None and r == 0:
+            profiler.disable()
         for k, v in times.items():
             best[k] = min(best.get(k, float("inf")), v)
-    return [("model load + catalogue", load), ("plan", planned), *best.items()]
-
-
-def profile_scan(inputs: str, store: Path, top: int = 25) -> str:
-    profiler = cProfile.Profile()
-    profiler.enable()
-    scan(actmap_spec(inputs), str(store), Settings())
-    profiler.disable()
-    text = io.StringIO()
-    pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(top)
-    return text.getvalue()
+    serial = sum(best.values())
+    return [("model load + catalogue", load), ("plan", planned), *best.items(), ("sum", serial)]
 
 
 # --- the run -----------------------------------------------------------------------------
@@ -260,12 +302,21 @@ def _table(rows: list[tuple[str, ...]]) -> str:
     return "\n".join(lines)
 
 
+def _load() -> str:
+    return " ".join(f"{v:.2f}" for v in os.getloadavg())
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--images", type=int, default=256, help="number of input images")
     p.add_argument("--repeats", type=int, default=3, help="interleaved repeats of each method")
+    p.add_argument(
+        "--actmap", choices=("scan", "runner"), default="scan",
+        help="scan: workers.embedded.scan; runner: plan + workers.runner.run_job",
+    )  # fmt: skip
+    p.add_argument("--timeout", type=float, default=600, help="seconds before a job is hung")
     p.add_argument("--stages", action="store_true", help="also time each pipeline stage alone")
-    p.add_argument("--profile", action="store_true", help="also cProfile one in-process scan")
+    p.add_argument("--profile", action="store_true", help="also cProfile the serial stages")
     p.add_argument("--no-cli", action="store_true", help="skip the `actmap scan` subprocess")
     args = p.parse_args(argv)
     n = args.images
@@ -273,7 +324,9 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} cores; "
         f"zarr {zarr.__version__}; {n} images 112x112 RGB PNG, batch {BATCH}, layers "
-        f"{','.join(LAYERS)}, {args.repeats} repeats"
+        f"{','.join(LAYERS)}, {args.repeats} repeats, actmap via {args.actmap}; "
+        f"load average {_load()}",
+        flush=True,
     )
     with tempfile.TemporaryDirectory(prefix="actmap-bench-") as tmp_name:
         tmp = Path(tmp_name)
@@ -287,10 +340,9 @@ def main(argv: list[str] | None = None) -> int:
         warm.write_text("\n".join(map(str, paths[: min(n, BATCH)])))
         run_bare(model, x[:BATCH])
         run_seed(model, paths[:2], tmp / "seed-warm")
-        scan(actmap_spec(f"@{warm}"), str(tmp / "store-warm"), Settings())
+        run_actmap(args.actmap, f"@{warm}", tmp / "store-warm", args.timeout)
 
         times: dict[str, list[float]] = {"bare": [], "seed": [], "actmap": [], "actmap run": []}
-        methods: list[tuple[str, Callable[[int], None]]] = []
         job: dict[str, str] = {}
 
         def bare(_r: int) -> None:
@@ -302,14 +354,13 @@ def main(argv: list[str] | None = None) -> int:
                 f.unlink()
 
         def actmap(r: int) -> None:
-            total, run, job_id = run_actmap(inputs, tmp / f"store-{r}")
+            total, run, job_id = run_actmap(args.actmap, inputs, tmp / f"store-{r}", args.timeout)
             times["actmap"].append(total)
             times["actmap run"].append(run)
             job["store"], job["id"] = str(tmp / f"store-{r}"), job_id
 
-        methods = [("bare", bare), ("seed", seed), ("actmap", actmap)]
         for r in range(args.repeats):
-            for _, method in methods:
+            for method in (bare, seed, actmap):
                 method(r)
 
         def rate(name: str) -> tuple[float, float]:
@@ -320,8 +371,8 @@ def main(argv: list[str] | None = None) -> int:
         labels = {
             "bare": "bare forward, pre-decoded, batch 32 (the bar)",
             "seed": "seed: per image x layer hook + batch 1 + np.save",
-            "actmap": "actmap embedded.scan, whole call",
-            "actmap run": "actmap, job run phase (excl. load+plan)",
+            "actmap": f"actmap ({args.actmap}), whole call",
+            "actmap run": f"actmap ({args.actmap}), run phase (after plan)",
         }
         for name, label in labels.items():
             best, median = rate(name)
@@ -342,22 +393,26 @@ def main(argv: list[str] | None = None) -> int:
         print(_table([("store", "value"), *store_figures(Path(job["store"]), job["id"], n)]))
 
         if not args.no_cli:
-            seconds = run_cli(tmp / "images", tmp / "store-cli")
+            seconds = run_cli(tmp / "images", tmp / "store-cli", args.timeout)
             print()
             print(
                 f"`actmap scan` CLI, one subprocess run (startup included): {seconds:.2f} s, "
                 f"{n / seconds:,.1f} img/s"
             )
-        if args.stages:
-            timed = stages(inputs, tmp / "store-stages", args.repeats)
+        if args.stages or args.profile:
+            profiler = cProfile.Profile() if args.profile else None
+            timed = stages(inputs, tmp / "store-stages", args.repeats, profiler)
             rows = [("stage, alone and serial", "seconds", "img/s")]
             rows += [(name, f"{s:.3f}", f"{n / s:,.1f}") for name, s in timed]
             rows.append(("bare forward (best, above)", f"{n / bare_best:.3f}", f"{bare_best:,.1f}"))
             print()
             print(_table(rows))
-        if args.profile:
-            print()
-            print(profile_scan(inputs, tmp / "store-profile"))
+            if profiler is not None:
+                text = io.StringIO()
+                pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(25)
+                print()
+                print(text.getvalue())
+        print(f"load average at the end {_load()}")
     return 0
 
 

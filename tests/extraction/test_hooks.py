@@ -208,11 +208,6 @@ def test_the_model_is_left_as_found_after_a_keyboard_interrupt_inside_the_forwar
     assert_left_as_found(model, flags)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: hooks.capture restores only the root's flag with model.train(was_training), "
-    "which puts a submodule kept in eval (a frozen BatchNorm) back into training",
-)
 def test_a_submodule_kept_in_eval_inside_a_training_model_stays_in_eval() -> None:
     model = Guarded()
     model.train()

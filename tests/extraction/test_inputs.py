@@ -394,19 +394,12 @@ def test_dangling_symlink_is_unreadable(tmp_path: Path, name: str) -> None:
     decode_error(link, make_prep(), SampleCode.UNREADABLE)
 
 
-_NOT_REGULAR = (
-    "bug: decode does not check that the path is a regular file; a directory named .bin "
-    "raises a bare IsADirectoryError (crashing the whole batch in decode_batch) and one "
-    "named .png/.npy is reported CORRUPT"
-)
-
-
 @pytest.mark.parametrize(
     "name",
     [
-        pytest.param("folder.bin", marks=pytest.mark.xfail(strict=True, reason=_NOT_REGULAR)),
-        pytest.param("folder.png", marks=pytest.mark.xfail(strict=True, reason=_NOT_REGULAR)),
-        pytest.param("folder.npy", marks=pytest.mark.xfail(strict=True, reason=_NOT_REGULAR)),
+        "folder.bin",
+        "folder.png",
+        "folder.npy",
     ],
 )
 def test_directory_given_where_a_file_is_expected_is_unreadable(tmp_path: Path, name: str) -> None:
@@ -429,18 +422,12 @@ def _deny_open(monkeypatch: pytest.MonkeyPatch, denied: Path) -> None:
     monkeypatch.setattr(io, "open", guarded)
 
 
-_PERMISSION = (
-    "bug: _image and _array catch OSError (PermissionError included) as CORRUPT, so the "
-    "PermissionError handler in decode only ever sees raw binaries"
-)
-
-
 @pytest.mark.parametrize(
     "name",
     [
         "locked.bin",
-        pytest.param("locked.png", marks=pytest.mark.xfail(strict=True, reason=_PERMISSION)),
-        pytest.param("locked.npy", marks=pytest.mark.xfail(strict=True, reason=_PERMISSION)),
+        "locked.png",
+        "locked.npy",
     ],
 )
 def test_file_that_cannot_be_opened_for_permission_is_unreadable(
@@ -522,11 +509,6 @@ def test_hidden_files_are_skipped(tmp_path: Path) -> None:
     assert [s.id for s in discover([str(root)])] == ["a.png", "cls/b.png"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: discover only checks the file's own name, so files under hidden directories "
-    "(.ipynb_checkpoints, .git) become samples, and a class with labels_from_dirs",
-)
 def test_files_inside_hidden_directories_are_skipped(tmp_path: Path) -> None:
     root = tmp_path / "data"
     touch(root / "cat" / "a.png")
@@ -621,11 +603,6 @@ def test_duplicated_ids_get_a_numbered_suffix(tmp_path: Path) -> None:
     ]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: the ~N suffix is not checked against ids already taken, so a real file "
-    "named 'a.png~2' and the second 'a.png' get the same id",
-)
 def test_ids_stay_unique_when_a_suffixed_id_is_also_a_real_name(tmp_path: Path) -> None:
     touch(tmp_path / "one" / "a.png")
     touch(tmp_path / "two" / "a.png")
@@ -653,6 +630,11 @@ def test_labels_from_dirs_map_sorted_parent_names_to_indices(tmp_path: Path) -> 
     assert classes == ["ant", "cat", "dog"]
     by_id = dict(zip([s.id for s in sources], labels, strict=True))
     assert by_id == {"ant/2.png": 0, "ant/5.png": 0, "cat/3.png": 1, "dog/1.png": 2, "dog/4.png": 2}
+    # Sorted names, not the order the samples come in.
+    shuffled = sources[::-1]
+    labels, classes = labels_from_dirs(shuffled)
+    assert classes == ["ant", "cat", "dog"]
+    assert labels == [by_id[s.id] for s in shuffled]
 
 
 def _sources(*ids: str) -> list[Source]:
@@ -722,11 +704,6 @@ def test_labels_csv_that_does_not_exist_is_a_spec_error(tmp_path: Path) -> None:
         labels_from_csv(missing, _sources("a.png"))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: the header is recognised only as exactly ['sample_id', 'label'], so a header "
-    "with a space or a UTF-8 BOM becomes a data row and turns integer labels into names",
-)
 @pytest.mark.parametrize(
     "header", ["sample_id, label\n", "\ufeffsample_id,label\n"], ids=["space", "bom"]
 )

@@ -47,7 +47,8 @@ def capture(model: nn.Module, layers: Sequence[str]) -> Iterator[Forward]:
     targets = resolve(model, layers)
     outputs: dict[str, torch.Tensor] = {}
     handles: list[RemovableHandle] = []
-    was_training = model.training
+    # Every module's own flag: a submodule kept in eval inside a training model stays so.
+    flags = [(m, m.training) for m in model.modules()]
 
     def make_hook(name: str) -> Callable[[nn.Module, object, object], None]:
         def hook(_module: nn.Module, _inputs: object, output: object) -> None:
@@ -87,4 +88,5 @@ def capture(model: nn.Module, layers: Sequence[str]) -> Iterator[Forward]:
     finally:
         for handle in handles:
             handle.remove()
-        model.train(was_training)
+        for module, flag in flags:
+            module.training = flag

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import csv
 import math
-import warnings
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,11 +53,17 @@ def discover(inputs: list[str] | tuple[str, ...]) -> list[Source]:
             if not listing.is_file():
                 raise SpecError(f"list file {listing} does not exist")
             lines = [ln.strip() for ln in listing.read_text().splitlines()]
-            found.extend((ln, Path(ln)) for ln in lines if ln and not ln.startswith("#"))
+            # Relative entries are read from the list's own folder, wherever it is run from.
+            found.extend((ln, listing.parent / ln) for ln in lines if ln and not ln.startswith("#"))
             continue
         path = Path(item)
         if path.is_dir():
-            files = sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
+            files = sorted(
+                p
+                for p in path.rglob("*")
+                if (p.is_file() or p.is_symlink())
+                and not any(part.startswith(".") for part in p.relative_to(path).parts)
+            )
             found.extend((p.relative_to(path).as_posix(), p) for p in files)
         elif path.exists() or path.is_symlink():
             found.append((path.as_posix(), path))
@@ -65,11 +71,14 @@ def discover(inputs: list[str] | tuple[str, ...]) -> list[Source]:
             raise SpecError(f"input {item} does not exist; give files, directories or @list.txt")
     if not found:
         raise SpecError(f"no input files found in {', '.join(inputs)}")
-    seen: dict[str, int] = {}
+    given: set[str] = set()
     sources = []
     for sid, path in found:
-        seen[sid] = seen.get(sid, 0) + 1
-        unique = sid if seen[sid] == 1 else f"{sid}~{seen[sid]}"
+        unique, n = sid, 1
+        while unique in given:
+            n += 1
+            unique = f"{sid}~{n}"
+        given.add(unique)
         sources.append(Source(unique, str(path.absolute())))
     return sources
 
@@ -88,8 +97,8 @@ def labels_from_csv(path: str, sources: list[Source]) -> tuple[list[int], list[s
     file = Path(path)
     if not file.is_file():
         raise SpecError(f"labels file {path} does not exist")
-    rows = [r for r in csv.reader(file.read_text().splitlines()) if r]
-    if rows and rows[0][:2] == ["sample_id", "label"]:
+    rows = [r for r in csv.reader(file.read_text(encoding="utf-8-sig").splitlines()) if r]
+    if rows and [c.strip().lower() for c in rows[0][:2]] == ["sample_id", "label"]:
         rows = rows[1:]
     if any(len(r) != 2 for r in rows):
         raise SpecError(f"labels file {path} needs two columns per row: sample_id,label")
@@ -113,9 +122,12 @@ def decode(path: str, prep: Preprocessing, max_bytes: int = MAX_INPUT_BYTES) -> 
     """Read one sample as the model's float32 (C, H, W) input."""
     file = Path(path)
     try:
-        size = file.stat().st_size
+        info = file.stat()
     except OSError as exc:
         raise InputError(SampleCode.UNREADABLE, f"cannot read {file.name}: {exc.strerror}") from exc
+    if not stat.S_ISREG(info.st_mode):
+        raise InputError(SampleCode.UNREADABLE, f"cannot read {file.name}: not a regular file")
+    size = info.st_size
     if size == 0:
         raise InputError(SampleCode.EMPTY, f"{file.name} is empty")
     if size > max_bytes:
@@ -136,10 +148,14 @@ def decode(path: str, prep: Preprocessing, max_bytes: int = MAX_INPUT_BYTES) -> 
 def _array(file: Path, prep: Preprocessing) -> np.ndarray:
     try:
         array = np.load(file, allow_pickle=False)
+    except PermissionError:
+        raise
     except (ValueError, OSError, EOFError) as exc:
         raise InputError(SampleCode.CORRUPT, f"{file.name} is not a valid .npy array") from exc
-    if not isinstance(array, np.ndarray) or array.shape != prep.input_shape:
-        shape = getattr(array, "shape", None)
+    if not isinstance(array, np.ndarray):  # an .npz archive under a .npy name
+        raise InputError(SampleCode.CORRUPT, f"{file.name} is an archive, not one .npy array")
+    if array.shape != prep.input_shape:
+        shape = array.shape
         raise InputError(
             SampleCode.WRONG_SHAPE,
             f"{file.name} has shape {shape}, the model takes {prep.input_shape}",
@@ -151,14 +167,22 @@ def _array(file: Path, prep: Preprocessing) -> np.ndarray:
 
 def _image(file: Path, prep: Preprocessing) -> np.ndarray:
     mode = "L" if prep.channels == 1 else "RGB"
+    limit = Image.MAX_IMAGE_PIXELS
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(file) as img:
-                img.seek(0)  # the first frame of an animated GIF
-                frame = img.convert(mode)
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        with Image.open(file) as img:
+            # Checked before decoding, here rather than through Pillow's warning, which
+            # would need a process-wide filter while other threads decode.
+            if limit is not None and img.width * img.height > limit:
+                raise InputError(
+                    SampleCode.TOO_LARGE,
+                    f"{file.name} is {img.width}x{img.height} pixels, over the {limit} limit",
+                )
+            img.seek(0)  # the first frame of an animated GIF
+            frame = img.convert(mode)
+    except Image.DecompressionBombError as exc:
         raise InputError(SampleCode.TOO_LARGE, f"{file.name} is too many pixels to decode") from exc
+    except PermissionError:
+        raise
     except UnidentifiedImageError as exc:
         raise InputError(SampleCode.CORRUPT, f"{file.name} is not a readable image") from exc
     except (OSError, SyntaxError, ValueError) as exc:

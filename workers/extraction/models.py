@@ -10,6 +10,7 @@ import hashlib
 import importlib
 import logging
 import pickle
+import warnings
 import zipfile
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
@@ -134,7 +135,11 @@ def _load_archive(path: Path, override: Preprocessing | None) -> tuple[nn.Module
     if not path.is_file():
         raise ModelError(f"model file {path} does not exist")
     if not zipfile.is_zipfile(path):
-        raise ModelError(f"{path} is not a torch.export archive (not a zip file); {_EXPORT_HOWTO}")
+        raise _refuse_pickle(path)
+    with zipfile.ZipFile(path) as archive:
+        exported = any(name.endswith("archive_format") for name in archive.namelist())
+    if not exported:  # a torch.save file is a zip too; never hand it to the loader
+        raise _refuse_pickle(path)
     extra = {PREPROCESSING_FILE: ""}
     try:
         program = torch.export.load(path, extra_files=extra)
@@ -153,7 +158,10 @@ def _load_archive(path: Path, override: Preprocessing | None) -> tuple[nn.Module
         for node in program.graph.nodes
         for fqn, cls in (node.meta.get("nn_module_stack") or {}).values()
     }
-    module = torch.export.unflatten(program)
+    with warnings.catch_warnings():
+        # torch 2.13's own unflatten trips its LeafSpec deprecation; not ours to act on.
+        warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
+        module = torch.export.unflatten(program)
     info = _catalogue(module, path.stem, "pt2", _sha256(path), prep, frozen, types)
     return module, info
 
@@ -278,7 +286,7 @@ def _catalogue(
         return hook
 
     handles = [m.register_forward_hook(record(n)) for n, m in modules.items()]
-    was_training = model.training
+    flags = [(m, m.training) for m in model.modules()]
     try:
         model.eval()
         with torch.inference_mode(), tracker:
@@ -289,7 +297,8 @@ def _catalogue(
     finally:
         for h in handles:
             h.remove()
-        model.train(was_training)
+        for module, flag in flags:
+            module.training = flag
     if not isinstance(out, torch.Tensor) or out.dim() != 2:
         got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
         raise ModelError(f"{name} must return logits of shape (batch, classes); it returned {got}")
@@ -316,4 +325,4 @@ def conv_weights(model: LoadedModel, layer: str) -> torch.Tensor:
             f"layer {layer!r} is a {kind or 'module'}, not a conv layer; "
             "filter weights exist for Conv1d, Conv2d and Conv3d"
         )
-    return weight.detach().cpu()
+    return weight.detach().to("cpu", copy=True)  # a copy: callers may edit it in place

@@ -7,7 +7,7 @@ whole chunks of rows [i*B, (i+1)*B): no two tasks ever write the same chunk.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import zarr
@@ -17,6 +17,7 @@ from workers.errors import JobError
 
 __all__ = [
     "CHUNK_BYTES",
+    "attrs",
     "array",
     "read",
     "COMPRESSOR",
@@ -54,6 +55,11 @@ def array(group: zarr.Group, name: str) -> zarr.Array[Any]:
     return node
 
 
+def attrs(group: zarr.Group) -> dict[str, Any]:
+    """The group's attributes as plain JSON values, read when the group was opened."""
+    return dict(group.attrs)
+
+
 def read(group: zarr.Group, name: str, rows: slice = slice(None)) -> np.ndarray:
     return np.asarray(array(group, name)[rows])
 
@@ -87,11 +93,14 @@ def job_ids(store: str) -> list[str]:
     return sorted(name for name, _ in jobs.groups())
 
 
-def open_job(store: str, job_id: str, mode: str = "r+") -> zarr.Group:
+def open_job(store: str, job_id: str, mode: Literal["r", "r+"] = "r+") -> zarr.Group:
     """The job's group, read fresh from the store (never from consolidated metadata)."""
     try:
         return zarr.open_group(
-            _location(store), path=f"jobs/{job_id}", mode=mode, use_consolidated=False  # type: ignore[arg-type]
+            _location(store),
+            path=f"jobs/{job_id}",
+            mode=mode,
+            use_consolidated=False,
         )
     except FileNotFoundError:
         raise JobError(

@@ -9,7 +9,7 @@ import zarr
 
 from workers.storage.layout import array
 
-__all__ = ["BatchRows", "LayerRows", "write_rows"]
+__all__ = ["BatchRows", "LayerRows", "concat_rows", "write_rows"]
 
 
 @dataclass(frozen=True)
@@ -47,3 +47,27 @@ def write_rows(group: zarr.Group, rows: BatchRows) -> None:
         _set(group, f"layers/{name}/pooled", start, layer.pooled)
         if layer.top_channel is not None:
             _set(group, f"layers/{name}/top_channel", start, layer.top_channel)
+
+
+def _cat(a: np.ndarray | None, b: np.ndarray | None) -> np.ndarray | None:
+    return None if a is None or b is None else np.concatenate([a, b])
+
+
+def concat_rows(first: BatchRows, second: BatchRows) -> BatchRows:
+    """Two consecutive runs of rows as one (a batch computed in halves)."""
+    layers = {
+        name: LayerRows(
+            np.concatenate([rows.acts, second.layers[name].acts]),
+            np.concatenate([rows.pooled, second.layers[name].pooled]),
+            _cat(rows.top_channel, second.layers[name].top_channel),
+        )
+        for name, rows in first.layers.items()
+    }
+    return BatchRows(
+        first.start,
+        np.concatenate([first.error_code, second.error_code]),
+        first.error_message + second.error_message,
+        np.concatenate([first.logits, second.logits]),
+        np.concatenate([first.pred, second.pred]),
+        layers,
+    )

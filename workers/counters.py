@@ -1,0 +1,121 @@
+"""Counters beside the ledger: attempts per batch, the set of batches done, who finalizes.
+
+Redis holds them on a cluster; a dict holds them in the embedded default. They are hints
+and guards; the ledger in the store stays the truth about what is done.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Protocol
+
+__all__ = ["Counters", "MemoryCounters", "RedisCounters"]
+
+_TTL = 7 * 24 * 3600
+
+
+class Counters(Protocol):
+    def attempt(self, job_id: str, batch: int) -> int:
+        """Count one more start of this batch and return the count."""
+        ...
+
+    def done(self, job_id: str, batch: int) -> int:
+        """Record the batch as done (idempotent) and return how many are done."""
+        ...
+
+    def claim_finalize(self, job_id: str) -> bool:
+        """True for exactly one caller per job, until `reset`."""
+        ...
+
+    def started(self, job_id: str) -> float | None:
+        """When the first batch of the job started (set by the first `attempt`)."""
+        ...
+
+    def reset(self, job_id: str, batches: list[int]) -> None:
+        """Forget attempts of these batches and the finalize claim (resume)."""
+        ...
+
+
+class MemoryCounters:
+    """For the embedded default: one process, no Redis."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._attempts: dict[tuple[str, int], int] = {}
+        self._done: dict[str, set[int]] = {}
+        self._claimed: set[str] = set()
+        self._started: dict[str, float] = {}
+
+    def attempt(self, job_id: str, batch: int) -> int:
+        with self._lock:
+            self._started.setdefault(job_id, time.time())
+            count = self._attempts.get((job_id, batch), 0) + 1
+            self._attempts[(job_id, batch)] = count
+            return count
+
+    def done(self, job_id: str, batch: int) -> int:
+        with self._lock:
+            batches = self._done.setdefault(job_id, set())
+            batches.add(batch)
+            return len(batches)
+
+    def claim_finalize(self, job_id: str) -> bool:
+        with self._lock:
+            if job_id in self._claimed:
+                return False
+            self._claimed.add(job_id)
+            return True
+
+    def started(self, job_id: str) -> float | None:
+        return self._started.get(job_id)
+
+    def reset(self, job_id: str, batches: list[int]) -> None:
+        with self._lock:
+            for batch in batches:
+                self._attempts.pop((job_id, batch), None)
+            self._claimed.discard(job_id)
+
+
+class RedisCounters:
+    """Keys `actmap:{job}:*`, expiring after a week. Each call is one round trip."""
+
+    def __init__(self, url: str) -> None:
+        import redis  # the worker side only; the API has its own client
+
+        self._redis = redis.Redis.from_url(url)
+
+    def _key(self, job_id: str, name: str) -> str:
+        return f"actmap:{job_id}:{name}"
+
+    def attempt(self, job_id: str, batch: int) -> int:
+        key = self._key(job_id, "attempts")
+        pipe = self._redis.pipeline()
+        pipe.hincrby(key, str(batch), 1)
+        pipe.expire(key, _TTL)
+        pipe.set(self._key(job_id, "started"), time.time(), nx=True, ex=_TTL)
+        count, *_ = pipe.execute()
+        return int(count)
+
+    def done(self, job_id: str, batch: int) -> int:
+        key = self._key(job_id, "done")
+        pipe = self._redis.pipeline()
+        pipe.sadd(key, batch)
+        pipe.expire(key, _TTL)
+        pipe.scard(key)
+        *_, count = pipe.execute()
+        return int(count)
+
+    def claim_finalize(self, job_id: str) -> bool:
+        return bool(self._redis.set(self._key(job_id, "finalizer"), 1, nx=True, ex=_TTL))
+
+    def started(self, job_id: str) -> float | None:
+        value = self._redis.get(self._key(job_id, "started"))
+        return float(value) if value is not None else None
+
+    def reset(self, job_id: str, batches: list[int]) -> None:
+        pipe = self._redis.pipeline()
+        if batches:
+            pipe.hdel(self._key(job_id, "attempts"), *map(str, batches))
+        pipe.delete(self._key(job_id, "finalizer"))
+        pipe.execute()

@@ -1,0 +1,113 @@
+"""One worker process per GPU: discovery, pinning, device choice, out-of-memory handling.
+
+The launcher imports this module and must never initialise CUDA, so torch is imported only
+inside the functions that run in a worker child.
+"""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from workers.errors import SampleCode, UserError
+
+if TYPE_CHECKING:
+    from workers.extraction.models import LoadedModel
+    from workers.jobs import ExtractionSpec
+    from workers.pipeline import Decoded
+    from workers.storage.rows import BatchRows
+
+__all__ = ["Slot", "compute_fitting", "device", "list_gpus", "slots"]
+
+
+@dataclass(frozen=True)
+class Slot:
+    """One worker process: its Celery hostname and the GPU it is pinned to (None: CPU)."""
+
+    name: str
+    gpu: int | None
+
+    def environment(self) -> dict[str, str]:
+        # An empty CUDA_VISIBLE_DEVICES hides every GPU from a CPU worker.
+        return {"CUDA_VISIBLE_DEVICES": "" if self.gpu is None else str(self.gpu)}
+
+
+def _nvidia_smi(cmd: list[str]) -> str:
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=30, check=True).stdout
+
+
+def list_gpus(run: Callable[[list[str]], str] = _nvidia_smi) -> list[int]:
+    """GPU indices from nvidia-smi, without touching CUDA in this process."""
+    if run is _nvidia_smi and shutil.which("nvidia-smi") is None:
+        return []
+    try:
+        out = run(["nvidia-smi", "--query-gpu=index", "--format=csv,noheader"])
+    except (OSError, subprocess.SubprocessError):
+        return []
+    return [int(line) for line in out.split() if line.strip().isdigit()]
+
+
+def slots(
+    gpus: str | None, cpus: int | None, available: list[int], host: str | None = None
+) -> list[Slot]:
+    """The worker processes `actmap worker --gpus ... | --cpu N` starts."""
+    host = host or socket.gethostname()
+    if (gpus is None) == (cpus is None):
+        raise UserError("give either --gpus all|0,2 or --cpu N")
+    if cpus is not None:
+        if cpus < 1:
+            raise UserError("--cpu needs at least 1 worker")
+        return [Slot(f"actmap-cpu{i}@{host}", None) for i in range(cpus)]
+    if not available:
+        raise UserError("no NVIDIA GPU found on this host (nvidia-smi lists none); use --cpu N")
+    if gpus == "all":
+        chosen = available
+    else:
+        try:
+            chosen = [int(g) for g in str(gpus).split(",") if g.strip()]
+        except ValueError:
+            raise UserError(f"--gpus takes 'all' or indices like 0,2, not {gpus!r}") from None
+        missing = sorted(set(chosen) - set(available))
+        if missing:
+            raise UserError(f"GPU {missing[0]} is not on this host; it has {available}")
+    return [Slot(f"actmap-gpu{g}@{host}", g) for g in chosen]
+
+
+def device() -> str:
+    """In a worker child: the one GPU it was pinned to, else the CPU."""
+    import torch
+
+    return "cuda:0" if torch.cuda.is_available() else "cpu"
+
+
+def compute_fitting(model: LoadedModel, spec: ExtractionSpec, decoded: Decoded) -> BatchRows:
+    """compute_batch, halving the batch on CUDA out-of-memory down to one sample; a sample
+    that alone does not fit becomes a sample error."""
+    import torch
+
+    from workers.pipeline import compute_batch, split_decoded
+    from workers.storage.rows import concat_rows
+
+    try:
+        return compute_batch(model, spec, decoded)
+    except torch.OutOfMemoryError:
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        n = len(decoded.codes)
+        if n == 1:  # recorded as a sample error; compute_batch skips the forward for it
+            alone = replace(
+                decoded,
+                codes=np.full(1, SampleCode.COMPUTE, np.int16),
+                messages=["out of GPU memory even alone; lower --batch-size or --max-size"],
+            )
+            return compute_batch(model, spec, alone)
+        first, second = split_decoded(decoded, n // 2)
+        return concat_rows(
+            compute_fitting(model, spec, first), compute_fitting(model, spec, second)
+        )

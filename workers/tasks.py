@@ -1,0 +1,40 @@
+"""Celery tasks: thin adapters from a message to `workers.batches`, errors mapped to
+retries. Nothing else lives here."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from celery import Celery, Task
+
+from workers.batches import Runtime, execute_batch, give_up
+from workers.errors import TransientError
+from workers.jobs import TaskName
+
+__all__ = ["register"]
+
+_RETRY_BACKOFF = 2.0  # seconds, doubled per retry
+log = logging.getLogger("actmap")
+
+
+def register(app: Celery, runtime: Callable[[], Runtime]) -> None:
+    """Register the tasks on `app`. `runtime()` builds or returns the per-process state,
+    so that models and connections are made in the worker child, after the fork."""
+
+    @app.task(name=TaskName.RUN_BATCH, bind=True, max_retries=5, shared=False)  # type: ignore[untyped-decorator]
+    def run_batch(self: Task, store: str, job_id: str, batch: int) -> dict[str, Any]:
+        try:
+            outcome = execute_batch(store, job_id, batch, runtime())
+        except (TransientError, ConnectionError, TimeoutError) as exc:
+            if self.request.retries >= self.max_retries:
+                outcome = give_up(store, job_id, batch, f"still failing: {exc}", runtime())
+            else:
+                raise self.retry(
+                    exc=exc, countdown=_RETRY_BACKOFF * 2**self.request.retries
+                ) from exc
+        except Exception as exc:  # a bug: keep the traceback, let the job finish without it
+            log.exception("job %s batch %d failed unexpectedly", job_id, batch)
+            outcome = give_up(store, job_id, batch, f"internal error: {exc!r}", runtime())
+        return {"job_id": job_id, "batch": batch, "outcome": outcome.value}
