@@ -28,36 +28,57 @@ ratio among codecs that write at >= `--min-write` MB/s (300) at both dtypes.
 
 from __future__ import annotations
 
-import argparse
-import os
-import shutil
 import sys
-import tempfile
-import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
-import numpy as np
-import torch
-import torch.nn.functional as F
-
-ROOT = Path(__file__).resolve().parents[2]
+# Python put this script's folder first on sys.path, where a sibling (tests/bench/queue.py,
+# say) would shadow the standard library's module of that name: take it off before importing
+# anything else. The ResNet factory is loaded by its path instead (load_resnet).
 BENCH = Path(__file__).resolve().parent
-for entry in (str(ROOT), str(BENCH)):  # `tests` is not a package
-    if entry not in sys.path:
-        sys.path.insert(0, entry)
+ROOT = BENCH.parents[1]
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != BENCH]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
 
+import argparse  # noqa: E402
+import importlib.util  # noqa: E402
+import os  # noqa: E402
+import shutil  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+from dataclasses import dataclass, field  # noqa: E402
+from types import ModuleType  # noqa: E402
+from typing import Any  # noqa: E402
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 import zarr  # noqa: E402
-from resnet import LAYERS as RESNET_LAYERS  # noqa: E402
-from resnet import PREPROCESSING as RESNET_PREP  # noqa: E402
-from resnet import resnet18  # noqa: E402
 from zarr.codecs import BloscCodec, ZstdCodec  # noqa: E402
 
 from workers.extraction.hooks import capture  # noqa: E402
 from workers.extraction.inputs import decode, discover  # noqa: E402
 from workers.extraction.models import load_model  # noqa: E402
+from workers.jobs import Preprocessing  # noqa: E402
 from workers.storage.layout import COMPRESSOR  # noqa: E402
+
+
+def load_resnet() -> ModuleType:
+    """tests/bench/resnet.py as the module `actmap_bench_resnet`, the name its factory
+    reference (resnet.FACTORY) imports; registered in sys.modules for the model loader."""
+    name = "actmap_bench_resnet"
+    spec = importlib.util.spec_from_file_location(name, BENCH / "resnet.py")
+    if spec is None or spec.loader is None:
+        raise ImportError(f"cannot load {BENCH / 'resnet.py'}")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+resnet = load_resnet()
+RESNET_LAYERS: tuple[str, ...] = resnet.LAYERS
+RESNET_PREP: Preprocessing = resnet.PREPROCESSING
 
 CHUNK = 32  # samples per chunk: one batch, as actmap plans it
 DIGITS_LAYERS = ("conv1", "block1", "block2", "conv3")
@@ -135,7 +156,7 @@ def collect(n_digits: int, n_resnet: int) -> dict[str, np.ndarray]:
     mean = torch.tensor(RESNET_PREP.mean).view(1, 3, 1, 1)
     std = torch.tensor(RESNET_PREP.std).view(1, 3, 1, 1)
     x = ((big - mean) / std).contiguous()
-    resnet = activations(resnet18(), RESNET_LAYERS, x)
+    resnet = activations(resnet.resnet18(), RESNET_LAYERS, x)
     found.update({f"resnet/{k}": v for k, v in resnet.items()})
     return found
 

@@ -29,43 +29,66 @@ printed before and after: other processes on the machine skew every figure.
 
 from __future__ import annotations
 
-import argparse
-import cProfile
-import io
-import json
-import os
-import pstats
-import statistics
-import subprocess
 import sys
-import tempfile
-import threading
-import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
-import numpy as np
-import torch
-from PIL import Image
-from torch import nn
-
-ROOT = Path(__file__).resolve().parents[2]
+# Python put this script's folder first on sys.path, where a sibling (tests/bench/queue.py,
+# say) would shadow the standard library's module of that name: take it off before importing
+# anything else. The ResNet factory is loaded by its path instead (load_resnet).
 BENCH = Path(__file__).resolve().parent
-for entry in (str(ROOT), str(BENCH)):  # `tests` is not a package: the factory is resnet:resnet18
-    if entry not in sys.path:
-        sys.path.insert(0, entry)
+ROOT = BENCH.parents[1]
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != BENCH]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
 
+import argparse  # noqa: E402
+import cProfile  # noqa: E402
+import importlib.util  # noqa: E402
+import io  # noqa: E402
+import json  # noqa: E402
+import os  # noqa: E402
+import pstats  # noqa: E402
+import statistics  # noqa: E402
+import subprocess  # noqa: E402
+import tempfile  # noqa: E402
+import threading  # noqa: E402
+import time  # noqa: E402
+from collections.abc import Callable  # noqa: E402
+from types import ModuleType  # noqa: E402
+from typing import Any  # noqa: E402
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
 import zarr  # noqa: E402
-from resnet import FACTORY, LAYERS, PREPROCESSING, resnet18  # noqa: E402
+from PIL import Image  # noqa: E402
+from torch import nn  # noqa: E402
 
 from workers.embedded import scan  # noqa: E402
 from workers.extraction.cache import ModelCache  # noqa: E402
 from workers.extraction.inputs import decode  # noqa: E402
-from workers.jobs import ExtractionSpec  # noqa: E402
+from workers.jobs import ExtractionSpec, Preprocessing  # noqa: E402
 from workers.pipeline import compute_batch, decode_batch, plan, spec_of, store_batch  # noqa: E402
 from workers.settings import Settings  # noqa: E402
 from workers.storage.layout import open_job  # noqa: E402
+
+
+def load_resnet() -> ModuleType:
+    """tests/bench/resnet.py as the module `actmap_bench_resnet`, the name its factory
+    reference (resnet.FACTORY) imports; registered in sys.modules for the model loader."""
+    name = "actmap_bench_resnet"
+    spec = importlib.util.spec_from_file_location(name, BENCH / "resnet.py")
+    if spec is None or spec.loader is None:
+        raise ImportError(f"cannot load {BENCH / 'resnet.py'}")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+resnet = load_resnet()
+FACTORY: str = resnet.FACTORY
+LAYERS: tuple[str, ...] = resnet.LAYERS
+PREPROCESSING: Preprocessing = resnet.PREPROCESSING
 
 BATCH = 32
 
@@ -332,7 +355,7 @@ def main(argv: list[str] | None = None) -> int:
         tmp = Path(tmp_name)
         paths = make_images(tmp / "images", n)
         inputs = str(tmp / "images")
-        model = resnet18()
+        model = resnet.resnet18()
         x = torch.from_numpy(np.stack([decode(str(q), PREPROCESSING) for q in paths]))
 
         # Warm-up: oneDNN primitives, imports, the first Zarr store.
@@ -393,12 +416,16 @@ def main(argv: list[str] | None = None) -> int:
         print(_table([("store", "value"), *store_figures(Path(job["store"]), job["id"], n)]))
 
         if not args.no_cli:
-            seconds = run_cli(tmp / "images", tmp / "store-cli", args.timeout)
             print()
-            print(
-                f"`actmap scan` CLI, one subprocess run (startup included): {seconds:.2f} s, "
-                f"{n / seconds:,.1f} img/s"
-            )
+            try:
+                seconds = run_cli(tmp / "images", tmp / "store-cli", args.timeout)
+            except (RuntimeError, subprocess.TimeoutExpired) as exc:
+                print(f"`actmap scan` CLI FAILED: {str(exc).splitlines()[-1][:300]}")
+            else:
+                print(
+                    f"`actmap scan` CLI, one subprocess run (startup included): {seconds:.2f} s, "
+                    f"{n / seconds:,.1f} img/s"
+                )
         if args.stages or args.profile:
             profiler = cProfile.Profile() if args.profile else None
             timed = stages(inputs, tmp / "store-stages", args.repeats, profiler)

@@ -4,8 +4,10 @@ BasicBlocks [2, 2, 2, 2] at widths 64/128/256/512, a 7x7 stride-2 stem and a max
 torchvision, written out here so the benchmarks need neither torchvision nor a download. At
 the declared 112 x 112 RGB input, layer1..layer4 give 64x28x28, 128x14x14, 256x7x7, 512x4x4.
 
-`tests` is not a package, so the benchmarks put tests/bench on sys.path (PYTHONPATH for a
-subprocess) and name the factory `resnet:resnet18`.
+`tests` is not a package, and tests/bench must not go on sys.path (its scripts' names, such
+as queue.py, would shadow the standard library's), so the benchmarks load this file by its path
+under the module name MODULE; for a subprocess they copy it alone into a folder on its
+PYTHONPATH. The factory is then FACTORY, `actmap_bench_resnet:resnet18`.
 """
 
 from __future__ import annotations
@@ -15,9 +17,10 @@ from torch import nn
 
 from workers.jobs import Preprocessing
 
-__all__ = ["FACTORY", "LAYERS", "PREPROCESSING", "ResNet", "resnet18"]
+__all__ = ["FACTORY", "LAYERS", "MODULE", "PREPROCESSING", "ResNet", "resnet18"]
 
-FACTORY = "resnet:resnet18"
+MODULE = "actmap_bench_resnet"
+FACTORY = f"{MODULE}:resnet18"
 LAYERS = ("layer1", "layer2", "layer3", "layer4")
 # ImageNet statistics, as a torchvision ResNet would declare them.
 PREPROCESSING = Preprocessing(
@@ -81,7 +84,7 @@ class ResNet(nn.Module):
 
 
 def resnet18() -> ResNet:
-    """The factory `resnet:resnet18`: the same random weights on every call (seed 0)."""
+    """The factory FACTORY: the same random weights on every call (seed 0)."""
     torch.manual_seed(0)
     return ResNet().eval()
 

@@ -1,0 +1,57 @@
+"""A simulated GPU worker for tests/bench/queue.py: the real Celery app, a fake forward pass.
+
+Started by the benchmark, never by hand, from the repository root:
+
+    ACTMAP_BROKER_URL=redis://127.0.0.1:PORT/0 ACTMAP_BENCH_SLEEP=0.05 \\
+        .venv/bin/python -m celery -A tests.bench.sim_worker worker --pool threads \\
+        --concurrency 16 --prefetch-multiplier 1 --queues extract ...
+
+The app is `workers.celery_app.make_celery(Settings())`, so acks late, prefetch 1, reject on
+worker lost and the visibility timeout are the ones a real worker runs with, and the result
+backend too. It registers a task under the real name `TaskName.RUN_BATCH` with the real
+signature, whose body keeps the per-batch Redis pattern of `workers.batches.execute_batch`
+(`RedisCounters.attempt`, the forward pass, `RedisCounters.done`, `claim_finalize` after the
+last batch) but replaces the store and torch with `time.sleep(ACTMAP_BENCH_SLEEP)`: a GPU
+that is busy for a fixed time and leaves the CPU idle. One pool thread is one simulated
+GPU worker with a prefetch of one message.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import time
+from typing import Any
+
+from celery import Task
+
+from workers.celery_app import make_celery
+from workers.counters import RedisCounters
+from workers.jobs import TaskName
+from workers.settings import Settings
+
+__all__ = ["app"]
+
+settings = Settings()
+app = make_celery(settings)
+SLEEP = float(os.environ.get("ACTMAP_BENCH_SLEEP", "0.05"))  # seconds of "GPU" per batch
+
+
+@functools.cache
+def counters() -> RedisCounters:
+    # One client (a thread-safe connection pool) per process, made on the first task.
+    assert settings.broker_url is not None
+    return RedisCounters(settings.broker_url.get_secret_value())
+
+
+@app.task(name=TaskName.RUN_BATCH, bind=True, max_retries=5, shared=False)  # type: ignore[untyped-decorator]
+def run_batch(self: Task, store: str, job_id: str, batch: int) -> dict[str, Any]:
+    """`execute_batch` without the store: count the attempt, "compute", record done."""
+    redis = counters()
+    redis.attempt(job_id, batch)
+    time.sleep(SLEEP)
+    done = redis.done(job_id, batch)
+    n_batches = int(store.rsplit("#", 1)[-1]) if "#" in store else -1
+    if done >= n_batches > 0:
+        redis.claim_finalize(job_id)
+    return {"job_id": job_id, "batch": batch, "outcome": "ran"}
