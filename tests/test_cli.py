@@ -109,3 +109,56 @@ def test_the_installed_command_runs_as_a_subprocess(tmp_path: Path) -> None:
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout.splitlines()[-1])["n_samples"] == 4
+
+
+def test_jobs_list_status_and_resume_work_on_an_embedded_store(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    store = str(tmp_path / "store")
+    scan = ["scan", str(SAMPLES / "1"), "--model", "digits-cnn", "--layers", "fc", "--out", store]
+    assert main([*scan, "--json"]) == 0
+    job_id = json.loads(capsys.readouterr().out.splitlines()[-1])["job_id"]
+    assert main(["jobs", "list", "--store", store, "--json"]) == 0
+    listed = json.loads(capsys.readouterr().out)["jobs"]
+    assert [j["job_id"] for j in listed] == [job_id]
+    assert main(["jobs", "status", job_id, "--store", store, "--json"]) == 0
+    current = json.loads(capsys.readouterr().out)
+    assert current["state"] == "succeeded"
+    assert current["samples_done"] == current["n_samples"] == 4
+    assert main(["jobs", "resume", job_id, "--store", store, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["state"] == "succeeded"
+
+
+def test_cancelling_a_finished_job_is_a_one_line_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    store = str(tmp_path / "store")
+    assert main(["scan", str(SAMPLES / "1"), "--model", "digits-cnn", "--layers", "fc",
+                 "--out", store, "--json"]) == 0  # fmt: skip
+    job_id = json.loads(capsys.readouterr().out.splitlines()[-1])["job_id"]
+    assert main(["jobs", "cancel", job_id, "--store", store]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"actmap: error: job {job_id} is already succeeded; nothing to cancel"
+    )
+    assert main(["jobs", "status", "nope", "--store", store]) == 2
+    assert "no job 'nope'" in capsys.readouterr().err
+
+
+def test_a_cancelled_embedded_job_resumes_exactly_its_missing_batches(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from workers.control import cancel
+    from workers.extraction.cache import ModelCache
+    from workers.jobs import ExtractionSpec
+    from workers.pipeline import plan, run_batch
+    from workers.storage.layout import open_job, read
+
+    store = str(tmp_path / "store")
+    spec = ExtractionSpec(model="digits-cnn", layers=("fc",), inputs=(str(SAMPLES),), batch_size=8)
+    models = ModelCache()
+    job = plan(store, spec, models.get(spec).info)
+    run_batch(store, job.job_id, 1, models)
+    cancel(store, job.job_id)
+    assert main(["jobs", "resume", job.job_id, "--store", store, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["state"] == "succeeded"
+    assert read(open_job(store, job.job_id, mode="r"), "done").all()

@@ -42,3 +42,12 @@ def test_a_package_never_loads_what_the_design_forbids(package: str, forbidden: 
     extra = ["workers.jobs", "workers.errors", "workers.settings"] if package == "api" else []
     loaded = _loaded_after_import(_modules(package) + extra)
     assert not loaded & forbidden, f"{package} loads {loaded & forbidden}"
+
+
+def test_the_worker_launcher_and_job_control_never_load_torch() -> None:
+    """The launcher must not initialise CUDA before it forks workers; job control runs in
+    the API process."""
+    loaded = _loaded_after_import(
+        ["workers.launcher", "workers.gpu", "workers.control", "workers.counters", "api.cli"]
+    )
+    assert "torch" not in loaded

@@ -156,8 +156,8 @@ def collect(n_digits: int, n_resnet: int) -> dict[str, np.ndarray]:
     mean = torch.tensor(RESNET_PREP.mean).view(1, 3, 1, 1)
     std = torch.tensor(RESNET_PREP.std).view(1, 3, 1, 1)
     x = ((big - mean) / std).contiguous()
-    resnet = activations(resnet.resnet18(), RESNET_LAYERS, x)
-    found.update({f"resnet/{k}": v for k, v in resnet.items()})
+    deep = activations(resnet.resnet18(), RESNET_LAYERS, x)
+    found.update({f"resnet/{k}": v for k, v in deep.items()})
     return found
 
 

@@ -48,6 +48,7 @@ import io  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
 import pstats  # noqa: E402
+import shutil  # noqa: E402
 import statistics  # noqa: E402
 import subprocess  # noqa: E402
 import tempfile  # noqa: E402
@@ -219,9 +220,14 @@ def run_actmap(kind: str, inputs: str, store: Path, timeout: float) -> tuple[flo
 
 
 def run_cli(inputs: Path, store: Path, timeout: float) -> float:
+    """`actmap scan` in a subprocess; the factory's module is copied alone into a folder on
+    its PYTHONPATH (not tests/bench, whose scripts would shadow standard modules)."""
     actmap = Path(sys.executable).with_name("actmap")
+    factory_dir = store.parent / "factory"
+    factory_dir.mkdir(exist_ok=True)
+    shutil.copy(BENCH / "resnet.py", factory_dir / f"{resnet.MODULE}.py")
     env = {k: v for k, v in os.environ.items() if not k.startswith("ACTMAP_")}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(BENCH), env.get("PYTHONPATH")]))
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(factory_dir), env.get("PYTHONPATH")]))
     command = [
         str(actmap), "scan", str(inputs), "--model", FACTORY, "--layers", ",".join(LAYERS),
         "--out", str(store), "--batch-size", str(BATCH), "--dtype", "float16", "--json",

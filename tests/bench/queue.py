@@ -255,6 +255,8 @@ def overhead(args: argparse.Namespace, tmp: Path, procs: Processes, url: str) ->
 
     env = {**os.environ, "ACTMAP_BROKER_URL": url, "ACTMAP_STORE": str(tmp)}
     env.update(Slot("bench-cpu0@localhost", None).environment())
+    if args.torch_threads:
+        env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(args.torch_threads)
     worker = procs.start(
         "worker-cpu", command(Slot("bench-cpu0@localhost", None), ["extract"]), env
     )
@@ -515,6 +517,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sleep", type=float, default=0.05, help="simulated forward pass, seconds")
     p.add_argument("--workers", default="1,4,16,64", help="simulated GPU worker counts")
     p.add_argument("--per-worker", type=int, default=20, help="batches per simulated worker")
+    p.add_argument(
+        "--torch-threads", type=int, default=1,
+        help="torch intra-op threads here and in the worker (0: torch's default, all cores)",
+    )  # fmt: skip
     p.add_argument("--redis-server", default="/usr/bin/redis-server")
     p.add_argument("--no-embedded", action="store_true", help="skip workers.embedded.scan")
     p.add_argument("--skip-overhead", action="store_true")
@@ -522,6 +528,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     args.workers = [int(w) for w in args.workers.split(",") if w.strip()]
     signal.signal(signal.SIGTERM, _interrupt)
+    if args.torch_threads:
+        torch.set_num_threads(args.torch_threads)
 
     print(
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} cores; "

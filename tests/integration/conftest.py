@@ -136,8 +136,9 @@ class Cluster:
         return RedisCounters(self.redis.url)
 
     def start(self, workers: int) -> None:
+        argv = ["worker", "--cpu", str(workers), "--queues", "extract"]
         self.launcher = subprocess.Popen(
-            [sys.executable, "-m", "api.cli", "worker", "--cpu", str(workers), "--queues", "extract"],
+            [sys.executable, "-m", "api.cli", *argv],
             env=self.env, cwd=ROOT, start_new_session=True,
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )  # fmt: skip
