@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import write_arrays
 
+from tests.conftest import write_arrays
 from workers.errors import SampleCode, UserError
 from workers.extraction.models import LoadedModel
 from workers.gpu import Slot, compute_fitting, list_gpus, slots

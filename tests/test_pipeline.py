@@ -10,8 +10,8 @@ import pytest
 import torch
 import xarray as xr
 import zarr
-from conftest import FACTORY
 
+from tests.conftest import FACTORY
 from workers.errors import LayerError, SampleCode
 from workers.extraction.cache import ModelCache
 from workers.extraction.models import LoadedModel

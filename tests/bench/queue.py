@@ -2,38 +2,54 @@
 
 Run from the repository root (needs redis-server; about 3 to 5 minutes on 2 cores):
 
-    .venv/bin/python tests/bench/queue.py [--images 2048] [--repeats 3]
-        [--sleep 0.05] [--workers 1,4,16,64] [--per-worker 20] [--skip-overhead|--skip-scaling]
+    .venv/bin/python tests/bench/queue.py [--images 2048] [--repeats 3] [--torch-threads 1]
+        [--sleep 0.05] [--workers 1,4,16,64] [--per-worker 20] [--compare-at 4,16,64]
+        [--control-sleep 0.2] [--skip-overhead] [--skip-scaling] [--no-embedded]
 
-It starts a private `redis-server` on a free port (no persistence, in a temporary
-directory; never the machine's own), starts and stops every worker process itself in its
-own process group, and kills all of them and the Redis server on exit, Ctrl-C included.
+It starts a private `redis-server` on a free port (no persistence, files in a temporary
+directory; never the machine's own Redis), starts every worker process itself, each in a
+process group of its own, and stops all of them and the Redis server on exit, on an error
+or Ctrl-C (SIGTERM, then SIGKILL to the group). Worker logs go to the temporary directory.
 
 1. Per-task overhead. The same job (the bundled model `digits-cnn`, layers conv1, block2
    and conv3 stored as float16, batch 32, on `--images` seeded random (1, 28, 28) `.npy`
-   inputs, a fresh store and job each time) run three ways, interleaved A B C A B C over
-   `--repeats` repeats after one untimed warm-up of each, model loads outside the timing:
-   - in-process: `workers.pipeline.plan` + `workers.runner.run_job` (the pipelined runner);
-   - embedded:   `workers.embedded.scan`, the same Celery tasks on the in-memory transport
-                 drained by a worker thread (this path builds its own app and model cache,
-                 so its time includes a model load and the worker thread's start and stop);
-   - redis:      plan + `workers.control.enqueue` + `workers.control.wait` (with
-                 RedisCounters, its default 0.2 s poll) against one real CPU worker process,
-                 exactly the command `actmap worker --cpu 1` runs (`workers.launcher.command`:
-                 prefork, concurrency 1, prefetch 1). The submit side is timed end to end;
-                 the worker's own span (first batch started to job finalized) is shown apart.
-   It prints images/s per method (median and best) and the ratios against in-process.
+   inputs; a fresh store and job each time), one untimed warm-up per method (imports, the
+   worker child's model load), then the methods interleaved A B C D A B C D ...:
+   - in-process: `workers.pipeline.plan` + `workers.runner.run_job`, the pipelined runner
+                 (decode ahead, writes behind);
+   - redis:      plan + `workers.control.enqueue` + `workers.control.wait` (RedisCounters,
+                 its 0.2 s poll) against one real worker process started with exactly the
+                 command `actmap worker --cpu 1` runs (`workers.launcher.command`: prefork,
+                 concurrency 1, prefetch 1); timed end to end on the submitting side, and
+                 split into plan, enqueue, first pickup, worker span (first batch started to
+                 job finalized) and the wait's tail;
+   - task loop:  plan + `workers.batches.execute_batch` for every batch in a plain loop in
+                 this process (MemoryCounters): what the tasks do, without Celery or Redis,
+                 and without the runner's overlap; it splits the gap in two;
+   - embedded:   `workers.embedded.scan`, the Celery tasks on the in-memory transport in a
+                 worker thread; it builds its own model cache, so its time includes a model
+                 load and the worker thread's start and stop.
+   Torch runs `--torch-threads` intra-op threads in this process and in the worker (1 by
+   default: with 2 threads on a shared 2-core machine the same job's time varied up to
+   8-fold from run to run, whichever method ran it; 0 keeps torch's default). Printed:
+   images/s per method
+   (median and best) and each against in-process.
 
-2. Scaling, simulated. N simulated GPU workers (tests/bench/sim_worker.py: the real
-   `make_celery` app and task name, acks late, prefetch 1, the real `RedisCounters` calls,
-   a `time.sleep(--sleep)` forward pass that uses no CPU), as Celery `--pool threads`
-   processes of at most 16 threads each, one thread per GPU. For each N it enqueues
-   M = max(200, per-worker x N) batches with `workers.control.enqueue` and times from the
-   first enqueue to the last batch in the done set (polled every 5 ms); achieved = M /
-   elapsed, ideal = N / sleep. Redis commands per batch come from `INFO commandstats`
-   (this script's own polls and INFO calls taken out), and the CPU seconds per batch of
-   Redis, of the worker processes and of the submitter show which shared part saturates
-   first. Each N is run `--repeats` times on the same workers; the median is shown.
+2. Scaling, simulated. N simulated GPU workers (tests/bench/sim_worker.py: the app from
+   `make_celery`, so acks late, prefetch 1 and the visibility timeout, the real task name
+   and arguments, the real `RedisCounters` calls, and `time.sleep(--sleep)` for the forward
+   pass, which leaves the CPU idle) as Celery `--pool threads` processes of at most 16
+   threads, one thread per GPU, through the one private Redis. For each N it enqueues
+   M = max(200, per-worker x N) batches and polls the job's done set every 5 ms; achieved
+   = M / (first enqueue to last done), ideal = N / sleep. Where N is in `--compare-at` three
+   enqueue variants run interleaved: "as is" (`workers.control.enqueue`), "no results"
+   (the same with `ignore_result=True`, the proposed fix) and "pre-filled" (the queue filled
+   while the workers are told not to consume, the clock started when they resume: the
+   submitter out of the loop). `--control-sleep` reruns the largest N with a longer sleep,
+   so that the workers' own CPU stays well inside this machine's. Redis commands per batch
+   come from `INFO commandstats` (this script's polls and INFO calls taken out); CPU per
+   batch of Redis (`INFO cpu`), of the worker processes and of this submitter shows what
+   saturates first. Each case runs `--repeats` times; the median round is shown.
 
 Every figure comes from one run on one machine; nothing here is an assertion. The load
 average is printed before and after: other processes on the machine skew every figure.
@@ -60,8 +76,9 @@ import statistics  # noqa: E402
 import subprocess  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
-from collections.abc import Callable, Iterator  # noqa: E402
-from contextlib import ExitStack, contextmanager  # noqa: E402
+from collections.abc import Callable, Iterable, Iterator  # noqa: E402
+from concurrent.futures import ThreadPoolExecutor  # noqa: E402
+from contextlib import ExitStack, contextmanager, suppress  # noqa: E402
 from dataclasses import dataclass, field  # noqa: E402
 from types import FrameType  # noqa: E402
 from typing import Any  # noqa: E402
@@ -70,15 +87,17 @@ import numpy as np  # noqa: E402
 import psutil  # noqa: E402
 import redis  # noqa: E402
 import torch  # noqa: E402
+from celery._state import _set_task_join_will_block  # noqa: E402
 from pydantic import SecretStr  # noqa: E402
 
+from workers.batches import Runtime, execute_batch  # noqa: E402
 from workers.celery_app import make_celery  # noqa: E402
 from workers.control import enqueue, wait  # noqa: E402
-from workers.counters import RedisCounters  # noqa: E402
+from workers.counters import MemoryCounters, RedisCounters  # noqa: E402
 from workers.embedded import scan  # noqa: E402
 from workers.extraction.cache import ModelCache  # noqa: E402
 from workers.gpu import Slot  # noqa: E402
-from workers.jobs import ExtractionSpec  # noqa: E402
+from workers.jobs import ExtractionSpec, TaskName  # noqa: E402
 from workers.launcher import command  # noqa: E402
 from workers.pipeline import plan  # noqa: E402
 from workers.runner import run_job  # noqa: E402
@@ -130,20 +149,16 @@ class Processes:
             self._signal(proc, signal.SIGTERM)
         deadline = time.monotonic() + grace
         for proc in chosen:
-            try:
+            with suppress(subprocess.TimeoutExpired):
                 proc.wait(max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                pass
             self._signal(proc, signal.SIGKILL)  # the group: stray pool children too
             proc.wait()
             self.running.remove(proc)
 
     @staticmethod
     def _signal(proc: subprocess.Popen[bytes], sig: int) -> None:
-        try:
+        with suppress(ProcessLookupError, PermissionError):
             os.killpg(proc.pid, sig)
-        except (ProcessLookupError, PermissionError):
-            pass
 
 
 @contextmanager
@@ -226,7 +241,7 @@ class Run:
     seconds: float
     cpu_self: float  # CPU seconds of this process during the run
     cpu_worker: float = 0.0  # CPU seconds of the worker process group during the run
-    worker_span: float | None = None  # first batch started -> job finalized, worker side
+    stages: dict[str, float] = field(default_factory=dict)  # the redis path, in seconds
 
 
 @dataclass
@@ -252,6 +267,7 @@ def overhead(args: argparse.Namespace, tmp: Path, procs: Processes, url: str) ->
     local = Settings(store=str(tmp / "unused"), broker_url=None)
     models = ModelCache(local.device, factories=local.factories)
     info = models.get(spec).info
+    decoders = ThreadPoolExecutor(local.decode_threads, thread_name_prefix="bench-decode")
 
     env = {**os.environ, "ACTMAP_BROKER_URL": url, "ACTMAP_STORE": str(tmp)}
     env.update(Slot("bench-cpu0@localhost", None).environment())
@@ -275,34 +291,57 @@ def overhead(args: argparse.Namespace, tmp: Path, procs: Processes, url: str) ->
         check(result["state"], "in-process", result)
         return Run(seconds, self_cpu() - cpu)
 
+    def task_loop(store: Path) -> Run:
+        cpu = self_cpu()
+        start = time.perf_counter()
+        job = plan(str(store), spec, info)
+        runtime = Runtime(models, MemoryCounters(), local.attempt_cap, decoders)
+        for batch in range(job.n_batches):
+            execute_batch(str(store), job.job_id, batch, runtime)
+        seconds = time.perf_counter() - start
+        state = attrs(open_job(str(store), job.job_id, mode="r"))["state"]
+        check(state, "task loop", job)
+        return Run(seconds, self_cpu() - cpu)
+
     def embedded(store: Path) -> Run:
         cpu = self_cpu()
         start = time.perf_counter()
         result = scan(spec, str(store), local)
         seconds = time.perf_counter() - start
+        # The embedded worker thread set Celery's process-wide "joins would block" flag, which
+        # makes send_task skip its result subscription; a submitting process (the CLI, the
+        # API) has it unset. Unset it, as celery.contrib.testing.worker does on teardown.
+        _set_task_join_will_block(False)
         check(result.state, "embedded", result)
         return Run(seconds, self_cpu() - cpu)
 
     def through_redis(store: Path) -> Run:
         cpu, cpu_worker = self_cpu(), group_cpu([worker])
-        start = time.perf_counter()
+        start, t0 = time.perf_counter(), time.time()
         job = plan(str(store), spec, info)
+        t_plan = time.time()
         enqueue(app, str(store), job.job_id, range(job.n_batches))
+        t_enqueue = time.time()
         result = wait(str(store), job.job_id, counters, timeout=JOB_TIMEOUT)
-        seconds = time.perf_counter() - start
+        seconds, t_end = time.perf_counter() - start, time.time()
         check(result.state, "redis", result)
         if worker.poll() is not None:
             raise RuntimeError("the worker exited")
-        started = counters.started(job.job_id)
-        finished = attrs(open_job(str(store), job.job_id, mode="r")).get("finished")
-        span = None
-        if started and finished:
-            span = _iso_seconds(str(finished)) - started
-        return Run(seconds, self_cpu() - cpu, group_cpu([worker]) - cpu_worker, span)
+        started = counters.started(job.job_id) or t_enqueue
+        finished = _iso_seconds(str(attrs(open_job(str(store), job.job_id, mode="r"))["finished"]))
+        stages = {
+            "plan": t_plan - t0,
+            "enqueue": t_enqueue - t_plan,
+            "first pickup": started - t_enqueue,  # negative: it started during the enqueue
+            "worker span": finished - started,
+            "wait tail": t_end - finished,
+        }
+        return Run(seconds, self_cpu() - cpu, group_cpu([worker]) - cpu_worker, stages)
 
     methods: dict[str, Callable[[Path], Run]] = {
         "in-process": in_process,
         "redis": through_redis,
+        "task loop": task_loop,
     }
     if not args.no_embedded:
         methods["embedded"] = embedded
@@ -314,8 +353,10 @@ def overhead(args: argparse.Namespace, tmp: Path, procs: Processes, url: str) ->
             run = method(tmp / f"store-{name}-{r}")
             result.runs[name].append(run)
             extra = ""
-            if run.worker_span is not None:
-                extra = f", worker span {run.worker_span:.2f} s, worker CPU {run.cpu_worker:.2f} s"
+            if run.stages:
+                extra = f", worker CPU {run.cpu_worker:.2f} s; " + ", ".join(
+                    f"{k} {v:.2f}" for k, v in run.stages.items()
+                )
             print(
                 f"  repeat {r + 1} {name:<10} {run.seconds:6.2f} s "
                 f"{args.images / run.seconds:7.0f} images/s, this process CPU "
@@ -323,6 +364,7 @@ def overhead(args: argparse.Namespace, tmp: Path, procs: Processes, url: str) ->
                 flush=True,
             )
     procs.stop([worker])
+    decoders.shutdown()
     return result
 
 
@@ -339,19 +381,47 @@ def print_overhead(result: Overhead) -> None:
         median, best = result.rates(method)
         print(f"  {method:<11} {median:12.0f} {best:11.0f} {median / base:13.2f}x")
     runs = result.runs["redis"]
-    spans = [r.worker_span for r in runs if r.worker_span is not None]
-    if spans:
-        span = statistics.median(spans)
-        total = statistics.median(r.seconds for r in runs)
-        cpu = statistics.median(r.cpu_worker for r in runs)
-        print(
-            f"  redis: worker span {span:.2f} s of {total:.2f} s end to end "
-            f"({result.images / span:.0f} images/s inside the worker; the rest is plan, "
-            f"enqueue, queue pickup and the 0.2 s wait poll); worker CPU {cpu:.2f} s"
-        )
+    names = list(runs[0].stages)
+    stages = {k: statistics.median(r.stages[k] for r in runs) for k in names}
+    total = statistics.median(r.seconds for r in runs)
+    print(
+        f"  redis, median seconds of {total:.2f} end to end: "
+        + ", ".join(f"{k} {v:.3f}" for k, v in stages.items())
+        + f"; worker CPU {statistics.median(r.cpu_worker for r in runs):.2f} s, "
+        f"{result.images / stages['worker span']:.0f} images/s inside the worker"
+    )
 
 
 # --- 2. scaling, simulated ----------------------------------------------------------------
+
+Enqueue = Callable[[Any, str, str, Iterable[int]], int]
+
+
+def enqueue_ignoring_results(app: Any, store: str, job_id: str, batches: Iterable[int]) -> int:
+    """`workers.control.enqueue` with the proposed fix: `ignore_result=True`, so the sender
+    does not SUBSCRIBE (and, on garbage collection, UNSUBSCRIBE) to a result channel per
+    task, and the worker does not GET, SETEX and PUBLISH a result that nobody reads."""
+    count = 0
+    for batch in batches:
+        app.send_task(
+            TaskName.RUN_BATCH, args=[store, job_id, int(batch)], queue="extract",
+            ignore_result=True,
+        )  # fmt: skip
+        count += 1
+    return count
+
+
+@dataclass(frozen=True)
+class Variant:
+    send: Enqueue
+    prefill: bool  # enqueue everything while the workers do not consume, then time the drain
+
+
+VARIANTS = {
+    "as is": Variant(enqueue, prefill=False),
+    "no results": Variant(enqueue_ignoring_results, prefill=False),
+    "pre-filled": Variant(enqueue, prefill=True),
+}
 
 
 @dataclass
@@ -363,6 +433,7 @@ class Round:
     redis_cpu: float
     worker_cpu: float
     submit_cpu: float
+    polls: int
 
 
 def command_calls(client: redis.Redis) -> dict[str, int]:
@@ -375,15 +446,33 @@ def redis_cpu(client: redis.Redis) -> float:
     return float(cpu["used_cpu_user"]) + float(cpu["used_cpu_sys"])
 
 
-def sim_round(app: Any, client: redis.Redis, workers: list[Any], batches: int, tag: str) -> Round:
-    job_id = f"sim-{tag}-{os.urandom(3).hex()}"
+def sim_round(
+    app: Any,
+    client: redis.Redis,
+    workers: tuple[list[Any], list[str]],
+    batches: int,
+    variant: Variant,
+) -> Round:
+    """Enqueue `batches` batches of a new job and poll its done set until all are in. The
+    clock starts at the first enqueue, or for a pre-filled queue when the workers are told
+    to consume again."""
+    procs, names = workers
+    job_id = f"sim-{os.urandom(4).hex()}"
     done_key = f"actmap:{job_id}:done"
+    if variant.prefill:
+        app.control.cancel_consumer("extract", destination=names, reply=True, timeout=10)
     before, cpu_redis = command_calls(client), redis_cpu(client)
-    cpu_workers, cpu_self = group_cpu(workers), self_cpu()
+    cpu_workers, cpu_self = group_cpu(procs), self_cpu()
     polls = 0
     start = time.perf_counter()
-    enqueue(app, f"sim://bench#{batches}", job_id, range(batches))
-    enqueued = time.perf_counter()
+    # The batch count rides in the store argument so the last task can claim the finalize.
+    variant.send(app, f"sim://bench#{batches}", job_id, range(batches))
+    enqueue_s = time.perf_counter() - start
+    if variant.prefill:
+        start = time.perf_counter()
+        replies = app.control.add_consumer("extract", destination=names, reply=True, timeout=10)
+        if len(replies or []) != len(names):
+            raise RuntimeError(f"add_consumer answered by {replies}, not by all of {names}")
     deadline = start + JOB_TIMEOUT
     while True:
         polls += 1
@@ -394,113 +483,128 @@ def sim_round(app: Any, client: redis.Redis, workers: list[Any], batches: int, t
         time.sleep(POLL)
     elapsed = time.perf_counter() - start
     submit = self_cpu() - cpu_self
-    worker = group_cpu(workers) - cpu_workers
+    worker = group_cpu(procs) - cpu_workers
     cpu = redis_cpu(client) - cpu_redis
     after = command_calls(client)
-    diff = {k: v - before.get(k, 0) for k, v in after.items() if v - before.get(k, 0)}
+    diff = {k: v - before.get(k, 0) for k, v in after.items()}
     diff["scard"] = diff.get("scard", 0) - polls  # our own polls
-    diff["info"] = diff.get("info", 0) - 3  # our own INFO calls
+    diff["info"] = diff.get("info", 0) - 3  # our own INFO calls (the 4th runs after the read)
     diff = {k: v for k, v in diff.items() if v > 0}
-    return Round(batches, elapsed, enqueued - start, diff, cpu, worker, submit)
+    return Round(batches, elapsed, enqueue_s, diff, cpu, worker, submit, polls)
+
+
+Key = tuple[int, float, str]  # simulated workers, sleep per batch, enqueue variant
 
 
 @dataclass
 class Scaling:
-    sleep: float
-    rounds: dict[int, list[Round]] = field(default_factory=dict)
+    rounds: dict[Key, list[Round]] = field(default_factory=dict)
 
-    def median(self, n: int) -> Round:
-        rounds = sorted(self.rounds[n], key=lambda r: r.elapsed)
+    def median(self, key: Key) -> Round:
+        rounds = sorted(self.rounds[key], key=lambda r: r.elapsed)
         return rounds[len(rounds) // 2]
+
+    def efficiency(self, key: Key) -> float:
+        n, sleep, _ = key
+        r = self.median(key)
+        return r.batches / r.elapsed / (n / sleep)
+
+
+def start_sim_workers(procs: Processes, n: int, env: dict[str, str]) -> tuple[list[Any], list[str]]:
+    """n simulated GPUs as pool threads, at most THREADS_PER_PROCESS per worker process."""
+    n_procs = -(-n // THREADS_PER_PROCESS)
+    threads = [n // n_procs + (1 if i < n % n_procs else 0) for i in range(n_procs)]
+    names = [f"sim{n}-{i}@localhost" for i in range(n_procs)]
+    workers = []
+    for i, (k, name) in enumerate(zip(threads, names, strict=True)):
+        cmd = [
+            sys.executable, "-m", "celery", "-A", "tests.bench.sim_worker", "worker",
+            "--pool", "threads", "--concurrency", str(k), "--prefetch-multiplier", "1",
+            "--hostname", name, "--queues", "extract", "--without-gossip",
+            "--without-mingle", "--loglevel", "WARNING",
+        ]  # fmt: skip
+        workers.append(procs.start(f"sim-{n}-{i}", cmd, env))
+    return workers, names
 
 
 def scaling(args: argparse.Namespace, procs: Processes, url: str) -> Scaling:
+    """Each (N, sleep) on freshly started workers; the variants interleaved per repeat."""
+    plans: list[tuple[int, float, list[str]]] = [
+        (n, args.sleep, list(VARIANTS) if n in args.compare_at else ["as is"]) for n in args.workers
+    ]
+    if args.control_sleep:
+        plans.append((max(args.workers), args.control_sleep, ["as is"]))
     client = redis.Redis.from_url(url)
     app = make_celery(Settings(broker_url=SecretStr(url)))
-    env = {**os.environ, "ACTMAP_BROKER_URL": url, "ACTMAP_BENCH_SLEEP": str(args.sleep)}
-    env["PYTHONPATH"] = str(ROOT)
-    env["CUDA_VISIBLE_DEVICES"] = ""
-    result = Scaling(args.sleep)
-    for n in args.workers:
-        n_procs = -(-n // THREADS_PER_PROCESS)
-        threads = [n // n_procs + (1 if i < n % n_procs else 0) for i in range(n_procs)]
-        names = [f"sim{n}-{i}@localhost" for i in range(n_procs)]
-        workers = [
-            procs.start(
-                f"sim-{n}-{i}",
-                [
-                    sys.executable,
-                    "-m",
-                    "celery",
-                    "-A",
-                    "tests.bench.sim_worker",
-                    "worker",
-                    "--pool",
-                    "threads",
-                    "--concurrency",
-                    str(k),
-                    "--prefetch-multiplier",
-                    "1",
-                    "--hostname",
-                    name,
-                    "--queues",
-                    "extract",
-                    "--without-gossip",
-                    "--without-mingle",
-                    "--loglevel",
-                    "WARNING",
-                ],
-                env,
-            )  # fmt: skip
-            for i, (k, name) in enumerate(zip(threads, names, strict=True))
-        ]
-        try:
-            wait_ready(app, names, workers, READY_TIMEOUT)
-            batches = max(200, args.per_worker * n)
-            ideal = n / args.sleep
-            result.rounds[n] = []
-            for r in range(args.repeats):
-                one = sim_round(app, client, workers, batches, f"{n}-{r}")
-                result.rounds[n].append(one)
-                print(
-                    f"  N={n:<3} repeat {r + 1}: {batches} batches in {one.elapsed:6.2f} s "
-                    f"(enqueue {one.enqueue_s:5.2f} s), {batches / one.elapsed:7.1f}/s of "
-                    f"{ideal:.0f}/s ideal: {batches / one.elapsed / ideal:.3f}",
-                    flush=True,
-                )
-                for proc in workers:
-                    if proc.poll() is not None:
-                        raise RuntimeError(f"a simulated worker exited with {proc.returncode}")
-        finally:
-            procs.stop(workers)
-    client.close()
+    result = Scaling()
+    try:
+        for n, sleep, variants in plans:
+            env = {**os.environ, "ACTMAP_BROKER_URL": url, "ACTMAP_BENCH_SLEEP": str(sleep)}
+            env["CUDA_VISIBLE_DEVICES"] = ""
+            workers, names = start_sim_workers(procs, n, env)
+            try:
+                wait_ready(app, names, workers, READY_TIMEOUT)
+                batches = max(200, args.per_worker * n)
+                ideal = n / sleep
+                for r in range(args.repeats):
+                    for variant in variants:  # interleaved: A B C A B C ...
+                        one = sim_round(app, client, (workers, names), batches, VARIANTS[variant])
+                        result.rounds.setdefault((n, sleep, variant), []).append(one)
+                        print(
+                            f"  N={n:<3} {sleep * 1e3:3.0f} ms {variant:<10} repeat {r + 1}: "
+                            f"{batches} batches in {one.elapsed:6.2f} s (enqueue "
+                            f"{one.enqueue_s:5.2f} s), {batches / one.elapsed:7.1f}/s of "
+                            f"{ideal:.0f}/s ideal: {batches / one.elapsed / ideal:.3f}",
+                            flush=True,
+                        )
+                        for proc in workers:
+                            if proc.poll() is not None:
+                                raise RuntimeError(f"a simulated worker exited: {proc.returncode}")
+            finally:
+                procs.stop(workers)
+    finally:
+        client.close()
     return result
 
 
 def print_scaling(result: Scaling) -> None:
+    cores = os.cpu_count() or 1
     print(
-        f"\n  {'N':>3} | {'batches':>7} | {'elapsed s':>9} | {'achieved/s':>10} | "
-        f"{'ideal/s':>7} | {'efficiency':>10} | {'redis cmds/batch':>16} | "
-        f"{'redis CPU us/b':>14} | {'worker CPU ms/b':>15} | {'submit CPU ms/b':>15} | "
-        f"{'enqueue/s':>9}"
+        f"\n  {'N':>3} | {'sleep':>6} | {'enqueue':<10} | {'batches':>7} | {'elapsed s':>9} | "
+        f"{'achieved/s':>10} | {'ideal/s':>7} | {'efficiency':>10} | {'redis cmds/b':>12} | "
+        f"{'enqueue/s':>9} | {'CPU ms/b: redis':>15} | {'workers':>7} | {'submit':>6} | "
+        f"{'cores at ideal':>14}"
     )
-    for n in result.rounds:
-        r = result.median(n)
-        achieved, ideal = r.batches / r.elapsed, n / result.sleep
+    for key in result.rounds:
+        n, sleep, variant = key
+        r = result.median(key)
+        achieved, ideal = r.batches / r.elapsed, n / sleep
+        cpu = r.redis_cpu + r.worker_cpu + r.submit_cpu
         print(
-            f"  {n:>3} | {r.batches:>7} | {r.elapsed:>9.2f} | {achieved:>10.1f} | "
-            f"{ideal:>7.0f} | {achieved / ideal:>10.3f} | "
-            f"{sum(r.commands.values()) / r.batches:>16.1f} | "
-            f"{r.redis_cpu / r.batches * 1e6:>14.0f} | {r.worker_cpu / r.batches * 1e3:>15.2f} | "
-            f"{r.submit_cpu / r.batches * 1e3:>15.2f} | {r.batches / r.enqueue_s:>9.0f}"
+            f"  {n:>3} | {sleep * 1e3:>3.0f} ms | {variant:<10} | {r.batches:>7} | "
+            f"{r.elapsed:>9.2f} | {achieved:>10.1f} | {ideal:>7.0f} | {achieved / ideal:>10.3f} | "
+            f"{sum(r.commands.values()) / r.batches:>12.1f} | {r.batches / r.enqueue_s:>9.0f} | "
+            f"{r.redis_cpu / r.batches * 1e3:>15.3f} | {r.worker_cpu / r.batches * 1e3:>7.2f} | "
+            f"{r.submit_cpu / r.batches * 1e3:>6.2f} | {cpu / r.batches * ideal:>9.2f} of {cores}"
         )
-    largest = max(result.rounds)
-    r = result.median(largest)
-    top = sorted(r.commands.items(), key=lambda kv: -kv[1])
     print(
-        f"  Redis commands per batch at N={largest}: "
-        + ", ".join(f"{k} {v / r.batches:.2f}" for k, v in top if v / r.batches >= 0.05)
+        "  as is: workers.control.enqueue; no results: the same with ignore_result=True (the\n"
+        "  proposed fix); pre-filled: as is, but the queue is filled while the workers do not\n"
+        "  consume and the clock starts when they resume (the submitter out of the loop).\n"
+        "  CPU ms per batch of Redis, of the worker processes and of this submitter (which also\n"
+        "  polls); cores at ideal: the CPU all of them would need at the ideal rate."
     )
+    largest = max(n for n, _, _ in result.rounds)
+    for key in result.rounds:
+        n, sleep, variant = key
+        if n != largest or variant == "pre-filled":
+            continue
+        r = result.median(key)
+        top = sorted(r.commands.items(), key=lambda kv: -kv[1])
+        print(
+            f"  Redis commands per batch, N={n}, {sleep * 1e3:.0f} ms, {variant}: "
+            + ", ".join(f"{k} {v / r.batches:.2f}" for k, v in top if v / r.batches >= 0.05)
+        )
 
 
 # --- main ---------------------------------------------------------------------------------
@@ -518,6 +622,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workers", default="1,4,16,64", help="simulated GPU worker counts")
     p.add_argument("--per-worker", type=int, default=20, help="batches per simulated worker")
     p.add_argument(
+        "--control-sleep", type=float, default=0.2,
+        help="also run the largest N at this sleep, where the machine's CPU is not the limit "
+        "(0: skip)",
+    )  # fmt: skip
+    p.add_argument(
+        "--compare-at", default="4,16,64",
+        help="worker counts at which enqueue with ignore_result=True (the proposed fix) is "
+        "run too, interleaved with the code as it is",
+    )  # fmt: skip
+    p.add_argument(
         "--torch-threads", type=int, default=1,
         help="torch intra-op threads here and in the worker (0: torch's default, all cores)",
     )  # fmt: skip
@@ -527,6 +641,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--skip-scaling", action="store_true")
     args = p.parse_args(argv)
     args.workers = [int(w) for w in args.workers.split(",") if w.strip()]
+    args.compare_at = [int(w) for w in args.compare_at.split(",") if w.strip()]
     signal.signal(signal.SIGTERM, _interrupt)
     if args.torch_threads:
         torch.set_num_threads(args.torch_threads)
@@ -557,7 +672,8 @@ def main(argv: list[str] | None = None) -> int:
         if not args.skip_scaling:
             print(
                 f"\n2. Scaling, simulated: sleep {args.sleep * 1e3:.0f} ms per batch, N = "
-                f"{','.join(map(str, args.workers))}, {THREADS_PER_PROCESS} threads per worker "
+                f"{','.join(map(str, args.workers))} (and {max(args.workers)} at "
+                f"{args.control_sleep * 1e3:.0f} ms), {THREADS_PER_PROCESS} threads per worker "
                 f"process at most, {args.repeats} repeats each",
                 flush=True,
             )
@@ -572,15 +688,16 @@ def main(argv: list[str] | None = None) -> int:
             target = over.rates("redis")[0] / base
             print(f"  redis / in-process at batch {BATCH}: {target:.2f}x (target 0.95x or better)")
         if scale is not None:
-            for n in scale.rounds:
-                r = scale.median(n)
+            for key in scale.rounds:
+                n, sleep, variant = key
+                r = scale.median(key)
                 print(
-                    f"  N={n:<3} efficiency {r.batches / r.elapsed / (n / scale.sleep):.3f}, "
+                    f"  N={n:<3} {sleep * 1e3:3.0f} ms {variant:<10} efficiency "
+                    f"{scale.efficiency(key):.3f}, "
                     f"{sum(r.commands.values()) / r.batches:.1f} Redis commands per batch"
                 )
-            if 64 in scale.rounds:
-                r = scale.median(64)
-                eff = r.batches / r.elapsed / (64 / scale.sleep)
+            if (64, args.sleep, "as is") in scale.rounds:
+                eff = scale.efficiency((64, args.sleep, "as is"))
                 print(f"  efficiency at 64 workers: {eff:.3f} (target 0.9 or better)")
     return 0
 

@@ -78,6 +78,8 @@ def make_net() -> Net:
     bn = net.features[1]
     assert isinstance(bn, nn.BatchNorm2d)
     # Non-trivial running statistics, so eval-mode BatchNorm is not an identity.
+    assert bn.running_mean is not None
+    assert bn.running_var is not None
     bn.running_mean.uniform_(-0.5, 0.5)
     bn.running_var.uniform_(0.5, 2.0)
     return net
@@ -88,7 +90,9 @@ def by_hand(net: Net, x: torch.Tensor) -> dict[str, torch.Tensor]:
     net = copy.deepcopy(net).eval()
     with torch.no_grad():
         conv1 = net.conv1(x)
-        inner = net.features[0][0](torch.relu(conv1))
+        stage = net.features[0]
+        assert isinstance(stage, nn.Sequential)
+        inner = stage[0](torch.relu(conv1))
         block = torch.relu(inner)
         bn = net.features[1](block)
         head = net.head(bn.mean(dim=(2, 3)))

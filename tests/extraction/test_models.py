@@ -20,7 +20,6 @@ from workers.extraction.hooks import capture
 from workers.extraction.models import PREPROCESSING_FILE, LoadedModel, conv_weights, load_model
 from workers.jobs import Preprocessing
 
-
 FACTORY = "workers.demo.digits:digits_cnn"
 LAYERS = ["conv1", "block1.conv1", "block1", "block2.bn2", "conv3", "flatten", "fc"]
 # Distinct from the bundled model's, so we know which declaration was read.
@@ -449,7 +448,7 @@ def test_conv_weights_work_for_conv1d_and_conv3d_layers(nets: str) -> None:
     three = load_model(f"{nets}:conv3d_net", preprocessing=prep)
     assert conv_weights(one, "conv").shape == (4, 1, 5)
     assert conv_weights(three, "conv").shape == (4, 1, 1, 3, 3)
-    assert torch.equal(conv_weights(three, "conv"), three.module.conv.weight.detach())
+    assert torch.equal(conv_weights(three, "conv"), three.module.get_parameter("conv.weight"))
 
 
 @pytest.mark.parametrize(("layer", "kind"), [("fc", "Linear"), ("bn1", "BatchNorm2d")])
@@ -468,7 +467,7 @@ def test_conv_weights_of_an_unknown_layer_are_refused(digits: LoadedModel) -> No
 
 def test_editing_the_returned_conv_weights_leaves_the_model_unchanged() -> None:
     loaded = load_model("digits-cnn")
-    before = loaded.module.conv1.weight.detach().clone()
+    before = loaded.module.get_parameter("conv1.weight").detach().clone()
     weights = conv_weights(loaded, "conv1")
     weights -= weights.min()  # a caller's in-place display scaling
-    assert torch.equal(loaded.module.conv1.weight.detach(), before)
+    assert torch.equal(loaded.module.get_parameter("conv1.weight").detach(), before)

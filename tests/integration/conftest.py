@@ -30,7 +30,6 @@ from workers.settings import Settings
 from workers.storage.layout import open_job, read
 
 ROOT = Path(__file__).parents[2]
-HERE = Path(__file__).parent
 
 pytestmark = pytest.mark.integration
 
@@ -184,7 +183,7 @@ def cluster(redis_server: RedisServer, tmp_path: Path) -> Iterator[Cluster]:
         **os.environ,
         "ACTMAP_BROKER_URL": redis_server.url,
         "ACTMAP_STORE": str(tmp_path / "store"),
-        "PYTHONPATH": os.pathsep.join([str(HERE), str(ROOT)]),
+        "PYTHONPATH": str(ROOT),
     }
     found = Cluster(redis_server, str(tmp_path / "store"), env)
     yield found
@@ -197,7 +196,7 @@ def durable_cluster(durable_redis: RedisServer, tmp_path: Path) -> Iterator[Clus
         **os.environ,
         "ACTMAP_BROKER_URL": durable_redis.url,
         "ACTMAP_STORE": str(tmp_path / "store"),
-        "PYTHONPATH": os.pathsep.join([str(HERE), str(ROOT)]),
+        "PYTHONPATH": str(ROOT),
     }
     found = Cluster(durable_redis, str(tmp_path / "store"), env)
     yield found

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import ROOT, Cluster, RedisServer, assert_same_job, until
-from poison_model import POISON
 
+from tests.integration.conftest import ROOT, Cluster, RedisServer, assert_same_job, until
+from tests.integration.poison_model import POISON
 from workers.control import enqueue, prepare_resume, status
 from workers.errors import SampleCode
 from workers.extraction.cache import ModelCache
@@ -20,7 +20,7 @@ from workers.pipeline import Plan, plan
 from workers.runner import run_job
 from workers.storage.layout import open_job, read
 
-MODEL = "poison_model:poison_net"
+MODEL = "tests.integration.poison_model:poison_net"
 LAYERS = ["conv1", "block2", "fc"]
 
 

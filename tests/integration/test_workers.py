@@ -10,7 +10,8 @@ import sys
 from pathlib import Path
 
 import psutil
-from conftest import ROOT, Cluster, until
+
+from tests.integration.conftest import ROOT, Cluster, until
 
 SAMPLES = ROOT / "workers" / "demo" / "samples"
 
