@@ -48,6 +48,13 @@ def test_the_worker_launcher_and_job_control_never_load_torch() -> None:
     """The launcher must not initialise CUDA before it forks workers; job control runs in
     the API process."""
     loaded = _loaded_after_import(
-        ["workers.launcher", "workers.gpu", "workers.control", "workers.counters", "api.cli"]
+        [
+            "workers.launcher",
+            "workers.gpu",
+            "workers.control",
+            "workers.counters",
+            "workers.plan",
+            "api.cli",
+        ]  # fmt: skip
     )
     assert "torch" not in loaded

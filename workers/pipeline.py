@@ -6,26 +6,23 @@ ledger last). The stages are separate so that the runner can overlap them.
 
 from __future__ import annotations
 
-import secrets
 from concurrent.futures import Executor
 from dataclasses import dataclass
-from datetime import UTC, datetime
-from typing import Any
 
 import numpy as np
 import torch
 import zarr
 
-from workers.control import finalize, now, summary
-from workers.errors import InputError, LayerError, SampleCode, SpecError
+from workers.control import finalize, summary
+from workers.errors import InputError
 from workers.extraction.cache import ModelCache
 from workers.extraction.hooks import capture
-from workers.extraction.inputs import decode, discover, labels_from_csv, labels_from_dirs
+from workers.extraction.inputs import decode
 from workers.extraction.models import LoadedModel
 from workers.extraction.reduce import Reduction
-from workers.jobs import ExtractionSpec, JobState, ModelInfo, close_matches, stored_shape
-from workers.storage.consolidate import publish
-from workers.storage.layout import LayerLayout, array, create_job, open_job, read
+from workers.jobs import ExtractionSpec, ModelInfo
+from workers.plan import Plan, layouts, new_job_id, plan
+from workers.storage.layout import open_job, read
 from workers.storage.ledger import is_done, mark_done
 from workers.storage.rows import BatchRows, LayerRows, write_rows
 
@@ -43,81 +40,6 @@ __all__ = [
     "store_batch",
     "summary",
 ]
-
-VERSION = "0.1.0"
-
-
-def new_job_id() -> str:
-    return f"{datetime.now(UTC):%Y%m%d-%H%M%S}-{secrets.token_hex(3)}"
-
-
-@dataclass(frozen=True)
-class Plan:
-    store: str
-    job_id: str
-    n_samples: int
-    batch_size: int
-
-    @property
-    def n_batches(self) -> int:
-        return -(-self.n_samples // self.batch_size)
-
-
-def _layouts(spec: ExtractionSpec, info: ModelInfo) -> list[LayerLayout]:
-    known = info.layer_names()
-    layouts = []
-    for name in spec.layers:
-        if name not in known:
-            raise LayerError(f"unknown layer {name!r} in {info.name}; {close_matches(name, known)}")
-        out = info.layer(name).output_shape
-        width = out[0]
-        if spec.channels is not None and max(spec.channels) >= width:
-            raise SpecError(
-                f"channel {max(spec.channels)} asked of layer {name!r}, which has {width}"
-            )
-        if spec.top_k is not None and spec.top_k > width:
-            raise SpecError(f"top_k={spec.top_k} asked of layer {name!r}, which has {width}")
-        dim = "rank" if spec.top_k else "kept_channel" if spec.channels else "channel"
-        layouts.append(
-            LayerLayout(name, stored_shape(out, spec), width, spec.dtype, dim, spec.channels)
-        )
-    return layouts
-
-
-def plan(store: str, spec: ExtractionSpec, info: ModelInfo, job_id: str | None = None) -> Plan:
-    """Check the spec against the catalogue, list the inputs, and create every array."""
-    layouts = _layouts(spec, info)
-    sources = discover(spec.inputs)
-    classes: list[str] | None = None
-    if spec.labels_from_dirs:
-        labels, classes = labels_from_dirs(sources)
-    elif spec.labels_csv:
-        labels, classes = labels_from_csv(spec.labels_csv, sources)
-    else:
-        labels = [-1] * len(sources)
-    job_id = job_id or new_job_id()
-    attrs: dict[str, Any] = {
-        "kind": "extraction",
-        "spec": spec.model_dump(mode="json"),
-        "state": JobState.QUEUED.value,
-        "tenant": spec.tenant,
-        "model": {"name": info.name, "format": info.format, "sha256": info.sha256},
-        "catalogue": info.model_dump(mode="json"),
-        "n_samples": len(sources),
-        "batch_size": spec.batch_size,
-        "n_batches": -(-len(sources) // spec.batch_size),
-        "classes": classes,
-        "error_codes": SampleCode.table(),
-        "created": now(),
-        "actmap_version": VERSION,
-    }
-    n = len(sources)
-    group = create_job(store, job_id, attrs, n, spec.batch_size, info.classes, layouts)
-    array(group, "sample")[:] = np.asarray([s.id for s in sources], dtype=object)
-    array(group, "source")[:] = np.asarray([s.path for s in sources], dtype=object)
-    array(group, "label")[:] = np.asarray(labels, dtype=np.int32)
-    publish(store, job_id)
-    return Plan(store, job_id, n, spec.batch_size)
 
 
 def spec_of(group: zarr.Group) -> ExtractionSpec:
@@ -232,7 +154,7 @@ def _fill(rows: np.ndarray, ok: np.ndarray, value: float) -> np.ndarray:
 
 def _empty_layers(info: ModelInfo, spec: ExtractionSpec, n: int) -> dict[str, LayerRows]:
     rows = {}
-    for layout in _layouts(spec, info):
+    for layout in layouts(spec, info):
         top = np.full((n, layout.shape[0]), -1, np.int32) if spec.top_k else None
         rows[layout.name] = LayerRows(
             np.full((n, *layout.shape), np.nan, dtype=spec.dtype),

@@ -206,7 +206,7 @@ class ChannelQuantiles:
         if x.ndim < 2 or x.shape[1] != self.channels:
             raise SpecError(f"expected a block of shape (n, {self.channels}, ...), got {x.shape}")
         values = np.moveaxis(x, 1, 0).reshape(self.channels, -1)
-        free = min(self.capacity - self._seen, values.shape[1])
+        free = min(max(self.capacity - self._seen, 0), values.shape[1])
         if free > 0:
             self._sample[:, self._seen : self._seen + free] = values[:, :free]
         rest = values[:, free:]

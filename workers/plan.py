@@ -1,0 +1,101 @@
+"""Plan a job: check the spec against the model's catalogue, list the inputs, and create
+every array with its final shape. Torch-free, so the API can plan without a worker."""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import numpy as np
+
+from workers.control import now
+from workers.errors import LayerError, SampleCode, SpecError
+from workers.extraction.inputs import Source, discover, labels_from_csv, labels_from_dirs
+from workers.jobs import ExtractionSpec, JobState, ModelInfo, close_matches, stored_shape
+from workers.storage.consolidate import publish
+from workers.storage.layout import LayerLayout, array, create_job
+
+__all__ = ["VERSION", "Plan", "layouts", "new_job_id", "plan"]
+
+VERSION = "0.1.0"
+
+
+def new_job_id() -> str:
+    return f"{datetime.now(UTC):%Y%m%d-%H%M%S}-{secrets.token_hex(3)}"
+
+
+@dataclass(frozen=True)
+class Plan:
+    store: str
+    job_id: str
+    n_samples: int
+    batch_size: int
+
+    @property
+    def n_batches(self) -> int:
+        return -(-self.n_samples // self.batch_size)
+
+
+def layouts(spec: ExtractionSpec, info: ModelInfo) -> list[LayerLayout]:
+    known = info.layer_names()
+    found = []
+    for name in spec.layers:
+        if name not in known:
+            raise LayerError(f"unknown layer {name!r} in {info.name}; {close_matches(name, known)}")
+        out = info.layer(name).output_shape
+        width = out[0]
+        if spec.channels is not None and max(spec.channels) >= width:
+            raise SpecError(
+                f"channel {max(spec.channels)} asked of layer {name!r}, which has {width}"
+            )
+        if spec.top_k is not None and spec.top_k > width:
+            raise SpecError(f"top_k={spec.top_k} asked of layer {name!r}, which has {width}")
+        dim = "rank" if spec.top_k else "kept_channel" if spec.channels else "channel"
+        found.append(
+            LayerLayout(name, stored_shape(out, spec), width, spec.dtype, dim, spec.channels)
+        )
+    return found
+
+
+def plan(
+    store: str,
+    spec: ExtractionSpec,
+    info: ModelInfo,
+    job_id: str | None = None,
+    sources: list[Source] | None = None,
+) -> Plan:
+    """Check the spec against the catalogue, list the inputs, and create every array."""
+    found = layouts(spec, info)
+    sources = sources if sources is not None else discover(spec.inputs)
+    classes: list[str] | None = None
+    if spec.labels_from_dirs:
+        labels, classes = labels_from_dirs(sources)
+    elif spec.labels_csv:
+        labels, classes = labels_from_csv(spec.labels_csv, sources)
+    else:
+        labels = [-1] * len(sources)
+    job_id = job_id or new_job_id()
+    attrs: dict[str, Any] = {
+        "kind": "extraction",
+        "spec": spec.model_dump(mode="json"),
+        "state": JobState.QUEUED.value,
+        "tenant": spec.tenant,
+        "model": {"name": info.name, "format": info.format, "sha256": info.sha256},
+        "catalogue": info.model_dump(mode="json"),
+        "n_samples": len(sources),
+        "batch_size": spec.batch_size,
+        "n_batches": -(-len(sources) // spec.batch_size),
+        "classes": classes,
+        "error_codes": SampleCode.table(),
+        "created": now(),
+        "actmap_version": VERSION,
+    }
+    n = len(sources)
+    group = create_job(store, job_id, attrs, n, spec.batch_size, info.classes, found)
+    array(group, "sample")[:] = np.asarray([s.id for s in sources], dtype=object)
+    array(group, "source")[:] = np.asarray([s.path for s in sources], dtype=object)
+    array(group, "label")[:] = np.asarray(labels, dtype=np.int32)
+    publish(store, job_id)
+    return Plan(store, job_id, n, spec.batch_size)
