@@ -90,6 +90,9 @@ def parser() -> argparse.ArgumentParser:
     jobs.add_argument("--store", help="store (default $ACTMAP_STORE)")
     jobs.add_argument("--no-wait", action="store_true", help="resume: return once queued")
     jobs.add_argument("--json", action="store_true", help="print one JSON object at the end")
+    serve = sub.add_parser("serve", help="the HTTP API")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
     worker = sub.add_parser("worker", help="run Celery workers against $ACTMAP_BROKER_URL")
     worker.add_argument("--gpus", help="'all' or indices like 0,2: one worker per GPU")
     worker.add_argument("--cpu", type=int, metavar="N", help="N CPU workers")
@@ -196,6 +199,25 @@ def _jobs(args: argparse.Namespace, backend: Backend) -> int:
     return 0 if args.action in ("status", "cancel") else _exit_code(result)
 
 
+def _serve(args: argparse.Namespace, settings: Settings) -> int:
+    import uvicorn
+
+    from api.app import create_app
+    from api.logs import configure
+
+    configure()
+    host = args.host
+    if settings.auth_file is None:
+        if host not in ("127.0.0.1", "localhost", "::1"):
+            host = "127.0.0.1"
+        logging.getLogger("actmap.api").warning(
+            "no ACTMAP_AUTH_FILE: no authentication, so listening on loopback only (%s:%d)",
+            host, args.port,
+        )  # fmt: skip
+    uvicorn.run(create_app(settings), host=host, port=args.port, log_config=None)
+    return 0
+
+
 def _worker(args: argparse.Namespace, settings: Settings) -> int:
     from workers.launcher import launch
 
@@ -216,6 +238,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _layers(args, settings)
         if args.command == "worker":
             return _worker(args, settings)
+        if args.command == "serve":
+            return _serve(args, settings)
         store = getattr(args, "out", None) or getattr(args, "store", None) or settings.store
         backend = backend_for(settings, store)
         if args.command == "jobs":

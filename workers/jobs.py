@@ -29,7 +29,7 @@ QUEUES = ("screen", "extract", "analysis")
 
 class TaskName(StrEnum):
     RUN_BATCH = "actmap.run_batch"
-    FINALIZE = "actmap.finalize"
+    REGISTER_MODEL = "actmap.register_model"
 
 
 class JobState(StrEnum):
@@ -128,6 +128,7 @@ class ExtractionSpec(_Frozen):
     weights: str | None = Field(
         default=None, description="safetensors or state dict, factories only"
     )
+    model_id: str | None = Field(default=None, description="the registered model, via the API")
     layers: tuple[str, ...] = Field(min_length=1)
     inputs: tuple[str, ...] = Field(min_length=1)
     batch_size: int = Field(default=32, ge=1, le=4096)

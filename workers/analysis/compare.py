@@ -261,5 +261,7 @@ def _sample_var(s: ChannelStats) -> np.ndarray:
 def _ratio(num: np.ndarray, den: np.ndarray) -> np.ndarray:
     """num / den, with 0 for 0 / 0 and +-inf for x / 0."""
     safe = np.where(den > 0, den, 1.0)
-    out: np.ndarray = np.where(den > 0, num / safe, np.where(num == 0, 0.0, np.sign(num) * np.inf))
+    out: np.ndarray = np.where(
+        den > 0, num / safe, np.where(num == 0, 0.0, np.copysign(np.inf, num))
+    )
     return out

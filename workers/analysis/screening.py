@@ -90,10 +90,19 @@ class ScreeningProfile:
             raise SpecError(f"give a known label (>= 0) for each of the {n} reference samples")
         rng = np.random.default_rng(seed)
         fit_rows, cal_rows = _split(y, held_out, rng)
-        if int(fpr * (cal_rows.size + 1)) < 1:
+        # A logistic combination learns from half the held-out samples; the threshold comes
+        # from the other half, as a threshold set on its own training data flags too few.
+        learn_rows, threshold_rows = cal_rows[:0], cal_rows
+        if adversarial is not None:
+            shuffled = rng.permutation(cal_rows)
+            learn_rows, threshold_rows = (
+                shuffled[: cal_rows.size // 2],
+                shuffled[cal_rows.size // 2 :],
+            )
+        if int(fpr * (threshold_rows.size + 1)) < 1:
             raise SpecError(
                 f"a false-positive rate of {fpr} needs at least {int(np.ceil(1 / fpr)) - 1} "
-                f"held-out clean samples, got {cal_rows.size}; give more or raise fpr"
+                f"held-out clean samples, got {threshold_rows.size}; give more or raise fpr"
             )
         maha = {}
         if "mahalanobis" in detectors:
@@ -116,7 +125,7 @@ class ScreeningProfile:
         profile.z_std = np.where(std > 0, std, 1.0)
         profile.combine = combine
         if adversarial is not None:
-            clean = profile.layer_scores({name: v[cal_rows] for name, v in x.items()})
+            clean = profile.layer_scores({name: v[learn_rows] for name, v in x.items()})
             attacked = profile.layer_scores(adversarial)
             target = np.r_[np.zeros(clean.shape[0]), np.ones(attacked.shape[0])]
             model = LogisticRegression(class_weight="balanced", max_iter=1000)
@@ -124,10 +133,11 @@ class ScreeningProfile:
             profile.combine = "logistic"
             profile.coef = np.asarray(model.coef_[0], dtype=np.float64)
             profile.intercept = float(model.intercept_[0])
-        scores = profile._combined(raw)
+        scores = profile.score({name: v[threshold_rows] for name, v in x.items()})
         profile.fpr = fpr
         profile.threshold = _conformal_threshold(scores, fpr)
         profile.calibration_scores = scores
+        profile.meta["n_threshold"] = int(threshold_rows.size)
         profile.meta["calibration_fpr"] = float(np.mean(scores > profile.threshold))
         return profile
 

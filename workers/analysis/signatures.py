@@ -58,9 +58,12 @@ def family_signatures(
 ) -> Signatures:
     """Signatures of every family in `families` (N,) from `pooled` (N, C).
 
-    `reference` (M, C) is the population the percentile comes from (default: `pooled`
-    itself, i.e. every family of the job together). Samples with family -1 (unknown) are
-    not counted in any family but do count in the default reference.
+    `reference` (M, C) is the population the percentile comes from: a clean reference job,
+    or the samples of the other families. The default, `pooled` itself, suits many small
+    families only: with it a family of more than (1 - q) / min_share of the samples (11% at
+    the defaults) cannot fill the top decile. The percentile is exact for up to 20,000
+    reference samples and estimated from a uniform sample of them beyond. Samples of family
+    -1 (unknown) count in no family, only in the default reference.
     """
     fam = np.asarray(families)
     if len(pooled.shape) != 2:

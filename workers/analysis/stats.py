@@ -188,7 +188,7 @@ class ChannelQuantiles:
     Exact (equal to `np.quantile` over every value) while at most `capacity` values per
     channel have been seen; beyond that, a uniform sample of `capacity` values (reservoir
     sampling, algorithm R, with the same slots for every channel), so memory stays at
-    `capacity * C` float32 values.
+    `capacity * C` values, held as float32 like stored activations.
     """
 
     def __init__(self, channels: int, capacity: int = 10_000, seed: int = 0) -> None:

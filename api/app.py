@@ -1,0 +1,195 @@
+"""`create_app(settings)`: the thin HTTP API. It reads results straight from the store and
+sends tasks to Celery by name; it never imports torch."""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Annotated
+
+from fastapi import Depends, FastAPI, Request, Response
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+
+from api.auth import Tenant, Tenants
+from api.broker import Broker
+from workers.errors import JobError, UserError
+from workers.settings import Settings
+from workers.storage.layout import attrs, job_ids, open_job
+
+__all__ = ["Limit", "Services", "create_app"]
+
+log = logging.getLogger("actmap.api")
+
+
+class Limit(UserError):
+    """Raised when a request breaks a tenant's quota; names the limit."""
+
+    def __init__(self, message: str, status: int) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class Services:
+    """What the routes share: settings, tenants, the broker, the metrics."""
+
+    def __init__(self, settings: Settings, broker: Broker, tenants: Tenants) -> None:
+        self.settings = settings
+        self.broker = broker
+        self.tenants = tenants
+        self.store = settings.store
+        self.metrics = CollectorRegistry()
+        self.latency = Histogram(
+            "actmap_request_seconds", "API request latency", ["route"], registry=self.metrics
+        )
+        self.jobs = Gauge(
+            "actmap_jobs", "jobs in the store by state", ["state"], registry=self.metrics
+        )
+        self.depth = Gauge("actmap_queue_depth", "tasks waiting", ["queue"], registry=self.metrics)
+        self.rate = Gauge(
+            "actmap_samples_per_second", "throughput of running jobs", registry=self.metrics
+        )
+        self.task_seconds = Gauge(
+            "actmap_task_seconds",
+            "mean seconds per batch task of finished jobs",
+            registry=self.metrics,
+        )
+
+
+_bearer = HTTPBearer(auto_error=False)
+
+
+def tenant_of(
+    request: Request, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
+) -> Tenant:
+    services: Services = request.app.state.services
+    tenant = services.tenants.lookup(credentials.credentials if credentials else None)
+    if tenant is None:
+        raise _Unauthorized()
+    return tenant
+
+
+class _Unauthorized(Exception):
+    pass
+
+
+def _one_line(exc: RequestValidationError) -> str:
+    first = exc.errors()[0]
+    where = ".".join(str(p) for p in first.get("loc", ()) if p != "body") or "request"
+    return f"invalid {where}: {first.get('msg', 'bad value')}"
+
+
+def _handlers(app: FastAPI) -> None:
+    @app.exception_handler(_Unauthorized)
+    async def unauthorized(_r: Request, _e: _Unauthorized) -> JSONResponse:
+        return JSONResponse(
+            {"detail": "missing or unknown bearer token; send Authorization: Bearer TOKEN"},
+            status_code=401,
+            headers={"WWW-Authenticate": "Bearer"},
+        )
+
+    @app.exception_handler(JobError)
+    async def not_found(_r: Request, exc: JobError) -> JSONResponse:
+        return JSONResponse({"detail": str(exc)}, status_code=404)
+
+    @app.exception_handler(Limit)
+    async def limit(_r: Request, exc: Limit) -> JSONResponse:
+        return JSONResponse({"detail": str(exc)}, status_code=exc.status)
+
+    @app.exception_handler(UserError)
+    async def user_error(_r: Request, exc: UserError) -> JSONResponse:
+        return JSONResponse({"detail": str(exc)}, status_code=422)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_r: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = [{k: v for k, v in e.items() if k in ("loc", "msg", "type")} for e in exc.errors()]
+        return JSONResponse({"detail": _one_line(exc), "errors": errors}, status_code=422)
+
+
+def _refresh_metrics(services: Services) -> None:
+    counts: dict[str, int] = {}
+    rate = 0.0
+    per_task: list[float] = []
+    for job_id in job_ids(services.store):
+        a = attrs(open_job(services.store, job_id, mode="r"))
+        counts[a["state"]] = counts.get(a["state"], 0) + 1
+        if a.get("elapsed_s") and a.get("n_batches"):
+            per_task.append(float(a["elapsed_s"]) / int(a["n_batches"]))
+        if a["state"] in ("queued", "running") and a.get("samples_per_s"):
+            rate += float(a["samples_per_s"])
+    for state in ("queued", "running", "succeeded", "partial", "failed", "cancelled"):
+        services.jobs.labels(state).set(counts.get(state, 0))
+    for queue, depth in services.broker.depth().items():
+        services.depth.labels(queue).set(depth)
+    services.rate.set(rate)
+    services.task_seconds.set(sum(per_task) / len(per_task) if per_task else 0.0)
+
+
+def create_app(settings: Settings, broker: Broker | None = None) -> FastAPI:
+    """The app for `settings`. Without `broker`, one is made from ACTMAP_BROKER_URL."""
+    if broker is None:
+        from api.broker import RedisBroker
+        from workers.celery_app import make_celery
+
+        if settings.broker_url is None:
+            raise UserError("the API needs ACTMAP_BROKER_URL: it sends tasks to the workers")
+        broker = RedisBroker(settings.broker_url.get_secret_value(), make_celery(settings))
+    services = Services(settings, broker, Tenants.from_file(settings.auth_file))
+    app = FastAPI(title="actmap", version="0.1.0", description=__doc__)
+    app.state.services = services
+    _handlers(app)
+
+    @app.middleware("http")
+    async def timed(
+        request: Request, call_next: Callable[[Request], Awaitable[Response]]
+    ) -> Response:
+        start = time.perf_counter()
+        response = await call_next(request)
+        route = request.scope.get("route")
+        name = getattr(route, "path", "unmatched")
+        services.latency.labels(name).observe(time.perf_counter() - start)
+        return response
+
+    @app.get("/healthz")
+    def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/readyz")
+    def readyz() -> JSONResponse:
+        checks = {"redis": services.broker.ping(), "store": _writable(services.store)}
+        ok = all(checks.values())
+        return JSONResponse({"ready": ok, **checks}, status_code=200 if ok else 503)
+
+    @app.get("/metrics")
+    def metrics() -> Response:
+        _refresh_metrics(services)
+        return Response(generate_latest(services.metrics), media_type=CONTENT_TYPE_LATEST)
+
+    from api.routes import router
+
+    app.include_router(router)
+    return app
+
+
+def _writable(store: str) -> bool:
+    root = Path(store.removeprefix("file://"))
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        probe = root / f".ready-{os.getpid()}-{secrets.token_hex(4)}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError:
+        return False
+    return True

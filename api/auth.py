@@ -1,0 +1,102 @@
+"""Tenants: bearer tokens, allowed input roots and quotas, read from ACTMAP_AUTH_FILE.
+
+The file is JSON::
+
+    {"tenants": {"acme": {"tokens": ["sha256:<hex of the token>"],
+                          "roots": ["/data/acme"],
+                          "quotas": {"queued_jobs": 20, "samples_per_job": 100000,
+                                     "upload_bytes": 52428800}}}}
+
+Tokens may be given in clear or as `sha256:` digests; they are compared as digests, in
+constant time, against every tenant's, so timing reveals nothing about which matched.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from workers.errors import SpecError
+
+__all__ = ["LOCAL", "Quotas", "Tenant", "Tenants", "inside_roots"]
+
+
+class Quotas(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    queued_jobs: int = Field(default=20, ge=1)
+    samples_per_job: int = Field(default=1_000_000, ge=1)
+    upload_bytes: int = Field(default=64 << 20, ge=1)
+
+
+class Tenant(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = ""
+    tokens: tuple[str, ...] = ()
+    roots: tuple[str, ...] = ()
+    quotas: Quotas = Quotas()
+
+    def digests(self) -> list[bytes]:
+        out = []
+        for token in self.tokens:
+            hexed = token.removeprefix("sha256:") if token.startswith("sha256:") else None
+            out.append(bytes.fromhex(hexed) if hexed else hashlib.sha256(token.encode()).digest())
+        return out
+
+
+LOCAL = Tenant(name="local", roots=("/",))
+
+
+class Tenants:
+    """Who a bearer token belongs to. Without an auth file there is one tenant, `local`,
+    and no token is needed (the server then listens on loopback only)."""
+
+    def __init__(self, tenants: dict[str, Tenant] | None) -> None:
+        self.open = tenants is None
+        self._tenants = tenants or {"local": LOCAL}
+        self._digests = [(d, t) for t in self._tenants.values() for d in t.digests()]
+
+    @classmethod
+    def from_file(cls, path: str | None) -> Tenants:
+        if path is None:
+            return cls(None)
+        try:
+            raw = json.loads(Path(path).read_text())
+            tenants = {
+                name: Tenant.model_validate({**spec, "name": name})
+                for name, spec in raw["tenants"].items()
+            }
+        except (OSError, ValueError, KeyError, TypeError, ValidationError) as exc:
+            first = str(exc).splitlines()[0]
+            raise SpecError(f"cannot read the auth file {path}: {first}") from None
+        return cls(tenants)
+
+    def lookup(self, token: str | None) -> Tenant | None:
+        if self.open:
+            return self._tenants["local"]
+        if not token:
+            return None
+        presented = hashlib.sha256(token.encode()).digest()
+        found = None
+        for digest, tenant in self._digests:  # no early exit: constant time over all
+            if hmac.compare_digest(presented, digest):
+                found = tenant
+        return found
+
+
+def inside_roots(path: str, roots: tuple[str, ...]) -> Path | None:
+    """The real path (symlinks resolved) if it lies inside one of the roots, else None."""
+    try:
+        real = Path(path).resolve(strict=True)
+    except (OSError, RuntimeError):
+        return None
+    for root in roots:
+        base = Path(root).resolve()
+        if real == base or real.is_relative_to(base):
+            return real
+    return None

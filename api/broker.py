@@ -1,0 +1,93 @@
+"""What the API needs of the broker: send tasks by name, keep idempotency keys, report
+queue depth, answer readiness. Redis on a cluster; an in-memory stand-in for the API's
+unit tests (the integration tier runs the real one)."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from typing import Any, Protocol
+
+from workers.jobs import QUEUES
+
+__all__ = ["Broker", "MemoryBroker", "RedisBroker"]
+
+_IDEMPOTENCY_TTL = 24 * 3600
+
+
+class Broker(Protocol):
+    def send(self, task: str, args: list[Any], queue: str) -> None: ...
+    def claim(self, key: str, value: str) -> str | None:
+        """Store value under key unless present; return the value already there, if any."""
+        ...
+
+    def release(self, key: str) -> None: ...
+    def depth(self) -> dict[str, int]: ...
+    def ping(self) -> bool: ...
+
+
+class RedisBroker:
+    """Tasks go through Celery (by name, no task code here); keys live in the same Redis."""
+
+    def __init__(self, url: str, app: Any) -> None:
+        import redis
+
+        self._redis = redis.Redis.from_url(url, socket_timeout=5)
+        self._app = app
+
+    def send(self, task: str, args: list[Any], queue: str) -> None:
+        self._app.send_task(task, args=args, queue=queue)
+
+    def claim(self, key: str, value: str) -> str | None:
+        if self._redis.set(key, value, nx=True, ex=_IDEMPOTENCY_TTL):
+            return None
+        found = self._redis.get(key)
+        return found.decode() if isinstance(found, bytes) else None
+
+    def release(self, key: str) -> None:
+        self._redis.delete(key)
+
+    def depth(self) -> dict[str, int]:
+        pipe = self._redis.pipeline()
+        for name in QUEUES:
+            pipe.llen(name)
+        return dict(zip(QUEUES, map(int, pipe.execute()), strict=True))
+
+    def ping(self) -> bool:
+        try:
+            return bool(self._redis.ping())
+        except Exception:  # any failure means not ready; the probe reports, never raises
+            return False
+
+
+class MemoryBroker:
+    """Records what was sent and hands each task to `run`, if given (the API's unit tests
+    run the worker function in line)."""
+
+    def __init__(self, run: Callable[[str, list[Any]], None] | None = None) -> None:
+        self.sent: list[tuple[str, list[Any], str]] = []
+        self._keys: dict[str, str] = {}
+        self._lock = threading.Lock()
+        self._run = run
+
+    def send(self, task: str, args: list[Any], queue: str) -> None:
+        self.sent.append((task, args, queue))
+        if self._run is not None:
+            self._run(task, args)
+
+    def claim(self, key: str, value: str) -> str | None:
+        with self._lock:
+            if key in self._keys:
+                return self._keys[key]
+            self._keys[key] = value
+            return None
+
+    def release(self, key: str) -> None:
+        with self._lock:
+            self._keys.pop(key, None)
+
+    def depth(self) -> dict[str, int]:
+        return dict.fromkeys(QUEUES, 0)
+
+    def ping(self) -> bool:
+        return True

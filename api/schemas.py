@@ -1,0 +1,133 @@
+"""Request and response bodies of the HTTP API (`/v1`)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from workers.jobs import ModelInfo
+
+__all__ = [
+    "Accepted",
+    "ComparisonRequest",
+    "ExtractionRequest",
+    "InputSet",
+    "JobOut",
+    "ModelOut",
+    "SampleErrors",
+    "SamplesPage",
+    "ScreeningRequest",
+    "StoreLocation",
+]
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ExtractionRequest(_Body):
+    model_id: str = Field(description="a model registered by this tenant")
+    layers: list[str] = Field(min_length=1, max_length=64)
+    inputs: list[str] = Field(
+        default_factory=list, max_length=10_000, description="server paths inside your roots"
+    )
+    input_set: str | None = Field(default=None, description="an id from POST /v1/inputs")
+    batch_size: int = Field(default=32, ge=1, le=4096)
+    dtype: Literal["float16", "float32"] = "float16"
+    channels: list[int] | None = Field(default=None, max_length=4096)
+    top_k: int | None = Field(default=None, ge=1, le=4096)
+    max_size: tuple[int, int] | None = None
+    labels_from_dirs: bool = False
+    queue: Literal["extract", "screen"] = Field(
+        default="extract", description="`screen` for one-sample, low-latency requests"
+    )
+
+    @model_validator(mode="after")
+    def _some_inputs(self) -> ExtractionRequest:
+        if not self.inputs and self.input_set is None:
+            raise ValueError("give inputs (server paths) or an input_set from POST /v1/inputs")
+        return self
+
+
+class Selection(_Body):
+    job_id: str
+    labels: list[int] | None = None
+    predictions: list[int] | None = None
+    correct: bool | None = None
+    samples: list[str] | None = None
+
+
+class ComparisonRequest(_Body):
+    """Two populations: two jobs, or two subsets of one. Wired up by the analysis jobs."""
+
+    a: Selection
+    b: Selection
+    layers: list[str] | None = None
+    paired: bool = False
+
+
+class ScreeningRequest(_Body):
+    """Score inputs against a fitted profile. Wired up by the analysis jobs."""
+
+    profile_id: str
+    inputs: list[str] = Field(default_factory=list)
+    input_set: str | None = None
+
+
+class Accepted(_Body):
+    job_id: str
+    state: str
+    n_samples: int
+    queue: str
+
+
+class SampleErrors(_Body):
+    n_failed: int
+    by_code: dict[str, int]
+    examples: list[dict[str, str]]
+
+
+class JobOut(_Body):
+    job_id: str
+    kind: str
+    state: str
+    model_id: str | None
+    layers: list[str]
+    n_samples: int
+    n_batches: int
+    batches_done: int
+    samples_done: int
+    samples_per_s: float | None
+    eta_s: float | None
+    created: str
+    finished: str | None
+    elapsed_s: float | None
+    reason: str | None
+    errors: SampleErrors
+
+
+class ModelOut(_Body):
+    id: str
+    name: str
+    state: Literal["pending", "ready", "failed"]
+    error: str | None
+    created: str
+    catalogue: ModelInfo | None
+
+
+class InputSet(_Body):
+    input_set: str
+    files: int
+    bytes: int
+
+
+class SamplesPage(_Body):
+    samples: list[str]
+    offset: int
+    total: int
+
+
+class StoreLocation(_Body):
+    store: str
+    group: str

@@ -1,0 +1,140 @@
+"""Screening profiles: fitted on clean data, calibrated to a false-positive rate, stored."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from sklearn.covariance import LedoitWolf
+from sklearn.neighbors import NearestNeighbors
+
+from workers.analysis.detectors import Mahalanobis, Neighbours
+from workers.analysis.screening import ScreeningProfile
+from workers.errors import SpecError
+
+CENTRES = np.random.default_rng(100).standard_normal((3, 16)) * 3
+PROJECTION = np.random.default_rng(101).standard_normal((16, 8))
+
+
+def clean(n_per_class: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Three Gaussian classes in 16 dimensions."""
+    y = np.repeat(np.arange(3), n_per_class)
+    return CENTRES[y] + np.random.default_rng(seed).standard_normal((y.size, 16)), y
+
+
+def layers(x: np.ndarray) -> dict[str, np.ndarray]:
+    """Two layers' pooled activations: the features and a ReLU of a projection of them."""
+    return {
+        "block1": x.astype(np.float32),
+        "block2.relu": np.maximum(x @ PROJECTION, 0).astype(np.float32),
+    }
+
+
+def far_outliers(n: int) -> np.ndarray:
+    rng = np.random.default_rng(7)
+    return rng.standard_normal((n, 16)) + 12.0 * rng.standard_normal(16) / 4
+
+
+@pytest.fixture(scope="module")
+def profile() -> ScreeningProfile:
+    x, y = clean(500, seed=0)
+    return ScreeningProfile.fit(layers(x), y, fpr=0.05)
+
+
+def test_planted_far_outliers_are_flagged_at_the_calibrated_rate(
+    profile: ScreeningProfile,
+) -> None:
+    assert profile.flag(layers(far_outliers(30))).all()
+
+
+def test_the_calibrated_threshold_flags_about_the_target_share_of_fresh_clean_data(
+    profile: ScreeningProfile,
+) -> None:
+    fresh, _ = clean(1000, seed=1)
+    assert profile.flag(layers(fresh)).mean() == pytest.approx(0.05, abs=0.025)
+    assert profile.meta["n_calibration"] == 375
+
+
+@pytest.mark.parametrize("detector", ["mahalanobis", "knn", "lid"])
+def test_each_detector_alone_separates_outliers_from_clean_data(detector: str) -> None:
+    x, y = clean(200, seed=2)
+    alone = ScreeningProfile.fit(layers(x), y, detectors=[detector], fpr=0.1)
+    assert alone.columns == [("block1", detector), ("block2.relu", detector)]
+    assert alone.flag(layers(far_outliers(20))).mean() >= 0.95
+    assert alone.flag(layers(clean(300, seed=3)[0])).mean() < 0.2
+
+
+def test_a_stored_and_reloaded_profile_gives_identical_scores(profile: ScreeningProfile) -> None:
+    arrays = {name: np.array(a) for name, a in profile.to_arrays().items()}
+    assert all(isinstance(a, np.ndarray) for a in arrays.values())
+    meta = json.loads(json.dumps(profile.to_json()))
+    again = ScreeningProfile.from_arrays(arrays, meta)
+    batch = layers(np.concatenate([clean(20, seed=4)[0], far_outliers(5)]))
+    np.testing.assert_array_equal(again.score(batch), profile.score(batch))
+    np.testing.assert_array_equal(again.flag(batch), profile.flag(batch))
+    assert again.threshold == profile.threshold
+
+
+def test_one_sample_scores_as_it_does_in_a_batch(profile: ScreeningProfile) -> None:
+    batch = layers(clean(10, seed=5)[0])
+    one = {name: a[3] for name, a in batch.items()}
+    np.testing.assert_allclose(profile.score(one), profile.score(batch)[3:4], rtol=1e-12)
+
+
+def test_known_adversarial_samples_train_a_combination_that_catches_their_kind() -> None:
+    x, y = clean(500, seed=6)
+    direction = np.random.default_rng(8).standard_normal(16)
+    shift = 4.0 * direction / np.linalg.norm(direction)
+    seen = clean(100, seed=9)[0] + shift
+    plain = ScreeningProfile.fit(layers(x), y)
+    learned = ScreeningProfile.fit(layers(x), y, adversarial=layers(seen))
+    assert learned.to_json()["combine"] == "logistic"
+    unseen = layers(clean(200, seed=10)[0] + shift)
+    assert learned.flag(unseen).mean() > plain.flag(unseen).mean() + 0.2
+    assert learned.flag(layers(clean(500, seed=11)[0])).mean() < 0.1
+
+
+def test_scoring_without_a_profiled_layer_or_with_other_channels_is_refused(
+    profile: ScreeningProfile,
+) -> None:
+    batch = layers(clean(2, seed=12)[0])
+    with pytest.raises(SpecError, match=r"layers \['block2.relu'\]"):
+        profile.score({"block1": batch["block1"]})
+    with pytest.raises(SpecError, match=r"\(n, 16\)"):
+        profile.score({**batch, "block1": batch["block1"][:, :15]})
+    with pytest.raises(SpecError, match="same"):
+        profile.score({**batch, "block1": batch["block1"][:1]})
+
+
+def test_too_few_clean_samples_for_the_target_rate_is_a_user_error() -> None:
+    x, y = clean(10, seed=13)
+    with pytest.raises(SpecError, match="needs at least 99 held-out"):
+        ScreeningProfile.fit(layers(x), y, fpr=0.01, k=5)
+    with pytest.raises(SpecError, match="known label"):
+        ScreeningProfile.fit(layers(x), np.r_[y[:-1], -1])
+    with pytest.raises(SpecError, match="detectors"):
+        ScreeningProfile.fit(layers(x), y, detectors=["odin"])
+
+
+def test_mahalanobis_is_the_distance_to_the_closest_class_under_ledoit_wolf() -> None:
+    x, y = clean(40, seed=14)
+    detector = Mahalanobis.fit(x, y)
+    means = np.stack([x[y == c].mean(axis=0) for c in range(3)])
+    precision = np.linalg.inv(LedoitWolf(assume_centered=True).fit(x - means[y]).covariance_)
+    q = np.random.default_rng(15).standard_normal((4, 16)) * 3
+    expected = [min(np.sqrt((v - m) @ precision @ (v - m)) for m in means) for v in q]
+    np.testing.assert_allclose(detector.score(q), expected, rtol=1e-8)
+
+
+def test_knn_distance_and_lid_follow_their_definitions_on_normalised_features() -> None:
+    rng = np.random.default_rng(16)
+    bank, q = rng.standard_normal((200, 8)), rng.standard_normal((5, 8))
+    unit = bank / np.linalg.norm(bank, axis=1, keepdims=True)
+    r, _ = NearestNeighbors(n_neighbors=10).fit(unit).kneighbors(
+        q / np.linalg.norm(q, axis=1, keepdims=True)
+    )
+    got = Neighbours(unit, k=10).score(q)
+    np.testing.assert_allclose(got[:, 0], r[:, -1], rtol=1e-5)
+    lid = -1.0 / np.log(r / r[:, -1:]).mean(axis=1)
+    np.testing.assert_allclose(got[:, 1], lid, rtol=1e-4)

@@ -1,0 +1,99 @@
+"""The API with a real store and an in-memory broker that runs each task in line, through
+the same worker functions a Celery worker calls."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+
+from api.app import create_app
+from api.broker import MemoryBroker
+from workers.batches import Runtime, execute_batch
+from workers.counters import MemoryCounters
+from workers.demo.digits import WEIGHTS
+from workers.extraction.cache import ModelCache
+from workers.jobs import TaskName
+from workers.registration import register_model
+from workers.settings import Settings
+
+FACTORY = "workers.demo.digits:digits_cnn"
+SAMPLES = Path(__file__).parents[2] / "workers" / "demo" / "samples"
+
+
+@dataclass
+class Api:
+    client: TestClient
+    broker: MemoryBroker
+    store: Path
+    roots: dict[str, Path]
+    tokens: dict[str, str]
+    settings: Settings
+
+    def as_(self, tenant: str) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.tokens[tenant]}"}
+
+    def register(self, tenant: str = "acme") -> str:
+        with WEIGHTS.open("rb") as f:
+            response = self.client.post(
+                "/v1/models", headers=self.as_(tenant),
+                data={"name": "digits", "factory": FACTORY},
+                files={"weights": ("w.safetensors", f, "application/octet-stream")},
+            )  # fmt: skip
+        assert response.status_code == 202, response.text
+        model_id: str = response.json()["id"]
+        return model_id
+
+    def submit(self, model_id: str, tenant: str = "acme", **body: Any) -> Any:
+        payload = {"model_id": model_id, "layers": ["conv1", "fc"], **body}
+        payload.setdefault("inputs", [str(self.roots[tenant])])
+        return self.client.post("/v1/jobs/extractions", headers=self.as_(tenant), json=payload)
+
+
+def _inline(settings: Settings) -> Any:
+    runtime = Runtime(ModelCache(factories=settings.factories), MemoryCounters())
+
+    def run(task: str, args: list[Any]) -> None:
+        if task == TaskName.REGISTER_MODEL:
+            register_model(*args, settings.factories)
+        elif task == TaskName.RUN_BATCH:
+            execute_batch(*args, runtime)
+
+    return run
+
+
+def make_api(tmp_path: Path, run_tasks: bool = True, quotas: dict[str, int] | None = None) -> Api:
+    roots = {name: tmp_path / f"{name}-data" for name in ("acme", "other")}
+    for name, root in roots.items():
+        for digit in ("3", "7"):
+            (root / digit).mkdir(parents=True)
+            for png in sorted((SAMPLES / digit).glob("*.png"))[:2]:
+                (root / digit / png.name).write_bytes(png.read_bytes())
+        _ = name
+    tokens = {"acme": "acme-secret-token", "other": "other-secret-token"}
+    auth = {
+        "tenants": {
+            name: {"tokens": [tokens[name]], "roots": [str(roots[name])], "quotas": quotas or {}}
+            for name in roots
+        }
+    }
+    auth_file = tmp_path / "auth.json"
+    auth_file.write_text(json.dumps(auth))
+    settings = Settings(
+        store=str(tmp_path / "store"), auth_file=str(auth_file), factories=(FACTORY,)
+    )
+    broker = MemoryBroker(_inline(settings) if run_tasks else None)
+    client = TestClient(create_app(settings, broker))
+    return Api(client, broker, tmp_path / "store", roots, tokens, settings)
+
+
+@pytest.fixture
+def api(tmp_path: Path) -> Iterator[Api]:
+    found = make_api(tmp_path)
+    with found.client:
+        yield found
