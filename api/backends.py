@@ -11,10 +11,11 @@ from typing import Any, Protocol
 
 from workers.control import Status, cancel, list_jobs, status
 from workers.counters import Counters
+from workers.errors import UserError
 from workers.jobs import ExtractionSpec
 from workers.settings import Settings
 
-__all__ = ["Backend", "BrokerBackend", "EmbeddedBackend", "backend_for"]
+__all__ = ["ApiBackend", "Backend", "BrokerBackend", "EmbeddedBackend", "backend_for"]
 
 OnPlan = Callable[[Any], None]
 Progress = Callable[[Status], None]
@@ -116,7 +117,82 @@ class BrokerBackend(_StoreReads):
         return self.wait(job_id, progress) if wait else self.status(job_id)
 
 
-def backend_for(settings: Settings, store: str) -> Backend:
+class ApiBackend:
+    """Through the HTTP API: `--model` names a registered model (id or name), inputs are
+    paths on the server, or local files uploaded first with `--upload`."""
+
+    def __init__(self, settings: Settings, url: str, upload: bool = False) -> None:
+        from api.client import Client
+
+        token = settings.token.get_secret_value() if settings.token else None
+        self.client = Client(url, token)
+        self.store = url
+        self.upload = upload
+
+    def _status(self, job: dict[str, Any]) -> Status:
+        return Status(
+            job["job_id"], job["state"], "", job["n_samples"], job["n_batches"],
+            job["batches_done"], job["samples_done"], job["errors"]["n_failed"],
+            job["samples_per_s"], job["eta_s"], job["created"], job["finished"], job["reason"],
+        )  # fmt: skip
+
+    def _model_id(self, ref: str) -> str:
+        models = self.client.request("GET", "/v1/models").json()
+        for model in models:
+            if ref in (model["id"], model["name"]):
+                return str(model["id"])
+        known = ", ".join(f"{m['name']} ({m['id']})" for m in models) or "none yet"
+        raise UserError(f"no registered model {ref!r} on the API; yours: {known}")
+
+    def scan(self, spec: ExtractionSpec, wait: bool, on_plan: OnPlan, progress: Progress) -> Status:
+        from workers.extraction.inputs import discover
+
+        options: dict[str, Any] = {
+            "batch_size": spec.batch_size, "dtype": spec.dtype, "top_k": spec.top_k,
+            "channels": list(spec.channels) if spec.channels else None,
+            "max_size": spec.max_size, "labels_from_dirs": spec.labels_from_dirs,
+        }  # fmt: skip
+        inputs: list[str] = list(spec.inputs)
+        if self.upload:
+            options["input_set"] = self.client.upload([s.path for s in discover(spec.inputs)])
+            inputs = []
+        job = self.client.submit_extraction(
+            self._model_id(spec.model), inputs, spec.layers, **options
+        )
+        current = self._status(job.status())
+        on_plan(current)
+        return self.wait(job.id, progress) if wait else current
+
+    def status(self, job_id: str) -> Status:
+        return self._status(self.client.job(job_id).status())
+
+    def list(self, state: str | None) -> list[Status]:
+        return [self._status(j) for j in self.client.jobs(state)]
+
+    def wait(self, job_id: str, progress: Progress) -> Status:
+        import time
+
+        while True:
+            current = self.status(job_id)
+            progress(current)
+            if current.state in ("succeeded", "partial", "failed", "cancelled"):
+                return current
+            time.sleep(0.2)
+
+    def cancel(self, job_id: str) -> Status:
+        return self._status(self.client.job(job_id).cancel())
+
+    def resume(self, job_id: str, wait: bool, progress: Progress) -> Status:
+        current = self._status(self.client.job(job_id).resume())
+        return self.wait(job_id, progress) if wait else current
+
+
+def backend_for(
+    settings: Settings, store: str, api: str | None = None, upload: bool = False
+) -> Backend:
+    url = api or settings.api_url
+    if url:
+        return ApiBackend(settings, url, upload)
     if settings.broker_url is not None:
         return BrokerBackend(settings, store)
     return EmbeddedBackend(settings, store)

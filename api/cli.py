@@ -81,6 +81,7 @@ def parser() -> argparse.ArgumentParser:
     scan.add_argument("--labels-from-dirs", action="store_true", help="label = parent directory")
     scan.add_argument("--no-wait", action="store_true", help="return once queued (broker or API)")
     scan.add_argument("--api", help="submit through this API (default $ACTMAP_API_URL)")
+    scan.add_argument("--upload", action="store_true", help="with --api: upload local INPUTs")
     layers = sub.add_parser("layers", help="the model's layer catalogue")
     _model_args(layers)
     jobs = sub.add_parser("jobs", help="list, inspect, wait for, cancel or resume jobs")
@@ -88,6 +89,7 @@ def parser() -> argparse.ArgumentParser:
     jobs.add_argument("job_id", nargs="?", metavar="JOB")
     jobs.add_argument("--state", choices=[s.value for s in JobState], help="list: filter")
     jobs.add_argument("--store", help="store (default $ACTMAP_STORE)")
+    jobs.add_argument("--api", help="through this API (default $ACTMAP_API_URL)")
     jobs.add_argument("--no-wait", action="store_true", help="resume: return once queued")
     jobs.add_argument("--json", action="store_true", help="print one JSON object at the end")
     serve = sub.add_parser("serve", help="the HTTP API")
@@ -155,9 +157,8 @@ def _exit_code(s: Status) -> int:
 
 
 def _scan(args: argparse.Namespace, settings: Settings, backend: Backend) -> int:
-    if args.api or settings.api_url:
-        raise UserError("submitting through an API arrives with the API issue; run without --api")
-    if args.no_wait and settings.broker_url is None:
+    remote = bool(args.api or settings.api_url)
+    if args.no_wait and settings.broker_url is None and not remote:
         raise UserError("--no-wait needs a broker or an API; the embedded run finishes here")
     spec = _spec(args, settings)
     with output.progress(not args.json and output.err.is_terminal) as (on_plan, on_status):
@@ -165,7 +166,7 @@ def _scan(args: argparse.Namespace, settings: Settings, backend: Backend) -> int
     if args.json:
         keys = ("job_id", "state", "n_samples", "n_failed")
         output.print_json({"store": backend.store, **{k: getattr(result, k) for k in keys}})
-    elif JobState(result.state).finished:
+    elif JobState(result.state).finished and not remote:
         output.scan_report(backend.store, result)
     else:
         output.out.print(output.status_line(result), highlight=False)
@@ -241,7 +242,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "serve":
             return _serve(args, settings)
         store = getattr(args, "out", None) or getattr(args, "store", None) or settings.store
-        backend = backend_for(settings, store)
+        backend = backend_for(
+            settings, store, getattr(args, "api", None), getattr(args, "upload", False)
+        )
         if args.command == "jobs":
             return _jobs(args, backend)
         return _scan(args, settings, backend)

@@ -15,6 +15,7 @@ from workers.errors import SpecError
 def test_a_conv_filter_with_a_very_negative_bias_before_a_relu_is_found_dead() -> None:
     torch.manual_seed(0)
     conv = nn.Conv2d(1, 6, 3, padding=1)
+    assert conv.bias is not None
     with torch.no_grad():
         conv.bias[4] = -100.0
         acts = torch.relu(conv(torch.rand(40, 1, 12, 12) * 2 - 1)).numpy()

@@ -131,8 +131,10 @@ def test_knn_distance_and_lid_follow_their_definitions_on_normalised_features() 
     rng = np.random.default_rng(16)
     bank, q = rng.standard_normal((200, 8)), rng.standard_normal((5, 8))
     unit = bank / np.linalg.norm(bank, axis=1, keepdims=True)
-    r, _ = NearestNeighbors(n_neighbors=10).fit(unit).kneighbors(
-        q / np.linalg.norm(q, axis=1, keepdims=True)
+    r, _ = (
+        NearestNeighbors(n_neighbors=10)
+        .fit(unit)
+        .kneighbors(q / np.linalg.norm(q, axis=1, keepdims=True))
     )
     got = Neighbours(unit, k=10).score(q)
     np.testing.assert_allclose(got[:, 0], r[:, -1], rtol=1e-5)

@@ -20,7 +20,7 @@ def normalise(x: Tensor) -> Tensor:
 
 
 @pytest.fixture(scope="module")
-def trained() -> tuple[nn.Module, Tensor, Tensor]:
+def trained() -> tuple[nn.Sequential, Tensor, Tensor]:
     """A small MLP with BatchNorm trained on sklearn's 8 x 8 digits (pixels scaled to [0, 1]),
     in training mode, and 200 digits it was trained on."""
     digits = load_digits()
@@ -33,7 +33,8 @@ def trained() -> tuple[nn.Module, Tensor, Tensor]:
     optimiser = torch.optim.Adam(model.parameters(), lr=0.05)
     for _ in range(30):
         optimiser.zero_grad()
-        F.cross_entropy(model(normalise(x)), y).backward()
+        loss = F.cross_entropy(model(normalise(x)), y)
+        loss.backward()  # type: ignore[no-untyped-call]
         optimiser.step()
     optimiser.zero_grad(set_to_none=True)
     return model, x[:200], y[:200]
@@ -49,30 +50,32 @@ def _loss(model: nn.Module, x: Tensor, y: Tensor) -> float:
 
 
 def test_fgsm_stays_within_eps_and_the_pixel_range_and_raises_the_loss(
-    trained: tuple[nn.Module, Tensor, Tensor],
+    trained: tuple[nn.Sequential, Tensor, Tensor],
 ) -> None:
     model, x, y = trained
     adv = fgsm(model, x, y, EPS, normalise)
     assert adv.shape == x.shape
     assert (adv - x).abs().max() <= EPS + 1e-6
-    assert adv.min() >= 0.0 and adv.max() <= 1.0
+    assert adv.min() >= 0.0
+    assert adv.max() <= 1.0
     assert not adv.requires_grad
     assert _loss(model, adv, y) > _loss(model, x, y) + 0.5
 
 
 def test_pgd_stays_within_eps_and_is_at_least_as_strong_as_fgsm(
-    trained: tuple[nn.Module, Tensor, Tensor],
+    trained: tuple[nn.Sequential, Tensor, Tensor],
 ) -> None:
     model, x, y = trained
     generator = torch.Generator().manual_seed(0)
     adv = pgd(model, x, y, EPS, EPS / 4, 10, normalise, generator=generator)
     assert (adv - x).abs().max() <= EPS + 1e-6
-    assert adv.min() >= 0.0 and adv.max() <= 1.0
+    assert adv.min() >= 0.0
+    assert adv.max() <= 1.0
     assert _loss(model, adv, y) >= _loss(model, fgsm(model, x, y, EPS, normalise), y)
 
 
 def test_pgd_is_reproducible_with_a_seeded_generator(
-    trained: tuple[nn.Module, Tensor, Tensor],
+    trained: tuple[nn.Sequential, Tensor, Tensor],
 ) -> None:
     model, x, y = trained
     first = pgd(model, x, y, EPS, 0.02, 3, normalise, generator=torch.Generator().manual_seed(1))
@@ -84,7 +87,7 @@ def test_pgd_is_reproducible_with_a_seeded_generator(
     assert torch.equal(fixed, pgd(model, x, y, EPS, 0.02, 3, normalise, random_start=False))
 
 
-def test_the_model_is_left_as_found(trained: tuple[nn.Module, Tensor, Tensor]) -> None:
+def test_the_model_is_left_as_found(trained: tuple[nn.Sequential, Tensor, Tensor]) -> None:
     model, x, y = trained
     model.train()
     model[4].eval()
@@ -105,7 +108,7 @@ def test_the_model_is_left_as_found(trained: tuple[nn.Module, Tensor, Tensor]) -
 
 
 def test_attacks_work_inside_the_pipelines_inference_mode(
-    trained: tuple[nn.Module, Tensor, Tensor],
+    trained: tuple[nn.Sequential, Tensor, Tensor],
 ) -> None:
     model, x, y = trained
     with torch.inference_mode():
@@ -115,7 +118,7 @@ def test_attacks_work_inside_the_pipelines_inference_mode(
 
 
 def test_images_outside_the_unit_box_or_a_negative_budget_are_refused(
-    trained: tuple[nn.Module, Tensor, Tensor],
+    trained: tuple[nn.Sequential, Tensor, Tensor],
 ) -> None:
     model, x, y = trained
     with pytest.raises(SpecError, match=r"\[0, 1\]"):

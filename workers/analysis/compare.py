@@ -188,18 +188,22 @@ def difference_maps(
     channels: Sequence[int],
     rows_a: npt.ArrayLike | None = None,
     rows_b: npt.ArrayLike | None = None,
+    block: int = DEFAULT_BLOCK,
 ) -> np.ndarray:
     """A minus B for the chosen channels of each pair: (n, len(channels), *spatial) float32.
-    Positive where A responds more strongly (for A adversarial: where the attack excites)."""
+    Positive where A responds more strongly (for A adversarial: where the attack excites).
+    Read `block` pairs at a time, so memory is the result plus one block."""
     ia, ib = _pair_rows(a, b, rows_a, rows_b)
     picked = np.asarray(channels, dtype=np.int64)
     width = a.shape[1]
-    if picked.size == 0 or picked.min() < -width or picked.max() >= width:
+    if picked.size == 0 or picked.min() < 0 or picked.max() >= width:
         raise SpecError(f"choose channels among the layer's {width} (0 to {width - 1})")
-    x = np.asarray(a[ia], dtype=np.float32)[:, picked]
-    y = np.asarray(b[ib], dtype=np.float32)[:, picked]
-    diff: np.ndarray = x - y
-    return diff
+    out = np.empty((ia.size, picked.size, *a.shape[2:]), dtype=np.float32)
+    for start in range(0, ia.size, block):
+        part = slice(start, start + block)
+        x = np.asarray(a[ia[part]])[:, picked].astype(np.float32)
+        out[part] = x - np.asarray(b[ib[part]])[:, picked].astype(np.float32)
+    return out
 
 
 def _pair_rows(

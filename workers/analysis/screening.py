@@ -77,12 +77,7 @@ class ScreeningProfile:
         """Fit on clean pooled activations {layer: (N, C)} with their class labels (N,)
         (None: one class). `adversarial` {layer: (M, C)}, when given, replaces `combine`
         with a logistic regression over the held-out clean and these samples."""
-        if not set(detectors) <= set(DETECTORS) or not detectors:
-            raise SpecError(f"detectors are some of {', '.join(DETECTORS)}; got {detectors}")
-        if not 0.0 < fpr < 1.0 or not 0.0 < held_out < 1.0:
-            raise SpecError(f"fpr and held_out are shares in (0, 1), got {fpr} and {held_out}")
-        if combine not in ("max", "mean"):
-            raise SpecError(f"combine is 'max' or 'mean', got {combine!r}")
+        _check_options(detectors, fpr, held_out, combine)
         x = _layers(reference)
         n = next(iter(x.values())).shape[0]
         y = np.zeros(n, dtype=np.int64) if labels is None else np.asarray(labels)
@@ -90,55 +85,39 @@ class ScreeningProfile:
             raise SpecError(f"give a known label (>= 0) for each of the {n} reference samples")
         rng = np.random.default_rng(seed)
         fit_rows, cal_rows = _split(y, held_out, rng)
-        # A logistic combination learns from half the held-out samples; the threshold comes
-        # from the other half, as a threshold set on its own training data flags too few.
+        # A logistic combination learns from half the held-out samples and the threshold
+        # comes from the other half: a threshold set on the combination's own training data
+        # flags too few fresh clean samples.
         learn_rows, threshold_rows = cal_rows[:0], cal_rows
         if adversarial is not None:
             shuffled = rng.permutation(cal_rows)
-            learn_rows, threshold_rows = (
-                shuffled[: cal_rows.size // 2],
-                shuffled[cal_rows.size // 2 :],
-            )
+            learn_rows, threshold_rows = np.split(shuffled, [cal_rows.size // 2])
         if int(fpr * (threshold_rows.size + 1)) < 1:
             raise SpecError(
                 f"a false-positive rate of {fpr} needs at least {int(np.ceil(1 / fpr)) - 1} "
                 f"held-out clean samples, got {threshold_rows.size}; give more or raise fpr"
             )
+        fit_x = _take(x, fit_rows)
         maha = {}
         if "mahalanobis" in detectors:
-            maha = {name: Mahalanobis.fit(v[fit_rows], y[fit_rows]) for name, v in x.items()}
+            maha = {name: Mahalanobis.fit(v, y[fit_rows]) for name, v in fit_x.items()}
         knn = {}
         if {"knn", "lid"} & set(detectors):
-            knn = {name: Neighbours.fit(v[fit_rows], k, bank_size, rng) for name, v in x.items()}
+            knn = {name: Neighbours.fit(v, k, bank_size, rng) for name, v in fit_x.items()}
         meta = {
             "classes": np.unique(y).tolist(),
             "n_fit": int(fit_rows.size),
             "n_calibration": int(cal_rows.size),
+            "n_threshold": int(threshold_rows.size),
             "seed": seed,
         }
         channels = {name: v.shape[1] for name, v in x.items()}
-        order = tuple(d for d in DETECTORS if d in detectors)
-        profile = cls(channels, order, k, maha, knn, meta)
-        raw = profile._raw({name: v[cal_rows] for name, v in x.items()})
-        profile.z_mean = raw.mean(axis=0)
-        std = raw.std(axis=0)
-        profile.z_std = np.where(std > 0, std, 1.0)
+        profile = cls(channels, detectors, k, maha, knn, meta)
+        profile._standardise(_take(x, cal_rows))
         profile.combine = combine
         if adversarial is not None:
-            clean = profile.layer_scores({name: v[learn_rows] for name, v in x.items()})
-            attacked = profile.layer_scores(adversarial)
-            target = np.r_[np.zeros(clean.shape[0]), np.ones(attacked.shape[0])]
-            model = LogisticRegression(class_weight="balanced", max_iter=1000)
-            model.fit(np.concatenate([clean, attacked]), target)
-            profile.combine = "logistic"
-            profile.coef = np.asarray(model.coef_[0], dtype=np.float64)
-            profile.intercept = float(model.intercept_[0])
-        scores = profile.score({name: v[threshold_rows] for name, v in x.items()})
-        profile.fpr = fpr
-        profile.threshold = _conformal_threshold(scores, fpr)
-        profile.calibration_scores = scores
-        profile.meta["n_threshold"] = int(threshold_rows.size)
-        profile.meta["calibration_fpr"] = float(np.mean(scores > profile.threshold))
+            profile._learn_combination(_take(x, learn_rows), adversarial)
+        profile._calibrate(_take(x, threshold_rows), fpr)
         return profile
 
     def layer_scores(self, pooled_by_layer: Mapping[str, npt.ArrayLike]) -> np.ndarray:
@@ -212,6 +191,30 @@ class ScreeningProfile:
         profile.fpr, profile.threshold = float(json["fpr"]), float(json["threshold"])
         return profile
 
+    def _standardise(self, clean: Mapping[str, np.ndarray]) -> None:
+        raw = self._raw(clean)
+        self.z_mean = raw.mean(axis=0)
+        std = raw.std(axis=0)
+        self.z_std = np.where(std > 0, std, 1.0)
+
+    def _learn_combination(
+        self, clean: Mapping[str, np.ndarray], adversarial: Mapping[str, npt.ArrayLike]
+    ) -> None:
+        features = [self.layer_scores(clean), self.layer_scores(adversarial)]
+        target = np.r_[np.zeros(features[0].shape[0]), np.ones(features[1].shape[0])]
+        model = LogisticRegression(class_weight="balanced", max_iter=1000)
+        model.fit(np.concatenate(features), target)
+        self.combine = "logistic"
+        self.coef = np.asarray(model.coef_[0], dtype=np.float64)
+        self.intercept = float(model.intercept_[0])
+
+    def _calibrate(self, clean: Mapping[str, np.ndarray], fpr: float) -> None:
+        scores = self.score(clean)
+        self.fpr = fpr
+        self.threshold = _conformal_threshold(scores, fpr)
+        self.calibration_scores = scores
+        self.meta["calibration_fpr"] = float(np.mean(scores > self.threshold))
+
     def _raw(self, pooled_by_layer: Mapping[str, npt.ArrayLike]) -> np.ndarray:
         x = _layers(pooled_by_layer, self.channels)
         columns = []
@@ -257,6 +260,19 @@ def _layers(
     if len({v.shape[0] for v in x.values()}) != 1 or next(iter(x.values())).shape[0] == 0:
         raise SpecError("give every layer the same, non-zero number of samples")
     return x
+
+
+def _check_options(detectors: Sequence[str], fpr: float, held_out: float, combine: str) -> None:
+    if not set(detectors) <= set(DETECTORS) or not detectors:
+        raise SpecError(f"detectors are some of {', '.join(DETECTORS)}; got {list(detectors)}")
+    if not 0.0 < fpr < 1.0 or not 0.0 < held_out < 1.0:
+        raise SpecError(f"fpr and held_out are shares in (0, 1), got {fpr} and {held_out}")
+    if combine not in ("max", "mean"):
+        raise SpecError(f"combine is 'max' or 'mean', got {combine!r}")
+
+
+def _take(x: Mapping[str, np.ndarray], rows: np.ndarray) -> dict[str, np.ndarray]:
+    return {name: v[rows] for name, v in x.items()}
 
 
 def _split(

@@ -61,7 +61,8 @@ def discover(inputs: list[str] | tuple[str, ...]) -> list[Source]:
             files = sorted(
                 p
                 for p in path.rglob("*")
-                if (p.is_file() or p.is_symlink())
+                # Files, and dangling links (reported per sample); linked folders are not followed.
+                if (p.is_file() or (p.is_symlink() and not p.exists()))
                 and not any(part.startswith(".") for part in p.relative_to(path).parts)
             )
             found.extend((p.relative_to(path).as_posix(), p) for p in files)

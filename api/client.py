@@ -1,0 +1,215 @@
+"""`Client(url, token)`: the Python client of the HTTP API. Importable without torch.
+
+    client = Client("http://actmap:8000", token)
+    model = client.register_model("digits", weights="w.safetensors", factory="pkg.mod:fn")
+    job = client.submit_extraction(model, ["/data/acme/samples"], layers=["conv1"])
+    job.wait(progress=True)
+    acts = job.fetch("conv1", samples=["3/0001.png"])   # numpy, over HTTP
+    tree = job.open()                                    # xarray, when the store is reachable
+
+Connection errors and 5xx answers are retried with backoff; every submission carries an
+idempotency key, so a retried POST never makes two jobs.
+"""
+
+from __future__ import annotations
+
+import io
+import time
+import uuid
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+
+from workers.errors import ActmapError, JobError, UserError
+
+__all__ = ["ApiError", "Client", "Job", "Refused"]
+
+_FINISHED = {"succeeded", "partial", "failed", "cancelled"}
+
+
+class ApiError(ActmapError):
+    """Raised when the API keeps failing (5xx after the retries)."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(f"{message} (HTTP {status})")
+        self.status = status
+
+
+class Refused(UserError):
+    """Raised when the API refuses a request the caller can fix (4xx); says why."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(f"{message} (HTTP {status})")
+        self.status = status
+
+
+class Client:
+    def __init__(
+        self, url: str, token: str | None = None, retries: int = 5, timeout: float = 60.0
+    ) -> None:
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self._http = httpx.Client(base_url=url.rstrip("/"), headers=headers, timeout=timeout)
+        self.retries = retries
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
+    def request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        """One call, retried on connection errors and 5xx with exponential backoff."""
+        delay = 0.2
+        for attempt in range(self.retries + 1):
+            try:
+                response = self._http.request(method, path, **kwargs)
+            except httpx.TransportError as exc:
+                if attempt == self.retries:
+                    raise ActmapError(
+                        f"cannot reach the actmap API at {self._http.base_url}: {exc}"
+                    ) from None
+            else:
+                if response.status_code < 500 or attempt == self.retries:
+                    return _checked(response)
+            time.sleep(delay)
+            delay = min(delay * 2, 5.0)
+        raise AssertionError("unreachable")
+
+    def register_model(
+        self,
+        name: str,
+        archive: str | Path | None = None,
+        weights: str | Path | None = None,
+        factory: str | None = None,
+        path: str | None = None,
+        wait: bool = True,
+        timeout: float = 300,
+    ) -> str:
+        """Upload a `.pt2`, or weights with a factory, or name a server path; returns the
+        model id once its catalogue is ready (with `wait`)."""
+        data = {
+            "name": name,
+            **({"factory": factory} if factory else {}),
+            **({"path": path} if path else {}),
+        }
+        files = {}
+        if archive is not None:
+            files["archive"] = (Path(archive).name, Path(archive).read_bytes())
+        if weights is not None:
+            files["weights"] = (Path(weights).name, Path(weights).read_bytes())
+        model = self.request("POST", "/v1/models", data=data, files=files or None).json()
+        deadline = time.monotonic() + timeout
+        while wait and model["state"] == "pending" and time.monotonic() < deadline:
+            time.sleep(0.2)
+            model = self.request("GET", f"/v1/models/{model['id']}").json()
+        if model["state"] == "failed":
+            raise UserError(f"model {name} could not be registered: {model['error']}")
+        model_id: str = model["id"]
+        return model_id
+
+    def upload(self, files: Sequence[str | Path]) -> str:
+        """Upload local files; returns an input-set id to scan."""
+        parts = [("files", (Path(f).name, Path(f).read_bytes())) for f in files]
+        input_set: str = self.request("POST", "/v1/inputs", files=parts).json()["input_set"]
+        return input_set
+
+    def submit_extraction(
+        self, model_id: str, inputs: Sequence[str] = (), layers: Sequence[str] = (), **options: Any
+    ) -> Job:
+        body = {"model_id": model_id, "inputs": list(inputs), "layers": list(layers), **options}
+        headers = {"Idempotency-Key": uuid.uuid4().hex}
+        accepted = self.request("POST", "/v1/jobs/extractions", json=body, headers=headers).json()
+        return Job(self, accepted["job_id"])
+
+    def job(self, job_id: str) -> Job:
+        return Job(self, job_id)
+
+    def jobs(self, state: str | None = None) -> list[dict[str, Any]]:
+        found: list[dict[str, Any]] = self.request(
+            "GET", "/v1/jobs", params={"state": state} if state else None
+        ).json()
+        return found
+
+
+class Job:
+    """A handle on one job of the API."""
+
+    def __init__(self, client: Client, job_id: str) -> None:
+        self.client = client
+        self.id = job_id
+
+    def status(self) -> dict[str, Any]:
+        found: dict[str, Any] = self.client.request("GET", f"/v1/jobs/{self.id}").json()
+        return found
+
+    def wait(
+        self, progress: bool = False, timeout: float | None = None, poll: float = 0.2
+    ) -> dict[str, Any]:
+        """Poll until the job finishes; a rich progress bar on a terminal with `progress`."""
+        from rich.progress import Progress
+
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with Progress(disable=not progress, transient=True) as bar:
+            task = bar.add_task(f"job {self.id}", total=None)
+            while True:
+                current = self.status()
+                bar.update(task, total=current["n_samples"], completed=current["samples_done"])
+                if current["state"] in _FINISHED:
+                    return current
+                if deadline is not None and time.monotonic() > deadline:
+                    return current
+                time.sleep(poll)
+
+    def cancel(self) -> dict[str, Any]:
+        found: dict[str, Any] = self.client.request("POST", f"/v1/jobs/{self.id}/cancel").json()
+        return found
+
+    def resume(self) -> dict[str, Any]:
+        found: dict[str, Any] = self.client.request("POST", f"/v1/jobs/{self.id}/resume").json()
+        return found
+
+    def fetch(
+        self,
+        layer: str,
+        samples: Sequence[str] | None = None,
+        channels: Sequence[int] | None = None,
+    ) -> np.ndarray:
+        """Activations of `layer` for the chosen samples (and channels), as numpy."""
+        params: dict[str, Any] = {}
+        if samples is not None:
+            params["samples"] = ",".join(samples)
+            params["limit"] = max(1, min(len(samples), 1000))
+        if channels is not None:
+            params["channels"] = ",".join(map(str, channels))
+        response = self.client.request(
+            "GET", f"/v1/jobs/{self.id}/layers/{layer}/activations", params=params
+        )
+        values: np.ndarray = np.load(io.BytesIO(response.content), allow_pickle=False)
+        return values
+
+    def open(self) -> Any:
+        """The job as an xarray DataTree straight from the store, when this host reaches it."""
+        import xarray as xr
+
+        where = self.client.request("GET", f"/v1/jobs/{self.id}/store").json()
+        return xr.open_datatree(where["store"], group=where["group"], engine="zarr")
+
+
+def _checked(response: httpx.Response) -> httpx.Response:
+    if response.is_success:
+        return response
+    try:
+        message = str(response.json().get("detail", response.text))
+    except ValueError:
+        message = response.text
+    if response.status_code == 404:
+        raise JobError(message)
+    if response.status_code < 500:
+        raise Refused(response.status_code, message)
+    raise ApiError(response.status_code, message)

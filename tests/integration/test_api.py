@@ -1,0 +1,118 @@
+"""The API for real: uvicorn, a private Redis and a real worker process; the Python client
+and `actmap --api` on the other side."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+
+from api.client import Client
+from tests.integration.conftest import ROOT, Cluster, free_port, until
+from workers.demo.digits import WEIGHTS
+from workers.extraction.cache import ModelCache
+from workers.jobs import ExtractionSpec
+from workers.pipeline import plan
+from workers.runner import run_job
+from workers.storage.layout import open_job, read
+
+FACTORY = "workers.demo.digits:digits_cnn"
+SAMPLES = ROOT / "workers" / "demo" / "samples"
+TOKEN = "integration-token"
+
+
+@pytest.fixture
+def server(cluster: Cluster, tmp_path: Path) -> Iterator[str]:
+    data = tmp_path / "data"
+    data.mkdir()
+    for digit in ("1", "8"):
+        shutil.copytree(SAMPLES / digit, data / digit)
+    auth = {"tenants": {"acme": {"tokens": [TOKEN], "roots": [str(data), str(SAMPLES)]}}}
+    (tmp_path / "auth.json").write_text(json.dumps(auth))
+    cluster.env["ACTMAP_AUTH_FILE"] = str(tmp_path / "auth.json")
+    cluster.env["ACTMAP_FACTORIES"] = json.dumps([FACTORY])
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "api.cli", "serve", "--port", str(port)],
+        env=cluster.env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+
+    def up() -> bool:
+        try:
+            return httpx.get(f"{url}/readyz", timeout=2).status_code == 200
+        except httpx.TransportError:
+            return False
+
+    try:
+        until(up, 60, "the API to be ready")
+        cluster.start(workers=1)
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
+def test_a_client_submits_waits_and_fetches_what_an_in_process_run_stores(
+    server: str, tmp_path: Path
+) -> None:
+    with Client(server, TOKEN) as client:
+        model_id = client.register_model("digits", weights=WEIGHTS, factory=FACTORY)
+        data = str(tmp_path / "data")
+        job = client.submit_extraction(model_id, [data], ["conv1", "fc"], batch_size=3)
+        final = job.wait(timeout=120)
+        assert final["state"] == "succeeded"
+        assert final["n_samples"] == 8
+        ids = client.request("GET", f"/v1/jobs/{job.id}/samples").json()["samples"]
+        fetched = job.fetch("conv1", samples=ids, channels=[1, 2])
+        tree = job.open()
+    models = ModelCache(factories=(FACTORY,))
+    spec = ExtractionSpec(
+        model=FACTORY, weights=str(WEIGHTS), layers=("conv1", "fc"), inputs=(data,), batch_size=3
+    )
+    ref = plan(str(tmp_path / "ref"), spec, models.get(spec).info)
+    run_job(str(tmp_path / "ref"), ref.job_id, models)
+    want = read(open_job(str(tmp_path / "ref"), ref.job_id, mode="r"), "layers/conv1/acts")
+    np.testing.assert_array_equal(fetched, want[:, [1, 2]])
+    assert tree["layers/fc"]["acts"].shape == (8, 10)
+
+
+def test_actmap_scan_through_the_api_has_the_same_output_and_exit_codes(
+    server: str, tmp_path: Path, cluster: Cluster
+) -> None:
+    with Client(server, TOKEN) as client:
+        client.register_model("digits", weights=WEIGHTS, factory=FACTORY)
+    env = {**cluster.env, "ACTMAP_API_URL": server, "ACTMAP_TOKEN": TOKEN}
+    env.pop("ACTMAP_BROKER_URL")
+
+    def cli(*argv: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "api.cli", *argv], env=env, cwd=ROOT,
+            capture_output=True, text=True, timeout=180, check=False,
+        )  # fmt: skip
+
+    uploaded = cli("scan", str(SAMPLES / "2"), "--model", "digits", "--layers", "fc",
+                   "--upload", "--json")  # fmt: skip
+    assert uploaded.returncode == 0, uploaded.stderr
+    result = json.loads(uploaded.stdout.splitlines()[-1])
+    assert result["state"] == "succeeded"
+    assert result["n_samples"] == 4
+    status = cli("jobs", "status", result["job_id"], "--json")
+    assert json.loads(status.stdout)["samples_done"] == 4
+    refused = cli("scan", "/etc", "--model", "digits", "--layers", "fc")
+    assert refused.returncode == 2
+    assert refused.stderr.strip().splitlines() == [
+        "actmap: error: input /etc is not inside your allowed roots (HTTP 422)"
+    ]
+    no_model = cli("scan", str(SAMPLES / "2"), "--model", "nope", "--layers", "fc")
+    assert no_model.returncode == 2
+    assert "no registered model 'nope'" in no_model.stderr
+    assert os.environ.get("ACTMAP_TOKEN") != TOKEN
