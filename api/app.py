@@ -9,7 +9,7 @@ import secrets
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
@@ -180,7 +180,26 @@ def create_app(settings: Settings, broker: Broker | None = None) -> FastAPI:
     from api.routes import router
 
     app.include_router(router)
+    _document_problems(app)
     return app
+
+
+def _document_problems(app: FastAPI) -> None:
+    """FastAPI documents its own 422 shape; ours is `Problem`, so say that in the schema."""
+    from fastapi.openapi.utils import get_openapi
+
+    from api.schemas import Problem
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
+            problem = Problem.model_json_schema(ref_template="#/components/schemas/{model}")
+            schema.setdefault("components", {}).setdefault("schemas", {})
+            schema["components"]["schemas"]["HTTPValidationError"] = problem
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
 
 def _writable(store: str) -> bool:

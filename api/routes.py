@@ -22,6 +22,7 @@ from api.schemas import (
     InputSet,
     JobOut,
     ModelOut,
+    Problem,
     SampleErrors,
     SamplesPage,
     StoreLocation,
@@ -37,7 +38,18 @@ from workers.storage.registry import ModelRecord, Registry
 
 __all__ = ["router"]
 
-router = APIRouter(prefix="/v1")
+_PROBLEMS: dict[int | str, dict[str, Any]] = {
+    code: {"model": Problem, "description": text}
+    for code, text in (
+        (401, "no or unknown bearer token"),
+        (404, "no such id for this tenant"),
+        (409, "the model or job is not in a state for this"),
+        (413, "over a size quota"),
+        (422, "an invalid request, said in one line"),
+        (429, "over the queued-jobs quota"),
+    )
+}
+router = APIRouter(prefix="/v1", responses=_PROBLEMS)
 TenantDep = Annotated[Tenant, Depends(tenant_of)]
 _SAFE_NAME = re.compile(r"[^A-Za-z0-9._-]+")
 _MAX_ROWS = 1000

@@ -10,6 +10,7 @@ from workers.jobs import ModelInfo
 
 __all__ = [
     "Accepted",
+    "Problem",
     "ComparisonRequest",
     "ExtractionRequest",
     "InputSet",
@@ -73,6 +74,13 @@ class ScreeningRequest(_Body):
     profile_id: str
     inputs: list[str] = Field(default_factory=list)
     input_set: str | None = None
+
+
+class Problem(_Body):
+    """Every error answer: one line saying what to do, and the field errors for a 422."""
+
+    detail: str
+    errors: list[dict[str, object]] | None = None
 
 
 class Accepted(_Body):

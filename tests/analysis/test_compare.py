@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from scipy import stats as st  # type: ignore[import-untyped]
+from scipy import stats as st
 from sklearn.metrics import roc_auc_score
 
 from workers.analysis.compare import (

@@ -60,9 +60,11 @@ def _inline(settings: Settings) -> Any:
 
     def run(task: str, args: list[Any]) -> None:
         if task == TaskName.REGISTER_MODEL:
-            register_model(*args, settings.factories)
+            store, tenant, model_id = args
+            register_model(store, tenant, model_id, settings.factories)
         elif task == TaskName.RUN_BATCH:
-            execute_batch(*args, runtime)
+            store, job_id, batch = args
+            execute_batch(store, job_id, batch, runtime)
 
     return run
 

@@ -15,7 +15,8 @@ from workers.storage.layout import open_job, read
 
 
 def _npy(content: bytes) -> np.ndarray:
-    return np.load(io.BytesIO(content), allow_pickle=False)
+    values: np.ndarray = np.load(io.BytesIO(content), allow_pickle=False)
+    return values
 
 
 def test_no_token_or_an_unknown_one_is_401(api: Api) -> None:

@@ -69,6 +69,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 import argparse  # noqa: E402
+import ctypes  # noqa: E402
 import os  # noqa: E402
 import signal  # noqa: E402
 import socket  # noqa: E402
@@ -111,6 +112,7 @@ THREADS_PER_PROCESS = 16  # simulated GPUs per `--pool threads` worker process
 POLL = 0.005  # seconds between polls of the done set in the simulation
 READY_TIMEOUT = 120.0  # seconds for a worker process to answer a ping
 JOB_TIMEOUT = 300.0  # seconds before a job is declared hung
+PR_SET_PDEATHSIG = 1  # prctl(2)
 
 
 # --- processes: a private Redis and worker processes, each in its own process group -------
@@ -125,6 +127,13 @@ def free_port() -> int:
             return port
 
 
+def _die_with_parent() -> None:
+    """In the child, before exec: on Linux, ask for SIGKILL when this script dies, a safety
+    net for the cases where its `finally` cannot run (SIGKILL)."""
+    if sys.platform == "linux":
+        ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
 class Processes:
     """Every process this script starts, each the leader of a new process group, so that
     stopping one stops its children too (the prefork pool, say)."""
@@ -137,7 +146,7 @@ class Processes:
         with open(self.logs / f"{name}.log", "ab") as log:
             proc = subprocess.Popen(
                 cmd, cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stdout=log,
-                stderr=subprocess.STDOUT, start_new_session=True,
+                stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=_die_with_parent,
             )  # fmt: skip
         self.running.append(proc)
         return proc

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import numpy.typing as npt
-from scipy import stats as st  # type: ignore[import-untyped]
+from scipy import stats as st
 
 from workers.analysis.stats import DEFAULT_BLOCK, ChannelMoments, ChannelStats, Rows
 from workers.errors import SpecError

@@ -11,8 +11,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import numpy.typing as npt
-from scipy.sparse import coo_matrix  # type: ignore[import-untyped]
-from scipy.sparse.csgraph import connected_components  # type: ignore[import-untyped]
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
 
 from workers.analysis.stats import DEFAULT_BLOCK, ChannelStats, Rows, channel_stats
 from workers.errors import SpecError
