@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import io
+import logging
 import re
 import secrets
 from pathlib import Path
@@ -50,6 +51,7 @@ _PROBLEMS: dict[int | str, dict[str, Any]] = {
     )
 }
 router = APIRouter(prefix="/v1", responses=_PROBLEMS)
+log = logging.getLogger("actmap.api")
 TenantDep = Annotated[Tenant, Depends(tenant_of)]
 _SAFE_NAME = re.compile(r"[^A-Za-z0-9._-]+")
 _MAX_ROWS = 1000
@@ -259,6 +261,10 @@ def submit_extraction(
         raise
     for batch in range(job.n_batches):
         services.broker.send(TaskName.RUN_BATCH, [services.store, job_id, batch], body.queue)
+    log.info(
+        "extraction queued: %d samples in %d batches on %s", job.n_samples, job.n_batches,
+        body.queue, extra={"job_id": job_id, "tenant": tenant.name},
+    )  # fmt: skip
     return Accepted(job_id=job_id, state="queued", n_samples=job.n_samples, queue=body.queue)
 
 
@@ -311,6 +317,7 @@ def cancel(services: ServicesDep, tenant: TenantDep, job_id: str) -> JobOut:
     if JobState(status(services.store, job_id).state).finished:
         raise Limit(f"job {job_id} has already finished; nothing to cancel", 409)
     current = cancel_job(services.store, job_id)
+    log.info("job cancelled", extra={"job_id": job_id, "tenant": tenant.name})
     return _job_out(services, open_job(services.store, job_id, mode="r"), current)
 
 
@@ -324,6 +331,7 @@ def resume(services: ServicesDep, tenant: TenantDep, job_id: str) -> JobOut:
             services.broker.send(name, args, queue)
 
     enqueue(_Send(), services.store, job_id, missing)
+    log.info("resumed %d batches", len(missing), extra={"job_id": job_id, "tenant": tenant.name})
     group = open_job(services.store, job_id, mode="r")
     return _job_out(services, group, status(services.store, job_id))
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+import psutil
 import pytest
 
 from api.client import Client
@@ -116,3 +117,25 @@ def test_actmap_scan_through_the_api_has_the_same_output_and_exit_codes(
     assert no_model.returncode == 2
     assert "no registered model 'nope'" in no_model.stderr
     assert os.environ.get("ACTMAP_TOKEN") != TOKEN
+
+
+def test_without_an_auth_file_serve_listens_on_loopback_only_and_says_so(cluster: Cluster) -> None:
+    env = {k: v for k, v in cluster.env.items() if k != "ACTMAP_AUTH_FILE"}
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "api.cli", "serve", "--host", "0.0.0.0", "--port", str(port)],
+        env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    try:
+
+        def listening() -> list[str]:
+            conns = psutil.Process(proc.pid).net_connections(kind="tcp")
+            return [c.laddr.ip for c in conns if c.status == psutil.CONN_LISTEN]
+
+        addresses = until(listening, 60, "the server to listen")
+        assert addresses == ["127.0.0.1"]
+    finally:
+        proc.terminate()
+        out, _ = proc.communicate(timeout=30)
+    said = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    assert any("listening on loopback only" in entry["message"] for entry in said)
