@@ -424,14 +424,20 @@ def pooled(
     )
 
 
+def _table(
+    services: Services, tenant: Tenant, job_id: str, name: str, rows: tuple[str | None, int, int]
+) -> Response:
+    group = _job(services, tenant, job_id)
+    index = _rows(group, *rows)
+    return _npy(np.asarray(array(group, name).get_orthogonal_selection((index,))))
+
+
 @router.get("/jobs/{job_id}/logits", responses=_NPY, response_class=Response)
 def logits(
     services: ServicesDep, tenant: TenantDep, job_id: str,
     samples: Rows = None, offset: Offset = 0, limit: Limit_ = _MAX_ROWS,
 ) -> Response:  # fmt: skip
-    group = _job(services, tenant, job_id)
-    rows = _rows(group, samples, offset, limit)
-    return _npy(np.asarray(array(group, "logits").get_orthogonal_selection((rows,))))
+    return _table(services, tenant, job_id, "logits", (samples, offset, limit))
 
 
 @router.get("/jobs/{job_id}/predictions", responses=_NPY, response_class=Response)
@@ -439,9 +445,7 @@ def predictions(
     services: ServicesDep, tenant: TenantDep, job_id: str,
     samples: Rows = None, offset: Offset = 0, limit: Limit_ = _MAX_ROWS,
 ) -> Response:  # fmt: skip
-    group = _job(services, tenant, job_id)
-    rows = _rows(group, samples, offset, limit)
-    return _npy(np.asarray(array(group, "pred").get_orthogonal_selection((rows,))))
+    return _table(services, tenant, job_id, "pred", (samples, offset, limit))
 
 
 @router.get("/jobs/{job_id}/store", response_model=StoreLocation)

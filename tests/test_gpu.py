@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -31,8 +32,9 @@ def test_one_worker_per_gpu_each_seeing_only_its_own() -> None:
 
 def test_cpu_workers_see_no_gpu_at_all() -> None:
     found = slots(None, 2, [], host="h")
-    assert found == [Slot("actmap-cpu0@h", None), Slot("actmap-cpu1@h", None)]
-    assert found[0].environment() == {"CUDA_VISIBLE_DEVICES": ""}
+    threads = max(1, (os.cpu_count() or 1) // 2)
+    assert found == [Slot("actmap-cpu0@h", None, threads), Slot("actmap-cpu1@h", None, threads)]
+    assert found[0].environment() == {"CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": str(threads)}
 
 
 def test_each_worker_runs_one_task_at_a_time_under_its_own_name() -> None:

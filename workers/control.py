@@ -37,6 +37,9 @@ __all__ = [
 ]
 
 
+FINALIZE_GRACE_S = 30.0
+
+
 def now() -> str:
     return datetime.now(UTC).isoformat(timespec="milliseconds")
 
@@ -129,7 +132,10 @@ def enqueue(
     """One task per batch, sent by name so the sender needs no task code."""
     count = 0
     for batch in batches:
-        app.send_task(TaskName.RUN_BATCH, args=[store, job_id, int(batch)], queue=queue)
+        # Results are never read; without this Celery subscribes to a result channel per send.
+        app.send_task(
+            TaskName.RUN_BATCH, args=[store, job_id, int(batch)], queue=queue, ignore_result=True
+        )
         count += 1
     return count
 
@@ -140,23 +146,40 @@ def wait(
     counters: Counters | None = None,
     progress: Callable[[Status], None] | None = None,
     timeout: float | None = None,
-    poll: float = 0.2,
+    poll: float = 0.05,
 ) -> Status:
-    """Poll until the job is finished or cancelled. If the ledger is complete but nobody
-    finalized (a finalizer died, Redis lost its counters), finalize here."""
+    """Poll until the job is finished or cancelled. The counters (cheap) are polled often,
+    the store (the truth) about once a second and whenever the counters say it is done. If
+    the ledger is complete but nobody finalized (a finalizer died, Redis lost its counters),
+    finalize here, after claiming it like a task would."""
     deadline = None if timeout is None else time.monotonic() + timeout
+    next_read = 0.0
+    n_batches: int | None = None
+    complete_since: float | None = None
     while True:
-        current = status(store, job_id, counters)
-        if progress:
-            progress(current)
-        state = JobState(current.state)
-        if state.finished:
-            return current
-        if current.batches_done == current.n_batches:
-            finalize(store, job_id)
-            continue
-        if deadline is not None and time.monotonic() > deadline:
-            return current
+        hinted = (
+            counters is not None
+            and n_batches is not None
+            and (counters.done_count(job_id) >= n_batches)
+        )
+        if hinted or time.monotonic() >= next_read:
+            current = status(store, job_id, counters)
+            n_batches = current.n_batches
+            next_read = time.monotonic() + 1.0
+            if progress:
+                progress(current)
+            if JobState(current.state).finished:
+                return current
+            if current.batches_done == current.n_batches:
+                complete_since = complete_since or time.monotonic()
+                # The last task normally finalizes; take over if it has not within a grace
+                # period (it died after claiming), or claim it ourselves when nobody did.
+                late = time.monotonic() - complete_since > FINALIZE_GRACE_S
+                if counters is None or late or counters.claim_finalize(job_id):
+                    finalize(store, job_id)
+                    continue
+            if deadline is not None and time.monotonic() > deadline:
+                return current
         time.sleep(poll)
 
 

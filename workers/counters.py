@@ -28,6 +28,10 @@ class Counters(Protocol):
         """True for exactly one caller per job, until `reset`."""
         ...
 
+    def done_count(self, job_id: str) -> int:
+        """How many batches `done` has recorded (a hint; the ledger decides)."""
+        ...
+
     def started(self, job_id: str) -> float | None:
         """When the first batch of the job started (set by the first `attempt`)."""
         ...
@@ -60,6 +64,9 @@ class MemoryCounters:
             batches.add(batch)
             return len(batches)
 
+    def done_count(self, job_id: str) -> int:
+        return len(self._done.get(job_id, ()))
+
     def claim_finalize(self, job_id: str) -> bool:
         with self._lock:
             if job_id in self._claimed:
@@ -90,7 +97,8 @@ class RedisCounters:
 
     def attempt(self, job_id: str, batch: int) -> int:
         key = self._key(job_id, "attempts")
-        pipe = self._redis.pipeline()
+        # One round trip; each command is atomic alone, so no MULTI/EXEC is needed.
+        pipe = self._redis.pipeline(transaction=False)
         pipe.hincrby(key, str(batch), 1)
         pipe.expire(key, _TTL)
         pipe.set(self._key(job_id, "started"), time.time(), nx=True, ex=_TTL)
@@ -99,12 +107,15 @@ class RedisCounters:
 
     def done(self, job_id: str, batch: int) -> int:
         key = self._key(job_id, "done")
-        pipe = self._redis.pipeline()
+        pipe = self._redis.pipeline(transaction=False)
         pipe.sadd(key, batch)
         pipe.expire(key, _TTL)
         pipe.scard(key)
         *_, count = pipe.execute()
         return int(count)
+
+    def done_count(self, job_id: str) -> int:
+        return int(self._redis.scard(self._key(job_id, "done")))
 
     def claim_finalize(self, job_id: str) -> bool:
         return bool(self._redis.set(self._key(job_id, "finalizer"), 1, nx=True, ex=_TTL))

@@ -10,6 +10,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 from celery import Celery
+from celery._state import _set_task_join_will_block
 from celery.worker import state as worker_state
 from celery.worker.worker import WorkController
 
@@ -101,6 +102,9 @@ def embedded(settings: Settings) -> Iterator[Embedded]:
             wake.apply_async(queue="extract")
             thread.join(30)
             worker_state.should_terminate = None
+            # The solo worker marks the process as one where joining results would block;
+            # later senders in this process should not inherit that.
+            _set_task_join_will_block(False)
 
 
 def scan(

@@ -6,6 +6,7 @@ inside the functions that run in a worker child.
 
 from __future__ import annotations
 
+import os
 import shutil
 import socket
 import subprocess
@@ -32,10 +33,14 @@ class Slot:
 
     name: str
     gpu: int | None
+    threads: int | None = None  # CPU workers share the cores instead of each taking all
 
     def environment(self) -> dict[str, str]:
         # An empty CUDA_VISIBLE_DEVICES hides every GPU from a CPU worker.
-        return {"CUDA_VISIBLE_DEVICES": "" if self.gpu is None else str(self.gpu)}
+        env = {"CUDA_VISIBLE_DEVICES": "" if self.gpu is None else str(self.gpu)}
+        if self.threads is not None:
+            env["OMP_NUM_THREADS"] = str(self.threads)
+        return env
 
 
 def _nvidia_smi(cmd: list[str]) -> str:
@@ -63,7 +68,8 @@ def slots(
     if cpus is not None:
         if cpus < 1:
             raise UserError("--cpu needs at least 1 worker")
-        return [Slot(f"actmap-cpu{i}@{host}", None) for i in range(cpus)]
+        threads = max(1, (os.cpu_count() or 1) // cpus)
+        return [Slot(f"actmap-cpu{i}@{host}", None, threads) for i in range(cpus)]
     if not available:
         raise UserError("no NVIDIA GPU found on this host (nvidia-smi lists none); use --cpu N")
     if gpus == "all":

@@ -9,7 +9,8 @@ Run from the repository root (needs redis-server; about 3 to 5 minutes on 2 core
 It starts a private `redis-server` on a free port (no persistence, files in a temporary
 directory; never the machine's own Redis), starts every worker process itself, each in a
 process group of its own, and stops all of them and the Redis server on exit, on an error
-or Ctrl-C (SIGTERM, then SIGKILL to the group). Worker logs go to the temporary directory.
+or Ctrl-C (SIGTERM, then SIGKILL to the group; on Linux they also get SIGKILL should this
+script itself be killed). Worker logs go to the temporary directory.
 
 1. Per-task overhead. The same job (the bundled model `digits-cnn`, layers conv1, block2
    and conv3 stored as float16, batch 32, on `--images` seeded random (1, 28, 28) `.npy`
@@ -32,8 +33,7 @@ or Ctrl-C (SIGTERM, then SIGKILL to the group). Worker logs go to the temporary 
    Torch runs `--torch-threads` intra-op threads in this process and in the worker (1 by
    default: with 2 threads on a shared 2-core machine the same job's time varied up to
    8-fold from run to run, whichever method ran it; 0 keeps torch's default). Printed:
-   images/s per method
-   (median and best) and each against in-process.
+   images/s per method (median and best) and each against in-process.
 
 2. Scaling, simulated. N simulated GPU workers (tests/bench/sim_worker.py: the app from
    `make_celery`, so acks late, prefetch 1 and the visibility timeout, the real task name
@@ -141,19 +141,27 @@ class Processes:
     def __init__(self, logs: Path) -> None:
         self.logs = logs
         self.running: list[subprocess.Popen[bytes]] = []
+        self.services: list[subprocess.Popen[bytes]] = []  # stopped last: Redis
 
-    def start(self, name: str, cmd: list[str], env: dict[str, str] | None = None) -> Any:
+    def start(
+        self, name: str, cmd: list[str], env: dict[str, str] | None = None, service: bool = False
+    ) -> subprocess.Popen[bytes]:
         with open(self.logs / f"{name}.log", "ab") as log:
             proc = subprocess.Popen(
                 cmd, cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stdout=log,
                 stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=_die_with_parent,
             )  # fmt: skip
         self.running.append(proc)
+        if service:
+            self.services.append(proc)
         return proc
 
     def stop(self, procs: list[subprocess.Popen[bytes]] | None = None, grace: float = 20) -> None:
-        """SIGTERM (Celery's warm shutdown) to each group, SIGKILL to what is left."""
-        chosen = list(self.running if procs is None else procs)
+        """SIGTERM (Celery's warm shutdown) to each group, SIGKILL to what is left after
+        `grace` seconds. By default every running process but the services."""
+        if procs is None:
+            procs = [p for p in self.running if p not in self.services]
+        chosen = [p for p in procs if p in self.running]
         for proc in chosen:
             self._signal(proc, signal.SIGTERM)
         deadline = time.monotonic() + grace
@@ -163,6 +171,10 @@ class Processes:
             self._signal(proc, signal.SIGKILL)  # the group: stray pool children too
             proc.wait()
             self.running.remove(proc)
+
+    def stop_all(self) -> None:
+        self.stop()
+        self.stop(list(self.running))
 
     @staticmethod
     def _signal(proc: subprocess.Popen[bytes], sig: int) -> None:
@@ -178,6 +190,7 @@ def private_redis(procs: Processes, binary: str, folder: Path) -> Iterator[str]:
         "redis",
         [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
          "--appendonly", "no", "--dir", str(folder)],
+        service=True,
     )  # fmt: skip
     url = f"redis://127.0.0.1:{port}/0"
     client = redis.Redis.from_url(url)
@@ -197,7 +210,7 @@ def private_redis(procs: Processes, binary: str, folder: Path) -> Iterator[str]:
         procs.stop([server])
 
 
-def group_cpu(procs: list[Any]) -> float:
+def group_cpu(procs: list[subprocess.Popen[bytes]]) -> float:
     """CPU seconds used so far by these processes and all their descendants."""
     total = 0.0
     for proc in procs:
@@ -216,7 +229,9 @@ def self_cpu() -> float:
     return t.user + t.system
 
 
-def wait_ready(app: Any, hostnames: list[str], procs: list[Any], timeout: float) -> None:
+def wait_ready(
+    app: Any, hostnames: list[str], procs: list[subprocess.Popen[bytes]], timeout: float
+) -> None:
     """Poll until every worker answers a ping; fail early if one exits."""
     deadline = time.monotonic() + timeout
     missing = set(hostnames)
@@ -458,7 +473,7 @@ def redis_cpu(client: redis.Redis) -> float:
 def sim_round(
     app: Any,
     client: redis.Redis,
-    workers: tuple[list[Any], list[str]],
+    workers: tuple[list[subprocess.Popen[bytes]], list[str]],
     batches: int,
     variant: Variant,
 ) -> Round:
@@ -519,7 +534,9 @@ class Scaling:
         return r.batches / r.elapsed / (n / sleep)
 
 
-def start_sim_workers(procs: Processes, n: int, env: dict[str, str]) -> tuple[list[Any], list[str]]:
+def start_sim_workers(
+    procs: Processes, n: int, env: dict[str, str]
+) -> tuple[list[subprocess.Popen[bytes]], list[str]]:
     """n simulated GPUs as pool threads, at most THREADS_PER_PROCESS per worker process."""
     n_procs = -(-n // THREADS_PER_PROCESS)
     threads = [n // n_procs + (1 if i < n % n_procs else 0) for i in range(n_procs)]
@@ -666,8 +683,10 @@ def main(argv: list[str] | None = None) -> int:
         (tmp / "logs").mkdir()
         (tmp / "redis").mkdir()
         procs = Processes(tmp / "logs")
-        stack.callback(procs.stop)  # whatever is still running, on any exit
+        # On any exit, in this order: the workers, then Redis, then anything left.
+        stack.callback(procs.stop_all)
         url = stack.enter_context(private_redis(procs, args.redis_server, tmp / "redis"))
+        stack.callback(procs.stop)
         print(f"private Redis at {url.rsplit('/', 1)[0]}", flush=True)
         over = scale = None
         if not args.skip_overhead:

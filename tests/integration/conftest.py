@@ -177,28 +177,22 @@ class Cluster:
         return result
 
 
+def _cluster(server: RedisServer, tmp_path: Path) -> Cluster:
+    store = str(tmp_path / "store")
+    env = {**os.environ, "ACTMAP_BROKER_URL": server.url, "ACTMAP_STORE": store}
+    return Cluster(server, store, {**env, "PYTHONPATH": str(ROOT)})
+
+
 @pytest.fixture
 def cluster(redis_server: RedisServer, tmp_path: Path) -> Iterator[Cluster]:
-    env = {
-        **os.environ,
-        "ACTMAP_BROKER_URL": redis_server.url,
-        "ACTMAP_STORE": str(tmp_path / "store"),
-        "PYTHONPATH": str(ROOT),
-    }
-    found = Cluster(redis_server, str(tmp_path / "store"), env)
+    found = _cluster(redis_server, tmp_path)
     yield found
     found.stop()
 
 
 @pytest.fixture
 def durable_cluster(durable_redis: RedisServer, tmp_path: Path) -> Iterator[Cluster]:
-    env = {
-        **os.environ,
-        "ACTMAP_BROKER_URL": durable_redis.url,
-        "ACTMAP_STORE": str(tmp_path / "store"),
-        "PYTHONPATH": str(ROOT),
-    }
-    found = Cluster(durable_redis, str(tmp_path / "store"), env)
+    found = _cluster(durable_redis, tmp_path)
     yield found
     found.stop()
 

@@ -1,0 +1,145 @@
+"""The `/v1` picture routes: PNGs of a job's activation maps, filter weights and
+screening scores, drawn by workers/analysis/render*.py, scoped to the caller's tenant
+like every other job route (another tenant's job answers 404).
+
+Filter weights come from the store (`actmap report` keeps the first conv layer's there)
+or from the model's safetensors file, read with safetensors' numpy loader: the API never
+imports torch, so other weight formats answer 404 with what to do instead.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+import numpy as np
+import zarr
+from fastapi import APIRouter, Query
+from fastapi.responses import Response
+
+from api.routes import ServicesDep, TenantDep, _job, _layer
+from workers.analysis.render import MAX_TILES, activation_grid, filter_grid
+from workers.analysis.render_charts import score_histogram
+from workers.analysis.report_job import CONV_TYPES, LayerData, input_image, read_filters, screening
+from workers.errors import JobError, SpecError
+from workers.jobs import close_matches
+from workers.storage.layout import attrs, read
+
+__all__ = ["router"]
+
+router = APIRouter(prefix="/v1", tags=["pictures"])
+_PNG: dict[int | str, dict[str, Any]] = {
+    200: {"content": {"image/png": {}}, "description": "a PNG picture"},
+    404: {"description": "no such job, layer, sample or picture for this tenant"},
+    422: {"description": "an invalid parameter, said in one line"},
+}
+
+
+def _png(content: bytes) -> Response:
+    return Response(content, media_type="image/png")
+
+
+def _row(group: zarr.Group, sample: str) -> int:
+    found = np.flatnonzero(read(group, "sample") == sample)
+    if found.size == 0:
+        raise JobError(f"no sample {sample!r} in this job; see /samples")
+    return int(found[0])
+
+
+def _positions(stored: np.ndarray, wanted: str | None) -> list[int] | None:
+    """Positions in the stored maps of the asked channel indices (the layer's own)."""
+    if not wanted:
+        return None
+    where = {int(c): i for i, c in enumerate(stored)}
+    asked = [int(c) for c in wanted.split(",") if c]
+    missing = [c for c in asked if c not in where]
+    if missing:
+        raise SpecError(f"channel {missing[0]} is not stored for this sample and layer")
+    return [where[c] for c in asked]
+
+
+@router.get(
+    "/jobs/{job_id}/layers/{layer}/activations.png", responses=_PNG, response_class=Response
+)
+def activations_png(
+    services: ServicesDep,
+    tenant: TenantDep,
+    job_id: str,
+    layer: str,
+    sample: Annotated[str, Query(max_length=4096, description="the sample id")],
+    top: Annotated[int | None, Query(ge=1, le=MAX_TILES, description="strongest N")] = None,
+    channels: Annotated[str | None, Query(max_length=20_000, pattern=r"^[0-9,]*$")] = None,
+    image: Annotated[bool, Query(description="draw the input beside the maps")] = True,
+) -> Response:
+    """One sample's maps at one layer: a tile per channel, each min-max normalised on its
+    own and labelled with its index, the input beside them; at most 256 tiles."""
+    group = _job(services, tenant, job_id)
+    job = attrs(group)
+    types = {r["name"]: r["type"] for r in job.get("catalogue", {}).get("layers", [])}
+    data = LayerData(layer, types.get(layer, ""), _layer(group, layer))
+    row = _row(group, sample)
+    maps = data.maps(row)
+    if maps is None:
+        raise SpecError(f"layer {layer} has no spatial maps; GET its /pooled values instead")
+    ids = data.ids(row)
+    picture = None
+    if image and "source" in group:
+        prep = job.get("spec", {}).get("preprocessing") or job.get("catalogue", {}).get(
+            "preprocessing"
+        )
+        picture = input_image(str(read(group, "source", slice(row, row + 1))[0]), prep)
+    png = activation_grid(
+        maps, picture, _positions(ids, channels), top, f"{layer} of {sample}", channel_ids=ids
+    )
+    return _png(png)
+
+
+def _weights(group: zarr.Group, layer: str) -> np.ndarray:
+    """The layer's weights from the store, else from a safetensors file; 404 otherwise."""
+    kept = read_filters(group, layer)
+    if kept is not None:
+        return kept
+    path = str(attrs(group).get("spec", {}).get("weights") or "")
+    if path.endswith(".safetensors"):
+        from safetensors import safe_open  # the worker extra; numpy only, never torch
+
+        try:
+            with safe_open(path, framework="numpy") as f:
+                if f"{layer}.weight" in f.keys():  # noqa: SIM118 (not a dict)
+                    return np.asarray(f.get_tensor(f"{layer}.weight"), dtype=np.float32)
+        except OSError:
+            pass
+    raise JobError(
+        "weights of this model are not readable without torch; "
+        "`actmap report JOB` keeps the first conv layer's in the store"
+    )
+
+
+@router.get("/jobs/{job_id}/weights/{layer}.png", responses=_PNG, response_class=Response)
+def weights_png(
+    services: ServicesDep,
+    tenant: TenantDep,
+    job_id: str,
+    layer: str,
+    over: Annotated[Literal["filter", "layer"], Query(description="normalise per")] = "filter",
+    input_channel: Annotated[int | None, Query(ge=0)] = None,
+) -> Response:
+    """A conv layer's filters, normalised to [0, 1] per filter or over the layer; RGB for a
+    first layer of 3 input channels, else the mean over inputs or `input_channel`."""
+    group = _job(services, tenant, job_id)
+    rows = attrs(group).get("catalogue", {}).get("layers", [])
+    convs = [r["name"] for r in rows if r.get("type") in CONV_TYPES]
+    if layer not in convs:
+        raise JobError(f"no conv layer {layer!r} in this model; {close_matches(layer, convs)}")
+    png = filter_grid(_weights(group, layer), over, input_channel, f"{layer}: filter weights")
+    return _png(png)
+
+
+@router.get("/jobs/{job_id}/screen/scores.png", responses=_PNG, response_class=Response)
+def screen_scores_png(services: ServicesDep, tenant: TenantDep, job_id: str) -> Response:
+    """The histogram of a screening job's scores, flagged samples in red, the threshold
+    dashed."""
+    found = screening(_job(services, tenant, job_id))
+    if found is None:
+        raise JobError(f"job {job_id} is not a screening job: it has no scores")
+    scores, flags, threshold = found
+    return _png(score_histogram(scores, threshold, flags))
