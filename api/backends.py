@@ -101,7 +101,8 @@ class BrokerBackend(_StoreReads):
         info = catalogue(spec.model, spec.weights, spec.preprocessing, self.settings)
         job = plan(self.store, spec, info)
         on_plan(job)
-        enqueue(self._app(), self.store, job.job_id, range(job.n_batches))
+        per_task = self.settings.batches_per_task
+        enqueue(self._app(), self.store, job.job_id, range(job.n_batches), per_task=per_task)
         return self.wait(job.job_id, progress) if wait else self.status(job.job_id)
 
     def wait(self, job_id: str, progress: Progress) -> Status:
@@ -113,7 +114,7 @@ class BrokerBackend(_StoreReads):
         from workers.control import enqueue, prepare_resume
 
         missing = prepare_resume(self.store, job_id, self._counters())
-        enqueue(self._app(), self.store, job_id, missing)
+        enqueue(self._app(), self.store, job_id, missing, per_task=self.settings.batches_per_task)
         return self.wait(job_id, progress) if wait else self.status(job_id)
 
 

@@ -100,13 +100,13 @@ def _weights(group: zarr.Group, layer: str) -> np.ndarray:
         return kept
     path = str(attrs(group).get("spec", {}).get("weights") or "")
     if path.endswith(".safetensors"):
-        from safetensors import safe_open  # the worker extra; numpy only, never torch
+        from safetensors import SafetensorError, safe_open  # numpy only, never torch
 
         try:
             with safe_open(path, framework="numpy") as f:
                 if f"{layer}.weight" in f.keys():  # noqa: SIM118 (not a dict)
                     return np.asarray(f.get_tensor(f"{layer}.weight"), dtype=np.float32)
-        except OSError:
+        except (OSError, SafetensorError):  # gone or unreadable: answer the 404 below
             pass
     raise JobError(
         "weights of this model are not readable without torch; "

@@ -7,6 +7,7 @@ import io
 import logging
 import re
 import secrets
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -28,7 +29,7 @@ from api.schemas import (
     SamplesPage,
     StoreLocation,
 )
-from workers.control import Status, enqueue, list_jobs, prepare_resume, status
+from workers.control import Status, list_jobs, prepare_resume, status, task_batches
 from workers.control import cancel as cancel_job
 from workers.errors import JobError, SampleCode, SpecError
 from workers.extraction.inputs import discover
@@ -259,13 +260,17 @@ def submit_extraction(
         if key is not None:
             services.broker.release(key)
         raise
-    for batch in range(job.n_batches):
-        services.broker.send(TaskName.RUN_BATCH, [services.store, job_id, batch], body.queue)
+    _send_batches(services, job_id, range(job.n_batches), body.queue)
     log.info(
         "extraction queued: %d samples in %d batches on %s", job.n_samples, job.n_batches,
         body.queue, extra={"job_id": job_id, "tenant": tenant.name},
     )  # fmt: skip
     return Accepted(job_id=job_id, state="queued", n_samples=job.n_samples, queue=body.queue)
+
+
+def _send_batches(services: Services, job_id: str, batches: Iterable[int], queue: str) -> None:
+    for group in task_batches(batches, services.settings.batches_per_task):
+        services.broker.send(TaskName.RUN_BATCH, [services.store, job_id, group], queue)
 
 
 def _job_out(services: Services, group: zarr.Group, s: Status) -> JobOut:
@@ -325,12 +330,7 @@ def cancel(services: ServicesDep, tenant: TenantDep, job_id: str) -> JobOut:
 def resume(services: ServicesDep, tenant: TenantDep, job_id: str) -> JobOut:
     _job(services, tenant, job_id)
     missing = prepare_resume(services.store, job_id)
-
-    class _Send:
-        def send_task(self, name: str, args: list[Any], queue: str) -> None:
-            services.broker.send(name, args, queue)
-
-    enqueue(_Send(), services.store, job_id, missing)
+    _send_batches(services, job_id, missing, "extract")
     log.info("resumed %d batches", len(missing), extra={"job_id": job_id, "tenant": tenant.name})
     group = open_job(services.store, job_id, mode="r")
     return _job_out(services, group, status(services.store, job_id))

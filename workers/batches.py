@@ -12,6 +12,8 @@ from concurrent.futures import Executor
 from dataclasses import dataclass
 from enum import StrEnum
 
+import zarr
+
 from workers.counters import Counters
 from workers.errors import SampleCode, UserError
 from workers.extraction.cache import ModelCache
@@ -20,8 +22,10 @@ from workers.jobs import JobState
 from workers.pipeline import decode_batch, finalize, spec_of, store_batch
 from workers.storage.layout import array, attrs, open_job, read
 from workers.storage.ledger import done_batches, is_done, mark_done
+from workers.storage.rows import BatchRows
+from workers.writer import WriteBehind
 
-__all__ = ["Outcome", "Runtime", "execute_batch", "give_up"]
+__all__ = ["Outcome", "Runtime", "execute_batch", "execute_batches", "give_up"]
 
 log = logging.getLogger("actmap")
 
@@ -78,30 +82,56 @@ def complete(store: str, job_id: str, batch: int, runtime: Runtime) -> None:
         finalize(store, job_id)
 
 
-def execute_batch(store: str, job_id: str, batch: int, runtime: Runtime) -> Outcome:
-    """Run one batch the way a task must: skip what the ledger has or a cancelled job,
-    give up past the attempt cap, turn user errors into a failed batch, let transient
-    errors propagate for a retry."""
-    group = open_job(store, job_id)
+def _start(
+    store: str, job_id: str, batch: int, runtime: Runtime
+) -> tuple[Outcome | None, zarr.Group]:
+    """The checks before a batch runs; an outcome when it must not run."""
+    group = open_job(store, job_id)  # fresh attrs: a cancel is seen between batches
     if attrs(group)["state"] == JobState.CANCELLED:
-        return Outcome.CANCELLED
+        return Outcome.CANCELLED, group
     if is_done(group, batch):
         complete(store, job_id, batch, runtime)
-        return Outcome.SKIPPED
-    attempt = runtime.counters.attempt(job_id, batch)
-    if attempt > runtime.attempt_cap:
+        return Outcome.SKIPPED, group
+    if runtime.counters.attempt(job_id, batch) > runtime.attempt_cap:
         reason = (
             f"batch {batch} given up after {runtime.attempt_cap} attempts: its worker died "
             "or it kept failing"
         )
-        return give_up(store, job_id, batch, reason, runtime)
-    spec = spec_of(group)
-    try:
-        model = runtime.models.get(spec)
-        decoded = decode_batch(group, spec, model.info, batch, runtime.decoders)
-        rows = compute_fitting(model, spec, decoded)
-    except UserError as exc:  # the same on every attempt: never retried
-        return give_up(store, job_id, batch, str(exc), runtime)
-    store_batch(group, batch, rows)
-    complete(store, job_id, batch, runtime)
-    return Outcome.RAN
+        return give_up(store, job_id, batch, reason, runtime), group
+    return None, group
+
+
+def execute_batches(store: str, job_id: str, batches: list[int], runtime: Runtime) -> list[Outcome]:
+    """Run batches the way a task must: skip what the ledger has or a cancelled job, give
+    up past the attempt cap, turn user errors into a failed batch, let transient errors
+    propagate for a retry. The write of one batch overlaps the decode and forward of the
+    next; each is marked done only once written, and this returns (so the task is
+    acknowledged) only after every write."""
+
+    def write(batch: int, rows: BatchRows) -> None:
+        store_batch(open_job(store, job_id), batch, rows)
+        complete(store, job_id, batch, runtime)
+
+    outcomes: list[Outcome] = []
+    with WriteBehind(write, depth=1) as writer:
+        for batch in batches:
+            stopped, group = _start(store, job_id, batch, runtime)
+            if stopped is not None:
+                outcomes.append(stopped)
+                continue
+            spec = spec_of(group)
+            try:
+                model = runtime.models.get(spec)
+                decoded = decode_batch(group, spec, model.info, batch, runtime.decoders)
+                rows = compute_fitting(model, spec, decoded)
+            except UserError as exc:  # the same on every attempt: never retried
+                outcomes.append(give_up(store, job_id, batch, str(exc), runtime))
+                continue
+            writer.put(batch, rows)
+            outcomes.append(Outcome.RAN)
+    return outcomes
+
+
+def execute_batch(store: str, job_id: str, batch: int, runtime: Runtime) -> Outcome:
+    """One batch: `execute_batches` of one."""
+    return execute_batches(store, job_id, [batch], runtime)[0]

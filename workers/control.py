@@ -33,6 +33,7 @@ __all__ = [
     "prepare_resume",
     "status",
     "summary",
+    "task_batches",
     "wait",
 ]
 
@@ -126,18 +127,29 @@ def prepare_resume(store: str, job_id: str, counters: Counters | None = None) ->
     return missing
 
 
+def task_batches(batches: Iterable[int], per_task: int) -> list[list[int]]:
+    """Consecutive batches grouped `per_task` to a task, so a task runs for seconds and its
+    writes overlap its next forward."""
+    found = [int(b) for b in batches]
+    return [found[i : i + per_task] for i in range(0, len(found), max(1, per_task))]
+
+
 def enqueue(
-    app: Any, store: str, job_id: str, batches: Iterable[int], queue: str = "extract"
+    app: Any,
+    store: str,
+    job_id: str,
+    batches: Iterable[int],
+    queue: str = "extract",
+    per_task: int = 1,
 ) -> int:
-    """One task per batch, sent by name so the sender needs no task code."""
-    count = 0
-    for batch in batches:
+    """Tasks for these batches, sent by name so the sender needs no task code."""
+    groups = task_batches(batches, per_task)
+    for group in groups:
         # Results are never read; without this Celery subscribes to a result channel per send.
         app.send_task(
-            TaskName.RUN_BATCH, args=[store, job_id, int(batch)], queue=queue, ignore_result=True
+            TaskName.RUN_BATCH, args=[store, job_id, group], queue=queue, ignore_result=True
         )
-        count += 1
-    return count
+    return len(groups)
 
 
 def wait(

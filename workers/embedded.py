@@ -119,7 +119,9 @@ def scan(
         job = plan(store, spec, local.runtime.models.get(spec).info)
         if on_plan is not None:
             on_plan(job)
-        enqueue(local.app, store, job.job_id, range(job.n_batches))
+        enqueue(
+            local.app, store, job.job_id, range(job.n_batches), per_task=settings.batches_per_task
+        )
         return wait(store, job.job_id, local.runtime.counters, local.watch(progress))
 
 
@@ -127,5 +129,5 @@ def resume(store: str, job_id: str, settings: Settings, progress: Progress | Non
     """Run exactly the batches the ledger lacks."""
     with embedded(settings) as local:
         missing = prepare_resume(store, job_id, local.runtime.counters)
-        enqueue(local.app, store, job_id, missing)
+        enqueue(local.app, store, job_id, missing, per_task=settings.batches_per_task)
         return wait(store, job_id, local.runtime.counters, local.watch(progress))

@@ -7,14 +7,10 @@ the device never waits on disk.
 
 from __future__ import annotations
 
-import queue
-import threading
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
-
-import zarr
 
 from workers.control import finalize, mark_started
 from workers.errors import ActmapError
@@ -24,48 +20,11 @@ from workers.pipeline import Decoded, compute_batch, decode_batch, spec_of, stor
 from workers.storage.layout import open_job
 from workers.storage.ledger import pending_batches
 from workers.storage.rows import BatchRows
+from workers.writer import WriteBehind
 
 __all__ = ["run_job"]
 
 Progress = Callable[[int], None]
-
-
-class _Writer:
-    """One thread writing batches in order; `put` blocks when two are waiting."""
-
-    def __init__(self, group: zarr.Group, progress: Progress | None) -> None:
-        self._group = group
-        self._progress = progress
-        self._queue: queue.Queue[tuple[int, BatchRows] | None] = queue.Queue(maxsize=2)
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._loop, name="actmap-writer", daemon=True)
-        self._thread.start()
-
-    def _loop(self) -> None:
-        while (item := self._queue.get()) is not None:
-            if self._error is not None:
-                continue  # drain without writing after a failure
-            batch, rows = item
-            try:
-                store_batch(self._group, batch, rows)
-            except BaseException as exc:  # re-raised in the caller's thread
-                self._error = exc
-                continue
-            if self._progress:
-                self._progress(len(rows.error_code))
-
-    def put(self, batch: int, rows: BatchRows) -> None:
-        self.check()
-        self._queue.put((batch, rows))
-
-    def check(self) -> None:
-        if self._error is not None:
-            raise self._error
-
-    def close(self) -> None:
-        self._queue.put(None)
-        self._thread.join()
-        self.check()
 
 
 def run_job(
@@ -82,27 +41,31 @@ def run_job(
     mark_started(store, job_id)
     try:
         model = models.get(spec)
-        writer = _Writer(group, progress)
-        try:
-            with ThreadPoolExecutor(decode_threads) as pool, ThreadPoolExecutor(1) as ahead:
-                ahead_of: deque[Future[Decoded]] = deque()
-                pending = deque(pending_batches(group))
 
-                def prefetch() -> None:
-                    if pending:
-                        b = pending.popleft()
-                        ahead_of.append(
-                            ahead.submit(decode_batch, group, spec, model.info, b, pool)
-                        )
+        def write(batch: int, rows: BatchRows) -> None:
+            store_batch(group, batch, rows)
+            if progress:
+                progress(len(rows.error_code))
 
+        with (
+            WriteBehind(write) as writer,
+            ThreadPoolExecutor(decode_threads) as pool,
+            ThreadPoolExecutor(1) as ahead,
+        ):
+            ahead_of: deque[Future[Decoded]] = deque()
+            pending = deque(pending_batches(group))
+
+            def prefetch() -> None:
+                if pending:
+                    b = pending.popleft()
+                    ahead_of.append(ahead.submit(decode_batch, group, spec, model.info, b, pool))
+
+            prefetch()
+            prefetch()
+            while ahead_of:
+                decoded = ahead_of.popleft().result()
                 prefetch()
-                prefetch()
-                while ahead_of:
-                    decoded = ahead_of.popleft().result()
-                    prefetch()
-                    writer.put(decoded.batch, compute_batch(model, spec, decoded))
-        finally:
-            writer.close()
+                writer.put(decoded.batch, compute_batch(model, spec, decoded))
     except ActmapError as exc:
         finalize(store, job_id, JobState.FAILED, str(exc))
         raise

@@ -24,6 +24,7 @@ class Settings(BaseSettings):
     task_soft_time_limit: int = 540
     task_time_limit: int = 600
     attempt_cap: int = 3  # starts of one batch before it is marked failed
+    batches_per_task: int = 4  # a task runs seconds, and overlaps its writes
     factories: tuple[str, ...] | None = None  # allow-list of package.module:factory
 
     @property

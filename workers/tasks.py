@@ -10,7 +10,7 @@ from typing import Any
 from celery import Celery, Task
 
 from workers import registration
-from workers.batches import Runtime, execute_batch, give_up
+from workers.batches import Runtime, execute_batches, give_up
 from workers.errors import TransientError
 from workers.jobs import TaskName
 
@@ -25,20 +25,20 @@ def register(app: Celery, runtime: Callable[[], Runtime]) -> None:
     so that models and connections are made in the worker child, after the fork."""
 
     @app.task(name=TaskName.RUN_BATCH, bind=True, max_retries=5, shared=False)  # type: ignore[untyped-decorator]
-    def run_batch(self: Task, store: str, job_id: str, batch: int) -> dict[str, Any]:
+    def run_batch(self: Task, store: str, job_id: str, batches: list[int]) -> dict[str, Any]:
         try:
-            outcome = execute_batch(store, job_id, batch, runtime())
+            outcomes = execute_batches(store, job_id, batches, runtime())
         except (TransientError, ConnectionError, TimeoutError) as exc:
-            if self.request.retries >= self.max_retries:
-                outcome = give_up(store, job_id, batch, f"still failing: {exc}", runtime())
-            else:
-                raise self.retry(
-                    exc=exc, countdown=_RETRY_BACKOFF * 2**self.request.retries
-                ) from exc
+            if self.request.retries < self.max_retries:
+                delay = _RETRY_BACKOFF * 2**self.request.retries
+                raise self.retry(exc=exc, countdown=delay) from exc
+            reason = f"still failing: {exc}"
+            outcomes = [give_up(store, job_id, b, reason, runtime()) for b in batches]
         except Exception as exc:  # a bug: keep the traceback, let the job finish without it
-            log.exception("job %s batch %d failed unexpectedly", job_id, batch)
-            outcome = give_up(store, job_id, batch, f"internal error: {exc!r}", runtime())
-        return {"job_id": job_id, "batch": batch, "outcome": outcome.value}
+            log.exception("job %s batches %s failed unexpectedly", job_id, batches)
+            reason = f"internal error: {exc!r}"
+            outcomes = [give_up(store, job_id, b, reason, runtime()) for b in batches]
+        return {"job_id": job_id, "batches": batches, "outcomes": [o.value for o in outcomes]}
 
     @app.task(name=TaskName.REGISTER_MODEL, shared=False)  # type: ignore[untyped-decorator]
     def register_model(store: str, tenant: str, model_id: str) -> dict[str, Any]:

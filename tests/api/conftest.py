@@ -14,7 +14,7 @@ from fastapi.testclient import TestClient
 
 from api.app import create_app
 from api.broker import MemoryBroker
-from workers.batches import Runtime, execute_batch
+from workers.batches import Runtime, execute_batches
 from workers.counters import MemoryCounters
 from workers.demo.digits import WEIGHTS
 from workers.extraction.cache import ModelCache
@@ -63,8 +63,8 @@ def _inline(settings: Settings) -> Any:
             store, tenant, model_id = args
             register_model(store, tenant, model_id, settings.factories)
         elif task == TaskName.RUN_BATCH:
-            store, job_id, batch = args
-            execute_batch(store, job_id, batch, runtime)
+            store, job_id, batches = args
+            execute_batches(store, job_id, batches, runtime)
 
     return run
 

@@ -107,7 +107,8 @@ def _timings(job: Job) -> Section:
     body = str(facts(rows))
     if job.n_failed:
         counts = ", ".join(f"{k}: {v}" for k, v in job.failures_by_code().items())
-        body += f"<p>{job.n_failed} samples failed ({e(counts)}); the first of them:</p>"
+        failed = f"{job.n_failed} sample{'s' if job.n_failed > 1 else ''} failed"
+        body += f"<p>{failed} ({e(counts)}); the first of them:</p>"
         body += table(("sample", "code", "message"), job.failures(20))
     else:
         body += "<p>Every sample was read and run.</p>"
@@ -186,7 +187,8 @@ def _sample(job: Job, pick: Pick, images: dict[str, bytes]) -> str:
         title = f"{layer.name} of {job.sample(pick.row)}"
         sheet = activation_sheet(acts, image, top=top, channel_ids=layer.ids(pick.row), title=title)
         name = f"acts-{pick.role}-{layer.name}.png"
-        caption = f"{layer.name}: {sheet.note}, each tile scaled on its own"
+        field = job.receptive_field(layer.name)
+        caption = f"{layer.name}{f' ({field})' if field else ''}: {sheet.note}"
         parts.append(figure(images, name, sheet.png(), caption))
     probs = job.probabilities(pick.row)
     if probs is not None:

@@ -275,6 +275,15 @@ class Job:
                 return f"{tuple(layer.acts.shape)} {layer.acts.dtype}"
         return ""
 
+    def receptive_field(self, name: str) -> str:
+        """`receptive field 21x21, stride 4` for a layer the catalogue knows one of."""
+        row = next((r for r in self.catalogue if r["name"] == name), None)
+        if row is None or not row.get("receptive_field"):
+            return ""
+        size = "x".join(map(str, row["receptive_field"]))
+        stride = "x".join(map(str, row.get("rf_stride") or ["?"]))
+        return f"receptive field {size}, stride {stride}"
+
     def failures_by_code(self) -> dict[str, int]:
         names = self.attrs.get("error_codes", {})
         counted = Counter(int(c) for c in self.codes[self.codes != 0])
