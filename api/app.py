@@ -180,6 +180,9 @@ def create_app(settings: Settings, broker: Broker | None = None) -> FastAPI:
     from api.routes import router
 
     app.include_router(router)
+    from api import pictures  # after routes: it shares their tenant checks
+
+    app.include_router(pictures.router)
     _document_problems(app)
     return app
 

@@ -102,7 +102,7 @@ class BrokerBackend(_StoreReads):
         job = plan(self.store, spec, info)
         on_plan(job)
         per_task = self.settings.batches_per_task
-        enqueue(self._app(), self.store, job.job_id, range(job.n_batches), per_task=per_task)
+        enqueue(self._app(), self.store, job.job_id, range(job.n_batches), spec.queue, per_task)
         return self.wait(job.job_id, progress) if wait else self.status(job.job_id)
 
     def wait(self, job_id: str, progress: Progress) -> Status:

@@ -7,11 +7,12 @@ import argparse
 import logging
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from pydantic import ValidationError
 from rich.logging import RichHandler
 
-from api import output
+from api import analysis_cli, output
 from api.backends import Backend, backend_for
 from workers.control import Status
 from workers.errors import ActmapError, UserError
@@ -82,6 +83,7 @@ def parser() -> argparse.ArgumentParser:
     scan.add_argument("--no-wait", action="store_true", help="return once queued (broker or API)")
     scan.add_argument("--api", help="submit through this API (default $ACTMAP_API_URL)")
     scan.add_argument("--upload", action="store_true", help="with --api: upload local INPUTs")
+    scan.add_argument("--report", metavar="DIR", help="at the end, write the job's HTML report")
     layers = sub.add_parser("layers", help="the model's layer catalogue")
     _model_args(layers)
     jobs = sub.add_parser("jobs", help="list, inspect, wait for, cancel or resume jobs")
@@ -92,6 +94,12 @@ def parser() -> argparse.ArgumentParser:
     jobs.add_argument("--api", help="through this API (default $ACTMAP_API_URL)")
     jobs.add_argument("--no-wait", action="store_true", help="resume: return once queued")
     jobs.add_argument("--json", action="store_true", help="print one JSON object at the end")
+    analysis_cli.add_parsers(sub)
+    report = sub.add_parser("report", help="write a job's HTML report: DIR/index.html, DIR/img/")
+    report.add_argument("job_id", metavar="JOB")
+    report.add_argument("--out", required=True, metavar="DIR", help="folder for the report")
+    report.add_argument("--store", help="store (default $ACTMAP_STORE)")
+    report.add_argument("--json", action="store_true", help="print one JSON object at the end")
     serve = sub.add_parser("serve", help="the HTTP API")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
@@ -152,6 +160,17 @@ def _spec(args: argparse.Namespace, settings: Settings) -> ExtractionSpec:
         raise UserError(f"invalid {where}: {first['msg']}") from None
 
 
+def _report(args: argparse.Namespace, settings: Settings) -> int:
+    from api.report_cli import report
+
+    page = report(args.store or settings.store, args.job_id, Path(args.out), settings.factories)
+    if args.json:
+        output.print_json({"job_id": args.job_id, "report": str(page.resolve())})
+    else:
+        output.out.print(f"report of job {args.job_id}: {page.resolve()}", highlight=False)
+    return 0
+
+
 def _exit_code(s: Status) -> int:
     return 0 if s.state in ("succeeded", "partial", "queued", "running") else 1
 
@@ -163,11 +182,19 @@ def _scan(args: argparse.Namespace, settings: Settings, backend: Backend) -> int
     spec = _spec(args, settings)
     with output.progress(not args.json and output.err.is_terminal) as (on_plan, on_status):
         result = backend.scan(spec, not args.no_wait, on_plan, on_status)
+    page = None
+    if args.report and not remote and JobState(result.state).finished:
+        from api.report_cli import report
+
+        page = report(backend.store, result.job_id, Path(args.report), settings.factories)
     if args.json:
         keys = ("job_id", "state", "n_samples", "n_failed")
-        output.print_json({"store": backend.store, **{k: getattr(result, k) for k in keys}})
+        found = {"store": backend.store, **{k: getattr(result, k) for k in keys}}
+        output.print_json({**found, **({"report": str(page.resolve())} if page else {})})
     elif JobState(result.state).finished and not remote:
         output.scan_report(backend.store, result)
+        if page is not None:
+            output.out.print(f"report: {page.resolve()} (open it in a browser)", highlight=False)
     else:
         output.out.print(output.status_line(result), highlight=False)
     return _exit_code(result)
@@ -241,6 +268,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _worker(args, settings)
         if args.command == "serve":
             return _serve(args, settings)
+        if args.command in ("health", "compare", "screen"):
+            return analysis_cli.run(args, settings)
+        if args.command == "report":
+            return _report(args, settings)
         store = getattr(args, "out", None) or getattr(args, "store", None) or settings.store
         backend = backend_for(
             settings, store, getattr(args, "api", None), getattr(args, "upload", False)

@@ -230,6 +230,7 @@ def submit_extraction(
         inputs=tuple(inputs), batch_size=body.batch_size, dtype=body.dtype,
         channels=tuple(body.channels) if body.channels else None, top_k=body.top_k,
         max_size=body.max_size, labels_from_dirs=body.labels_from_dirs, tenant=tenant.name,
+        queue=body.queue,
     )  # fmt: skip
     sources = discover(spec.inputs)
     roots = _roots(services, tenant)

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from workers.counters import Counters
-from workers.errors import JobError
+from workers.errors import JobError, UserError
 from workers.jobs import JobState, TaskName
 from workers.storage.consolidate import publish
 from workers.storage.layout import attrs as attrs_of
@@ -227,6 +227,14 @@ def finalize(
         update["elapsed_s"] = round(elapsed, 3)
         update["samples_per_s"] = round(n / elapsed, 2) if elapsed > 0 else None
     group.attrs.update(update)
+    profile = attrs_of(group)["spec"].get("profile_id")
+    if profile and state in (JobState.SUCCEEDED, JobState.PARTIAL):
+        from workers.analysis.results import score_job  # numpy only; loaded when screening
+
+        try:
+            score_job(store, job_id, profile)  # writes screen/score and screen/flag
+        except UserError as exc:
+            group.attrs.update({"state": JobState.FAILED.value, "reason": str(exc)})
     publish(store, job_id)
     return summary(store, job_id, group)
 

@@ -119,9 +119,8 @@ def scan(
         job = plan(store, spec, local.runtime.models.get(spec).info)
         if on_plan is not None:
             on_plan(job)
-        enqueue(
-            local.app, store, job.job_id, range(job.n_batches), per_task=settings.batches_per_task
-        )
+        per_task = settings.batches_per_task
+        enqueue(local.app, store, job.job_id, range(job.n_batches), spec.queue, per_task)
         return wait(store, job.job_id, local.runtime.counters, local.watch(progress))
 
 

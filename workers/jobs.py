@@ -129,6 +129,10 @@ class ExtractionSpec(_Frozen):
         default=None, description="safetensors or state dict, factories only"
     )
     model_id: str | None = Field(default=None, description="the registered model, via the API")
+    profile_id: str | None = Field(default=None, description="a screening job: score with it")
+    queue: Literal["extract", "screen"] = Field(
+        default="extract", description="`screen` for one-sample, low-latency jobs"
+    )
     layers: tuple[str, ...] = Field(min_length=1)
     inputs: tuple[str, ...] = Field(min_length=1)
     batch_size: int = Field(default=32, ge=1, le=4096)

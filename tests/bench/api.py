@@ -33,9 +33,11 @@ weights workers/demo/digits_cnn.safetensors and the factory workers.demo.digits:
    finalize); notice (that stamp to the poll that first saw a finished state); fetch. Also
    the servers' own time per route (the API's Prometheus histogram, before and after), polls
    per trip, CPU seconds per trip of the API, the worker, Redis and this client, the p50 by
-   jobs in the store, and torn reads: a finished state seen before the job's `finished`
-   stamp (finalize writes its attributes one key at a time), re-read every 1 ms until the
-   stamp is there (that wait counts in the total, in no part).
+   jobs in the store (with the worker's time per task, from Celery's "succeeded in" log
+   line: the run, then finalize's publish, then Celery's own work), and torn reads: a
+   finished state seen before the job's `finished` stamp (finalize writes its attributes one
+   key at a time), re-read every 1 ms until the stamp is there (that wait counts in the
+   total, in no part).
 
 2. Submissions per second. The worker is stopped first (so nothing runs the jobs and nothing
    competes for the CPU), then `--submissions` extraction jobs of one server-side sample each
@@ -432,6 +434,7 @@ class RoundTrips:
     trips: list[Trip]
     server: dict[str, tuple[int, float]]  # part -> (requests, mean server ms)
     cpu: dict[str, float]  # process -> CPU seconds over the timed trips
+    task_s: list[float]  # the worker's run_batch task times from its log, in order
 
 
 def round_trips(stack: Stack, model_id: str, args: argparse.Namespace) -> RoundTrips:
@@ -460,7 +463,21 @@ def round_trips(stack: Stack, model_id: str, args: argparse.Namespace) -> RoundT
         after = server_times(url)
     counters.close()
     server = {part: server_ms(before, after, route) for part, route in ROUTES.items()}
-    return RoundTrips(warmup, trips, server, cpu)
+    log = stack.procs.logs / "worker.log"
+    expected = args.warmup + args.trips  # the last line comes once the last publish is done
+    with suppress(TimeoutError):
+        until(lambda: len(task_times(log)) >= expected, 10, "the worker's log", every=0.1)
+    tasks = task_times(log)
+    return RoundTrips(warmup, trips, server, cpu, tasks if len(tasks) == expected else [])
+
+
+_TASK = re.compile(r"Task actmap\.run_batch\[[^\]]+\] succeeded in ([0-9.eE-]+)s")
+
+
+def task_times(log: Path) -> list[float]:
+    """Seconds of each run_batch task the worker logged (Celery's INFO line), in order."""
+    text = log.read_text(errors="replace") if log.exists() else ""
+    return [float(m.group(1)) for m in _TASK.finditer(text)]
 
 
 # --- 2. submissions per second --------------------------------------------------------------
@@ -638,15 +655,16 @@ def print_round_trips(rt: RoundTrips, args: argparse.Namespace) -> None:
         + f"  (wall {total_s / n * 1e3:.0f} ms per trip)"
     )
     size = max(1, n // 5)
-    blocks = []
+    tasks = rt.task_s[-n:] if len(rt.task_s) >= n else []
+    print("  p50 ms by jobs already in the store:")
+    print(f"  {'jobs':<10}{'total':>8}{'submit':>8}{'run':>8}{'task':>8}   (task: the worker's "
+          "time per task, from its log: run + finalize's publish + Celery)")  # fmt: skip
     for i in range(0, n, size):
         chunk = trips[i : i + size]
-        blocks.append(
-            f"{chunk[0].jobs_before}-{chunk[-1].jobs_before}: "
-            f"{pct([t.parts['total'] for t in chunk], 50) * 1e3:.0f}"
-            f"/{pct([t.parts['submit'] for t in chunk], 50) * 1e3:.0f}"
-        )
-    print("  p50 total/submit ms by jobs already in the store: " + " | ".join(blocks))
+        cells = [pct([t.parts[k] for t in chunk], 50) for k in ("total", "submit", "run")]
+        cells.append(pct(tasks[i : i + size], 50) if tasks else float("nan"))
+        label = f"{chunk[0].jobs_before}-{chunk[-1].jobs_before}"
+        print(f"  {label:<10}" + "".join(f"{c * 1e3:>8.0f}" for c in cells))
 
 
 def print_submissions(runs: list[Submissions], drained: list[int], stops: dict[str, str],

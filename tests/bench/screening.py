@@ -20,10 +20,13 @@ Owns one end-to-end measurement of workers.analysis.screening on a model trained
   block1, conv2, block2, conv3 and fc, captured in process with workers.extraction.hooks.
 - Detectors: `ScreeningProfile.fit` on clean train digits only (detectors and their z-score
   standardisation), one profile per detector (mahalanobis, knn, lid: the maximum z-score over
-  layers) and one with all three ("combined clean-only"). "Combined tuned" is a logistic
-  regression over that profile's per-(layer, detector) z-scores, fitted on the fit split
-  (clean and noise against the attack's successful copies) only. Everything is scored on the
-  test split: AUROC and the TPR where 5% of the test negatives are flagged.
+  layers) and one with all three ("combined clean-only"; also shown with the mean of the
+  z-scores instead of their maximum). "Combined tuned" is a logistic regression over that
+  profile's per-(layer, detector) z-scores, as the profile's own `adversarial=` mode fits,
+  but fitted on the fit split only (clean and noise against the attack's successful copies):
+  that mode takes its clean negatives from the profile's held-out train digits. Everything is
+  scored on the test split: AUROC and the TPR where 5% of the test negatives are flagged, and
+  each (layer, detector) z-score alone, to show which layers carry the signal.
 
 Nothing here is an assertion; targets (AUROC >= 0.97 on attacks seen in tuning, >= 0.90 on
 PGD when tuned on FGSM 0.3) are printed next to the figures.

@@ -12,8 +12,6 @@ leaves half an analysis behind. Numpy and Zarr only.
 
 from __future__ import annotations
 
-import json
-import os
 import secrets
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -21,7 +19,6 @@ from datetime import UTC, datetime
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
-import fsspec
 import numpy as np
 import zarr
 
@@ -33,7 +30,7 @@ from workers.analysis.signatures import family_signatures
 from workers.analysis.stats import DEFAULT_BLOCK, channel_quantiles, iter_rows
 from workers.errors import JobError, LayerError, SpecError
 from workers.jobs import close_matches
-from workers.storage.consolidate import _EMPTY, _GROUP, _locked, _node, publish
+from workers.storage.consolidate import publish, publish_path
 from workers.storage.layout import COMPRESSOR, array, attrs, open_job, read
 
 __all__ = [
@@ -559,33 +556,5 @@ def _save(
         )
         if values.size:
             out[...] = values.astype(object) if text else values
-    _publish(store, f"analyses/{analysis_id}")
+    publish_path(store, f"analyses/{analysis_id}")
     return analysis_id
-
-
-def _publish(store: str, prefix: str) -> None:
-    """consolidate.publish for any group path: splice the metadata under `prefix`, and its
-    ancestors' where missing, into the root's consolidated map, under the same lock."""
-    fs, root = fsspec.core.url_to_fs(store)
-    base = root.rstrip("/")
-    fresh: dict[str, Any] = {}
-    for path in fs.find(f"{base}/{prefix}"):
-        if path.endswith("/zarr.json"):
-            fresh[path[len(base) + 1 : -len("/zarr.json")]] = _node(json.loads(fs.cat_file(path)))
-    with _locked(fs, root):
-        top = f"{base}/zarr.json"
-        doc: dict[str, Any] = json.loads(fs.cat_file(top)) if fs.exists(top) else dict(_GROUP)
-        current: dict[str, Any] = doc.get("consolidated_metadata") or _EMPTY
-        merged = {
-            k: v
-            for k, v in current["metadata"].items()
-            if k != prefix and not k.startswith(prefix + "/")
-        }
-        parts = prefix.split("/")
-        for i in range(1, len(parts)):
-            merged.setdefault("/".join(parts[:i]), _node(dict(_GROUP)))
-        merged.update(fresh)
-        doc["consolidated_metadata"] = {**_EMPTY, "metadata": dict(sorted(merged.items()))}
-        tmp = f"{top}.{os.getpid()}.tmp"
-        fs.pipe_file(tmp, json.dumps(doc, indent=2).encode())
-        fs.mv(tmp, top)

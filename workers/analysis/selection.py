@@ -45,7 +45,8 @@ def select(
         keep &= (labels >= 0) & (hit if correct else ~hit)
     if ids is not None:
         wanted = list(ids)
-        samples = _column(table, "sample").astype(str)
+        # Zarr gives ids as numpy's StringDType; plain str objects compare everywhere.
+        samples = np.asarray([str(v) for v in _column(table, "sample")], dtype=object)
         missing = sorted(set(wanted) - set(samples.tolist()))
         if missing:
             shown = ", ".join(missing[:3]) + (" ..." if len(missing) > 3 else "")

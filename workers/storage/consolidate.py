@@ -20,7 +20,7 @@ from typing import Any
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
-__all__ = ["publish"]
+__all__ = ["publish", "publish_path"]
 
 _EMPTY: dict[str, Any] = {"kind": "inline", "must_understand": False, "metadata": {}}
 _GROUP = {"zarr_format": 3, "node_type": "group", "attributes": {}}
@@ -47,22 +47,29 @@ def _node(doc: dict[str, Any]) -> dict[str, Any]:
 
 def publish(store: str, job_id: str) -> None:
     """Splice the current metadata of `jobs/{job_id}` into the root's consolidated map."""
+    publish_path(store, f"jobs/{job_id}")
+
+
+def publish_path(store: str, prefix: str) -> None:
+    """The same for any group path (`analyses/{id}` too), adding missing ancestors."""
     fs, root = fsspec.core.url_to_fs(store)
-    prefix = f"jobs/{job_id}"
-    base = f"{root.rstrip('/')}/{prefix}"
+    base = root.rstrip("/")
     fresh: dict[str, Any] = {}
-    for path in fs.find(base):
-        if not path.endswith("/zarr.json"):
-            continue
-        rel = path[len(root.rstrip("/")) + 1 : -len("/zarr.json")]
-        fresh[rel] = _node(json.loads(fs.cat_file(path)))
+    for path in fs.find(f"{base}/{prefix}"):
+        if path.endswith("/zarr.json"):
+            fresh[path[len(base) + 1 : -len("/zarr.json")]] = _node(json.loads(fs.cat_file(path)))
     with _locked(fs, root):
-        top = f"{root.rstrip('/')}/zarr.json"
+        top = f"{base}/zarr.json"
         doc: dict[str, Any] = json.loads(fs.cat_file(top)) if fs.exists(top) else dict(_GROUP)
         current: dict[str, Any] = doc.get("consolidated_metadata") or _EMPTY
-        merged = dict(current["metadata"])
-        merged = {k: v for k, v in merged.items() if k != prefix and not k.startswith(prefix + "/")}
-        merged.setdefault("jobs", _node(dict(_GROUP)))
+        merged = {
+            k: v
+            for k, v in current["metadata"].items()
+            if k != prefix and not k.startswith(prefix + "/")
+        }
+        parts = prefix.split("/")
+        for i in range(1, len(parts)):
+            merged.setdefault("/".join(parts[:i]), _node(dict(_GROUP)))
         merged.update(fresh)
         doc["consolidated_metadata"] = {**_EMPTY, "metadata": dict(sorted(merged.items()))}
         tmp = f"{top}.{os.getpid()}.tmp"
