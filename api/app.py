@@ -180,9 +180,12 @@ def create_app(settings: Settings, broker: Broker | None = None) -> FastAPI:
     from api.routes import router
 
     app.include_router(router)
-    from api import pictures  # after routes: it shares their tenant checks
+    from api import pictures  # after routes: these share their tenant checks
 
     app.include_router(pictures.router)
+    from api import analyses
+
+    app.include_router(analyses.router)
     _document_problems(app)
     return app
 

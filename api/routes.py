@@ -32,7 +32,7 @@ from api.schemas import (
 from workers.control import Status, list_jobs, prepare_resume, status, task_batches
 from workers.control import cancel as cancel_job
 from workers.errors import JobError, SampleCode, SpecError
-from workers.extraction.inputs import discover
+from workers.extraction.inputs import Source, discover
 from workers.jobs import ExtractionSpec, JobState, TaskName, close_matches
 from workers.plan import new_job_id, plan
 from workers.storage.layout import array, attrs, open_job, read
@@ -187,6 +187,16 @@ def _job(services: Services, tenant: Tenant, job_id: str) -> zarr.Group:
     return group
 
 
+def checked_sources(services: Services, tenant: Tenant, inputs: Iterable[str]) -> list[Source]:
+    """The samples under `inputs`, every one resolving inside the tenant's roots."""
+    sources = discover(tuple(inputs))
+    roots = _roots(services, tenant)
+    for source in sources:  # a symlink inside a root may point out of it
+        if inside_roots(source.path, roots) is None:
+            raise SpecError(f"input {source.id} resolves outside your allowed roots")
+    return sources
+
+
 def _active_jobs(services: Services, tenant: Tenant) -> int:
     return sum(
         1
@@ -232,11 +242,7 @@ def submit_extraction(
         max_size=body.max_size, labels_from_dirs=body.labels_from_dirs, tenant=tenant.name,
         queue=body.queue,
     )  # fmt: skip
-    sources = discover(spec.inputs)
-    roots = _roots(services, tenant)
-    for source in sources:  # a symlink inside a root may point out of it
-        if inside_roots(source.path, roots) is None:
-            raise SpecError(f"input {source.id} resolves outside your allowed roots")
+    sources = checked_sources(services, tenant, spec.inputs)
     limit = tenant.quotas.samples_per_job
     if len(sources) > limit:
         raise Limit(

@@ -10,6 +10,9 @@ from workers.jobs import ModelInfo
 
 __all__ = [
     "Accepted",
+    "AnalysisOut",
+    "JobAnalysisRequest",
+    "ProfileRequest",
     "Problem",
     "ComparisonRequest",
     "ExtractionRequest",
@@ -60,7 +63,7 @@ class Selection(_Body):
 
 
 class ComparisonRequest(_Body):
-    """Two populations: two jobs, or two subsets of one. Wired up by the analysis jobs."""
+    """Two populations: two jobs, or two subsets of one."""
 
     a: Selection
     b: Selection
@@ -69,11 +72,41 @@ class ComparisonRequest(_Body):
 
 
 class ScreeningRequest(_Body):
-    """Score inputs against a fitted profile. Wired up by the analysis jobs."""
+    """A screening job: extract INPUTs on the `screen` queue and score them with a profile."""
 
     profile_id: str
-    inputs: list[str] = Field(default_factory=list)
+    inputs: list[str] = Field(default_factory=list, max_length=10_000)
     input_set: str | None = None
+
+    @model_validator(mode="after")
+    def _some_inputs(self) -> ScreeningRequest:
+        if not self.inputs and self.input_set is None:
+            raise ValueError("give inputs (server paths) or an input_set from POST /v1/inputs")
+        return self
+
+
+class JobAnalysisRequest(_Body):
+    """Filter health or family signatures of one job."""
+
+    job_id: str
+    layers: list[str] | None = None
+
+
+class ProfileRequest(_Body):
+    """Fit a screening profile on a clean, labelled reference job."""
+
+    reference_job: str
+    layers: list[str] | None = None
+    fpr: float = Field(default=0.05, gt=0, lt=0.5)
+    adversarial_job: str | None = None
+
+
+class AnalysisOut(_Body):
+    analysis_id: str
+    kind: str
+    state: str
+    reason: str | None = None
+    summary: dict[str, object] = Field(default_factory=dict)
 
 
 class Problem(_Body):

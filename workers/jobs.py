@@ -30,6 +30,7 @@ QUEUES = ("screen", "extract", "analysis")
 class TaskName(StrEnum):
     RUN_BATCH = "actmap.run_batch"
     REGISTER_MODEL = "actmap.register_model"
+    ANALYSE = "actmap.analyse"
 
 
 class JobState(StrEnum):

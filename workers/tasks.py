@@ -40,6 +40,15 @@ def register(app: Celery, runtime: Callable[[], Runtime]) -> None:
             outcomes = [give_up(store, job_id, b, reason, runtime()) for b in batches]
         return {"job_id": job_id, "batches": batches, "outcomes": [o.value for o in outcomes]}
 
+    @app.task(name=TaskName.ANALYSE, shared=False)  # type: ignore[untyped-decorator]
+    def analyse(
+        store: str, kind: str, params: dict[str, Any], analysis_id: str, tenant: str
+    ) -> dict[str, Any]:
+        from workers.analysis.requests import run_analysis  # numpy work, analysis queue
+
+        state = run_analysis(store, kind, params, analysis_id, tenant)
+        return {"analysis_id": analysis_id, "state": state}
+
     @app.task(name=TaskName.REGISTER_MODEL, shared=False)  # type: ignore[untyped-decorator]
     def register_model(store: str, tenant: str, model_id: str) -> dict[str, Any]:
         state = registration.register_model(store, tenant, model_id, runtime().models.factories)

@@ -14,6 +14,7 @@ from fastapi.testclient import TestClient
 
 from api.app import create_app
 from api.broker import MemoryBroker
+from workers.analysis.requests import run_analysis
 from workers.batches import Runtime, execute_batches
 from workers.counters import MemoryCounters
 from workers.demo.digits import WEIGHTS
@@ -62,6 +63,9 @@ def _inline(settings: Settings) -> Any:
         if task == TaskName.REGISTER_MODEL:
             store, tenant, model_id = args
             register_model(store, tenant, model_id, settings.factories)
+        elif task == TaskName.ANALYSE:
+            store, kind, params, analysis_id, tenant = args
+            run_analysis(store, kind, params, analysis_id, tenant)
         elif task == TaskName.RUN_BATCH:
             store, job_id, batches = args
             execute_batches(store, job_id, batches, runtime)

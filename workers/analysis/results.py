@@ -37,6 +37,7 @@ __all__ = [
     "Selection",
     "fit_profile",
     "load_profile",
+    "new_analysis_id",
     "open_analysis",
     "run_compare",
     "run_health",
@@ -179,6 +180,7 @@ def run_health(
     clip: float | None = None,
     reference_job: str | None = None,
     block: int = DEFAULT_BLOCK,
+    analysis_id: str | None = None,
 ) -> str:
     """Filter health of each layer's stored activations (one streaming pass per layer).
 
@@ -236,7 +238,7 @@ def run_health(
         "clip": clip,
         "reference_job": reference_job,
     }
-    return _save(store, "health", job, inputs, {"layers": summary}, results)
+    return _save(store, "health", job, inputs, {"layers": summary}, results, analysis_id)
 
 
 def run_compare(
@@ -248,6 +250,7 @@ def run_compare(
     *,
     alpha: float = 0.05,
     block: int = DEFAULT_BLOCK,
+    analysis_id: str | None = None,
 ) -> str:
     """Selection A against B, channel by channel on pooled activations: means, Cohen's d,
     Welch's t, p and Benjamini-Hochberg q, AUROC, and `rank` (0 = the channel that best
@@ -314,7 +317,7 @@ def run_compare(
         "n_pairs": 0 if pair is None else int(pair[0].size),
         "alpha": alpha,
     }
-    return _save(store, "compare", job_a, inputs, {"layers": summary}, results)
+    return _save(store, "compare", job_a, inputs, {"layers": summary}, results, analysis_id)
 
 
 def run_signatures(
@@ -325,6 +328,7 @@ def run_signatures(
     q: float = 0.9,
     min_share: float = 0.9,
     block: int = DEFAULT_BLOCK,
+    analysis_id: str | None = None,
 ) -> str:
     """Each label's signature channels per layer (signatures.family_signatures, labels as
     families, the job's own samples as the reference population). Returns the analysis id."""
@@ -347,7 +351,7 @@ def run_signatures(
         summary[layer] = {str(int(f)): _listing(s.channels(int(f))) for f in s.families}
     inputs = {"job_id": job_id, "layers": names, "n_samples": int(rows.size), "q": q}
     headline = {"min_share": min_share, "classes": classes, "layers": summary}
-    return _save(store, "signatures", job, inputs, headline, results)
+    return _save(store, "signatures", job, inputs, headline, results, analysis_id)
 
 
 def fit_profile(
@@ -360,6 +364,7 @@ def fit_profile(
     k: int = 20,
     seed: int = 0,
     block: int = DEFAULT_BLOCK,
+    analysis_id: str | None = None,
 ) -> str:
     """Fit a `ScreeningProfile` on the reference job's pooled activations (with its labels
     when every sample has one) and store it; `adversarial_job`, of the same model, tunes the
@@ -411,7 +416,7 @@ def fit_profile(
         "n_reference": int(rows.size),
         "labels": known,
     }
-    return _save(store, PROFILE, ref, inputs, headline, results)
+    return _save(store, PROFILE, ref, inputs, headline, results, analysis_id)
 
 
 _PROFILE_DIMS = {
@@ -520,6 +525,10 @@ def _version() -> str:
         return "unknown"
 
 
+def new_analysis_id() -> str:
+    return f"{datetime.now(UTC):%Y%m%d-%H%M%S}-{secrets.token_hex(3)}"
+
+
 def _save(
     store: str,
     kind: str,
@@ -527,9 +536,11 @@ def _save(
     inputs: Mapping[str, Any],
     headline: Mapping[str, Any],
     results: _Arrays,
+    analysis_id: str | None = None,
 ) -> str:
-    """Create `analyses/{id}` with its attrs and arrays, then publish it; returns the id."""
-    analysis_id = f"{datetime.now(UTC):%Y%m%d-%H%M%S}-{secrets.token_hex(3)}"
+    """Create `analyses/{id}` with its attrs and arrays (replacing a `queued` placeholder
+    the API may have made), then publish it; returns the id."""
+    analysis_id = analysis_id or new_analysis_id()
     meta = {
         "kind": kind,
         "state": "succeeded",
@@ -541,7 +552,9 @@ def _save(
         **headline,
     }
     root = zarr.open_group(_location(store), mode="a", use_consolidated=False)
-    group = root.require_group("analyses").create_group(analysis_id, attributes=meta)
+    group = root.require_group("analyses").create_group(
+        analysis_id, attributes=meta, overwrite=True
+    )
     for path, (values, dims) in results.items():
         text = values.dtype.kind in "OUT"
         parent, _, name = path.rpartition("/")

@@ -1,0 +1,110 @@
+"""Analyses and screening through the API: queued on their queues, run by the worker
+functions, under the same tenant rules."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from tests.api.conftest import SAMPLES, Api, make_api
+from workers.jobs import TaskName
+from workers.storage.layout import open_job, read
+
+
+def _wide_api(tmp_path: Path) -> Api:
+    api = make_api(tmp_path)
+    root = api.roots["acme"]
+    for digit in range(10):  # every class, enough samples to fit and calibrate a profile
+        folder = root / "all" / str(digit)
+        folder.mkdir(parents=True)
+        for png in sorted((SAMPLES / str(digit)).glob("*.png")):
+            (folder / png.name).write_bytes(png.read_bytes())
+    return api
+
+
+def _finished_job(api: Api, model_id: str, **body: Any) -> str:
+    accepted = api.submit(model_id, **body)
+    assert accepted.status_code == 202, accepted.text
+    job_id: str = accepted.json()["job_id"]
+    return job_id
+
+
+def test_health_and_comparison_are_queued_on_the_analysis_queue_and_open_as_results(
+    tmp_path: Path,
+) -> None:
+    api = _wide_api(tmp_path)
+    with api.client:
+        model_id = api.register()
+        job_id = _finished_job(
+            api, model_id, inputs=[str(api.roots["acme"] / "all")], labels_from_dirs=True,
+            layers=["conv1", "conv3", "fc"],
+        )  # fmt: skip
+        health = api.client.post(
+            "/v1/analyses/health", headers=api.as_("acme"), json={"job_id": job_id}
+        )
+        assert health.status_code == 202
+        assert health.json()["state"] == "succeeded"  # the in-line worker ran it
+        assert ("actmap.analyse", "analysis") in {(t, q) for t, _a, q in api.broker.sent}
+        assert "conv3" in health.json()["summary"]["layers"]
+        compare = api.client.post(
+            "/v1/analyses/comparisons", headers=api.as_("acme"),
+            json={"a": {"job_id": job_id, "labels": [1]}, "b": {"job_id": job_id, "labels": [7]}},
+        )  # fmt: skip
+        assert compare.json()["state"] == "succeeded"
+        got = api.client.get(
+            f"/v1/analyses/{compare.json()['analysis_id']}", headers=api.as_("acme")
+        )
+        assert got.json()["kind"] == "compare"
+        assert api.client.get(f"/v1/analyses/{compare.json()['analysis_id']}",
+                              headers=api.as_("other")).status_code == 404  # fmt: skip
+
+
+def test_a_screening_job_scores_each_sample_with_a_profile(tmp_path: Path) -> None:
+    api = _wide_api(tmp_path)
+    with api.client:
+        model_id = api.register()
+        reference = _finished_job(
+            api, model_id, inputs=[str(api.roots["acme"] / "all")], labels_from_dirs=True,
+            layers=["conv3", "fc"],
+        )  # fmt: skip
+        profile = api.client.post(
+            "/v1/analyses/profiles", headers=api.as_("acme"),
+            json={"reference_job": reference, "fpr": 0.2},
+        ).json()  # fmt: skip
+        assert profile["state"] == "succeeded", profile
+        noise = api.roots["acme"] / "noise.npy"
+        np.save(
+            noise, (np.random.default_rng(0).standard_normal((1, 28, 28)) * 4).astype(np.float32)
+        )
+        screened = api.client.post(
+            "/v1/jobs/screenings", headers=api.as_("acme"),
+            json={"profile_id": profile["analysis_id"], "inputs": [str(noise)]},
+        )  # fmt: skip
+        assert screened.status_code == 202, screened.text
+        assert screened.json()["queue"] == "screen"
+        group = open_job(str(api.store), screened.json()["job_id"], mode="r")
+        assert read(group, "screen/flag").tolist() == [True]
+        assert all(q == "screen" for t, _a, q in api.broker.sent[-1:] if t == TaskName.RUN_BATCH)
+
+
+def test_a_bad_analysis_request_fails_with_its_reason_and_other_tenants_see_nothing(
+    api: Api,
+) -> None:
+    model_id = api.register()
+    job_id = _finished_job(api, model_id)
+    profile = api.client.post(
+        "/v1/analyses/profiles", headers=api.as_("acme"), json={"reference_job": job_id}
+    ).json()
+    assert profile["state"] == "failed"
+    assert profile["reason"]
+    screened = api.client.post(
+        "/v1/jobs/screenings", headers=api.as_("acme"),
+        json={"profile_id": profile["analysis_id"], "inputs": [str(api.roots["acme"])]},
+    )  # fmt: skip
+    assert screened.status_code == 422
+    stolen = api.client.post(
+        "/v1/analyses/health", headers=api.as_("other"), json={"job_id": job_id}
+    )
+    assert stolen.status_code == 404
