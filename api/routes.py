@@ -35,7 +35,7 @@ from workers.errors import JobError, SampleCode, SpecError
 from workers.extraction.inputs import Source, discover
 from workers.jobs import ExtractionSpec, JobState, TaskName, close_matches
 from workers.plan import new_job_id, plan
-from workers.storage.layout import array, attrs, open_job, read
+from workers.storage.layout import array, attrs, job_ids, open_job, read
 from workers.storage.registry import ModelRecord, Registry
 
 __all__ = ["router"]
@@ -198,11 +198,12 @@ def checked_sources(services: Services, tenant: Tenant, inputs: Iterable[str]) -
 
 
 def _active_jobs(services: Services, tenant: Tenant) -> int:
-    return sum(
-        1
-        for s in list_jobs(services.store)
-        if s.tenant == tenant.name and s.state in ("queued", "running")
-    )
+    """Jobs of this tenant not yet finished, from their attrs alone (no ledger reads)."""
+    count = 0
+    for job_id in job_ids(services.store):
+        found = attrs(open_job(services.store, job_id, mode="r"))
+        count += found.get("tenant") == tenant.name and found["state"] == JobState.QUEUED
+    return count
 
 
 def _sources(services: Services, tenant: Tenant, body: ExtractionRequest) -> list[str]:

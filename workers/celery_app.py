@@ -48,8 +48,8 @@ def make_celery(settings: Settings, broker: str | None = None) -> Celery:
         result_backend_transport_options=transport,
         broker_connection_retry_on_startup=True,
         worker_cancel_long_running_tasks_on_connection_loss=True,
+        # On SIGTERM a running batch gets this long to finish; an idle worker stops at once.
         worker_soft_shutdown_timeout=float(settings.task_soft_time_limit),
-        worker_enable_soft_shutdown_on_idle=True,
         task_queues=[Queue(name) for name in QUEUES],  # type: ignore[no-untyped-call]
         task_default_queue="extract",
         task_serializer="json",

@@ -108,7 +108,7 @@ def cancel(store: str, job_id: str) -> Status:
     current = status(store, job_id)
     if JobState(current.state).finished:
         raise JobError(f"job {job_id} is already {current.state}; nothing to cancel")
-    open_job(store, job_id).attrs.update({"state": JobState.CANCELLED.value})
+    open_job(store, job_id).update_attributes({"state": JobState.CANCELLED.value})
     return status(store, job_id)
 
 
@@ -121,7 +121,7 @@ def prepare_resume(store: str, job_id: str, counters: Counters | None = None) ->
         return []
     missing = [int(b) for b in np.flatnonzero(~done_batches(group))]
     if missing:
-        group.attrs.update({"state": JobState.QUEUED.value, "reason": ""})
+        group.update_attributes({"state": JobState.QUEUED.value, "reason": ""})
     if counters is not None:
         counters.reset(job_id, missing)
     return missing
@@ -226,7 +226,7 @@ def finalize(
         ).total_seconds()
         update["elapsed_s"] = round(elapsed, 3)
         update["samples_per_s"] = round(n / elapsed, 2) if elapsed > 0 else None
-    group.attrs.update(update)
+    group.update_attributes(update)
     profile = attrs_of(group)["spec"].get("profile_id")
     if profile and state in (JobState.SUCCEEDED, JobState.PARTIAL):
         from workers.analysis.results import score_job  # numpy only; loaded when screening
@@ -234,14 +234,14 @@ def finalize(
         try:
             score_job(store, job_id, profile)  # writes screen/score and screen/flag
         except UserError as exc:
-            group.attrs.update({"state": JobState.FAILED.value, "reason": str(exc)})
+            group.update_attributes({"state": JobState.FAILED.value, "reason": str(exc)})
     publish(store, job_id)
     return summary(store, job_id, group)
 
 
 def mark_started(store: str, job_id: str) -> None:
     group = open_job(store, job_id)
-    group.attrs.update({"state": JobState.RUNNING.value, "started": now()})
+    group.update_attributes({"state": JobState.RUNNING.value, "started": now()})
 
 
 def summary(store: str, job_id: str, group: Any = None) -> dict[str, Any]:

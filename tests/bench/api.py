@@ -780,7 +780,8 @@ def main(argv: list[str] | None = None) -> int:
         )
         ok = True
     finally:
-        ended = procs.stop()
+        ended = procs.stop([n for n in procs.running if n != "redis"])  # Redis last
+        ended.update(procs.stop())
         if not ok:
             for name in ("api-rt", "api-seq", "api-conc", "worker"):
                 print(procs.tail(name), file=sys.stderr)

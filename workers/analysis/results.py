@@ -475,7 +475,7 @@ def score_job(store: str, job_id: str, profile_id: str) -> tuple[np.ndarray, np.
     flags = np.asarray(ok & (scores > profile.threshold), dtype=bool)
     writable = open_job(store, job_id)
     screen = writable.require_group("screen")
-    screen.attrs.update(
+    screen.update_attributes(
         {
             "profile_id": profile_id,
             "threshold": float(profile.threshold),

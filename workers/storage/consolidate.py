@@ -73,5 +73,5 @@ def publish_path(store: str, prefix: str) -> None:
         merged.update(fresh)
         doc["consolidated_metadata"] = {**_EMPTY, "metadata": dict(sorted(merged.items()))}
         tmp = f"{top}.{os.getpid()}.tmp"
-        fs.pipe_file(tmp, json.dumps(doc, indent=2).encode())
+        fs.pipe_file(tmp, json.dumps(doc, separators=(",", ":")).encode())  # read on every open
         fs.mv(tmp, top)

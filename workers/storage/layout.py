@@ -139,7 +139,13 @@ def create_job(
     layers: list[LayerLayout],
 ) -> zarr.Group:
     """Create the job's group and every array with its final shape."""
-    group = _root(store).require_group("jobs").create_group(job_id, attributes=attrs)
+    _root(store).require_group("jobs")
+    # Opened at its own folder: zarr checks every parent for an existing node when it adds
+    # an array, and the root's zarr.json carries the consolidated metadata of every job.
+    group = zarr.open_group(
+        f"{_location(store).rstrip('/')}/jobs/{job_id}", mode="w-", attributes=attrs,
+        use_consolidated=False,
+    )  # fmt: skip
     b = min(batch_size, max(n, 1))
     n_batches = -(-n // batch_size)
     _array(group, "sample", (n,), (b,), str, ["sample"], "")
