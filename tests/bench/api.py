@@ -67,7 +67,7 @@ import sys
 from pathlib import Path
 
 # Python put this script's folder first on sys.path, where this very file would shadow the
-# project's `api` package (and tests/bench/queue.py the standard library's `queue`): take it
+# project's `api` package: take it
 # off before importing anything else.
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parents[1]

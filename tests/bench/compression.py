@@ -33,7 +33,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-# Python put this script's folder first on sys.path, where a sibling (tests/bench/queue.py,
+# Python put this script's folder first on sys.path, where a sibling (tests/bench/api.py,
 # say) would shadow the standard library's module of that name: take it off before importing
 # anything else. The ResNet factory is loaded by its path instead (load_resnet).
 BENCH = Path(__file__).resolve().parent

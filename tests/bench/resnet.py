@@ -5,7 +5,7 @@ torchvision, written out here so the benchmarks need neither torchvision nor a d
 the declared 112 x 112 RGB input, layer1..layer4 give 64x28x28, 128x14x14, 256x7x7, 512x4x4.
 
 `tests` is not a package, and tests/bench must not go on sys.path (its scripts' names, such
-as queue.py, would shadow the standard library's), so the benchmarks load this file by its path
+as api.py, would shadow the project's `api` package), so the benchmarks load this file by its path
 under the module name MODULE; for a subprocess they copy it alone into a folder on its
 PYTHONPATH. The factory is then FACTORY, `actmap_bench_resnet:resnet18`.
 """

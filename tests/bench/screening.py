@@ -37,7 +37,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-# Python put this folder first on sys.path, where tests/bench/queue.py would shadow the
+# Python put this folder first on sys.path, where tests/bench/api.py would shadow the
 # standard library's queue (which torch imports): take it off before importing anything.
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parents[1]

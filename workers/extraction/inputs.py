@@ -73,12 +73,14 @@ def discover(inputs: list[str] | tuple[str, ...]) -> list[Source]:
     if not found:
         raise SpecError(f"no input files found in {', '.join(inputs)}")
     given: set[str] = set()
+    next_suffix: dict[str, int] = {}  # so many repeats of one id stay linear
     sources = []
     for sid, path in found:
-        unique, n = sid, 1
+        unique, n = sid, next_suffix.get(sid, 1)
         while unique in given:
             n += 1
             unique = f"{sid}~{n}"
+        next_suffix[sid] = n
         given.add(unique)
         sources.append(Source(unique, str(path.absolute())))
     return sources

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import zarr
@@ -31,12 +32,18 @@ class BatchRows:
     layers: dict[str, LayerRows] = field(default_factory=dict)
 
 
-def _set(group: zarr.Group, name: str, start: int, values: np.ndarray) -> None:
-    array(group, name)[start : start + len(values)] = values
+def write_rows(
+    group: zarr.Group, rows: BatchRows, opened: dict[str, zarr.Array[Any]] | None = None
+) -> None:
+    """Write the batch's chunks. Whole chunks only, so a rewrite gives identical bytes.
+    `opened` caches the arrays between batches of one job (opening reads metadata)."""
+    cache = opened if opened is not None else {}
 
+    def _set(_group: zarr.Group, name: str, start: int, values: np.ndarray) -> None:
+        if name not in cache:
+            cache[name] = array(group, name)
+        cache[name][start : start + len(values)] = values
 
-def write_rows(group: zarr.Group, rows: BatchRows) -> None:
-    """Write the batch's chunks. Whole chunks only, so a rewrite gives identical bytes."""
     start = rows.start
     _set(group, "error_code", start, rows.error_code)
     _set(group, "error_message", start, np.asarray(rows.error_message, dtype=object))
