@@ -2,7 +2,7 @@
 
 Run from the repository root (needs redis-server; about 3 to 5 minutes on 2 cores):
 
-    .venv/bin/python tests/bench/queue.py [--images 2048] [--repeats 3] [--torch-threads 1]
+    .venv/bin/python tests/bench/queueing.py [--images 2048] [--repeats 3] [--torch-threads 1]
         [--sleep 0.05] [--workers 1,4,16,64] [--per-worker 20] [--compare-at 4,16,64]
         [--control-sleep 0.2] [--skip-overhead] [--skip-scaling] [--no-embedded]
 
@@ -60,8 +60,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-# This file is named queue.py: run as a script, its folder would come first on sys.path and
-# shadow the standard library's `queue` (which celery, kombu and concurrent.futures import).
+# Run as a script, this folder comes first on sys.path, where a sibling (api.py) would shadow
+# the project's `api` package: take the folder off and put the repository root on.
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parents[1]
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != BENCH]

@@ -1,4 +1,4 @@
-"""A simulated GPU worker for tests/bench/queue.py: the real Celery app, a fake forward pass.
+"""A simulated GPU worker for tests/bench/queueing.py: the real Celery app, a fake forward pass.
 
 Started by the benchmark, never by hand, from the repository root:
 
