@@ -42,8 +42,8 @@ script itself be killed). Worker logs go to the temporary directory.
    threads, one thread per GPU, through the one private Redis. For each N it enqueues
    M = max(200, per-worker x N) batches and polls the job's done set every 5 ms; achieved
    = M / (first enqueue to last done), ideal = N / sleep. Where N is in `--compare-at` three
-   enqueue variants run interleaved: "as is" (`workers.control.enqueue`), "no results"
-   (the same with `ignore_result=True`, the proposed fix) and "pre-filled" (the queue filled
+   enqueue variants run interleaved: "as is" (`workers.control.enqueue` with the default
+   batches per task, as the CLI and API send), "one per task" and "pre-filled" (the queue filled
    while the workers are told not to consume, the clock started when they resume: the
    submitter out of the loop). `--control-sleep` reruns the largest N with a longer sleep,
    so that the workers' own CPU stays well inside this machine's. Redis commands per batch
@@ -98,7 +98,7 @@ from workers.counters import MemoryCounters, RedisCounters  # noqa: E402
 from workers.embedded import scan  # noqa: E402
 from workers.extraction.cache import ModelCache  # noqa: E402
 from workers.gpu import Slot  # noqa: E402
-from workers.jobs import ExtractionSpec, TaskName  # noqa: E402
+from workers.jobs import ExtractionSpec  # noqa: E402
 from workers.launcher import command  # noqa: E402
 from workers.pipeline import plan  # noqa: E402
 from workers.runner import run_job  # noqa: E402
@@ -344,7 +344,7 @@ def overhead(args: argparse.Namespace, tmp: Path, procs: Processes, url: str) ->
         start, t0 = time.perf_counter(), time.time()
         job = plan(str(store), spec, info)
         t_plan = time.time()
-        enqueue(app, str(store), job.job_id, range(job.n_batches))
+        enqueue_per_task(app, str(store), job.job_id, range(job.n_batches))
         t_enqueue = time.time()
         result = wait(str(store), job.job_id, counters, timeout=JOB_TIMEOUT)
         seconds, t_end = time.perf_counter() - start, time.time()
@@ -421,18 +421,10 @@ def print_overhead(result: Overhead) -> None:
 Enqueue = Callable[[Any, str, str, Iterable[int]], int]
 
 
-def enqueue_ignoring_results(app: Any, store: str, job_id: str, batches: Iterable[int]) -> int:
-    """`workers.control.enqueue` with the proposed fix: `ignore_result=True`, so the sender
-    does not SUBSCRIBE (and, on garbage collection, UNSUBSCRIBE) to a result channel per
-    task, and the worker does not GET, SETEX and PUBLISH a result that nobody reads."""
-    count = 0
-    for batch in batches:
-        app.send_task(
-            TaskName.RUN_BATCH, args=[store, job_id, int(batch)], queue="extract",
-            ignore_result=True,
-        )  # fmt: skip
-        count += 1
-    return count
+def enqueue_per_task(app: Any, store: str, job_id: str, batches: Iterable[int]) -> int:
+    """`workers.control.enqueue` as the CLI and the API call it: several consecutive batches
+    to a task (`ACTMAP_BATCHES_PER_TASK`, default 4)."""
+    return enqueue(app, store, job_id, batches, per_task=Settings().batches_per_task)
 
 
 @dataclass(frozen=True)
@@ -442,9 +434,9 @@ class Variant:
 
 
 VARIANTS = {
-    "as is": Variant(enqueue, prefill=False),
-    "no results": Variant(enqueue_ignoring_results, prefill=False),
-    "pre-filled": Variant(enqueue, prefill=True),
+    "as is": Variant(enqueue_per_task, prefill=False),
+    "one per task": Variant(enqueue, prefill=False),
+    "pre-filled": Variant(enqueue_per_task, prefill=True),
 }
 
 
@@ -614,7 +606,7 @@ def print_scaling(result: Scaling) -> None:
             f"{r.submit_cpu / r.batches * 1e3:>6.2f} | {cpu / r.batches * ideal:>9.2f} of {cores}"
         )
     print(
-        "  as is: workers.control.enqueue; no results: the same with ignore_result=True (the\n"
+        "  as is: workers.control.enqueue with the default batches per task; one per task: a task\n"
         "  proposed fix); pre-filled: as is, but the queue is filled while the workers do not\n"
         "  consume and the clock starts when they resume (the submitter out of the loop).\n"
         "  CPU ms per batch of Redis, of the worker processes and of this submitter (which also\n"

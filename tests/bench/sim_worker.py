@@ -45,13 +45,14 @@ def counters() -> RedisCounters:
 
 
 @app.task(name=TaskName.RUN_BATCH, bind=True, max_retries=5, shared=False)  # type: ignore[untyped-decorator]
-def run_batch(self: Task, store: str, job_id: str, batch: int) -> dict[str, Any]:
-    """`execute_batch` without the store: count the attempt, "compute", record done."""
+def run_batch(self: Task, store: str, job_id: str, batches: list[int]) -> dict[str, Any]:
+    """`execute_batches` without the store: per batch, count the attempt, "compute", record
+    done."""
     redis = counters()
-    redis.attempt(job_id, batch)
-    time.sleep(SLEEP)
-    done = redis.done(job_id, batch)
     n_batches = int(store.rsplit("#", 1)[-1]) if "#" in store else -1
-    if done >= n_batches > 0:
-        redis.claim_finalize(job_id)
-    return {"job_id": job_id, "batch": batch, "outcome": "ran"}
+    for batch in batches:
+        redis.attempt(job_id, batch)
+        time.sleep(SLEEP)
+        if redis.done(job_id, batch) >= n_batches > 0:
+            redis.claim_finalize(job_id)
+    return {"job_id": job_id, "batches": batches, "outcomes": ["ran"] * len(batches)}
