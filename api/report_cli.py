@@ -15,11 +15,12 @@ from typing import Any
 
 import numpy as np
 
-from workers.analysis.report import write_report
+from workers.analysis.report import Section, comparison_section, write_report
 from workers.analysis.report_job import CONV_TYPES, store_filters
+from workers.analysis.results import analysis_ids, open_analysis
 from workers.errors import ActmapError
 from workers.jobs import Preprocessing
-from workers.storage.layout import attrs, open_job
+from workers.storage.layout import attrs, open_job, read
 
 __all__ = ["first_conv_weights", "report"]
 
@@ -61,8 +62,30 @@ def first_conv_weights(
         return None
 
 
+def comparisons(store: str, job_id: str) -> list[Section]:
+    """A section per layer of every stored comparison that has this job on either side."""
+    from workers.analysis.compare import Comparison
+
+    sections: list[Section] = []
+    for analysis_id in analysis_ids(store):
+        group = open_analysis(store, analysis_id)
+        meta = attrs(group)
+        inputs = meta.get("inputs", {})
+        sides = [inputs.get(side, {}).get("job_id") for side in ("a", "b")]
+        if meta.get("kind") != "compare" or job_id not in sides:
+            continue
+        for layer in meta.get("layers", {}):
+            names = ("mean_a", "mean_b", "cohen_d", "t", "df", "p", "q", "auroc")
+            v = {name: read(group, f"layers/{layer}/{name}") for name in names}
+            found = Comparison(int(inputs["n_a"]), int(inputs["n_b"]), **v)
+            title = f"Comparison {analysis_id}: A {sides[0]} against B {sides[1]}"
+            sections.append(comparison_section(found, layer, title))
+    return sections
+
+
 def report(store: str, job_id: str, out: Path, factories: Collection[str] | None = None) -> Path:
-    """Write the report of `job_id` into `out` (index.html, img/) and return the page."""
+    """Write the report of `job_id` into `out` (index.html, img/) and return the page,
+    with every stored comparison of the job."""
     found = first_conv_weights(store, job_id, factories)
     weights = None
     if found is not None:
@@ -71,4 +94,4 @@ def report(store: str, job_id: str, out: Path, factories: Collection[str] | None
             store_filters(store, job_id, layer, weights)
         except OSError as exc:  # a read-only store: the page still gets them
             log.warning("could not keep the filter weights in the store: %s", exc)
-    return write_report(store, job_id, Path(out), weights)
+    return write_report(store, job_id, Path(out), weights, sections=comparisons(store, job_id))

@@ -92,3 +92,16 @@ def test_report_writes_a_static_page_with_relative_images(
     assert 'src="img/' in html
     assert "http://" not in html.replace("http://127.0.0.1", "")
     assert any((out / "img").glob("*.png"))
+
+
+def test_a_jobs_report_shows_its_stored_comparisons(
+    scanned: tuple[str, str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    store, job_id = scanned
+    argv = ["compare", job_id, "--a", "label=1", "--b", "label=7", "--store", store, "--json"]
+    assert main(argv) == 0
+    analysis_id = _last(capsys)["analysis_id"]
+    out = tmp_path / "report"
+    assert main(["report", job_id, "--out", str(out), "--store", store]) == 0
+    html = (out / "index.html").read_text()
+    assert f"Comparison {analysis_id}" in html

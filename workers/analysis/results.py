@@ -36,6 +36,7 @@ from workers.storage.layout import COMPRESSOR, array, attrs, open_job, read
 __all__ = [
     "Selection",
     "fit_profile",
+    "analysis_ids",
     "load_profile",
     "new_analysis_id",
     "open_analysis",
@@ -498,6 +499,14 @@ def score_job(store: str, job_id: str, profile_id: str) -> tuple[np.ndarray, np.
         )[:] = values
     publish(store, job_id)
     return scores, flags
+
+
+def analysis_ids(store: str) -> list[str]:
+    try:
+        found = zarr.open_group(_location(store), path="analyses", mode="r", use_consolidated=False)
+    except FileNotFoundError:
+        return []
+    return sorted(name for name, _ in found.groups())
 
 
 def open_analysis(store: str, analysis_id: str) -> zarr.Group:
