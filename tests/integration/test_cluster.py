@@ -132,7 +132,8 @@ def test_a_poison_batch_stops_at_the_attempt_cap_and_the_rest_completes(
     reason="known bug, issue 3: when Redis restarts while a task is in flight, Celery fails "
     "to cancel that request ('Failed to cancel active request ... after connection loss'); "
     "the worker drains the surviving queue, then takes no new message, so resume cannot "
-    "finish the job (seen in 1 of 5 runs here)"
+    "finish the job (failed in 5 of the last 6 runs here, passed in 4 earlier ones; also with "
+    "worker_cancel_long_running_tasks_on_connection_loss off)"
 )
 def test_redis_restarted_mid_job_loses_nothing(
     durable_cluster: Cluster, durable_redis: RedisServer, inputs: Path, models: ModelCache,
