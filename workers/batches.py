@@ -11,6 +11,7 @@ import logging
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from enum import StrEnum
+from typing import Any
 
 import zarr
 
@@ -108,8 +109,11 @@ def execute_batches(store: str, job_id: str, batches: list[int], runtime: Runtim
     next; each is marked done only once written, and this returns (so the task is
     acknowledged) only after every write."""
 
+    target = open_job(store, job_id)  # once per task: the arrays are opened once too
+    opened: dict[str, Any] = {}
+
     def write(batch: int, rows: BatchRows) -> None:
-        store_batch(open_job(store, job_id), batch, rows)
+        store_batch(target, batch, rows, opened)
         complete(store, job_id, batch, runtime)
 
     outcomes: list[Outcome] = []

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from concurrent.futures import Executor
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -164,10 +165,13 @@ def _empty_layers(info: ModelInfo, spec: ExtractionSpec, n: int) -> dict[str, La
     return rows
 
 
-def store_batch(group: zarr.Group, batch: int, rows: BatchRows) -> None:
+def store_batch(
+    group: zarr.Group, batch: int, rows: BatchRows, opened: dict[str, Any] | None = None
+) -> None:
     """Write the batch's chunks, then mark it done in the ledger: last, so a crash in
-    between leaves it pending and a rerun rewrites identical bytes."""
-    write_rows(group, rows)
+    between leaves it pending and a rerun rewrites identical bytes. `opened` caches the
+    job's arrays between batches (opening one reads its metadata)."""
+    write_rows(group, rows, opened)
     mark_done(group, batch)
 
 

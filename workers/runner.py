@@ -42,8 +42,10 @@ def run_job(
     try:
         model = models.get(spec)
 
+        opened: dict[str, Any] = {}
+
         def write(batch: int, rows: BatchRows) -> None:
-            store_batch(group, batch, rows)
+            store_batch(group, batch, rows, opened)
             if progress:
                 progress(len(rows.error_code))
 

@@ -39,21 +39,21 @@ def write_rows(
     `opened` caches the arrays between batches of one job (opening reads metadata)."""
     cache = opened if opened is not None else {}
 
-    def _set(_group: zarr.Group, name: str, start: int, values: np.ndarray) -> None:
+    def _set(name: str, start: int, values: np.ndarray) -> None:
         if name not in cache:
             cache[name] = array(group, name)
         cache[name][start : start + len(values)] = values
 
     start = rows.start
-    _set(group, "error_code", start, rows.error_code)
-    _set(group, "error_message", start, np.asarray(rows.error_message, dtype=object))
-    _set(group, "logits", start, rows.logits)
-    _set(group, "pred", start, rows.pred)
+    _set("error_code", start, rows.error_code)
+    _set("error_message", start, np.asarray(rows.error_message, dtype=object))
+    _set("logits", start, rows.logits)
+    _set("pred", start, rows.pred)
     for name, layer in rows.layers.items():
-        _set(group, f"layers/{name}/acts", start, layer.acts)
-        _set(group, f"layers/{name}/pooled", start, layer.pooled)
+        _set(f"layers/{name}/acts", start, layer.acts)
+        _set(f"layers/{name}/pooled", start, layer.pooled)
         if layer.top_channel is not None:
-            _set(group, f"layers/{name}/top_channel", start, layer.top_channel)
+            _set(f"layers/{name}/top_channel", start, layer.top_channel)
 
 
 def _cat(a: np.ndarray | None, b: np.ndarray | None) -> np.ndarray | None:
