@@ -27,6 +27,7 @@ __all__ = [
     "open_job",
     "sample_chunk",
     "spatial_dims",
+    "writable",
 ]
 
 # Aim for chunks of up to this size; a batch smaller than that owns one chunk per array.
@@ -55,6 +56,13 @@ def array(group: zarr.Group, name: str) -> zarr.Array[Any]:
     if not isinstance(node, zarr.Array):
         raise TypeError(f"{name} is a group, not an array")
     return node
+
+
+def writable(group: zarr.Group, name: str) -> zarr.Array[Any]:
+    """The array at `name`, opened for whole-chunk batch writes. zarr keeps
+    `write_empty_chunks` per opened array, not in its metadata: set again here, or every
+    write would compare its chunk with the fill value first."""
+    return array(group, name).with_config({"write_empty_chunks": True})
 
 
 def attrs(group: zarr.Group) -> dict[str, Any]:

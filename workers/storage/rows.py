@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from concurrent.futures import Executor, Future
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import zarr
 
-from workers.storage.layout import array
+from workers.storage.chunks import put_rows
+from workers.storage.layout import writable
 
 __all__ = ["BatchRows", "LayerRows", "concat_rows", "write_rows"]
 
@@ -33,16 +35,21 @@ class BatchRows:
 
 
 def write_rows(
-    group: zarr.Group, rows: BatchRows, opened: dict[str, zarr.Array[Any]] | None = None
+    group: zarr.Group,
+    rows: BatchRows,
+    opened: dict[str, zarr.Array[Any]] | None = None,
+    pool: Executor | None = None,
 ) -> None:
     """Write the batch's chunks. Whole chunks only, so a rewrite gives identical bytes.
-    `opened` caches the arrays between batches of one job (opening reads metadata)."""
+    `opened` caches the arrays between batches of one job (opening reads metadata); `pool`
+    encodes chunks in parallel. Returns once every chunk is written."""
     cache = opened if opened is not None else {}
+    pending: list[Future[None]] = []
 
     def _set(name: str, start: int, values: np.ndarray) -> None:
         if name not in cache:
-            cache[name] = array(group, name)
-        cache[name][start : start + len(values)] = values
+            cache[name] = writable(group, name)
+        pending.extend(put_rows(cache[name], start, values, pool))
 
     start = rows.start
     _set("error_code", start, rows.error_code)
@@ -54,6 +61,10 @@ def write_rows(
         _set(f"layers/{name}/pooled", start, layer.pooled)
         if layer.top_channel is not None:
             _set(f"layers/{name}/top_channel", start, layer.top_channel)
+    for future in pending:  # every one, so that no write outlives the call; then errors
+        future.exception()
+    for future in pending:
+        future.result()
 
 
 def _cat(a: np.ndarray | None, b: np.ndarray | None) -> np.ndarray | None:
