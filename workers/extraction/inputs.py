@@ -169,8 +169,10 @@ def _array(file: Path, prep: Preprocessing) -> np.ndarray:
 
 
 def _image(file: Path, prep: Preprocessing) -> np.ndarray:
+    """The image's pixels as uint8 (C, H, W), a view; `_normalise` makes the float copy."""
     mode = "L" if prep.channels == 1 else "RGB"
     limit = Image.MAX_IMAGE_PIXELS
+    height, width = prep.size
     try:
         with Image.open(file) as img:
             # Checked before decoding, here rather than through Pillow's warning, which
@@ -181,7 +183,11 @@ def _image(file: Path, prep: Preprocessing) -> np.ndarray:
                     f"{file.name} is {img.width}x{img.height} pixels, over the {limit} limit",
                 )
             img.seek(0)  # the first frame of an animated GIF
-            frame = img.convert(mode)
+            # Already in the model's mode: read as it is, without convert's copy.
+            frame = img.convert(mode) if img.mode != mode else img
+            if frame.size != (width, height):
+                frame = frame.resize((width, height), Image.Resampling.BILINEAR)
+            array = np.asarray(frame)  # inside the block: a closed image has no pixels
     except Image.DecompressionBombError as exc:
         raise InputError(SampleCode.TOO_LARGE, f"{file.name} is too many pixels to decode") from exc
     except PermissionError:
@@ -190,10 +196,6 @@ def _image(file: Path, prep: Preprocessing) -> np.ndarray:
         raise InputError(SampleCode.CORRUPT, f"{file.name} is not a readable image") from exc
     except (OSError, SyntaxError, ValueError) as exc:
         raise InputError(SampleCode.CORRUPT, f"{file.name} is corrupt or truncated: {exc}") from exc
-    height, width = prep.size
-    if frame.size != (width, height):
-        frame = frame.resize((width, height), Image.Resampling.BILINEAR)
-    array = np.asarray(frame, dtype=np.float32)
     return array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
 
 
@@ -209,6 +211,12 @@ def _binary(data: bytes, prep: Preprocessing) -> np.ndarray:
 
 
 def _normalise(array: np.ndarray, prep: Preprocessing) -> np.ndarray:
+    """(x * scale - mean) / std in float32, into one new C-ordered array: the same
+    arithmetic, step by step, without a temporary per step."""
     mean = np.asarray(prep.mean, np.float32).reshape(-1, 1, 1)
     std = np.asarray(prep.std, np.float32).reshape(-1, 1, 1)
-    return np.ascontiguousarray((array * np.float32(prep.scale) - mean) / std, dtype=np.float32)
+    out = np.empty(array.shape, np.float32)
+    np.multiply(array, np.float32(prep.scale), out=out, dtype=np.float32)
+    out -= mean
+    out /= std
+    return out
