@@ -72,11 +72,16 @@ def give_up(store: str, job_id: str, batch: int, reason: str, runtime: Runtime) 
     return Outcome.FAILED
 
 
-def complete(store: str, job_id: str, batch: int, runtime: Runtime) -> None:
-    """After batch `batch` is in the ledger: finalize if it was the last one."""
+def complete(
+    store: str, job_id: str, batch: int, runtime: Runtime, *, seen_before: bool = False
+) -> None:
+    """After batch `batch` is in the ledger: finalize if it was the last one. The count
+    decides cheaply, except for a batch `seen_before` in the ledger (a redelivery, a resumed
+    duplicate): that is when a worker may have died or lost Redis between its write and
+    its count, leaving the count short, so the ledger decides."""
     group = open_job(store, job_id, mode="r")
     n_batches = attrs(group)["n_batches"]
-    if runtime.counters.done(job_id, batch) < n_batches:
+    if runtime.counters.done(job_id, batch) < n_batches and not seen_before:
         return
     # The counters say all are done; the ledger must agree before anyone finalizes.
     if done_batches(group).all() and runtime.counters.claim_finalize(job_id):
@@ -91,7 +96,7 @@ def _start(
     if attrs(group)["state"] == JobState.CANCELLED:
         return Outcome.CANCELLED, group
     if is_done(group, batch):
-        complete(store, job_id, batch, runtime)
+        complete(store, job_id, batch, runtime, seen_before=True)
         return Outcome.SKIPPED, group
     if runtime.counters.attempt(job_id, batch) > runtime.attempt_cap:
         reason = (

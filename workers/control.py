@@ -119,11 +119,12 @@ def prepare_resume(store: str, job_id: str, counters: Counters | None = None) ->
     state = JobState(attrs_of(group)["state"])
     if state in (JobState.SUCCEEDED, JobState.PARTIAL):
         return []
-    missing = [int(b) for b in np.flatnonzero(~done_batches(group))]
+    ledger = done_batches(group)
+    missing = [int(b) for b in np.flatnonzero(~ledger)]
     if missing:
         group.update_attributes({"state": JobState.QUEUED.value, "reason": ""})
     if counters is not None:
-        counters.reset(job_id, missing)
+        counters.reset(job_id, missing, [int(b) for b in np.flatnonzero(ledger)])
     return missing
 
 
@@ -229,7 +230,7 @@ def finalize(
     group.update_attributes(update)
     profile = attrs_of(group)["spec"].get("profile_id")
     if profile and state in (JobState.SUCCEEDED, JobState.PARTIAL):
-        from workers.analysis.results import score_job  # numpy only; loaded when screening
+        from workers.analysis.profiles import score_job  # numpy only; loaded when screening
 
         try:
             score_job(store, job_id, profile)  # writes screen/score and screen/flag

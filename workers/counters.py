@@ -36,8 +36,11 @@ class Counters(Protocol):
         """When the first batch of the job started (set by the first `attempt`)."""
         ...
 
-    def reset(self, job_id: str, batches: list[int]) -> None:
-        """Forget attempts of these batches and the finalize claim (resume)."""
+    def reset(self, job_id: str, batches: list[int], done: list[int]) -> None:
+        """For resume: forget attempts of `batches` and the finalize claim, and record
+        `done` (the ledger's batches). A worker that dies between its ledger write and its
+        count, or loses Redis there, leaves the count short of the ledger; without this the
+        last batch of the resumed job would never see the count reach the total."""
         ...
 
 
@@ -77,11 +80,12 @@ class MemoryCounters:
     def started(self, job_id: str) -> float | None:
         return self._started.get(job_id)
 
-    def reset(self, job_id: str, batches: list[int]) -> None:
+    def reset(self, job_id: str, batches: list[int], done: list[int]) -> None:
         with self._lock:
             for batch in batches:
                 self._attempts.pop((job_id, batch), None)
             self._claimed.discard(job_id)
+            self._done.setdefault(job_id, set()).update(done)
 
 
 class RedisCounters:
@@ -124,9 +128,12 @@ class RedisCounters:
         value = self._redis.get(self._key(job_id, "started"))
         return float(value) if value is not None else None
 
-    def reset(self, job_id: str, batches: list[int]) -> None:
+    def reset(self, job_id: str, batches: list[int], done: list[int]) -> None:
         pipe = self._redis.pipeline()
         if batches:
             pipe.hdel(self._key(job_id, "attempts"), *map(str, batches))
+        if done:
+            pipe.sadd(self._key(job_id, "done"), *done)
+            pipe.expire(self._key(job_id, "done"), _TTL)
         pipe.delete(self._key(job_id, "finalizer"))
         pipe.execute()
