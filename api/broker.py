@@ -8,6 +8,7 @@ import threading
 from collections.abc import Callable
 from typing import Any, Protocol
 
+from workers.counters import Counters, RedisCounters
 from workers.jobs import QUEUES
 
 __all__ = ["Broker", "MemoryBroker", "RedisBroker"]
@@ -24,6 +25,9 @@ class Broker(Protocol):
     def release(self, key: str) -> None: ...
     def depth(self) -> dict[str, int]: ...
     def ping(self) -> bool: ...
+    def counters(self) -> Counters | None:
+        """The workers' batch counters, which resume squares with the ledger."""
+        ...
 
 
 class RedisBroker:
@@ -34,6 +38,7 @@ class RedisBroker:
 
         self._redis = redis.Redis.from_url(url, socket_timeout=5)
         self._app = app
+        self._counters = RedisCounters(url)
 
     def send(self, task: str, args: list[Any], queue: str) -> None:
         self._app.send_task(task, args=args, queue=queue)
@@ -59,13 +64,19 @@ class RedisBroker:
         except Exception:  # any failure means not ready; the probe reports, never raises
             return False
 
+    def counters(self) -> Counters:
+        return self._counters
+
 
 class MemoryBroker:
     """Records what was sent and hands each task to `run`, if given (the API's unit tests
     run the worker function in line)."""
 
-    def __init__(self, run: Callable[[str, list[Any]], None] | None = None) -> None:
+    def __init__(
+        self, run: Callable[[str, list[Any]], None] | None = None, counters: Counters | None = None
+    ) -> None:
         self.sent: list[tuple[str, list[Any], str]] = []
+        self._counters = counters
         self._keys: dict[str, str] = {}
         self._lock = threading.Lock()
         self._run = run
@@ -91,3 +102,6 @@ class MemoryBroker:
 
     def ping(self) -> bool:
         return True
+
+    def counters(self) -> Counters | None:
+        return self._counters

@@ -29,7 +29,14 @@ from api.schemas import (
     SamplesPage,
     StoreLocation,
 )
-from workers.control import Status, list_jobs, prepare_resume, status, task_batches
+from workers.control import (
+    Status,
+    list_jobs,
+    prepare_resume,
+    queue_of,
+    status,
+    task_batches,
+)
 from workers.control import cancel as cancel_job
 from workers.errors import JobError, SampleCode, SpecError
 from workers.extraction.inputs import Source, discover
@@ -337,8 +344,14 @@ def cancel(services: ServicesDep, tenant: TenantDep, job_id: str) -> JobOut:
 @router.post("/jobs/{job_id}/resume", response_model=JobOut)
 def resume(services: ServicesDep, tenant: TenantDep, job_id: str) -> JobOut:
     _job(services, tenant, job_id)
-    missing = prepare_resume(services.store, job_id)
-    _send_batches(services, job_id, missing, "extract")
+    missing = prepare_resume(services.store, job_id, services.broker.counters())
+    queue = queue_of(services.store, job_id)
+    if missing:
+        _send_batches(services, job_id, missing, queue)
+    elif not JobState(status(services.store, job_id).state).finished:
+        # Every batch is written but nobody finalized (its finalizer lost Redis or died):
+        # a task of a written batch finds the ledger complete and finalizes on a worker.
+        _send_batches(services, job_id, [0], queue)
     log.info("resumed %d batches", len(missing), extra={"job_id": job_id, "tenant": tenant.name})
     group = open_job(services.store, job_id, mode="r")
     return _job_out(services, group, status(services.store, job_id))

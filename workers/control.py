@@ -31,6 +31,7 @@ __all__ = [
     "mark_started",
     "now",
     "prepare_resume",
+    "queue_of",
     "status",
     "summary",
     "task_batches",
@@ -126,6 +127,12 @@ def prepare_resume(store: str, job_id: str, counters: Counters | None = None) ->
     if counters is not None:
         counters.reset(job_id, missing, [int(b) for b in np.flatnonzero(ledger)])
     return missing
+
+
+def queue_of(store: str, job_id: str) -> str:
+    """The queue the job was submitted to; resume sends its batches there too."""
+    spec: dict[str, Any] = attrs_of(open_job(store, job_id, mode="r"))["spec"]
+    return str(spec.get("queue", "extract"))
 
 
 def task_batches(batches: Iterable[int], per_task: int) -> list[list[int]]:

@@ -16,7 +16,7 @@ from api.app import create_app
 from api.broker import MemoryBroker
 from workers.analysis.requests import run_analysis
 from workers.batches import Runtime, execute_batches
-from workers.counters import MemoryCounters
+from workers.counters import Counters, MemoryCounters
 from workers.demo.digits import WEIGHTS
 from workers.extraction.cache import ModelCache
 from workers.jobs import TaskName
@@ -56,8 +56,8 @@ class Api:
         return self.client.post("/v1/jobs/extractions", headers=self.as_(tenant), json=payload)
 
 
-def _inline(settings: Settings) -> Any:
-    runtime = Runtime(ModelCache(factories=settings.factories), MemoryCounters())
+def _inline(settings: Settings, counters: Counters | None = None) -> Any:
+    runtime = Runtime(ModelCache(factories=settings.factories), counters or MemoryCounters())
 
     def run(task: str, args: list[Any]) -> None:
         if task == TaskName.REGISTER_MODEL:
@@ -73,7 +73,12 @@ def _inline(settings: Settings) -> Any:
     return run
 
 
-def make_api(tmp_path: Path, run_tasks: bool = True, quotas: dict[str, int] | None = None) -> Api:
+def make_api(
+    tmp_path: Path,
+    run_tasks: bool = True,
+    quotas: dict[str, int] | None = None,
+    counters: Counters | None = None,
+) -> Api:
     roots = {name: tmp_path / f"{name}-data" for name in ("acme", "other")}
     for name, root in roots.items():
         for digit in ("3", "7"):
@@ -93,7 +98,8 @@ def make_api(tmp_path: Path, run_tasks: bool = True, quotas: dict[str, int] | No
     settings = Settings(
         store=str(tmp_path / "store"), auth_file=str(auth_file), factories=(FACTORY,)
     )
-    broker = MemoryBroker(_inline(settings) if run_tasks else None)
+    counters = counters or MemoryCounters()
+    broker = MemoryBroker(_inline(settings, counters) if run_tasks else None, counters)
     client = TestClient(create_app(settings, broker))
     return Api(client, broker, tmp_path / "store", roots, tokens, settings)
 

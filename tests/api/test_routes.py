@@ -225,3 +225,22 @@ def test_the_openapi_schema_is_served(api: Api) -> None:
     schema = api.client.get("/openapi.json").json()
     assert "/v1/jobs/extractions" in schema["paths"]
     assert api.client.get("/docs").status_code == 200
+
+
+def test_resume_finishes_a_job_whose_count_fell_short_on_the_jobs_own_queue(
+    tmp_path: Path,
+) -> None:
+    from tests.test_completion import LosesOneCount
+
+    api = make_api(tmp_path, counters=LosesOneCount(lost=1))
+    with api.client:
+        model_id = api.register()
+        job_id = api.submit(model_id, batch_size=1, queue="screen").json()["job_id"]
+        job = api.client.get(f"/v1/jobs/{job_id}", headers=api.as_("acme")).json()
+        assert job["state"] == "running"  # every batch written; the count says one short
+
+        resumed = api.client.post(f"/v1/jobs/{job_id}/resume", headers=api.as_("acme"))
+        assert resumed.status_code == 200, resumed.text
+        assert resumed.json()["state"] == "succeeded"
+        task, args, queue = api.broker.sent[-1]
+        assert (task, queue) == (TaskName.RUN_BATCH, "screen")
