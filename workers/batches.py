@@ -8,7 +8,7 @@ finalizes the job; no chord is involved.
 from __future__ import annotations
 
 import logging
-from concurrent.futures import Executor
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
@@ -20,7 +20,7 @@ from workers.errors import SampleCode, UserError
 from workers.extraction.cache import ModelCache
 from workers.gpu import compute_fitting
 from workers.jobs import JobState
-from workers.pipeline import decode_batch, finalize, spec_of, store_batch
+from workers.pipeline import Decoded, decode_batch, finalize, spec_of, store_batch
 from workers.storage.layout import array, attrs, open_job, read
 from workers.storage.ledger import done_batches, is_done, mark_done
 from workers.storage.rows import BatchRows
@@ -45,7 +45,7 @@ class Runtime:
     models: ModelCache
     counters: Counters
     attempt_cap: int = 3
-    decoders: Executor | None = None  # threads decoding one batch's samples
+    decoders: Executor | None = None  # threads decoding a batch's samples, encoding its chunks
 
 
 def _fail_batch(store: str, job_id: str, batch: int, reason: str) -> None:
@@ -110,28 +110,42 @@ def _start(
 def execute_batches(store: str, job_id: str, batches: list[int], runtime: Runtime) -> list[Outcome]:
     """Run batches the way a task must: skip what the ledger has or a cancelled job, give
     up past the attempt cap, turn user errors into a failed batch, let transient errors
-    propagate for a retry. The write of one batch overlaps the decode and forward of the
-    next; each is marked done only once written, and this returns (so the task is
-    acknowledged) only after every write."""
+    propagate for a retry. The forward of one batch overlaps the decode of the next and
+    the write of the previous one; each is marked done only once written, and this
+    returns (so the task is acknowledged) only after every write."""
 
     target = open_job(store, job_id)  # once per task: the arrays are opened once too
     opened: dict[str, Any] = {}
 
     def write(batch: int, rows: BatchRows) -> None:
-        store_batch(target, batch, rows, opened)
+        store_batch(target, batch, rows, opened, runtime.decoders)
         complete(store, job_id, batch, runtime)
 
     outcomes: list[Outcome] = []
-    with WriteBehind(write, depth=1) as writer:
-        for batch in batches:
+    # The next batch, decoded while this one computes. Decoding has no side effects, so a
+    # batch that then turns out cancelled or done only wastes its decode.
+    ahead: Future[Decoded] | None = None
+    with (
+        WriteBehind(write, depth=1) as writer,
+        ThreadPoolExecutor(1, thread_name_prefix="actmap-ahead") as reader,
+    ):
+        for i, batch in enumerate(batches):
             stopped, group = _start(store, job_id, batch, runtime)
+            early, ahead = ahead, None
             if stopped is not None:
                 outcomes.append(stopped)
                 continue
             spec = spec_of(group)
             try:
                 model = runtime.models.get(spec)
-                decoded = decode_batch(group, spec, model.info, batch, runtime.decoders)
+                if early is None:
+                    decoded = decode_batch(group, spec, model.info, batch, runtime.decoders)
+                else:
+                    decoded = early.result()
+                if i + 1 < len(batches):
+                    ahead = reader.submit(
+                        decode_batch, group, spec, model.info, batches[i + 1], runtime.decoders
+                    )
                 rows = compute_fitting(model, spec, decoded)
             except UserError as exc:  # the same on every attempt: never retried
                 outcomes.append(give_up(store, job_id, batch, str(exc), runtime))

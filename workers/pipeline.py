@@ -166,12 +166,17 @@ def _empty_layers(info: ModelInfo, spec: ExtractionSpec, n: int) -> dict[str, La
 
 
 def store_batch(
-    group: zarr.Group, batch: int, rows: BatchRows, opened: dict[str, Any] | None = None
+    group: zarr.Group,
+    batch: int,
+    rows: BatchRows,
+    opened: dict[str, Any] | None = None,
+    pool: Executor | None = None,
 ) -> None:
     """Write the batch's chunks, then mark it done in the ledger: last, so a crash in
     between leaves it pending and a rerun rewrites identical bytes. `opened` caches the
-    job's arrays between batches (opening one reads its metadata)."""
-    write_rows(group, rows, opened)
+    job's arrays between batches (opening one reads its metadata); `pool` encodes the
+    chunks in parallel."""
+    write_rows(group, rows, opened, pool)
     mark_done(group, batch)
 
 

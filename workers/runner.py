@@ -1,8 +1,8 @@
 """Run a whole job in this process, overlapping decode, compute and write.
 
 Decoding runs one batch ahead in threads, writes go to a background thread through a
-queue of two batches: memory stays bounded by a few batches, whatever the job size, and
-the device never waits on disk.
+queue of two batches (their chunks encoded in the decode threads): memory stays bounded
+by a few batches, whatever the job size, and the device never waits on disk.
 """
 
 from __future__ import annotations
@@ -45,13 +45,14 @@ def run_job(
         opened: dict[str, Any] = {}
 
         def write(batch: int, rows: BatchRows) -> None:
-            store_batch(group, batch, rows, opened)
+            store_batch(group, batch, rows, opened, pool)
             if progress:
                 progress(len(rows.error_code))
 
         with (
-            WriteBehind(write) as writer,
+            # The pool first: it encodes chunks too, so it must outlive the writer.
             ThreadPoolExecutor(decode_threads) as pool,
+            WriteBehind(write) as writer,
             ThreadPoolExecutor(1) as ahead,
         ):
             ahead_of: deque[Future[Decoded]] = deque()

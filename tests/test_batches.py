@@ -1,0 +1,149 @@
+"""A task's batches: the next one is decoded while the current one computes, and that
+decode ahead changes nothing about what is stored, skipped or cancelled."""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+import workers.batches
+from tests.conftest import FACTORY
+from workers import gpu, pipeline
+from workers.batches import Outcome, Runtime, execute_batches
+from workers.control import cancel
+from workers.counters import MemoryCounters
+from workers.extraction.cache import ModelCache
+from workers.jobs import ExtractionSpec
+from workers.pipeline import Decoded, plan
+from workers.runner import run_job
+from workers.storage.layout import open_job, read
+from workers.storage.ledger import done_batches
+
+LAYERS = ("conv1", "block2.conv2", "fc")
+DEADLINE_S = 30.0
+
+
+def _spec(arrays: list[Path], weights: Path) -> ExtractionSpec:
+    return ExtractionSpec(
+        model=FACTORY,
+        weights=str(weights),
+        layers=LAYERS,
+        inputs=tuple(str(p) for p in arrays),
+        batch_size=5,  # 23 samples: 5 batches, the last one of 3
+        dtype="float16",
+    )
+
+
+def _files(store: Path, job_id: str) -> dict[str, str]:
+    """Every file of the job but its metadata (attrs hold the job's id and times)."""
+    root = store / "jobs" / job_id
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and p.name != "zarr.json"
+    }
+
+
+@pytest.fixture
+def decoders() -> Any:
+    with ThreadPoolExecutor(2) as pool:
+        yield pool
+
+
+def test_a_task_of_every_batch_stores_what_the_in_process_runner_stores(
+    tmp_path: Path, arrays: list[Path], random_weights: Path, decoders: ThreadPoolExecutor
+) -> None:
+    spec, models = _spec(arrays, random_weights), ModelCache()
+    reference = plan(str(tmp_path / "ref"), spec, models.get(spec).info)
+    run_job(str(tmp_path / "ref"), reference.job_id, models)
+    job = plan(str(tmp_path / "task"), spec, models.get(spec).info)
+    runtime = Runtime(models, MemoryCounters(), decoders=decoders)
+
+    outcomes = execute_batches(str(tmp_path / "task"), job.job_id, [0, 1, 2, 3, 4], runtime)
+
+    assert outcomes == [Outcome.RAN] * 5
+    assert _files(tmp_path / "task", job.job_id) == _files(tmp_path / "ref", reference.job_id)
+    assert read(open_job(str(tmp_path / "task"), job.job_id), "done").all()
+
+
+def test_the_next_batch_is_decoded_while_the_current_one_computes(
+    tmp_path: Path,
+    arrays: list[Path],
+    random_weights: Path,
+    decoders: ThreadPoolExecutor,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    spec, models = _spec(arrays, random_weights), ModelCache()
+    job = plan(str(tmp_path / "store"), spec, models.get(spec).info)
+    decoding: dict[int, threading.Event] = {b: threading.Event() for b in range(job.n_batches)}
+    decode, compute = pipeline.decode_batch, gpu.compute_fitting
+
+    def watched_decode(*args: Any) -> Decoded:
+        decoding[args[3]].set()
+        return decode(*args)
+
+    def waiting_compute(model: Any, spec: ExtractionSpec, decoded: Decoded) -> Any:
+        # Batch 0 computes only once batch 1 has started decoding: without the decode
+        # ahead this would wait out the deadline.
+        if decoded.batch == 0:
+            assert decoding[1].wait(DEADLINE_S), "batch 1 was not decoded during batch 0"
+        return compute(model, spec, decoded)
+
+    monkeypatch.setattr(workers.batches, "decode_batch", watched_decode)
+    monkeypatch.setattr(workers.batches, "compute_fitting", waiting_compute)
+    runtime = Runtime(models, MemoryCounters(), decoders=decoders)
+    assert execute_batches(str(tmp_path / "store"), job.job_id, [0, 1], runtime) == [
+        Outcome.RAN,
+        Outcome.RAN,
+    ]
+
+
+class CancelsAtFirstStart(MemoryCounters):
+    """Cancels the job when batch 0 starts: batch 1 is decoded ahead, then must not run."""
+
+    def __init__(self, store: str) -> None:
+        super().__init__()
+        self.store = store
+
+    def attempt(self, job_id: str, batch: int) -> int:
+        if batch == 0:
+            cancel(self.store, job_id)
+        return super().attempt(job_id, batch)
+
+
+def test_a_batch_decoded_ahead_is_not_run_once_its_job_is_cancelled(
+    tmp_path: Path, arrays: list[Path], random_weights: Path, decoders: ThreadPoolExecutor
+) -> None:
+    spec, models, store = _spec(arrays, random_weights), ModelCache(), str(tmp_path / "store")
+    job = plan(store, spec, models.get(spec).info)
+    runtime = Runtime(models, CancelsAtFirstStart(store), decoders=decoders)
+
+    outcomes = execute_batches(store, job.job_id, [0, 1, 2], runtime)
+
+    assert outcomes == [Outcome.RAN, Outcome.CANCELLED, Outcome.CANCELLED]
+    assert list(done_batches(open_job(store, job.job_id))) == [True, False, False, False, False]
+
+
+def test_a_batch_the_ledger_has_is_skipped_between_two_that_run(
+    tmp_path: Path, arrays: list[Path], random_weights: Path, decoders: ThreadPoolExecutor
+) -> None:
+    spec, models, store = _spec(arrays, random_weights), ModelCache(), tmp_path / "store"
+    job = plan(str(store), spec, models.get(spec).info)
+    runtime = Runtime(models, MemoryCounters(), decoders=decoders)
+    assert execute_batches(str(store), job.job_id, [1], runtime) == [Outcome.RAN]
+    before = _files(store, job.job_id)
+
+    outcomes = execute_batches(str(store), job.job_id, [0, 1, 2], runtime)
+
+    assert outcomes == [Outcome.RAN, Outcome.SKIPPED, Outcome.RAN]
+    after = _files(store, job.job_id)
+    assert {k: v for k, v in after.items() if k in before} == before
+    group = open_job(str(store), job.job_id)
+    assert list(done_batches(group)) == [True, True, True, False, False]
+    assert np.isfinite(read(group, "logits", slice(0, 15))).all()
