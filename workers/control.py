@@ -40,6 +40,7 @@ __all__ = [
 
 
 FINALIZE_GRACE_S = 30.0
+FINALIZE_POLL_S = 0.005
 
 
 def now() -> str:
@@ -160,18 +161,25 @@ def enqueue(
     return len(groups)
 
 
+def _finished(store: str, job_id: str) -> bool:
+    """The job's state alone: one small file, where `status` reads the whole ledger."""
+    return JobState(attrs_of(open_job(store, job_id, mode="r"))["state"]).finished
+
+
 def wait(
     store: str,
     job_id: str,
     counters: Counters | None = None,
     progress: Callable[[Status], None] | None = None,
     timeout: float | None = None,
-    poll: float = 0.05,
+    poll: float = 0.02,
 ) -> Status:
     """Poll until the job is finished or cancelled. The counters (cheap) are polled often,
-    the store (the truth) about once a second and whenever the counters say it is done. If
-    the ledger is complete but nobody finalized (a finalizer died, Redis lost its counters),
-    finalize here, after claiming it like a task would."""
+    the store (the truth) about once a second and whenever the counters say it is done.
+    Once they do, the last task is finalizing: its state alone is polled every few
+    milliseconds, so the wait ends right after the finalize, not a poll or a ledger read
+    later. If the ledger is complete but nobody finalized (a finalizer died, Redis lost its
+    counters), finalize here, after claiming it like a task would."""
     deadline = None if timeout is None else time.monotonic() + timeout
     next_read = 0.0
     n_batches: int | None = None
@@ -182,6 +190,10 @@ def wait(
             and n_batches is not None
             and (counters.done_count(job_id) >= n_batches)
         )
+        finalizing = hinted and complete_since is not None and time.monotonic() < next_read
+        if finalizing and not _finished(store, job_id):
+            time.sleep(FINALIZE_POLL_S)
+            continue
         if hinted or time.monotonic() >= next_read:
             current = status(store, job_id, counters)
             n_batches = current.n_batches

@@ -1,0 +1,79 @@
+"""Waiting for a job: it ends with the finalize of the last task, whoever finalizes."""
+
+from __future__ import annotations
+
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import workers.control
+from tests.conftest import FACTORY
+from workers.batches import Runtime, execute_batches
+from workers.control import Status, finalize, mark_started, wait
+from workers.counters import MemoryCounters
+from workers.extraction.cache import ModelCache
+from workers.jobs import ExtractionSpec
+from workers.pipeline import plan
+
+DEADLINE_S = 30.0
+
+
+class NeverFinalizes(MemoryCounters):
+    """Counts like Redis would, but no task may claim the finalize: it is the test's."""
+
+    def claim_finalize(self, job_id: str) -> bool:
+        super().claim_finalize(job_id)
+        return False
+
+
+@pytest.fixture
+def written(tmp_path: Path, arrays: list[Path], random_weights: Path) -> tuple[str, str, Any]:
+    """A job whose every batch is written and counted, not yet finalized."""
+    spec = ExtractionSpec(
+        model=FACTORY,
+        weights=str(random_weights),
+        layers=("conv1",),
+        inputs=tuple(str(p) for p in arrays),
+        batch_size=10,
+    )
+    models, store = ModelCache(), str(tmp_path / "store")
+    job = plan(store, spec, models.get(spec).info)
+    mark_started(store, job.job_id)
+    counters = NeverFinalizes()
+    execute_batches(store, job.job_id, list(range(job.n_batches)), Runtime(models, counters))
+    return store, job.job_id, counters
+
+
+def test_wait_ends_with_the_finalize_of_the_task_that_claimed_it(
+    written: tuple[str, str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store, job_id, counters = written
+    seen: list[Status] = []
+    first = threading.Event()
+    own: list[str] = []
+    monkeypatch.setattr(workers.control, "finalize", lambda *a, **k: own.append("finalize"))
+
+    def progress(status: Status) -> None:
+        seen.append(status)
+        first.set()
+
+    with ThreadPoolExecutor(1) as waiter:
+        result = waiter.submit(wait, store, job_id, counters, progress, DEADLINE_S)
+        assert first.wait(DEADLINE_S)
+        assert seen[0].batches_done == seen[0].n_batches
+        assert seen[0].state == "running"
+        finalize(store, job_id)  # the task that claimed it, late
+        final = result.result(DEADLINE_S)
+
+    assert final.state == "succeeded"
+    assert final.finished is not None
+    assert own == []  # the claim was taken: the waiter left the finalize to its owner
+
+
+def test_wait_finalizes_itself_when_nobody_claimed_it(written: tuple[str, str, Any]) -> None:
+    store, job_id, _ = written
+    counters = MemoryCounters()  # Redis lost its counters: no count, no claim
+    assert wait(store, job_id, counters, timeout=DEADLINE_S).state == "succeeded"
