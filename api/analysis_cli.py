@@ -67,19 +67,21 @@ def _selection(job_id: str, text: str) -> Any:
 
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
-    from workers.analysis import results
+    from workers.analysis import analyses, profiles, results
 
     store = args.store or settings.store
     if args.command == "health":
         found: dict[str, Any] = {
-            "analysis_id": results.run_health(store, args.job_id, _layers(args.layers))
+            "analysis_id": analyses.run_health(store, args.job_id, _layers(args.layers))
         }
     elif args.command == "compare":
         a = _selection(args.job_a, args.select_a)
         b = _selection(args.job_b or args.job_a, args.select_b)
-        found = {"analysis_id": results.run_compare(store, a, b, _layers(args.layers), args.paired)}
+        found = {
+            "analysis_id": analyses.run_compare(store, a, b, _layers(args.layers), args.paired)
+        }
     elif args.screen_action == "fit":
-        profile = results.fit_profile(
+        profile = profiles.fit_profile(
             store, args.reference, _layers(args.layers), args.fpr, args.adversarial
         )
         found = {"profile_id": profile}
@@ -99,7 +101,8 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
 
 def _screen_run(args: argparse.Namespace, settings: Settings, store: str) -> int:
     from api.backends import backend_for
-    from workers.analysis.results import load_profile, open_analysis
+    from workers.analysis.profiles import load_profile
+    from workers.analysis.results import open_analysis
     from workers.jobs import ExtractionSpec
     from workers.storage.layout import attrs, open_job, read
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import pytest
 from scipy import stats as st
@@ -12,6 +14,7 @@ from workers.analysis.compare import (
     benjamini_hochberg,
     cohen_d,
     compare,
+    compare_rows,
     difference_maps,
     pair_by_id,
     paired_distances,
@@ -74,6 +77,69 @@ def test_per_channel_auroc_equals_sklearns_roc_auc_score_ties_included() -> None
     y = np.r_[np.ones(23), np.zeros(31)]
     expected = [roc_auc_score(y, np.r_[a[:, c], b[:, c]]) for c in range(7)]
     np.testing.assert_allclose(auroc(a, b), expected, rtol=1e-12)
+
+
+class Reads:
+    """A numpy array read as rows, noting the rows and bytes of each read."""
+
+    def __init__(self, values: np.ndarray) -> None:
+        self.values = values
+        self.sizes: list[int] = []
+        self.nbytes: list[int] = []
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.values.shape)
+
+    def __getitem__(self, key: Any, /) -> np.ndarray:
+        found: np.ndarray = self.values[key]
+        self.sizes.append(found.shape[0])
+        self.nbytes.append(found.nbytes)
+        return found
+
+
+def test_rows_compared_in_many_small_blocks_give_the_one_block_numbers_scipys_and_sklearns() -> (
+    None
+):
+    rng = np.random.default_rng(6)
+    a = np.round(rng.standard_normal((300, 37)) * 2, 1) + np.linspace(0, 1, 37)  # with ties
+    b = np.round(rng.standard_normal((410, 37)) * 3, 1)
+    whole = compare(a, b)
+    reads_a, reads_b = Reads(a), Reads(b)
+    small = compare_rows(reads_a, reads_b, budget=8_000)
+    # Each read took at most a quarter of the budget, and the channels took many passes.
+    assert max(reads_a.nbytes + reads_b.nbytes) <= 8_000 // 4
+    assert sum(reads_a.sizes) > 10 * a.shape[0]
+    for name in ("mean_a", "mean_b", "cohen_d", "t", "df", "p", "q"):
+        np.testing.assert_allclose(
+            getattr(small, name), getattr(whole, name), rtol=1e-12, atol=1e-12, err_msg=name
+        )
+    np.testing.assert_array_equal(small.auroc, whole.auroc)
+    assert small.auroc_error is None
+    assert whole.auroc_error is None
+    y = np.r_[np.ones(300), np.zeros(410)]
+    expected = [roc_auc_score(y, np.r_[a[:, c], b[:, c]]) for c in range(37)]
+    np.testing.assert_allclose(small.auroc, expected, rtol=1e-12)
+    welch = st.ttest_ind(a, b, equal_var=False, axis=0)
+    np.testing.assert_allclose(small.t, welch.statistic, rtol=1e-10)
+    np.testing.assert_allclose(small.p, welch.pvalue, rtol=1e-8)
+    # A the larger population: B is held and A streams past it, as exact.
+    np.testing.assert_array_equal(compare_rows(b, a, budget=8_000).auroc, compare(b, a).auroc)
+
+
+def test_a_channel_too_long_to_hold_within_the_budget_gets_an_auroc_within_its_stated_bound() -> (
+    None
+):
+    rng = np.random.default_rng(7)
+    a = rng.standard_normal((3000, 5)) + np.array([0.0, 0.2, 0.5, 1.0, 3.0])
+    b = rng.standard_normal((4000, 5))
+    exact = compare(a, b)
+    # 3000 float64 values (24 kB) of one channel do not fit in three quarters of 20 kB.
+    got = compare_rows(a, b, budget=20_000)
+    assert got.auroc_error is not None
+    assert 0.0 < got.auroc_error.max() < 0.01
+    assert (np.abs(got.auroc - exact.auroc) <= got.auroc_error).all()
+    np.testing.assert_allclose(got.t, exact.t, rtol=1e-10)
 
 
 def test_planted_discriminative_channels_rank_first_and_the_rest_are_left_out() -> None:

@@ -20,17 +20,10 @@ from PIL import Image
 from safetensors.torch import load_file
 from torch import nn
 
-from workers.analysis.compare import compare
-from workers.analysis.results import (
-    Selection,
-    fit_profile,
-    load_profile,
-    open_analysis,
-    run_compare,
-    run_health,
-    run_signatures,
-    score_job,
-)
+from workers.analysis.analyses import run_compare, run_health, run_signatures
+from workers.analysis.compare import COMPARE_BUDGET, compare
+from workers.analysis.profiles import fit_profile, load_profile, score_job
+from workers.analysis.results import Selection, open_analysis
 from workers.analysis.screening import ScreeningProfile
 from workers.analysis.signatures import family_signatures
 from workers.demo.digits import PREPROCESSING, WEIGHTS, DigitsNet
@@ -195,9 +188,14 @@ def test_health_counts_extremes_above_a_reference_jobs_99th_percentile(jobs: Job
     assert rate.max() > 0.01  # the noise images exceed the clean digits' percentile
 
 
-def test_compare_equals_the_in_memory_comparison_and_ranks_every_channel(jobs: Jobs) -> None:
+# The default budget holds everything at once; 600 bytes reads a row and a few channels
+# at a time.
+@pytest.mark.parametrize("budget", [COMPARE_BUDGET, 600], ids=["default", "tiny"])
+def test_compare_equals_the_in_memory_comparison_and_ranks_every_channel(
+    jobs: Jobs, budget: int
+) -> None:
     a, b = Selection(jobs.demo, label=0), Selection(jobs.demo, label=1)
-    analysis = run_compare(jobs.store, a, b, ["conv3", "fc"])
+    analysis = run_compare(jobs.store, a, b, ["conv3", "fc"], budget=budget)
     tree = _tree(jobs.store, analysis)
     labels = jobs.stored(jobs.demo, "label")
     for layer in ("conv3", "fc"):
@@ -205,7 +203,10 @@ def test_compare_equals_the_in_memory_comparison_and_ranks_every_channel(jobs: J
         expected = compare(pooled[labels == 0], pooled[labels == 1])
         result = tree[f"layers/{layer}"].dataset
         for name in ("mean_a", "mean_b", "mean_difference", "cohen_d", "t", "p", "q", "auroc"):
-            np.testing.assert_allclose(result[name], getattr(expected, name), err_msg=name)
+            np.testing.assert_allclose(
+                result[name], getattr(expected, name), rtol=1e-12, atol=1e-12, err_msg=name
+            )
+        assert tree.attrs["layers"][layer]["auroc_error"] == 0.0
         rank = result["rank"].values
         assert sorted(rank.tolist()) == list(range(pooled.shape[1]))
         best = int(np.argmin(rank))

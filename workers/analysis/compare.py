@@ -4,7 +4,8 @@ Owns the statistics (mean difference, Cohen's d, Welch's t with Benjamini-Hochbe
 correction, AUROC), the ranking of discriminative channels, and the paired mode: the same
 sample ids in both populations (a clean sample and its adversarial copy), with per-sample
 cosine and L2 distances and spatial difference maps. Populations are pooled arrays (n, C),
-one value per sample and channel; choosing which samples form them is selection.py's job.
+one value per sample and channel, in memory or read as stored rows within a memory budget
+(`compare_rows`); choosing which samples form them is selection.py's job.
 """
 
 from __future__ import annotations
@@ -16,21 +17,34 @@ import numpy as np
 import numpy.typing as npt
 from scipy import stats as st
 
-from workers.analysis.stats import DEFAULT_BLOCK, ChannelMoments, ChannelStats, Rows
+from workers.analysis.auroc import column_auroc, rank_auroc
+from workers.analysis.stats import (
+    DEFAULT_BLOCK,
+    ChannelMoments,
+    ChannelStats,
+    Rows,
+    read_blocks,
+)
 from workers.errors import SpecError
 
 __all__ = [
+    "COMPARE_BUDGET",
     "Comparison",
     "PairedDistances",
     "auroc",
     "benjamini_hochberg",
     "cohen_d",
     "compare",
+    "compare_rows",
     "difference_maps",
     "pair_by_id",
     "paired_distances",
     "welch_t",
 ]
+
+# Bytes a comparison of stored rows holds at once (see compare_rows): large enough to rank
+# a few hundred channels of a hundred thousand samples in one pass over the rows.
+COMPARE_BUDGET = 256 << 20
 
 
 def cohen_d(a: ChannelStats, b: ChannelStats) -> np.ndarray:
@@ -80,20 +94,15 @@ def auroc(a: npt.ArrayLike, b: npt.ArrayLike) -> np.ndarray:
     `sklearn.metrics.roc_auc_score` with A as the positive class, column by column."""
     a, b = _pooled(a, "A"), _pooled(b, "B")
     _same_channels(a.shape[1], b.shape[1])
-    na, nb = a.shape[0], b.shape[0]
-    if na == 0 or nb == 0:
-        raise SpecError("both populations need at least one sample; widen the selection")
     # Mann-Whitney U from average ranks (ties count one half), channel by channel.
-    ranks = st.rankdata(np.concatenate([a, b]), axis=0)
-    u = ranks[:na].sum(axis=0) - na * (na + 1) / 2.0
-    auc: np.ndarray = u / (na * nb)
-    return auc
+    return rank_auroc(np.concatenate([a, b]), a.shape[0])
 
 
 @dataclass(frozen=True)
 class Comparison:
     """Population A against B, per channel; arrays have shape (C,). `q` holds the
-    Benjamini-Hochberg adjusted p-values of Welch's test within this layer."""
+    Benjamini-Hochberg adjusted p-values of Welch's test within this layer; `auroc_error`
+    the largest possible error of each `auroc`, None where they are exact (see auroc.py)."""
 
     n_a: int
     n_b: int
@@ -105,6 +114,7 @@ class Comparison:
     p: np.ndarray
     q: np.ndarray
     auroc: np.ndarray
+    auroc_error: np.ndarray | None = None
 
     @property
     def mean_difference(self) -> np.ndarray:
@@ -121,21 +131,33 @@ class Comparison:
 
 def compare(a: npt.ArrayLike, b: npt.ArrayLike) -> Comparison:
     """Every per-channel statistic of pooled populations A (n_a, C) and B (n_b, C)."""
-    a, b = _pooled(a, "A"), _pooled(b, "B")
-    _same_channels(a.shape[1], b.shape[1])
-    sa, sb = _moments(a), _moments(b)
+    return compare_rows(_pooled(a, "A"), _pooled(b, "B"), budget=None)
+
+
+def compare_rows(a: Rows, b: Rows, *, budget: int | None = COMPARE_BUDGET) -> Comparison:
+    """`compare` of populations read as rows (pooled (n, C): Zarr or numpy), holding about
+    `budget` bytes at most (None: no bound). Moments stream in one pass of row blocks
+    (Welch's t and Cohen's d need only them); AUROC takes a block of channels per pass
+    (see auroc.py), so the numbers are those of `compare` on the same values."""
+    _same_channels(_width(a, "A"), _width(b, "B"))
+    read = None if budget is None else budget // 4
+    sa, sb = _moments(a, read), _moments(b, read)
     t, df, p = welch_t(sa, sb)
+    d = cohen_d(sa, sb)
+    span = (np.minimum(sa.min, sb.min), np.maximum(sa.max, sb.max))
+    auc, error = column_auroc(a, b, budget, span)
     return Comparison(
         n_a=sa.samples,
         n_b=sb.samples,
         mean_a=sa.mean,
         mean_b=sb.mean,
-        cohen_d=cohen_d(sa, sb),
+        cohen_d=d,
         t=t,
         df=df,
         p=p,
         q=benjamini_hochberg(p),
-        auroc=auroc(a, b),
+        auroc=auc,
+        auroc_error=error,
     )
 
 
@@ -225,11 +247,16 @@ def _pair_rows(
 
 def _pooled(x: npt.ArrayLike, name: str) -> np.ndarray:
     array = np.asarray(x)
-    if array.ndim != 2:
-        raise SpecError(
-            f"population {name} must be pooled activations (n, C), got shape {array.shape}"
-        )
+    _width(array, name)
     return array
+
+
+def _width(x: Rows, name: str) -> int:
+    if len(x.shape) != 2:
+        raise SpecError(
+            f"population {name} must be pooled activations (n, C), got shape {tuple(x.shape)}"
+        )
+    return int(x.shape[1])
 
 
 def _same_channels(ca: int, cb: int) -> None:
@@ -239,9 +266,10 @@ def _same_channels(ca: int, cb: int) -> None:
         )
 
 
-def _moments(x: np.ndarray) -> ChannelStats:
-    moments = ChannelMoments(x.shape[1])
-    moments.update(x)
+def _moments(x: Rows, read: int | None) -> ChannelStats:
+    moments = ChannelMoments(int(x.shape[1]))
+    for block in read_blocks(x, read):
+        moments.update(block)
     return moments.result()
 
 

@@ -8,7 +8,8 @@ from typing import Any
 
 import zarr
 
-from workers.analysis import results
+from workers.analysis.analyses import run_compare, run_health, run_signatures
+from workers.analysis.profiles import fit_profile
 from workers.analysis.results import Selection
 from workers.errors import UserError
 from workers.storage.consolidate import publish_path
@@ -51,15 +52,15 @@ def run_analysis(
     layers = params.get("layers")
     try:
         if kind == "health":
-            results.run_health(store, params["job_id"], layers, analysis_id=analysis_id)
+            run_health(store, params["job_id"], layers, analysis_id=analysis_id)
         elif kind == "signatures":
-            results.run_signatures(store, params["job_id"], layers, analysis_id=analysis_id)
+            run_signatures(store, params["job_id"], layers, analysis_id=analysis_id)
         elif kind == "comparison":
             a, b = _selection(params["a"]), _selection(params["b"])
             paired = bool(params.get("paired"))
-            results.run_compare(store, a, b, layers, paired, analysis_id=analysis_id)
+            run_compare(store, a, b, layers, paired, analysis_id=analysis_id)
         elif kind == "profile":
-            results.fit_profile(
+            fit_profile(
                 store, params["reference_job"], layers, params.get("fpr", 0.05),
                 params.get("adversarial_job"), analysis_id=analysis_id,
             )  # fmt: skip

@@ -26,9 +26,13 @@ __all__ = [
     "channel_quantiles",
     "channel_stats",
     "iter_rows",
+    "read_blocks",
 ]
 
 DEFAULT_BLOCK = 256
+# Bytes per value of a block of rows while it is read and reduced: the block as stored,
+# its float64 copy and the squared deviations `ChannelMoments.update` makes of it.
+_READ_BYTES = 32
 
 
 class Rows(Protocol):
@@ -46,6 +50,32 @@ def iter_rows(rows: Rows, block: int = DEFAULT_BLOCK) -> Iterator[np.ndarray]:
         raise SpecError(f"block must be at least 1 row, got {block}")
     for start in range(0, rows.shape[0], block):
         yield np.asarray(rows[start : start + block])
+
+
+def read_blocks(
+    source: Rows, nbytes: int | None, cols: slice | None = None
+) -> Iterator[np.ndarray]:
+    """Columns `cols` (default: all) of every row, in consecutive blocks of rows that take
+    about `nbytes` each as read and reduced in float64; None: one block of everything.
+
+    A source that tells how many rows its stored chunks hold (`chunk_rows`, as a Zarr
+    array picked by `results.Picked` does) is read whole chunks at a time, as many as fit
+    `nbytes` at its full width and at least one, and the blocks are cut from those:
+    decoding a chunk costs the same for one row as for all, so each is decoded once."""
+    cols = slice(None) if cols is None else cols
+    if nbytes is None:
+        yield np.asarray(source[:, cols])
+        return
+    if nbytes < 1:
+        raise SpecError(f"a memory budget is a positive number of bytes, got {nbytes}")
+    n, width = int(source.shape[0]), int(source.shape[1])
+    rows = max(1, nbytes // (len(range(width)[cols]) * _READ_BYTES))
+    chunk = int(getattr(source, "chunk_rows", 0) or 0)
+    step = chunk * max(1, nbytes // (width * _READ_BYTES) // chunk) if chunk else rows
+    for start in range(0, n, step):
+        part = np.asarray(source[start : start + step, cols])
+        for at in range(0, part.shape[0], rows):
+            yield part[at : at + rows]
 
 
 @dataclass(frozen=True)

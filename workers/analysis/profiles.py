@@ -1,0 +1,184 @@
+"""Screening profiles in the store: fitted on a reference job, loaded, and scoring a job.
+
+Owns `fit_profile` (a `ScreeningProfile` fitted on a job's pooled activations, saved as the
+analysis kind `screening-profile`), `load_profile`, and `score_job`, which writes a job's
+`screen/score` and `screen/flag`. Numpy and Zarr only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from workers.analysis.results import (
+    Arrays,
+    Picked,
+    StoredJob,
+    now,
+    open_analysis,
+    save,
+    subgroup,
+)
+from workers.analysis.screening import ScreeningProfile
+from workers.analysis.stats import DEFAULT_BLOCK, iter_rows
+from workers.errors import SpecError
+from workers.storage.consolidate import publish
+from workers.storage.layout import COMPRESSOR, array, attrs, open_job, read
+
+__all__ = ["PROFILE", "fit_profile", "load_profile", "score_job"]
+
+PROFILE = "screening-profile"
+# Rows scored at a time: a screening job is read in blocks of this many samples.
+_SCORE_BLOCK = 4096
+
+
+def _load(picked: Picked, block: int) -> np.ndarray:
+    parts = list(iter_rows(picked, block))
+    return np.concatenate(parts).astype(np.float64) if parts else np.zeros(picked.shape)
+
+
+def fit_profile(
+    store: str,
+    reference_job: str,
+    layers: Sequence[str] | None = None,
+    fpr: float = 0.05,
+    adversarial_job: str | None = None,
+    *,
+    k: int = 20,
+    seed: int = 0,
+    block: int = DEFAULT_BLOCK,
+    analysis_id: str | None = None,
+) -> str:
+    """Fit a `ScreeningProfile` on the reference job's pooled activations (with its labels
+    when every sample has one) and store it; `adversarial_job`, of the same model, tunes the
+    combination. Returns the profile id, which `score_job` takes."""
+    ref = StoredJob(store, reference_job)
+    names = ref.layers(layers)
+    rows = ref.rows()
+    x = {layer: _load(Picked(ref.layer(layer, "pooled"), rows), block) for layer in names}
+    labels = read(ref.group, "label")[rows]
+    known = bool((labels >= 0).all())
+    adversarial = None
+    if adversarial_job is not None:
+        adv = StoredJob(store, adversarial_job)
+        if adv.sha256 != ref.sha256:
+            raise SpecError(
+                f"adversarial job {adv.id} ran another model than reference job {ref.id}; "
+                "extract both with the same model"
+            )
+        adv_rows = adv.rows()
+        adversarial = {
+            layer: _load(Picked(adv.layer(layer, "pooled"), adv_rows), block)
+            for layer in adv.layers(names)
+        }
+    profile = ScreeningProfile.fit(
+        x, labels if known else None, fpr=fpr, k=k, adversarial=adversarial, seed=seed
+    )
+    results: Arrays = {
+        "column": (np.asarray([f"{n}/{d}" for n, d in profile.columns], dtype=object), ["column"])
+    }
+    for name, values in profile.to_arrays().items():
+        layer, _, part = name.rpartition("/")
+        path = f"layers/{layer}/{part}" if layer else name
+        results[path] = (
+            values,
+            _PROFILE_DIMS.get(part, [f"{part}_{i}" for i in range(values.ndim)]),
+        )
+    stored = profile.to_json()
+    headline = {
+        "threshold": stored["threshold"],
+        "fpr": fpr,
+        "calibration_fpr": stored.get("calibration_fpr"),
+        "combine": stored["combine"],
+        "profile": stored,
+    }
+    inputs = {
+        "reference_job": reference_job,
+        "adversarial_job": adversarial_job,
+        "layers": names,
+        "n_reference": int(rows.size),
+        "labels": known,
+    }
+    return save(store, PROFILE, ref, inputs, headline, results, analysis_id)
+
+
+_PROFILE_DIMS = {
+    "z_mean": ["column"],
+    "z_std": ["column"],
+    "coef": ["column"],
+    "calibration_scores": ["calibration"],
+    "class_means": ["class", "channel"],
+    "precision": ["channel", "channel_2"],  # xarray needs two names for a square matrix
+    "bank": ["bank", "channel"],
+}
+
+
+def load_profile(store: str, profile_id: str) -> ScreeningProfile:
+    """The stored profile, ready to score; its `meta["model"]` is the model it was fitted on."""
+    group = open_analysis(store, profile_id)
+    meta = attrs(group)
+    if meta.get("kind") != PROFILE:
+        raise SpecError(f"analysis {profile_id} is a {meta.get('kind')}, not a screening profile")
+    arrays: dict[str, np.ndarray] = {
+        name: np.asarray(node[:]) for name, node in group.arrays() if name != "column"
+    }
+    if "layers" in group:
+        for layer, sub in subgroup(group, "layers").groups():
+            arrays.update({f"{layer}/{n}": np.asarray(node[:]) for n, node in sub.arrays()})
+    described = {**meta["profile"], "model": meta["model"], "profile_id": profile_id}
+    return ScreeningProfile.from_arrays(arrays, described)
+
+
+def score_job(store: str, job_id: str, profile_id: str) -> tuple[np.ndarray, np.ndarray]:
+    """Score the job's pooled activations with the profile, block by block, and store them as
+    `jobs/{job_id}/screen/score` (N,) float32 and `screen/flag` (N,) bool; failed samples
+    get NaN and False. Refuses a job of another model than the profile's."""
+    profile = load_profile(store, profile_id)
+    job = StoredJob(store, job_id)
+    model = profile.meta.get("model", {})
+    if job.sha256 != model.get("sha256"):
+        raise SpecError(
+            f"profile {profile_id} was fitted on another model ({model.get('name')}, "
+            f"sha256 {str(model.get('sha256'))[:12]}) than job {job_id} ran "
+            f"(sha256 {job.sha256[:12]}); fit a profile on a reference job of this model"
+        )
+    names = job.layers(list(profile.channels))
+    ok = read(job.group, "error_code") == 0
+    n = ok.size
+    scores = np.full(n, np.nan, dtype=np.float32)
+    for start in range(0, n, _SCORE_BLOCK):
+        keep = ok[start : start + _SCORE_BLOCK]
+        if not keep.any():
+            continue
+        part = {
+            layer: np.asarray(job.layer(layer, "pooled")[start : start + keep.size])[keep]
+            for layer in names
+        }
+        scores[start : start + keep.size][keep] = profile.score(part)
+    flags = np.asarray(ok & (scores > profile.threshold), dtype=bool)
+    writable = open_job(store, job_id)
+    screen = writable.require_group("screen")
+    screen.update_attributes(
+        {
+            "profile_id": profile_id,
+            "threshold": float(profile.threshold),
+            "fpr": profile.fpr,
+            "n_flagged": int(flags.sum()),
+            "scored": now(),
+        }
+    )
+    chunk = array(writable, "label").chunks
+    for name, values in (("score", scores), ("flag", flags)):
+        screen.create_array(
+            name,
+            shape=values.shape,
+            chunks=chunk,
+            dtype=values.dtype,
+            dimension_names=["sample"],
+            fill_value=False if values.dtype == bool else np.nan,
+            compressors=COMPRESSOR,
+            overwrite=True,
+        )[:] = values
+    publish(store, job_id)
+    return scores, flags
