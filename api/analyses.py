@@ -25,10 +25,9 @@ from api.schemas import (
     ProfileRequest,
     ScreeningRequest,
 )
-from workers.analysis.requests import placeholder
-from workers.analysis.results import new_analysis_id, open_analysis
+from workers.analysis.requests import describe, submit
 from workers.errors import JobError, SpecError
-from workers.jobs import ExtractionSpec, TaskName
+from workers.jobs import ExtractionSpec
 from workers.plan import new_job_id, plan
 from workers.storage.layout import attrs
 
@@ -38,25 +37,21 @@ router = APIRouter(prefix="/v1", responses=_PROBLEMS)
 
 
 def _queue(services: Any, tenant: Any, kind: str, params: dict[str, Any]) -> AnalysisOut:
-    analysis_id = new_analysis_id()
-    placeholder(services.store, analysis_id, kind, tenant.name, "queued")
-    args = [services.store, kind, params, analysis_id, tenant.name]
-    services.broker.send(TaskName.ANALYSE, args, "analysis")
+    analysis_id = submit(services.broker.send, services.store, kind, params, tenant.name)
     return _analysis(services, tenant, analysis_id)
 
 
 def _analysis(services: Any, tenant: Any, analysis_id: str) -> AnalysisOut:
     missing = JobError(f"no analysis {analysis_id!r} of yours")
     try:
-        found = attrs(open_analysis(services.store, analysis_id))
+        found = describe(services.store, analysis_id)
     except JobError:
         raise missing from None
-    if found.get("tenant") != tenant.name:
+    if found.tenant != tenant.name:
         raise missing
-    summary = {k: v for k, v in found.items() if k not in ("kind", "state", "tenant", "reason")}
     return AnalysisOut(
-        analysis_id=analysis_id, kind=found["kind"], state=found["state"],
-        reason=found.get("reason"), summary=summary,
+        analysis_id=analysis_id, kind=found.kind, state=found.state, reason=found.reason,
+        summary=found.summary,
     )  # fmt: skip
 
 

@@ -1,17 +1,23 @@
 """`actmap health`, `actmap compare`, `actmap screen fit|run`: the analysis commands.
 
-Analyses are numpy over the stored arrays, so they run in this process against the store
-(embedded, or the shared store of a cluster); `screen run` is an extraction job on the
-`screen` queue, scored with the profile when it finalizes.
+Health, comparisons and profiles are analysis jobs on the `analysis` queue, sent like a
+scan: with `--api` (or $ACTMAP_API_URL) through the API, else with $ACTMAP_BROKER_URL to
+the cluster's workers, else to a worker thread of this process (the embedded default).
+The command waits for the result and prints it; the same output and exit codes in all
+three. `screen run` is an extraction job on the `screen` queue, scored with the profile
+when it finalizes.
 """
 
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from api import output
-from workers.errors import UserError
+from workers.analysis.requests import Analysis
+from workers.errors import ActmapError, UserError
 from workers.settings import Settings
 
 __all__ = ["add_parsers", "run"]
@@ -41,60 +47,86 @@ def add_parsers(sub: Any) -> None:
     for parser in (health, compare, fit, runs):
         parser.add_argument("--store", help="store (default $ACTMAP_STORE)")
         parser.add_argument("--json", action="store_true", help="print one JSON object")
+    for parser in (health, compare, fit):
+        parser.add_argument("--api", help="through this API (default $ACTMAP_API_URL)")
 
 
 def _layers(text: str | None) -> list[str] | None:
     return [v.strip() for v in text.split(",") if v.strip()] if text else None
 
 
-def _selection(job_id: str, text: str) -> Any:
-    from workers.analysis.results import Selection
+# `--a`/`--b` keys and the API's selection fields they fill.
+_FIELDS = {"label": "labels", "pred": "predictions", "correct": "correct", "ids": "samples"}
 
-    fields: dict[str, Any] = {}
+
+def _selection(job_id: str, text: str) -> dict[str, Any]:
+    """A selection as the API takes it: `label=3;correct=false` gives
+    {"job_id": ..., "labels": [3], "correct": false}."""
+    found: dict[str, Any] = {"job_id": job_id}
     for part in filter(None, (p.strip() for p in text.split(";"))):
         key, _, value = part.partition("=")
-        if key in ("label", "pred"):
-            fields[key] = tuple(int(v) for v in value.split(","))
-        elif key == "correct" and value in ("true", "false"):
-            fields[key] = value == "true"
-        elif key == "ids":
-            fields[key] = tuple(value.split(","))
-        else:
+        try:
+            if key in ("label", "pred"):
+                found[_FIELDS[key]] = [int(v) for v in value.split(",")]
+            elif key == "correct" and value in ("true", "false"):
+                found[_FIELDS[key]] = value == "true"
+            elif key == "ids" and value:
+                found[_FIELDS[key]] = value.split(",")
+            else:
+                raise ValueError(part)
+        except ValueError:
             raise UserError(
                 f"cannot read selection {part!r}; use label=3, pred=1,2, correct=false or ids=a,b"
-            )
-    return Selection(job_id, **fields)
+            ) from None
+    return found
+
+
+def _request(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
+    """The analysis kind and its parameters: the body of the API's route for it."""
+    layers = _layers(args.layers)
+    if args.command == "health":
+        return "health", {"job_id": args.job_id, "layers": layers}
+    if args.command == "compare":
+        a = _selection(args.job_a, args.select_a)
+        b = _selection(args.job_b or args.job_a, args.select_b)
+        return "comparison", {"a": a, "b": b, "layers": layers, "paired": args.paired}
+    fit = {"reference_job": args.reference, "layers": layers, "fpr": args.fpr}
+    return "profile", {**fit, "adversarial_job": args.adversarial}
+
+
+@contextmanager
+def _spinner(show: bool) -> Iterator[Callable[[Analysis], None]]:
+    """A line on a terminal saying where the analysis is; yields its progress callback."""
+    if not show:
+        yield lambda _: None
+        return
+    with output.err.status("sending the analysis") as status:
+        yield lambda found: status.update(f"analysis {found.analysis_id} {found.state}")
 
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
-    from workers.analysis import analyses, profiles, results
+    """Queue the analysis on the `analysis` queue through the backend a scan would use
+    (embedded worker, broker, or API), wait for it and print it."""
+    from api.backends import backend_for
 
-    store = args.store or settings.store
-    if args.command == "health":
-        found: dict[str, Any] = {
-            "analysis_id": analyses.run_health(store, args.job_id, _layers(args.layers))
-        }
-    elif args.command == "compare":
-        a = _selection(args.job_a, args.select_a)
-        b = _selection(args.job_b or args.job_a, args.select_b)
-        found = {
-            "analysis_id": analyses.run_compare(store, a, b, _layers(args.layers), args.paired)
-        }
-    elif args.screen_action == "fit":
-        profile = profiles.fit_profile(
-            store, args.reference, _layers(args.layers), args.fpr, args.adversarial
-        )
-        found = {"profile_id": profile}
-    else:
-        return _screen_run(args, settings, store)
-    analysis = results.open_analysis(store, next(iter(found.values())))
-    summary = {k: v for k, v in dict(analysis.attrs).items() if k not in ("inputs", "model")}
+    if args.command == "screen" and args.screen_action == "run":
+        return _screen_run(args, settings, args.store or settings.store)
+    kind, params = _request(args)
+    backend = backend_for(settings, args.store or settings.store, args.api)
+    with _spinner(not args.json and output.err.is_terminal) as progress:
+        found = backend.analyse(kind, params, progress)
+    if found.state != "succeeded":
+        reason = found.reason or f"analysis {found.analysis_id} ended {found.state}"
+        if found.summary.get("error") == "internal":
+            raise ActmapError(f"analysis {found.analysis_id} failed: {reason}")
+        raise UserError(reason)
+    key = "profile_id" if kind == "profile" else "analysis_id"
+    shown = {k: v for k, v in found.summary.items() if k not in ("inputs", "model")}
+    summary = {"kind": found.kind, "state": found.state, **shown}
     if args.json:
-        output.print_json({**found, "store": store, **summary})
+        output.print_json({key: found.analysis_id, "store": backend.store, **summary})
     else:
-        output.out.print(
-            f"{summary.get('kind', 'analysis')} {next(iter(found.values()))} in {store}"
-        )
+        output.out.print(f"{found.kind} {found.analysis_id} in {backend.store}", highlight=False)
         output.out.print_json(data=summary)
     return 0
 

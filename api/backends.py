@@ -1,7 +1,8 @@
-"""Where a CLI command goes: the embedded default, or straight to a broker.
+"""Where a CLI command goes: the embedded default, straight to a broker, or the HTTP API.
 
-The worker side is imported inside the methods that need it, so that `import api.cli`
-stays free of torch and celery (the API issue adds an HTTP backend beside these).
+Each runs scans and analyses; an analysis goes to the `analysis` queue and the backend
+waits for its result in the store (or the API). The worker side is imported inside the
+methods that need it, so that `import api.cli` stays free of torch and celery.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, Protocol
 
+from workers.analysis.requests import Analysis
 from workers.control import Status, cancel, list_jobs, status
 from workers.counters import Counters
 from workers.errors import UserError
@@ -19,6 +21,9 @@ __all__ = ["ApiBackend", "Backend", "BrokerBackend", "EmbeddedBackend", "backend
 
 OnPlan = Callable[[Any], None]
 Progress = Callable[[Status], None]
+AnalysisProgress = Callable[[Analysis], None]
+# The tenant of analyses sent straight to the store (embedded, broker): a trusted caller.
+_LOCAL = "local"
 
 
 class Backend(Protocol):
@@ -32,6 +37,9 @@ class Backend(Protocol):
     def wait(self, job_id: str, progress: Progress) -> Status: ...
     def cancel(self, job_id: str) -> Status: ...
     def resume(self, job_id: str, wait: bool, progress: Progress) -> Status: ...
+    def analyse(
+        self, kind: str, params: dict[str, Any], progress: AnalysisProgress
+    ) -> Analysis: ...
 
 
 class _StoreReads:
@@ -71,6 +79,14 @@ class EmbeddedBackend(_StoreReads):
         from workers import embedded
 
         return embedded.resume(self.store, job_id, self.settings, progress)
+
+    def analyse(self, kind: str, params: dict[str, Any], progress: AnalysisProgress) -> Analysis:
+        from workers import embedded
+        from workers.analysis.requests import submit, wait
+
+        with embedded.embedded(self.settings) as local:
+            analysis_id = submit(_sender(local.app), self.store, kind, params, _LOCAL)
+            return wait(self.store, analysis_id, progress, local.thread.is_alive)
 
 
 class BrokerBackend(_StoreReads):
@@ -117,6 +133,21 @@ class BrokerBackend(_StoreReads):
         queue, per_task = queue_of(self.store, job_id), self.settings.batches_per_task
         enqueue(self._app(), self.store, job_id, missing, queue, per_task)
         return self.wait(job_id, progress) if wait else self.status(job_id)
+
+    def analyse(self, kind: str, params: dict[str, Any], progress: AnalysisProgress) -> Analysis:
+        from workers.analysis.requests import submit, wait
+
+        analysis_id = submit(_sender(self._app()), self.store, kind, params, _LOCAL)
+        return wait(self.store, analysis_id, progress)
+
+
+def _sender(app: Any) -> Callable[[str, list[Any], str], None]:
+    """Send by task name, as the API's broker does; the result is read from the store."""
+
+    def send(task: str, args: list[Any], queue: str) -> None:
+        app.send_task(task, args=args, queue=queue, ignore_result=True)
+
+    return send
 
 
 class ApiBackend:
@@ -187,6 +218,30 @@ class ApiBackend:
     def resume(self, job_id: str, wait: bool, progress: Progress) -> Status:
         current = self._status(self.client.job(job_id).resume())
         return self.wait(job_id, progress) if wait else current
+
+    def analyse(self, kind: str, params: dict[str, Any], progress: AnalysisProgress) -> Analysis:
+        import time
+
+        found = self.client.request("POST", f"/v1/analyses/{_ROUTES[kind]}", json=params).json()
+        while True:
+            current = Analysis(
+                found["analysis_id"], found["kind"], found["state"], reason=found.get("reason"),
+                summary=found.get("summary") or {},
+            )  # fmt: skip
+            progress(current)
+            if not current.pending:
+                return current
+            time.sleep(0.2)
+            found = self.client.request("GET", f"/v1/analyses/{current.analysis_id}").json()
+
+
+# The API's route for each analysis kind.
+_ROUTES = {
+    "health": "health",
+    "signatures": "signatures",
+    "comparison": "comparisons",
+    "profile": "profiles",
+}
 
 
 def backend_for(

@@ -1,21 +1,29 @@
-"""`actmap health`, `compare`, `screen fit|run` and `report` as a user runs them, embedded."""
+"""`actmap health`, `compare`, `screen fit|run` and `report` as a user runs them: embedded
+(the analysis is a task on the `analysis` queue, run by the in-process worker), and through
+the API with the same output. The broker backend is in tests/integration."""
 
 from __future__ import annotations
 
 import json
+import threading
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 import xarray as xr
+from fastapi.testclient import TestClient
 
+from api import backends
 from api.cli import main
+from tests.api.test_analyses import wide_api
+from workers.analysis import analyses, requests
 
 SAMPLES = Path(__file__).parents[1] / "workers" / "demo" / "samples"
 
 
-def _last(capsys: pytest.CaptureFixture[str]) -> dict[str, object]:
-    found: dict[str, object] = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+def _last(capsys: pytest.CaptureFixture[str]) -> dict[str, Any]:
+    found: dict[str, Any] = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     return found
 
 
@@ -52,13 +60,104 @@ def test_health_and_compare_print_an_analysis_that_opens_in_xarray(
     assert _last(capsys)["kind"] == "compare"
 
 
+def test_an_analysis_is_sent_to_the_analysis_queue_and_run_by_the_worker_thread(
+    scanned: tuple[str, str], capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store, job_id = scanned
+    sent: list[tuple[str, str]] = []
+    ran_in: list[str] = []
+    sender, run = backends._sender, requests.run_analysis
+
+    def recording_sender(app: Any) -> Any:
+        def send(task: str, args: list[Any], queue: str) -> None:
+            sent.append((task, queue))
+            sender(app)(task, args, queue)
+
+        return send
+
+    def recording_run(*args: Any) -> str:
+        ran_in.append(threading.current_thread().name)
+        return run(*args)
+
+    monkeypatch.setattr(backends, "_sender", recording_sender)
+    monkeypatch.setattr(requests, "run_analysis", recording_run)
+    assert main(["health", job_id, "--layers", "fc", "--store", store, "--json"]) == 0
+    assert _last(capsys)["state"] == "succeeded"
+    assert sent == [("actmap.analyse", "analysis")]
+    assert ran_in == ["actmap-worker"]  # embedded.py's worker thread, not this one
+
+
 def test_a_selection_a_person_cannot_mean_is_a_one_line_error(
     scanned: tuple[str, str], capsys: pytest.CaptureFixture[str]
 ) -> None:
     store, job_id = scanned
     assert main(["compare", job_id, "--a", "colour=red", "--store", store]) == 2
     assert "cannot read selection 'colour=red'" in capsys.readouterr().err
+    assert main(["compare", job_id, "--a", "label=seven", "--store", store]) == 2
+    assert "cannot read selection 'label=seven'" in capsys.readouterr().err
     assert main(["health", "nope", "--store", store]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("actmap: error: no job 'nope'")
+    assert err.count("\n") == 1
+
+
+def test_a_bug_in_an_analysis_is_a_one_line_internal_error_not_a_user_error(
+    scanned: tuple[str, str], capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store, job_id = scanned
+
+    def broken(*_: object, **__: object) -> str:
+        raise ZeroDivisionError("planted")
+
+    monkeypatch.setattr(analyses, "run_health", broken)
+    assert main(["health", job_id, "--store", store, "--json"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("actmap: analysis ")
+    assert err[-1].endswith("failed: internal error: ZeroDivisionError('planted')")
+
+
+def test_through_the_api_health_and_compare_print_what_the_embedded_run_prints(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    api = wide_api(tmp_path / "api")
+    inputs = api.roots["acme"] / "all"
+    layers = ["conv1", "conv3", "fc"]
+    with api.client:
+        model_id = api.register()
+        accepted = api.submit(model_id, inputs=[str(inputs)], labels_from_dirs=True, layers=layers)
+        remote_job = accepted.json()["job_id"]
+        # The CLI's HTTP client, answered by the app in this process.
+        monkeypatch.setattr(
+            "api.client.httpx.Client",
+            lambda base_url, headers, timeout: TestClient(
+                api.client.app, base_url=base_url, headers=headers
+            ),
+        )
+        monkeypatch.setenv("ACTMAP_TOKEN", api.tokens["acme"])
+        url = "http://actmap.test"
+        assert main(["health", remote_job, "--api", url, "--json"]) == 0
+        remote = _last(capsys)
+        argv = ["compare", remote_job, "--a", "label=1", "--b", "label=7", "--api", url, "--json"]
+        assert main(argv) == 0
+        remote_compare = _last(capsys)
+        assert main(["health", "nope", "--api", url]) == 2
+        assert capsys.readouterr().err.startswith("actmap: error: no job 'nope'")
+    store = str(tmp_path / "store")
+    argv = ["scan", str(inputs), "--model", "digits-cnn", "--layers", ",".join(layers),
+            "--labels-from-dirs", "--out", store, "--json"]  # fmt: skip
+    assert main(argv) == 0
+    local_job = _last(capsys)["job_id"]
+    assert main(["health", local_job, "--store", store, "--json"]) == 0
+    local = _last(capsys)
+    argv = ["compare", local_job, "--a", "label=1", "--b", "label=7", "--store", store, "--json"]
+    assert main(argv) == 0
+    local_compare = _last(capsys)
+    assert remote.keys() == local.keys()
+    assert (remote["store"], local["store"]) == (url, store)
+    assert remote["kind"] == local["kind"] == "health"
+    assert remote["layers"] == local["layers"]  # the same samples and model: the same filters
+    assert remote_compare.keys() == local_compare.keys()
+    assert remote_compare["layers"] == local_compare["layers"]
 
 
 def test_screen_fit_then_run_flags_what_does_not_look_like_the_reference(

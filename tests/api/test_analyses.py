@@ -13,7 +13,8 @@ from workers.jobs import TaskName
 from workers.storage.layout import open_job, read
 
 
-def _wide_api(tmp_path: Path) -> Api:
+def wide_api(tmp_path: Path) -> Api:
+    """The API with every demo digit under acme's `all/{digit}/`."""
     api = make_api(tmp_path)
     root = api.roots["acme"]
     for digit in range(10):  # every class, enough samples to fit and calibrate a profile
@@ -34,7 +35,7 @@ def _finished_job(api: Api, model_id: str, **body: Any) -> str:
 def test_health_and_comparison_are_queued_on_the_analysis_queue_and_open_as_results(
     tmp_path: Path,
 ) -> None:
-    api = _wide_api(tmp_path)
+    api = wide_api(tmp_path)
     with api.client:
         model_id = api.register()
         job_id = _finished_job(
@@ -62,7 +63,7 @@ def test_health_and_comparison_are_queued_on_the_analysis_queue_and_open_as_resu
 
 
 def test_a_screening_job_scores_each_sample_with_a_profile(tmp_path: Path) -> None:
-    api = _wide_api(tmp_path)
+    api = wide_api(tmp_path)
     with api.client:
         model_id = api.register()
         reference = _finished_job(

@@ -1,22 +1,108 @@
-"""Analysis requests as the API queues them: a kind and its parameters, run on the
-`analysis` queue. A request the caller got wrong leaves a `failed` analysis with the
-one-line reason, so that polling it ends."""
+"""Analysis requests: a kind and its parameters, queued on the `analysis` queue and run by a
+worker, the same from the API and from the CLI.
+
+Owns the request's life in the store: `submit` leaves a `queued` placeholder under
+`analyses/{id}` and sends the task; the worker's `run_analysis` marks it `running` and
+replaces it with the result, or with a `failed` placeholder and a one-line reason (and
+`error`: `user` when the request was wrong, `internal` for a bug), so that polling it with
+`wait` always ends. The parameters are the API's request bodies as JSON.
+"""
 
 from __future__ import annotations
 
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import zarr
 
-from workers.analysis.analyses import run_compare, run_health, run_signatures
-from workers.analysis.profiles import fit_profile
-from workers.analysis.results import Selection
-from workers.errors import UserError
+from workers.analysis.results import Selection, new_analysis_id, open_analysis
+from workers.errors import ActmapError, JobError, UserError
+from workers.jobs import TaskName
 from workers.storage.consolidate import publish_path
+from workers.storage.layout import attrs
 
-__all__ = ["KINDS", "placeholder", "run_analysis"]
+__all__ = ["KINDS", "Analysis", "describe", "placeholder", "run_analysis", "submit", "wait"]
 
 KINDS = ("health", "comparison", "signatures", "profile")
+QUEUE = "analysis"
+# Analyses whose answer is still to come.
+_PENDING = ("queued", "running")
+# Longest pause between two reads of a pending analysis: short ones answer at once.
+_MAX_POLL_S = 0.5
+# How long an analysis may be missing while it is polled: its worker replaces the group,
+# so a read can fall between the removal and the new one, never for longer than that.
+_MISSING_S = 30.0
+log = logging.getLogger("actmap")
+
+# How a task is sent: (task name, args, queue), as api.broker.Broker.send.
+Send = Callable[[str, list[Any], str], None]
+
+
+@dataclass(frozen=True)
+class Analysis:
+    """An analysis as its requester sees it: the attrs beyond kind, state, tenant and
+    reason are its `summary` (inputs, model, created, the headline numbers)."""
+
+    analysis_id: str
+    kind: str
+    state: str
+    tenant: str = ""
+    reason: str | None = None
+    summary: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def pending(self) -> bool:
+        return self.state in _PENDING
+
+
+def describe(store: str, analysis_id: str) -> Analysis:
+    """The analysis as stored now; JobError when there is none."""
+    found = attrs(open_analysis(store, analysis_id))
+    summary = {k: v for k, v in found.items() if k not in ("kind", "state", "tenant", "reason")}
+    return Analysis(
+        analysis_id, str(found.get("kind")), str(found.get("state")), str(found.get("tenant")),
+        found.get("reason"), summary,
+    )  # fmt: skip
+
+
+def submit(send: Send, store: str, kind: str, params: dict[str, Any], tenant: str) -> str:
+    """Queue an analysis on the `analysis` queue; returns its id at once."""
+    analysis_id = new_analysis_id()
+    placeholder(store, analysis_id, kind, tenant, "queued")
+    send(TaskName.ANALYSE, [store, kind, params, analysis_id, tenant], QUEUE)
+    return analysis_id
+
+
+def wait(
+    store: str,
+    analysis_id: str,
+    progress: Callable[[Analysis], None] | None = None,
+    alive: Callable[[], bool] | None = None,
+) -> Analysis:
+    """Poll the store until the analysis is no longer pending. `alive`, when given, says
+    whether whoever runs it still can (the embedded worker thread): if not, fail loudly
+    instead of waiting forever."""
+    pause, missing_since = 0.01, None
+    while True:
+        try:
+            current = describe(store, analysis_id)
+        except JobError:
+            missing_since = missing_since or time.monotonic()
+            if time.monotonic() - missing_since > _MISSING_S:
+                raise
+        else:
+            missing_since = None
+            if progress is not None:
+                progress(current)
+            if not current.pending:
+                return current
+        if alive is not None and not alive():
+            raise ActmapError("the in-process worker stopped; see the log above")
+        time.sleep(pause)
+        pause = min(pause * 1.5, _MAX_POLL_S)
 
 
 def _selection(raw: dict[str, Any]) -> Selection:
@@ -31,7 +117,13 @@ def _selection(raw: dict[str, Any]) -> Selection:
 
 
 def placeholder(
-    store: str, analysis_id: str, kind: str, tenant: str, state: str, reason: str = ""
+    store: str,
+    analysis_id: str,
+    kind: str,
+    tenant: str,
+    state: str,
+    reason: str = "",
+    error: str = "",
 ) -> None:
     """The analysis group before (or instead of) its results: kind, tenant and state."""
     root = zarr.open_group(store.removeprefix("file://"), mode="a", use_consolidated=False)
@@ -40,6 +132,7 @@ def placeholder(
         "state": state,
         "tenant": tenant,
         **({"reason": reason} if reason else {}),
+        **({"error": error} if error else {}),
     }
     root.require_group("analyses").create_group(analysis_id, attributes=meta, overwrite=True)
     publish_path(store, f"analyses/{analysis_id}")
@@ -49,8 +142,15 @@ def run_analysis(
     store: str, kind: str, params: dict[str, Any], analysis_id: str, tenant: str
 ) -> str:
     """Run one queued analysis; returns its final state."""
+    # The numerics load here, in the worker, not where requests are only sent.
+    from workers.analysis.analyses import run_compare, run_health, run_signatures
+    from workers.analysis.profiles import fit_profile
+
     layers = params.get("layers")
     try:
+        if kind not in KINDS:
+            raise UserError(f"unknown analysis kind {kind!r}; use one of {', '.join(KINDS)}")
+        placeholder(store, analysis_id, kind, tenant, "running")
         if kind == "health":
             run_health(store, params["job_id"], layers, analysis_id=analysis_id)
         elif kind == "signatures":
@@ -59,14 +159,18 @@ def run_analysis(
             a, b = _selection(params["a"]), _selection(params["b"])
             paired = bool(params.get("paired"))
             run_compare(store, a, b, layers, paired, analysis_id=analysis_id)
-        elif kind == "profile":
+        else:
             fit_profile(
                 store, params["reference_job"], layers, params.get("fpr", 0.05),
                 params.get("adversarial_job"), analysis_id=analysis_id,
             )  # fmt: skip
-        else:
-            raise UserError(f"unknown analysis kind {kind!r}; use one of {', '.join(KINDS)}")
     except UserError as exc:
-        placeholder(store, analysis_id, kind, tenant, "failed", str(exc))
+        placeholder(store, analysis_id, kind, tenant, "failed", str(exc), "user")
+        return "failed"
+    except Exception as exc:  # a bug: keep the traceback, and end the requester's wait
+        log.exception("analysis %s (%s) failed unexpectedly", analysis_id, kind)
+        placeholder(
+            store, analysis_id, kind, tenant, "failed", f"internal error: {exc!r}", "internal"
+        )
         return "failed"
     return "succeeded"

@@ -210,8 +210,9 @@ def save(
     results: Arrays,
     analysis_id: str | None = None,
 ) -> str:
-    """Create `analyses/{id}` with its attrs and arrays (replacing a `queued` placeholder
-    the API may have made), then publish it; returns the id."""
+    """Create `analyses/{id}` with its attrs and arrays (replacing the placeholder of a
+    queued request), then publish it; returns the id. The state reads `running` until
+    every array is written, so that whoever polls it never opens half a result."""
     analysis_id = analysis_id or new_analysis_id()
     meta = {
         "kind": kind,
@@ -225,7 +226,7 @@ def save(
     }
     root = zarr.open_group(_location(store), mode="a", use_consolidated=False)
     group = root.require_group("analyses").create_group(
-        analysis_id, attributes=meta, overwrite=True
+        analysis_id, attributes={**meta, "state": "running"}, overwrite=True
     )
     for path, (values, dims) in results.items():
         text = values.dtype.kind in "OUT"
@@ -241,5 +242,6 @@ def save(
         )
         if values.size:
             out[...] = values.astype(object) if text else values
+    group.update_attributes({"state": meta["state"]})
     publish_path(store, f"analyses/{analysis_id}")
     return analysis_id
