@@ -19,9 +19,15 @@ weights (tests/bench/resnet.py), it measures images per second, interleaved and 
           (model load, catalogue and plan included) and its run phase alone (from the plan
           callback to the call's return).
 
+The CPU column is this process's CPU time (every thread) per run: with torch on every
+core, each CPU-second that decoding and writing take shows up in the wall time.
+
 Then the `actmap scan` CLI once as a subprocess (Python and torch startup included), the
 store's bytes on disk per image and the compression ratio of the stored acts and pooled
-arrays. `--stages` adds each pipeline stage timed alone, serially, in this thread, on the
+arrays. `--gpu-host-model N` (3 by default, 0 skips) adds extra lines, labelled as such:
+bare and actmap interleaved again with torch on one intra-op thread for both, a model of a
+GPU host, whose forward leaves the host cores to decoding and writes. They are
+information, not the target: the target is the main comparison. `--stages` adds each pipeline stage timed alone, serially, in this thread, on the
 same inputs; `--profile` a cProfile of that serial pass. Ratios come from one run; nothing
 here is an assertion. Threads: torch's default (the machine's cores). The load average is
 printed before and after: other processes on the machine skew every figure.
@@ -316,6 +322,41 @@ def stages(
     return [("model load + catalogue", load), ("plan", planned), *best.items(), ("sum", serial)]
 
 
+def gpu_host_model(model: nn.Module, x: torch.Tensor, inputs: str, tmp: Path, args: Any) -> str:
+    """Extra information, not the target: bare and actmap interleaved again with torch on
+    one intra-op thread for both, so that the forward leaves a core to decoding and writes,
+    as a GPU host's forward leaves its host cores. On this machine the main lines above
+    are the target: there the forward takes every core, and every CPU-second that decoding
+    and writing take shows up in the wall time."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    times: dict[str, list[float]] = {"bare": [], "actmap": [], "actmap run": []}
+    try:
+        run_bare(model, x[:BATCH])  # warm the one-thread primitives
+        for r in range(args.gpu_host_model):
+            times["bare"].append(run_bare(model, x))
+            total, run, _ = run_actmap(args.actmap, inputs, tmp / f"store-1t-{r}", args.timeout)
+            times["actmap"].append(total)
+            times["actmap run"].append(run)
+    finally:
+        torch.set_num_threads(before)
+    n = len(x)
+    best = {name: n / min(t) for name, t in times.items()}
+    rows: list[tuple[str, ...]] = [
+        ("GPU-host model (extra, not the target): torch 1 thread", "best img/s", "runs (s)")
+    ]
+    labels = {
+        "bare": "bare forward, 1 torch thread",
+        "actmap": f"actmap ({args.actmap}), whole call, 1 torch thread",
+        "actmap run": f"actmap ({args.actmap}), run phase, 1 torch thread",
+    }
+    for name, label in labels.items():
+        rows.append((label, f"{best[name]:,.1f}", " ".join(f"{t:.2f}" for t in times[name])))
+    for name in ("actmap", "actmap run"):
+        rows.append((f"  {name} / bare, both 1 thread", f"{best[name] / best['bare']:.2f}x", ""))
+    return _table(rows)
+
+
 # --- the run -----------------------------------------------------------------------------
 
 
@@ -347,6 +388,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--stages", action="store_true", help="also time each pipeline stage alone")
     p.add_argument("--profile", action="store_true", help="also cProfile the serial stages")
     p.add_argument("--no-cli", action="store_true", help="skip the `actmap scan` subprocess")
+    p.add_argument(
+        "--gpu-host-model", type=int, default=3, metavar="REPEATS",
+        help="extra lines, bare and actmap both on 1 torch thread (0: skip)",
+    )  # fmt: skip
     args = p.parse_args(argv)
     n = args.images
 
@@ -372,10 +417,13 @@ def main(argv: list[str] | None = None) -> int:
         run_actmap(args.actmap, f"@{warm}", tmp / "store-warm", args.timeout)
 
         times: dict[str, list[float]] = {"bare": [], "seed": [], "actmap": [], "actmap run": []}
+        cpu: dict[str, list[float]] = {"bare": [], "actmap": []}  # this process, every thread
         job: dict[str, str] = {}
 
         def bare(_r: int) -> None:
+            start = time.process_time()
             times["bare"].append(run_bare(model, x))
+            cpu["bare"].append(time.process_time() - start)
 
         def seed(r: int) -> None:
             times["seed"].append(run_seed(model, paths, tmp / f"seed-{r}"))
@@ -383,7 +431,9 @@ def main(argv: list[str] | None = None) -> int:
                 f.unlink()
 
         def actmap(r: int) -> None:
+            start = time.process_time()
             total, run, job_id = run_actmap(args.actmap, inputs, tmp / f"store-{r}", args.timeout)
+            cpu["actmap"].append(time.process_time() - start)
             times["actmap"].append(total)
             times["actmap run"].append(run)
             job["store"], job["id"] = str(tmp / f"store-{r}"), job_id
@@ -396,7 +446,9 @@ def main(argv: list[str] | None = None) -> int:
             """(best, median) images/s."""
             return n / min(times[name]), n / statistics.median(times[name])
 
-        rows: list[tuple[str, ...]] = [("method", "best img/s", "median img/s", "runs (s)")]
+        rows: list[tuple[str, ...]] = [
+            ("method", "best img/s", "median img/s", "runs (s)", "CPU s (median)")
+        ]
         labels = {
             "bare": "bare forward, pre-decoded, batch 32 (the bar)",
             "seed": "seed: per image x layer hook + batch 1 + np.save",
@@ -406,7 +458,8 @@ def main(argv: list[str] | None = None) -> int:
         for name, label in labels.items():
             best, median = rate(name)
             runs = " ".join(f"{t:.2f}" for t in times[name])
-            rows.append((label, f"{best:,.1f}", f"{median:,.1f}", runs))
+            used = f"{statistics.median(cpu[name]):.2f}" if name in cpu else ""
+            rows.append((label, f"{best:,.1f}", f"{median:,.1f}", runs, used))
         print()
         print(_table(rows))
 
@@ -432,6 +485,9 @@ def main(argv: list[str] | None = None) -> int:
                     f"`actmap scan` CLI, one subprocess run (startup included): {seconds:.2f} s, "
                     f"{n / seconds:,.1f} img/s"
                 )
+        if args.gpu_host_model:
+            print()
+            print(gpu_host_model(model, x, inputs, tmp, args))
         if args.stages or args.profile:
             profiler = cProfile.Profile() if args.profile else None
             timed = stages(inputs, tmp / "store-stages", args.repeats, profiler)
