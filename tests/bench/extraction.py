@@ -27,10 +27,12 @@ store's bytes on disk per image and the compression ratio of the stored acts and
 arrays. `--gpu-host-model N` (3 by default, 0 skips) adds extra lines, labelled as such:
 bare and actmap interleaved again with torch on one intra-op thread for both, a model of a
 GPU host, whose forward leaves the host cores to decoding and writes. They are
-information, not the target: the target is the main comparison. `--stages` adds each pipeline stage timed alone, serially, in this thread, on the
-same inputs; `--profile` a cProfile of that serial pass. Ratios come from one run; nothing
-here is an assertion. Threads: torch's default (the machine's cores). The load average is
-printed before and after: other processes on the machine skew every figure.
+information, not the target: the target is the main comparison. `--stages` adds each
+pipeline stage timed alone, serially, in this thread, on the same inputs; `--profile` a
+cProfile of that serial pass. Ratios come from one run; nothing here is an assertion.
+Threads: torch's default (the machine's cores). A full garbage collection runs, untimed,
+before every run. The load average is printed before and after: other processes on the
+machine skew every figure.
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ if str(ROOT) not in sys.path:
 
 import argparse  # noqa: E402
 import cProfile  # noqa: E402
+import gc  # noqa: E402
 import importlib.util  # noqa: E402
 import io  # noqa: E402
 import json  # noqa: E402
@@ -334,7 +337,9 @@ def gpu_host_model(model: nn.Module, x: torch.Tensor, inputs: str, tmp: Path, ar
     try:
         run_bare(model, x[:BATCH])  # warm the one-thread primitives
         for r in range(args.gpu_host_model):
+            gc.collect()  # as in the main loop
             times["bare"].append(run_bare(model, x))
+            gc.collect()
             total, run, _ = run_actmap(args.actmap, inputs, tmp / f"store-1t-{r}", args.timeout)
             times["actmap"].append(total)
             times["actmap run"].append(run)
@@ -440,6 +445,10 @@ def main(argv: list[str] | None = None) -> int:
 
         for r in range(args.repeats):
             for method in (bare, seed, actmap):
+                # Each run starts without the garbage of the runs before it (an embedded scan
+                # leaves a Celery app behind): a full collection of it would land in whichever
+                # run came next. One scan per process, as the CLI runs it, never pays that.
+                gc.collect()
                 method(r)
 
         def rate(name: str) -> tuple[float, float]:
