@@ -16,11 +16,15 @@ It collects activations with workers.extraction.hooks.capture from two models:
 Each layer's activations are kept at float16 and at float32. For every candidate codec (Blosc
 zstd/lz4 at clevel 1/3/5 with bitshuffle/shuffle/noshuffle, Zstd level 1/3, no compression)
 they are written into a fresh Zarr v3 LocalStore with the chunks actmap uses (32 samples per
-chunk, each chunk written by its own `a[i:i+32] = ...`, as the writer thread does) and read
-back chunk by chunk (as the analyses do). Reported per dtype: compression ratio (raw bytes /
-bytes of the stored chunk files), write speed in raw MB per CPU-second of this process (what
-the forward pass loses to the writer, and steady when other processes load the machine) and
-per wall-clock second, and read speed in raw MB per wall-clock second; best of `--repeats`.
+chunk, each chunk written by its own call, as the writer thread does: by default
+workers.storage.chunks.put_rows, actmap's own write path, which encodes a whole chunk with the
+array's codecs in the calling thread; `--through-zarr` writes `a[i:i+32] = ...` through
+zarr-python's asyncio path instead, with its empty-chunk check, to show what that path
+costs) and read back chunk by chunk (as the analyses do). Reported per dtype: compression
+ratio (raw bytes / bytes of the stored chunk files), write speed in raw MB per CPU-second of
+this process (what the forward pass loses to the writer, and steady when other processes
+load the machine) and per wall-clock second, and read speed in raw MB per wall-clock
+second; best of `--repeats`.
 
 The store lives in a temp dir under /dev/shm by default (`--dir` to change it), so that the
 figures are the codec and Zarr's own cost, not the noise of a shared disk. The writer runs in
@@ -62,6 +66,7 @@ from workers.extraction.hooks import capture  # noqa: E402
 from workers.extraction.inputs import decode, discover  # noqa: E402
 from workers.extraction.models import load_model  # noqa: E402
 from workers.jobs import Preprocessing  # noqa: E402
+from workers.storage.chunks import put_rows  # noqa: E402
 from workers.storage.layout import COMPRESSOR  # noqa: E402
 
 
@@ -188,7 +193,11 @@ def _chunk_bytes(folder: Path) -> int:
 
 
 def measure(
-    codec: Codec, arrays: dict[str, dict[str, np.ndarray]], base: Path, repeats: int
+    codec: Codec,
+    arrays: dict[str, dict[str, np.ndarray]],
+    base: Path,
+    repeats: int,
+    through_zarr: bool = False,
 ) -> Result:
     """Write then read every array, `repeats` times into fresh stores; keep the best times."""
     result = Result(codec)
@@ -213,7 +222,10 @@ def measure(
             for name, a in by_name.items():
                 z = created[name]
                 for i in range(0, len(a), CHUNK):
-                    z[i : i + CHUNK] = a[i : i + CHUNK]
+                    if through_zarr:
+                        z[i : i + CHUNK] = a[i : i + CHUNK]
+                    else:
+                        put_rows(z, i, a[i : i + CHUNK])
             best_write = min(best_write, time.perf_counter() - start)
             best_cpu = min(best_cpu, time.process_time() - cpu)
             start = time.perf_counter()
@@ -267,6 +279,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=3, help="best of this many writes and reads")
     p.add_argument("--min-write", type=float, default=300.0, help="MB/s a codec must write")
     p.add_argument("--dir", default="/dev/shm" if os.path.isdir("/dev/shm") else None)
+    p.add_argument(
+        "--through-zarr", action="store_true",
+        help="write through zarr-python's asyncio path instead of actmap's put_rows",
+    )  # fmt: skip
     args = p.parse_args(argv)
 
     found = collect(args.digits, args.resnet)
@@ -281,7 +297,8 @@ def main(argv: list[str] | None = None) -> int:
         f"zarr {zarr.__version__}, {os.cpu_count()} cores, store under {args.dir or 'TMPDIR'}; "
         f"digits-cnn x {n_digits} samples ({', '.join(DIGITS_LAYERS)}), resnet18 x {n_resnet} "
         f"({', '.join(RESNET_LAYERS)}); {raw16:.1f} MB at float16, {2 * raw16:.1f} MB at "
-        f"float32; chunks of {CHUNK} samples; best of {args.repeats}"
+        f"float32; chunks of {CHUNK} samples; best of {args.repeats}; written "
+        + ("through zarr-python (a[i:i+32] = ...)" if args.through_zarr else "by put_rows")
     )
     for name, a in found.items():
         zeros = float(np.mean(a == 0))
@@ -291,7 +308,7 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     with tempfile.TemporaryDirectory(prefix="actmap-codec-", dir=args.dir) as tmp:
         for codec in candidates():
-            results.append(measure(codec, arrays, Path(tmp), args.repeats))
+            results.append(measure(codec, arrays, Path(tmp), args.repeats, args.through_zarr))
 
     results.sort(key=lambda r: (-r.ratio("float16"), -r.write["float16"]))
     rows: list[tuple[str, ...]] = [
