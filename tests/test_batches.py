@@ -15,7 +15,7 @@ import pytest
 import workers.batches
 from tests.conftest import FACTORY
 from workers import gpu, pipeline
-from workers.batches import Outcome, Runtime, execute_batches
+from workers.batches import OPEN_JOBS, Outcome, Runtime, execute_batches
 from workers.control import cancel
 from workers.counters import MemoryCounters
 from workers.extraction.cache import ModelCache
@@ -56,7 +56,7 @@ def decoders() -> Any:
         yield pool
 
 
-def test_a_task_of_every_batch_stores_what_the_in_process_runner_stores(
+def test_tasks_of_several_batches_store_what_the_in_process_runner_stores(
     tmp_path: Path, arrays: list[Path], random_weights: Path, decoders: ThreadPoolExecutor
 ) -> None:
     spec, models = _spec(arrays, random_weights), ModelCache()
@@ -65,11 +65,30 @@ def test_a_task_of_every_batch_stores_what_the_in_process_runner_stores(
     job = plan(str(tmp_path / "task"), spec, models.get(spec).info)
     runtime = Runtime(models, MemoryCounters(), decoders=decoders)
 
-    outcomes = execute_batches(str(tmp_path / "task"), job.job_id, [0, 1, 2, 3, 4], runtime)
+    outcomes = [
+        outcome
+        for task in ([0, 1], [2, 3], [4])  # later tasks write through arrays opened earlier
+        for outcome in execute_batches(str(tmp_path / "task"), job.job_id, task, runtime)
+    ]
 
     assert outcomes == [Outcome.RAN] * 5
     assert _files(tmp_path / "task", job.job_id) == _files(tmp_path / "ref", reference.job_id)
-    assert read(open_job(str(tmp_path / "task"), job.job_id), "done").all()
+    group = open_job(str(tmp_path / "task"), job.job_id)
+    assert read(group, "done").all()
+    assert group.attrs["state"] == "succeeded"
+
+
+def test_a_process_keeps_the_arrays_of_its_last_few_jobs_open(
+    tmp_path: Path, arrays: list[Path], random_weights: Path
+) -> None:
+    spec, models = _spec(arrays[:5], random_weights), ModelCache()
+    runtime = Runtime(models, MemoryCounters())
+    jobs = [plan(str(tmp_path / "store"), spec, models.get(spec).info) for _ in range(6)]
+    for job in jobs:
+        execute_batches(str(tmp_path / "store"), job.job_id, [0], runtime)
+    kept = [job_id for _, job_id in runtime.jobs]
+    assert kept == [job.job_id for job in jobs[-OPEN_JOBS:]]
+    assert runtime.open(str(tmp_path / "store"), jobs[-1].job_id).n_batches == 1
 
 
 def test_the_next_batch_is_decoded_while_the_current_one_computes(

@@ -8,8 +8,10 @@ finalizes the job; no chord is involved.
 from __future__ import annotations
 
 import logging
+import threading
+from collections import OrderedDict
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
@@ -38,6 +40,19 @@ class Outcome(StrEnum):
     FAILED = "failed"  # marked failed: a user error, or past the attempt cap
 
 
+OPEN_JOBS = 4  # jobs whose arrays a worker process keeps open between tasks
+
+
+@dataclass(frozen=True)
+class OpenJob:
+    """A job's group and arrays, opened for writing once per process, not once per task:
+    their metadata is fixed at plan time, and opening each is a round trip to the store."""
+
+    group: zarr.Group
+    arrays: dict[str, Any]
+    n_batches: int
+
+
 @dataclass
 class Runtime:
     """What a worker process keeps between tasks; built lazily in the child."""
@@ -46,6 +61,22 @@ class Runtime:
     counters: Counters
     attempt_cap: int = 3
     decoders: Executor | None = None  # threads decoding a batch's samples, encoding its chunks
+    jobs: OrderedDict[tuple[str, str], OpenJob] = field(default_factory=OrderedDict)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def open(self, store: str, job_id: str) -> OpenJob:
+        """The job, opened for writes, kept for the last few jobs this process ran."""
+        key = (store, job_id)
+        with self._lock:
+            job = self.jobs.pop(key, None)
+        if job is None:
+            group = open_job(store, job_id)
+            job = OpenJob(group, {}, int(attrs(group)["n_batches"]))
+        with self._lock:
+            self.jobs[key] = job
+            while len(self.jobs) > OPEN_JOBS:
+                self.jobs.popitem(last=False)
+        return job
 
 
 def _fail_batch(store: str, job_id: str, batch: int, reason: str) -> None:
@@ -73,17 +104,25 @@ def give_up(store: str, job_id: str, batch: int, reason: str, runtime: Runtime) 
 
 
 def complete(
-    store: str, job_id: str, batch: int, runtime: Runtime, *, seen_before: bool = False
+    store: str,
+    job_id: str,
+    batch: int,
+    runtime: Runtime,
+    *,
+    seen_before: bool = False,
+    n_batches: int | None = None,
 ) -> None:
     """After batch `batch` is in the ledger: finalize if it was the last one. The count
     decides cheaply, except for a batch `seen_before` in the ledger (a redelivery, a resumed
     duplicate): that is when a worker may have died or lost Redis between its write and
-    its count, leaving the count short, so the ledger decides."""
-    group = open_job(store, job_id, mode="r")
-    n_batches = attrs(group)["n_batches"]
+    its count, leaving the count short, so the ledger decides. `n_batches`, when the caller
+    knows it, saves opening the job."""
+    if n_batches is None:
+        n_batches = int(attrs(open_job(store, job_id, mode="r"))["n_batches"])
     if runtime.counters.done(job_id, batch) < n_batches and not seen_before:
         return
     # The counters say all are done; the ledger must agree before anyone finalizes.
+    group = open_job(store, job_id, mode="r")
     if done_batches(group).all() and runtime.counters.claim_finalize(job_id):
         finalize(store, job_id)
 
@@ -95,7 +134,7 @@ def _start(
     group = open_job(store, job_id)  # fresh attrs: a cancel is seen between batches
     if attrs(group)["state"] == JobState.CANCELLED:
         return Outcome.CANCELLED, group
-    if is_done(group, batch):
+    if is_done(group, batch, runtime.open(store, job_id).arrays):  # the flag is read fresh
         complete(store, job_id, batch, runtime, seen_before=True)
         return Outcome.SKIPPED, group
     if runtime.counters.attempt(job_id, batch) > runtime.attempt_cap:
@@ -114,12 +153,11 @@ def execute_batches(store: str, job_id: str, batches: list[int], runtime: Runtim
     the write of the previous one; each is marked done only once written, and this
     returns (so the task is acknowledged) only after every write."""
 
-    target = open_job(store, job_id)  # once per task: the arrays are opened once too
-    opened: dict[str, Any] = {}
+    job = runtime.open(store, job_id)
 
     def write(batch: int, rows: BatchRows) -> None:
-        store_batch(target, batch, rows, opened, runtime.decoders)
-        complete(store, job_id, batch, runtime)
+        store_batch(job.group, batch, rows, job.arrays, runtime.decoders)
+        complete(store, job_id, batch, runtime, n_batches=job.n_batches)
 
     outcomes: list[Outcome] = []
     # The next batch, decoded while this one computes. Decoding has no side effects, so a

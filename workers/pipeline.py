@@ -177,7 +177,7 @@ def store_batch(
     job's arrays between batches (opening one reads its metadata); `pool` encodes the
     chunks in parallel."""
     write_rows(group, rows, opened, pool)
-    mark_done(group, batch)
+    mark_done(group, batch, opened)
 
 
 def run_batch(store: str, job_id: str, batch: int, models: ModelCache) -> bool:

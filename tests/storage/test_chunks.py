@@ -20,12 +20,15 @@ CASES = [
     ("float32", np.nan, (7,), 4),
     ("int32", -1, (), 4),
     ("int16", 0, (), 4),
+    ("bool", False, (), 1),  # the ledger
 ]
 N, BATCH = 10, 4  # the last batch is 2 rows: the array's last chunk is cut by its end
 
 
 def _values(dtype: str, row: tuple[int, ...], seed: int) -> np.ndarray:
     rng = np.random.default_rng(seed)
+    if dtype == "bool":
+        return rng.random((N, *row)) < 0.5
     values = (rng.standard_normal((N, *row)) * 100).astype(dtype)
     if values.dtype.kind == "f":
         values[3] = np.nan  # a failed sample

@@ -5,21 +5,34 @@ It is the truth about progress; counters elsewhere (Redis) are only hints.
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import zarr
 
-from workers.storage.layout import array, read
+from workers.storage.chunks import put_rows
+from workers.storage.layout import read, writable
 
 __all__ = ["done_batches", "is_done", "mark_done", "pending_batches"]
 
 
-def mark_done(group: zarr.Group, batch: int) -> None:
+def _ledger(group: zarr.Group, opened: dict[str, Any] | None) -> zarr.Array[Any]:
+    """The `done` array; `opened` keeps it open between batches (opening reads metadata)."""
+    if opened is None:
+        return writable(group, "done")
+    if "done" not in opened:
+        opened["done"] = writable(group, "done")
+    done: zarr.Array[Any] = opened["done"]
+    return done
+
+
+def mark_done(group: zarr.Group, batch: int, opened: dict[str, Any] | None = None) -> None:
     """Written last, after every chunk of the batch: a crash before it leaves the batch pending."""
-    array(group, "done")[batch] = True
+    put_rows(_ledger(group, opened), batch, np.ones(1, dtype=bool))
 
 
-def is_done(group: zarr.Group, batch: int) -> bool:
-    return bool(read(group, "done", slice(batch, batch + 1))[0])
+def is_done(group: zarr.Group, batch: int, opened: dict[str, Any] | None = None) -> bool:
+    return bool(_ledger(group, opened)[batch])
 
 
 def done_batches(group: zarr.Group) -> np.ndarray:
