@@ -159,14 +159,19 @@ def execute_batches(store: str, job_id: str, batches: list[int], runtime: Runtim
         store_batch(job.group, batch, rows, job.arrays, runtime.decoders)
         complete(store, job_id, batch, runtime, n_batches=job.n_batches)
 
+    def decode(batch: int) -> Decoded:
+        spec = spec_of(job.group)  # fixed at plan time, like the sources it decodes
+        return decode_batch(job.group, spec, runtime.models.get(spec).info, batch, runtime.decoders)
+
     outcomes: list[Outcome] = []
-    # The next batch, decoded while this one computes. Decoding has no side effects, so a
-    # batch that then turns out cancelled or done only wastes its decode.
-    ahead: Future[Decoded] | None = None
     with (
         WriteBehind(write, depth=1) as writer,
         ThreadPoolExecutor(1, thread_name_prefix="actmap-ahead") as reader,
     ):
+        # Each batch is decoded ahead: the first while its checks run, the next while this
+        # one computes. Decoding has no side effects, so a batch that then turns out
+        # cancelled or done only wastes its decode; an error surfaces where it is used.
+        ahead: Future[Decoded] | None = reader.submit(decode, batches[0]) if batches else None
         for i, batch in enumerate(batches):
             stopped, group = _start(store, job_id, batch, runtime)
             early, ahead = ahead, None
@@ -181,9 +186,7 @@ def execute_batches(store: str, job_id: str, batches: list[int], runtime: Runtim
                 else:
                     decoded = early.result()
                 if i + 1 < len(batches):
-                    ahead = reader.submit(
-                        decode_batch, group, spec, model.info, batches[i + 1], runtime.decoders
-                    )
+                    ahead = reader.submit(decode, batches[i + 1])
                 rows = compute_fitting(model, spec, decoded)
             except UserError as exc:  # the same on every attempt: never retried
                 outcomes.append(give_up(store, job_id, batch, str(exc), runtime))
