@@ -116,7 +116,8 @@ def compute_batch(model: LoadedModel, spec: ExtractionSpec, decoded: Decoded) ->
     logits = np.full((n, model.info.classes), np.nan, dtype=np.float32)
     pred = np.full(n, -1, dtype=np.int32)
     if ok.any():
-        x = torch.from_numpy(decoded.x[ok]).to(device, non_blocking=True)
+        good = decoded.x if ok.all() else decoded.x[ok]  # a mask always copies
+        x = torch.from_numpy(good).to(device, non_blocking=True)
         with torch.inference_mode(), capture(model.module, spec.layers) as forward:
             out, captured = model.run(forward, x)
             reduced = {name: reduce(name, t) for name, t in captured.items()}
