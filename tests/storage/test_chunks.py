@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import zarr
 
-from workers.storage.chunks import put_rows
+from workers.storage.chunks import get_row, put_rows
 from workers.storage.layout import COMPRESSOR
 
 # (dtype, fill value, per-row shape, rows per chunk): activations in float16 and float32,
@@ -21,6 +21,7 @@ CASES = [
     ("int32", -1, (), 4),
     ("int16", 0, (), 4),
     ("bool", False, (), 1),  # the ledger
+    ("str", "", (), 4),  # error messages, given as an object array
 ]
 N, BATCH = 10, 4  # the last batch is 2 rows: the array's last chunk is cut by its end
 
@@ -29,6 +30,9 @@ def _values(dtype: str, row: tuple[int, ...], seed: int) -> np.ndarray:
     rng = np.random.default_rng(seed)
     if dtype == "bool":
         return rng.random((N, *row)) < 0.5
+    if dtype == "str":
+        words = ["", "ok", "bad.png is corrupt or truncated: é ✓", "x" * 300]
+        return np.asarray([words[i] for i in rng.integers(0, len(words), N)], dtype=object)
     values = (rng.standard_normal((N, *row)) * 100).astype(dtype)
     if values.dtype.kind == "f":
         values[3] = np.nan  # a failed sample
@@ -74,7 +78,7 @@ def test_batches_written_directly_leave_the_bytes_zarr_writes(
                 future.result()
     assert _files(tmp_path / "direct") == _files(tmp_path / "zarr")
     again = zarr.open_array(str(tmp_path / "direct"), mode="r")
-    np.testing.assert_array_equal(again[:], values)
+    np.testing.assert_array_equal(again[:], values.astype(again.dtype))
 
 
 def test_a_batch_of_nothing_but_fill_is_written_like_any_other(tmp_path: Path) -> None:
@@ -122,3 +126,20 @@ def test_another_store_and_another_dtype_go_through_zarr(tmp_path: Path) -> None
     local = _create(tmp_path / "local", "float32", np.nan, (7,), 4)
     put_rows(local, 0, values[:BATCH].astype(np.float64))  # zarr casts, as it always has
     np.testing.assert_array_equal(local[:BATCH], values[:BATCH])
+
+
+@pytest.mark.parametrize(("dtype", "fill", "row", "rows"), [c for c in CASES if c[2] == ()])
+def test_a_row_read_directly_is_what_zarr_reads(
+    tmp_path: Path, dtype: str, fill: Any, row: tuple[int, ...], rows: int
+) -> None:
+    stored = _create(tmp_path / "a", dtype, fill, row, rows)
+    values = _values(dtype, row, seed=5)
+    put_rows(stored, 0, values[:BATCH])  # the rest was never written: fill
+    for i in range(N):
+        assert get_row(stored, i) == stored[i], i
+
+
+def test_a_row_of_another_store_is_read_through_zarr() -> None:
+    in_memory = zarr.create_array({}, shape=(N,), chunks=(1,), dtype="bool", fill_value=False)
+    in_memory[3] = True
+    assert [bool(get_row(in_memory, i)) for i in range(5)] == [False, False, False, True, False]

@@ -5,8 +5,9 @@ step and per file; for a batch that owns whole chunks those hops cost about as m
 the compression itself (tests/bench/extraction.py). Here the array's own codecs encode
 each chunk in the calling thread, and the file is replaced atomically as zarr's LocalStore
 does, so readers never see a torn chunk. Whatever this does not cover (another store, a
-codec without a synchronous path, another codec pipeline, strings, rows that are not whole
-chunks) goes through zarr.
+codec without a synchronous path, another codec pipeline, rows that are not whole chunks)
+goes through zarr. `get_row` reads one row the same way (the ledger's flag, before every
+batch).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from zarr.core.buffer import default_buffer_prototype
 from zarr.core.metadata import ArrayV3Metadata
 from zarr.storage import LocalStore
 
-__all__ = ["put_rows"]
+__all__ = ["get_row", "put_rows"]
 
 _PIPELINE = "zarr.core.codec_pipeline.BatchedCodecPipeline"
 
@@ -53,6 +54,35 @@ def _encode(arr: zarr.Array[Any], coords: tuple[int, ...], chunk: np.ndarray) ->
         data = codec._encode_sync(data, spec)
         spec = codec.resolve_metadata(spec)
     return data
+
+
+def _decode(arr: zarr.Array[Any], coords: tuple[int, ...], raw: bytes) -> np.ndarray:
+    """The stored chunk back through the array's codecs, last to first."""
+    meta = arr.metadata
+    assert isinstance(meta, ArrayV3Metadata)  # _folder checked it
+    prototype = default_buffer_prototype()
+    specs = [meta.get_chunk_spec(coords, arr.config, prototype)]
+    for codec in meta.codecs[:-1]:
+        specs.append(codec.resolve_metadata(specs[-1]))
+    data: Any = prototype.buffer.from_bytes(raw)
+    for codec, spec in zip(reversed(meta.codecs), reversed(specs), strict=True):
+        assert isinstance(codec, SupportsSyncCodec)
+        data = codec._decode_sync(data, spec)
+    return np.asarray(data.as_numpy_array()).reshape(arr.chunks)
+
+
+def get_row(arr: zarr.Array[Any], index: int) -> Any:
+    """Row `index` of `arr`, read fresh from the store: its fill value where the chunk was
+    never written, as zarr reads it."""
+    folder = _folder(arr)
+    if folder is None or arr.ndim != 1:
+        return arr[index]
+    coords = (index // arr.chunks[0],)
+    try:
+        raw = (folder / arr.metadata.encode_chunk_key(coords)).read_bytes()
+    except FileNotFoundError:
+        return arr.fill_value
+    return _decode(arr, coords, raw)[index % arr.chunks[0]]
 
 
 def _write(path: Path, data: Any) -> None:
@@ -88,9 +118,11 @@ def put_rows(
     caller waits for them); anything else is written through zarr before this returns."""
     folder = _folder(arr)
     coords = _chunks(arr, start, values) if folder is not None else None
-    if folder is None or coords is None or values.dtype != arr.dtype or values.dtype == object:
+    if folder is None or coords is None:
         arr[start : start + len(values)] = values
         return []
+    if values.dtype.name != arr.dtype.name:  # cast as zarr casts (strings: object to its own)
+        values = values.astype(arr.dtype, order="A")
     rows = arr.chunks[0]
 
     def one(at: tuple[int, ...]) -> None:

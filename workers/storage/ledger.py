@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import zarr
 
-from workers.storage.chunks import put_rows
+from workers.storage.chunks import get_row, put_rows
 from workers.storage.layout import read, writable
 
 __all__ = ["done_batches", "is_done", "mark_done", "pending_batches"]
@@ -32,7 +32,8 @@ def mark_done(group: zarr.Group, batch: int, opened: dict[str, Any] | None = Non
 
 
 def is_done(group: zarr.Group, batch: int, opened: dict[str, Any] | None = None) -> bool:
-    return bool(_ledger(group, opened)[batch])
+    """Read fresh from the store, whether or not the array was open already."""
+    return bool(get_row(_ledger(group, opened), batch))
 
 
 def done_batches(group: zarr.Group) -> np.ndarray:
