@@ -127,9 +127,9 @@ class BrokerBackend(_StoreReads):
         return wait(self.store, job_id, self._counters(), progress)
 
     def resume(self, job_id: str, wait: bool, progress: Progress) -> Status:
-        from workers.control import enqueue, prepare_resume, queue_of
+        from workers.control import enqueue, queue_of, resume_batches
 
-        missing = prepare_resume(self.store, job_id, self._counters())
+        missing = resume_batches(self.store, job_id, self._counters())
         queue, per_task = queue_of(self.store, job_id), self.settings.batches_per_task
         enqueue(self._app(), self.store, job_id, missing, queue, per_task)
         return self.wait(job_id, progress) if wait else self.status(job_id)

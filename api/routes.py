@@ -32,8 +32,8 @@ from api.schemas import (
 from workers.control import (
     Status,
     list_jobs,
-    prepare_resume,
     queue_of,
+    resume_batches,
     status,
     task_batches,
 )
@@ -344,14 +344,8 @@ def cancel(services: ServicesDep, tenant: TenantDep, job_id: str) -> JobOut:
 @router.post("/jobs/{job_id}/resume", response_model=JobOut)
 def resume(services: ServicesDep, tenant: TenantDep, job_id: str) -> JobOut:
     _job(services, tenant, job_id)
-    missing = prepare_resume(services.store, job_id, services.broker.counters())
-    queue = queue_of(services.store, job_id)
-    if missing:
-        _send_batches(services, job_id, missing, queue)
-    elif not JobState(status(services.store, job_id).state).finished:
-        # Every batch is written but nobody finalized (its finalizer lost Redis or died):
-        # a task of a written batch finds the ledger complete and finalizes on a worker.
-        _send_batches(services, job_id, [0], queue)
+    missing = resume_batches(services.store, job_id, services.broker.counters())
+    _send_batches(services, job_id, missing, queue_of(services.store, job_id))
     log.info("resumed %d batches", len(missing), extra={"job_id": job_id, "tenant": tenant.name})
     group = open_job(services.store, job_id, mode="r")
     return _job_out(services, group, status(services.store, job_id))

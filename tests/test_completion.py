@@ -9,7 +9,7 @@ import pytest
 
 from tests.conftest import FACTORY
 from workers.batches import Runtime, execute_batches
-from workers.control import prepare_resume, status
+from workers.control import prepare_resume, resume_batches, status
 from workers.counters import MemoryCounters
 from workers.extraction.cache import ModelCache
 from workers.jobs import ExtractionSpec
@@ -69,3 +69,17 @@ def test_a_redelivered_batch_finishes_the_job_from_the_ledger(
     outcomes = execute_batches(store, planned.job_id, [3], runtime)  # a late redelivery
     assert [str(o) for o in outcomes] == ["skipped"]
     assert status(store, planned.job_id).state == "succeeded"
+
+
+def test_resume_of_a_written_but_unfinalized_job_sends_one_batch_that_finalizes(
+    job: tuple[str, Plan, Runtime],
+) -> None:
+    store, planned, runtime = job
+    execute_batches(store, planned.job_id, [0, 1, 2, 3, 4], runtime)
+    assert status(store, planned.job_id).state == "running"
+
+    batches = resume_batches(store, planned.job_id, runtime.counters)
+    assert batches == [0]  # nothing is missing; one written batch, to finalize
+    execute_batches(store, planned.job_id, batches, runtime)
+    assert status(store, planned.job_id).state == "succeeded"
+    assert resume_batches(store, planned.job_id, runtime.counters) == []

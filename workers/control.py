@@ -32,6 +32,7 @@ __all__ = [
     "now",
     "prepare_resume",
     "queue_of",
+    "resume_batches",
     "status",
     "summary",
     "task_batches",
@@ -115,19 +116,30 @@ def cancel(store: str, job_id: str) -> Status:
 
 
 def prepare_resume(store: str, job_id: str, counters: Counters | None = None) -> list[int]:
-    """The batches the ledger lacks, with the job set back to queued; empty when there is
-    nothing to run (the caller finalizes if the job is not final yet)."""
+    """The batches the ledger lacks, with the job set back to queued and the counts squared
+    with the ledger; empty when the ledger is complete (see `resume_batches`)."""
     group = open_job(store, job_id)
     state = JobState(attrs_of(group)["state"])
     if state in (JobState.SUCCEEDED, JobState.PARTIAL):
         return []
     ledger = done_batches(group)
     missing = [int(b) for b in np.flatnonzero(~ledger)]
-    if missing:
-        group.update_attributes({"state": JobState.QUEUED.value, "reason": ""})
+    group.update_attributes({"state": JobState.QUEUED.value, "reason": ""})
     if counters is not None:
         counters.reset(job_id, missing, [int(b) for b in np.flatnonzero(ledger)])
     return missing
+
+
+def resume_batches(store: str, job_id: str, counters: Counters | None = None) -> list[int]:
+    """What resume sends: the batches the ledger lacks. When it lacks none but the job never
+    finalized (its last batch's count was lost with Redis or a worker), one written batch:
+    its task finds the ledger complete and finalizes on a worker."""
+    missing = prepare_resume(store, job_id, counters)
+    if missing:
+        return missing
+    group = open_job(store, job_id, mode="r")
+    unfinished = attrs_of(group)["state"] == JobState.QUEUED
+    return [0] if unfinished and int(attrs_of(group)["n_batches"]) else []
 
 
 def queue_of(store: str, job_id: str) -> str:

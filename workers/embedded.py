@@ -16,7 +16,7 @@ from celery.worker.worker import WorkController
 
 from workers.batches import Runtime
 from workers.celery_app import MEMORY_BROKER, make_celery
-from workers.control import Status, enqueue, prepare_resume, queue_of, wait
+from workers.control import Status, enqueue, queue_of, resume_batches, wait
 from workers.counters import MemoryCounters
 from workers.errors import ActmapError
 from workers.extraction.cache import ModelCache
@@ -127,7 +127,7 @@ def scan(
 def resume(store: str, job_id: str, settings: Settings, progress: Progress | None = None) -> Status:
     """Run exactly the batches the ledger lacks."""
     with embedded(settings) as local:
-        missing = prepare_resume(store, job_id, local.runtime.counters)
+        missing = resume_batches(store, job_id, local.runtime.counters)
         queue, per_task = queue_of(store, job_id), settings.batches_per_task
         enqueue(local.app, store, job_id, missing, queue, per_task)
         return wait(store, job_id, local.runtime.counters, local.watch(progress))

@@ -12,7 +12,7 @@ import pytest
 
 from tests.integration.conftest import ROOT, Cluster, RedisServer, assert_same_job, until
 from tests.integration.poison_model import POISON
-from workers.control import enqueue, prepare_resume, status
+from workers.control import enqueue, prepare_resume, resume_batches, status
 from workers.errors import SampleCode
 from workers.extraction.cache import ModelCache
 from workers.jobs import ExtractionSpec
@@ -145,7 +145,7 @@ def test_redis_restarted_mid_job_loses_nothing(
     # would never finalize.
     client = durable_redis.client()
     until(lambda: client.llen("extract") == 0, 180, "the queue to drain after the restart")
-    missing = prepare_resume(durable_cluster.store, job.job_id, durable_cluster.counters())
+    missing = resume_batches(durable_cluster.store, job.job_id, durable_cluster.counters())
     enqueue(durable_cluster.app(), durable_cluster.store, job.job_id, missing)
     result = durable_cluster.wait(job.job_id)
     assert result.state == "succeeded"
