@@ -77,3 +77,35 @@ def test_wait_finalizes_itself_when_nobody_claimed_it(written: tuple[str, str, A
     store, job_id, _ = written
     counters = MemoryCounters()  # Redis lost its counters: no count, no claim
     assert wait(store, job_id, counters, timeout=DEADLINE_S).state == "succeeded"
+
+
+def test_the_finalizing_tasks_announcement_ends_the_wait_before_any_poll(
+    written: tuple[str, str, Any],
+) -> None:
+    store, job_id, counters = written
+    first, ended = threading.Event(), threading.Event()
+    final: list[Status] = []
+
+    def waiting() -> None:
+        # No deadline and an hour between reads: only the announcement can end this wait.
+        final.append(wait(store, job_id, counters, lambda _s: first.set(), None, 3600.0))
+        ended.set()
+
+    # A daemon thread: should the announcement be lost, the test fails instead of hanging.
+    threading.Thread(target=waiting, daemon=True).start()
+    assert first.wait(DEADLINE_S)
+    finalize(store, job_id)
+    counters.announce(job_id)
+    assert ended.wait(DEADLINE_S), "the wait did not wake on the announcement"
+    assert final[0].state == "succeeded"
+
+
+def test_an_announcement_before_the_listener_was_made_is_not_taken_for_a_new_one() -> None:
+    counters = MemoryCounters()
+    counters.announce("j1")
+    with counters.listen("j1") as listener:
+        assert not listener.wait(0.01)
+        counters.announce("j2")  # another job's
+        assert not listener.wait(0.01)
+        counters.announce("j1")
+        assert listener.wait(DEADLINE_S)

@@ -125,6 +125,7 @@ def complete(
     group = open_job(store, job_id, mode="r")
     if done_batches(group).all() and runtime.counters.claim_finalize(job_id):
         finalize(store, job_id)
+        runtime.counters.announce(job_id)
 
 
 def _start(

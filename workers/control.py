@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -41,7 +42,6 @@ __all__ = [
 
 
 FINALIZE_GRACE_S = 30.0
-FINALIZE_POLL_S = 0.005
 
 
 def now() -> str:
@@ -173,43 +173,24 @@ def enqueue(
     return len(groups)
 
 
-def _finished(store: str, job_id: str) -> bool:
-    """The job's state alone: one small file, where `status` reads the whole ledger."""
-    return JobState(attrs_of(open_job(store, job_id, mode="r"))["state"]).finished
-
-
 def wait(
     store: str,
     job_id: str,
     counters: Counters | None = None,
     progress: Callable[[Status], None] | None = None,
     timeout: float | None = None,
-    poll: float = 0.02,
+    poll: float = 1.0,
 ) -> Status:
-    """Poll until the job is finished or cancelled. The counters (cheap) are polled often,
-    the store (the truth) about once a second and whenever the counters say it is done.
-    Once they do, the last task is finalizing: its state alone is polled every few
-    milliseconds, so the wait ends right after the finalize, not a poll or a ledger read
-    later. If the ledger is complete but nobody finalized (a finalizer died, Redis lost its
-    counters), finalize here, after claiming it like a task would."""
+    """Wait until the job is finished or cancelled, reading the store (the truth) every
+    `poll` seconds for progress. With counters, the task that finalizes announces it, so
+    the wait ends right after the finalize, not a poll later, and spends no CPU between
+    reads. If the ledger is complete but nobody finalized (a finalizer died, Redis lost
+    its counters), finalize here, after claiming it like a task would."""
     deadline = None if timeout is None else time.monotonic() + timeout
-    next_read = 0.0
-    n_batches: int | None = None
     complete_since: float | None = None
-    while True:
-        hinted = (
-            counters is not None
-            and n_batches is not None
-            and (counters.done_count(job_id) >= n_batches)
-        )
-        finalizing = hinted and complete_since is not None and time.monotonic() < next_read
-        if finalizing and not _finished(store, job_id):
-            time.sleep(FINALIZE_POLL_S)
-            continue
-        if hinted or time.monotonic() >= next_read:
+    with counters.listen(job_id) if counters is not None else nullcontext() as listener:
+        while True:
             current = status(store, job_id, counters)
-            n_batches = current.n_batches
-            next_read = time.monotonic() + 1.0
             if progress:
                 progress(current)
             if JobState(current.state).finished:
@@ -221,10 +202,16 @@ def wait(
                 late = time.monotonic() - complete_since > FINALIZE_GRACE_S
                 if counters is None or late or counters.claim_finalize(job_id):
                     finalize(store, job_id)
+                    if counters is not None:
+                        counters.announce(job_id)
                     continue
-            if deadline is not None and time.monotonic() > deadline:
+            left = poll if deadline is None else min(poll, deadline - time.monotonic())
+            if left <= 0:
                 return current
-        time.sleep(poll)
+            if listener is None:
+                time.sleep(left)
+            else:
+                listener.wait(left)
 
 
 def finalize(

@@ -8,11 +8,27 @@ from __future__ import annotations
 
 import threading
 import time
-from typing import Protocol
+from contextlib import suppress
+from types import TracebackType
+from typing import Any, Protocol, Self
 
-__all__ = ["Counters", "MemoryCounters", "RedisCounters"]
+__all__ = ["Counters", "Listener", "MemoryCounters", "RedisCounters"]
 
 _TTL = 7 * 24 * 3600
+
+
+class Listener(Protocol):
+    """Wakes a waiter when a job's finalize is announced, instead of it polling the store."""
+
+    def wait(self, timeout: float) -> bool:
+        """Block until an announcement or `timeout` seconds; True if one came."""
+        ...
+
+    def __enter__(self) -> Self: ...
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None: ...
 
 
 class Counters(Protocol):
@@ -43,6 +59,15 @@ class Counters(Protocol):
         last batch of the resumed job would never see the count reach the total."""
         ...
 
+    def announce(self, job_id: str) -> None:
+        """Tell every listener of the job that it reached its final state."""
+        ...
+
+    def listen(self, job_id: str) -> Listener:
+        """A listener for the job's announcements. Made before the job's state is read, so
+        that none falls between the read and the wait."""
+        ...
+
 
 class MemoryCounters:
     """For the embedded default: one process, no Redis."""
@@ -53,6 +78,8 @@ class MemoryCounters:
         self._done: dict[str, set[int]] = {}
         self._claimed: set[str] = set()
         self._started: dict[str, float] = {}
+        self._announced = threading.Condition()
+        self._announcements: dict[str, int] = {}
 
     def attempt(self, job_id: str, batch: int) -> int:
         with self._lock:
@@ -87,6 +114,35 @@ class MemoryCounters:
             self._claimed.discard(job_id)
             self._done.setdefault(job_id, set()).update(done)
 
+    def announce(self, job_id: str) -> None:
+        with self._announced:
+            self._announcements[job_id] = self._announcements.get(job_id, 0) + 1
+            self._announced.notify_all()
+
+    def listen(self, job_id: str) -> Listener:
+        return _MemoryListener(self._announced, self._announcements, job_id)
+
+
+class _MemoryListener:
+    def __init__(self, condition: threading.Condition, counts: dict[str, int], job_id: str):
+        self._condition, self._counts, self._job_id = condition, counts, job_id
+        with condition:
+            self._seen = counts.get(job_id, 0)
+
+    def wait(self, timeout: float) -> bool:
+        with self._condition:
+            came = self._condition.wait_for(
+                lambda: self._counts.get(self._job_id, 0) != self._seen, timeout
+            )
+            self._seen = self._counts.get(self._job_id, 0)
+            return came
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        pass
+
 
 class RedisCounters:
     """Keys `actmap:{job}:*`, expiring after a week. Each call is one round trip."""
@@ -95,6 +151,7 @@ class RedisCounters:
         import redis  # the worker side only; the API has its own client
 
         self._redis = redis.Redis.from_url(url)
+        self._lost = (redis.ConnectionError, redis.TimeoutError)
 
     def _key(self, job_id: str, name: str) -> str:
         return f"actmap:{job_id}:{name}"
@@ -137,3 +194,50 @@ class RedisCounters:
             pipe.expire(self._key(job_id, "done"), _TTL)
         pipe.delete(self._key(job_id, "finalizer"))
         pipe.execute()
+
+    def announce(self, job_id: str) -> None:
+        # Fire and forget: a listener that misses it still reads the store within a second.
+        self._redis.publish(self._key(job_id, "announce"), 1)
+
+    def listen(self, job_id: str) -> Listener:
+        return _RedisListener(self._redis, self._key(job_id, "announce"), self._lost)
+
+
+class _RedisListener:
+    """One pub/sub subscription, made on entry. Redis going away is not the waiter's
+    failure: the wait sleeps out its timeout and subscribes again on the next call."""
+
+    def __init__(self, client: Any, channel: str, lost: tuple[type[Exception], ...]) -> None:
+        self._client, self._channel, self._lost = client, channel, lost
+        self._pubsub: Any = None
+
+    def _subscribe(self) -> Any:
+        if self._pubsub is None:
+            pubsub = self._client.pubsub(ignore_subscribe_messages=True)
+            pubsub.subscribe(self._channel)
+            self._pubsub = pubsub
+        return self._pubsub
+
+    def wait(self, timeout: float) -> bool:
+        end = time.monotonic() + timeout
+        try:
+            pubsub = self._subscribe()
+            # The subscribe confirmation comes back as None before the timeout: loop.
+            while (left := end - time.monotonic()) > 0:
+                if pubsub.get_message(timeout=left) is not None:
+                    return True
+            return False
+        except self._lost:
+            self.__exit__()
+            time.sleep(max(0.0, end - time.monotonic()))
+            return False
+
+    def __enter__(self) -> Self:
+        with suppress(*self._lost):  # the first wait tries again
+            self._subscribe()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        pubsub, self._pubsub = self._pubsub, None
+        if pubsub is not None:
+            pubsub.close()

@@ -18,9 +18,9 @@ script itself be killed). Worker logs go to the temporary directory.
    worker child's model load), then the methods interleaved A B C D A B C D ...:
    - in-process: `workers.pipeline.plan` + `workers.runner.run_job`, the pipelined runner
                  (decode ahead, writes behind);
-   - redis:      plan + `workers.control.enqueue` + `workers.control.wait` (RedisCounters
-                 polled every 20 ms, then the job's state every 5 ms once they say every
-                 batch is done) against one real worker process started with exactly the
+   - redis:      plan + `workers.control.enqueue` + `workers.control.wait` (the store read
+                 once a second; the finalizing task's announcement, a Redis pub/sub
+                 message, ends the wait) against one real worker process started with the
                  command `actmap worker --cpu 1` runs (`workers.launcher.command`: prefork,
                  concurrency 1, prefetch 1); timed end to end on the submitting side, and
                  split into plan, enqueue, first pickup, worker span (first batch started to
