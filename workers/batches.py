@@ -23,7 +23,7 @@ from workers.extraction.cache import ModelCache
 from workers.gpu import compute_fitting
 from workers.jobs import JobState
 from workers.pipeline import Decoded, decode_batch, finalize, spec_of, store_batch
-from workers.storage.layout import array, attrs, open_job, read
+from workers.storage.layout import array, attrs, fresh_attrs, open_job, read
 from workers.storage.ledger import done_batches, is_done, mark_done
 from workers.storage.rows import BatchRows
 from workers.writer import WriteBehind
@@ -132,10 +132,11 @@ def _start(
     store: str, job_id: str, batch: int, runtime: Runtime
 ) -> tuple[Outcome | None, zarr.Group]:
     """The checks before a batch runs; an outcome when it must not run."""
-    group = open_job(store, job_id)  # fresh attrs: a cancel is seen between batches
-    if attrs(group)["state"] == JobState.CANCELLED:
+    job = runtime.open(store, job_id)
+    group = job.group
+    if fresh_attrs(group)["state"] == JobState.CANCELLED:  # seen between batches
         return Outcome.CANCELLED, group
-    if is_done(group, batch, runtime.open(store, job_id).arrays):  # the flag is read fresh
+    if is_done(group, batch, job.arrays):  # the flag is read fresh
         complete(store, job_id, batch, runtime, seen_before=True)
         return Outcome.SKIPPED, group
     if runtime.counters.attempt(job_id, batch) > runtime.attempt_cap:

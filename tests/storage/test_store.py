@@ -9,13 +9,22 @@ from pathlib import Path
 import numpy as np
 import pytest
 import xarray as xr
+import zarr
 
 from workers.errors import JobError
 from workers.extraction.cache import ModelCache
 from workers.jobs import ExtractionSpec
 from workers.pipeline import finalize, plan
 from workers.runner import run_job
-from workers.storage.layout import CHUNK_BYTES, job_ids, open_job, read, sample_chunk
+from workers.storage.layout import (
+    CHUNK_BYTES,
+    attrs,
+    fresh_attrs,
+    job_ids,
+    open_job,
+    read,
+    sample_chunk,
+)
 from workers.storage.ledger import done_batches, mark_done, pending_batches
 
 SAMPLES = Path(__file__).parents[2] / "workers" / "demo" / "samples"
@@ -105,3 +114,16 @@ def test_stored_values_survive_a_reopen(store: str) -> None:
     acts = read(open_job(store, job.job_id, mode="r"), "layers/fc/acts")
     assert acts.shape == (8, 10)
     assert np.isfinite(acts).all()
+
+
+@pytest.mark.parametrize("kind", ["local", "memory-url"])
+def test_fresh_attrs_see_an_update_made_after_the_group_was_opened(
+    tmp_path: Path, kind: str
+) -> None:
+    location = str(tmp_path / "s") if kind == "local" else f"memory://fresh-{tmp_path.name}"
+    group = zarr.open_group(location, mode="w")
+    group.update_attributes({"state": "running"})
+    reader = zarr.open_group(location, mode="r")
+    zarr.open_group(location, mode="r+").update_attributes({"state": "cancelled"})
+    assert attrs(reader)["state"] == "running"  # as opened
+    assert fresh_attrs(reader)["state"] == "cancelled"

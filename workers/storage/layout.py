@@ -6,12 +6,15 @@ whole chunks of rows [i*B, (i+1)*B): no two tasks ever write the same chunk.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 import zarr
 from zarr.codecs import ZstdCodec
+from zarr.storage import LocalStore
 
 from workers.errors import JobError
 
@@ -23,6 +26,7 @@ __all__ = [
     "COMPRESSOR",
     "LayerLayout",
     "create_job",
+    "fresh_attrs",
     "job_ids",
     "open_job",
     "sample_chunk",
@@ -68,6 +72,21 @@ def writable(group: zarr.Group, name: str) -> zarr.Array[Any]:
 def attrs(group: zarr.Group) -> dict[str, Any]:
     """The group's attributes as plain JSON values, read when the group was opened."""
     return dict(group.attrs)
+
+
+def fresh_attrs(group: zarr.Group) -> dict[str, Any]:
+    """The group's attributes as stored now (a cancel lands there), not as when `group`
+    was opened. From a local store, its zarr.json is read directly: reopening the group
+    waits on zarr's event loop thread, which a worker's writes keep busy. zarr replaces
+    that file atomically, so the read never sees half of it."""
+    store, path = group.store_path.store, group.store_path.path
+    if not isinstance(store, LocalStore):
+        return attrs(zarr.open_group(store, path=path, mode="r", use_consolidated=False))
+    try:
+        meta = json.loads((Path(store.root) / path / "zarr.json").read_bytes())
+    except FileNotFoundError:
+        raise JobError(f"{path} is no longer in store {store.root}") from None
+    return dict(meta.get("attributes", {}))
 
 
 def read(group: zarr.Group, name: str, rows: slice = slice(None)) -> np.ndarray:
