@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from celery import Celery
 
 import workers.batches
 from tests.conftest import FACTORY
@@ -18,12 +19,14 @@ from workers import gpu, pipeline
 from workers.batches import OPEN_JOBS, Outcome, Runtime, execute_batches
 from workers.control import cancel
 from workers.counters import MemoryCounters
+from workers.errors import SampleCode
 from workers.extraction.cache import ModelCache
-from workers.jobs import ExtractionSpec
+from workers.jobs import ExtractionSpec, TaskName
 from workers.pipeline import Decoded, plan
 from workers.runner import run_job
 from workers.storage.layout import open_job, read
 from workers.storage.ledger import done_batches
+from workers.tasks import register
 
 LAYERS = ("conv1", "block2.conv2", "fc")
 DEADLINE_S = 30.0
@@ -166,3 +169,32 @@ def test_a_batch_the_ledger_has_is_skipped_between_two_that_run(
     group = open_job(str(store), job.job_id)
     assert list(done_batches(group)) == [True, True, True, False, False]
     assert np.isfinite(read(group, "logits", slice(0, 15))).all()
+
+
+def test_a_task_that_fails_part_way_keeps_the_batches_it_wrote(
+    tmp_path: Path,
+    arrays: list[Path],
+    random_weights: Path,
+    decoders: ThreadPoolExecutor,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    spec, models = _spec(arrays, random_weights), ModelCache()
+    store = str(tmp_path / "store")
+    job = plan(store, spec, models.get(spec).info)
+    compute = gpu.compute_fitting
+
+    def breaks_at_batch_2(model: Any, spec: ExtractionSpec, decoded: Decoded) -> Any:
+        if decoded.batch == 2:
+            raise RuntimeError("a bug in a layer")  # not a user error: the task's catch-all
+        return compute(model, spec, decoded)
+
+    monkeypatch.setattr(workers.batches, "compute_fitting", breaks_at_batch_2)
+    runtime = Runtime(models, MemoryCounters(), decoders=decoders)
+    app = Celery("test", set_as_current=False)
+    register(app, lambda: runtime)
+    result = app.tasks[TaskName.RUN_BATCH].run(store, job.job_id, [0, 1, 2, 3])
+
+    assert result["outcomes"] == ["skipped", "skipped", "failed", "failed"]
+    codes = read(open_job(store, job.job_id, mode="r"), "error_code")
+    assert (codes[:10] == 0).all()  # batches 0 and 1 were written before the failure
+    assert (codes[10:20] == SampleCode.BATCH_FAILED).all()

@@ -96,7 +96,12 @@ def _fail_batch(store: str, job_id: str, batch: int, reason: str) -> None:
 
 
 def give_up(store: str, job_id: str, batch: int, reason: str, runtime: Runtime) -> Outcome:
-    """Mark the batch failed with `reason` and let the job go on without it."""
+    """Mark the batch failed with `reason` and let the job go on without it. A batch the
+    ledger already has keeps its samples: a task that fails part-way gives up all of its
+    batches, the ones it wrote before the failure among them."""
+    if is_done(open_job(store, job_id, mode="r"), batch):
+        complete(store, job_id, batch, runtime, seen_before=True)
+        return Outcome.SKIPPED
     log.error("job %s batch %d: %s", job_id, batch, reason)
     _fail_batch(store, job_id, batch, reason)
     complete(store, job_id, batch, runtime)
@@ -130,22 +135,24 @@ def complete(
 
 def _start(
     store: str, job_id: str, batch: int, runtime: Runtime
-) -> tuple[Outcome | None, zarr.Group]:
-    """The checks before a batch runs; an outcome when it must not run."""
+) -> tuple[Outcome | None, zarr.Group, int]:
+    """The checks before a batch runs: an outcome when it must not run, the job's group,
+    and which attempt at the batch this is."""
     job = runtime.open(store, job_id)
     group = job.group
     if fresh_attrs(group)["state"] == JobState.CANCELLED:  # seen between batches
-        return Outcome.CANCELLED, group
+        return Outcome.CANCELLED, group, 0
     if is_done(group, batch, job.arrays):  # the flag is read fresh
         complete(store, job_id, batch, runtime, seen_before=True)
-        return Outcome.SKIPPED, group
-    if runtime.counters.attempt(job_id, batch) > runtime.attempt_cap:
+        return Outcome.SKIPPED, group, 0
+    attempt = runtime.counters.attempt(job_id, batch)
+    if attempt > runtime.attempt_cap:
         reason = (
             f"batch {batch} given up after {runtime.attempt_cap} attempts: its worker died "
             "or it kept failing"
         )
-        return give_up(store, job_id, batch, reason, runtime), group
-    return None, group
+        return give_up(store, job_id, batch, reason, runtime), group, attempt
+    return None, group, attempt
 
 
 def execute_batches(store: str, job_id: str, batches: list[int], runtime: Runtime) -> list[Outcome]:
@@ -175,11 +182,16 @@ def execute_batches(store: str, job_id: str, batches: list[int], runtime: Runtim
         # cancelled or done only wastes its decode; an error surfaces where it is used.
         ahead: Future[Decoded] | None = reader.submit(decode, batches[0]) if batches else None
         for i, batch in enumerate(batches):
-            stopped, group = _start(store, job_id, batch, runtime)
+            stopped, group, attempt = _start(store, job_id, batch, runtime)
             early, ahead = ahead, None
             if stopped is not None:
                 outcomes.append(stopped)
                 continue
+            if attempt > 1:
+                # Started before: its worker may have died inside it (a poison input).
+                # The batches before it land first, or they would die with it again,
+                # unwritten, until the attempt cap failed them too.
+                writer.flush()
             spec = spec_of(group)
             try:
                 model = runtime.models.get(spec)

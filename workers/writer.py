@@ -29,17 +29,24 @@ class WriteBehind:
 
     def _loop(self) -> None:
         while (item := self._queue.get()) is not None:
-            if self._error is not None:
-                continue  # drain without writing after a failure
             try:
-                self._write(*item)
+                if self._error is None:  # after a failure, drain without writing
+                    self._write(*item)
             except BaseException as exc:  # re-raised in the caller's thread
                 self._error = exc
+            finally:
+                self._queue.task_done()
 
     def put(self, batch: int, rows: BatchRows) -> None:
         if self._error is not None:
             raise self._error
         self._queue.put((batch, rows))
+
+    def flush(self) -> None:
+        """Wait until every batch put so far is written."""
+        self._queue.join()
+        if self._error is not None:
+            raise self._error
 
     def __exit__(
         self,

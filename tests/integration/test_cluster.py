@@ -57,9 +57,9 @@ def _reference(store: Path, spec: ExtractionSpec, models: ModelCache) -> str:
     return job.job_id
 
 
-def _submit(cluster: Cluster, spec: ExtractionSpec, models: ModelCache) -> Plan:
+def _submit(cluster: Cluster, spec: ExtractionSpec, models: ModelCache, per_task: int = 1) -> Plan:
     job = plan(cluster.store, spec, models.get(spec).info)
-    enqueue(cluster.app(), cluster.store, job.job_id, range(job.n_batches))
+    enqueue(cluster.app(), cluster.store, job.job_id, range(job.n_batches), per_task=per_task)
     return job
 
 
@@ -108,13 +108,16 @@ def test_kill_9_of_a_worker_child_mid_job_loses_and_duplicates_nothing(
     assert_same_job(cluster.store, job.job_id, str(tmp_path / "ref"), ref, LAYERS)
 
 
+@pytest.mark.parametrize("per_task", [1, 4])
 def test_a_poison_batch_stops_at_the_attempt_cap_and_the_rest_completes(
-    cluster: Cluster, models: ModelCache, tmp_path: Path
+    cluster: Cluster, models: ModelCache, tmp_path: Path, per_task: int
 ) -> None:
     poisoned = _inputs(tmp_path / "poisoned", 200, poison=65)
-    spec = _spec(poisoned, 20)  # the poison sits in batch 3
+    # The poison sits in batch 3; with 4 batches to a task, behind three good ones whose
+    # last write may be in flight each time the poison kills the worker.
+    spec = _spec(poisoned, 20)
     cluster.start(workers=1)
-    job = _submit(cluster, spec, models)
+    job = _submit(cluster, spec, models, per_task)
     result = cluster.wait(job.job_id)
     assert result.state == "partial"
     group = open_job(cluster.store, job.job_id, mode="r")
