@@ -85,6 +85,30 @@ def test_a_finished_job_opens_in_xarray_from_every_store_kind(store: str) -> Non
         assert layer["acts"].shape == (64, 7, 7)
 
 
+def test_the_roots_consolidated_map_holds_every_node_of_the_job_as_stored(store: str) -> None:
+    models = ModelCache()
+    job = plan(store, _spec(), models.get(_spec()).info)
+    run_job(store, job.job_id, models)
+    prefix = f"jobs/{job.job_id}"
+    group = open_job(store, job.job_id, mode="r")
+    stored = {f"{prefix}/{path}": node.metadata.to_dict() for path, node in group.members(None)}
+    stored[prefix] = group.metadata.to_dict()
+    root = zarr.open_group(store.removeprefix("file://"), mode="r", use_consolidated=True)
+    consolidated = root.metadata.consolidated_metadata
+    assert consolidated is not None
+    published = {
+        path: meta.to_dict()
+        for path, meta in consolidated.flattened_metadata.items()
+        if path == prefix or path.startswith(prefix + "/")
+    }
+    assert published.keys() == stored.keys()
+    assert published[prefix]["attributes"]["state"] == "succeeded"
+    assert (
+        published[f"{prefix}/layers/conv3/acts"]["shape"]
+        == stored[f"{prefix}/layers/conv3/acts"]["shape"]
+    )
+
+
 def test_finalize_without_every_batch_done_fails_the_job_with_the_reason(store: str) -> None:
     models = ModelCache()
     job = plan(store, _spec(), models.get(_spec()).info)

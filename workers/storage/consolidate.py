@@ -50,14 +50,32 @@ def publish(store: str, job_id: str) -> None:
     publish_path(store, f"jobs/{job_id}")
 
 
+def _nodes(fs: Any, base: str, prefix: str) -> dict[str, dict[str, Any]]:
+    """The metadata of `prefix` and every node below it, by path. Only groups are listed:
+    an array's folder holds its chunks, thousands of files in a big job, and walking them
+    made the finalize of a 64-batch job take 0.09 s of its 0.16 s."""
+    found: dict[str, dict[str, Any]] = {}
+    pending = [prefix]
+    while pending:
+        path = pending.pop()
+        try:
+            doc = json.loads(fs.cat_file(f"{base}/{path}/zarr.json"))
+        except (FileNotFoundError, NotADirectoryError):
+            continue  # a file, or a folder that is no node
+        found[path] = _node(doc)
+        if doc.get("node_type") == "group":
+            for child in fs.ls(f"{base}/{path}", detail=False):
+                name = child.rstrip("/").rsplit("/", 1)[-1]
+                if name != "zarr.json":
+                    pending.append(f"{path}/{name}")
+    return found
+
+
 def publish_path(store: str, prefix: str) -> None:
     """The same for any group path (`analyses/{id}` too), adding missing ancestors."""
     fs, root = fsspec.core.url_to_fs(store)
     base = root.rstrip("/")
-    fresh: dict[str, Any] = {}
-    for path in fs.find(f"{base}/{prefix}"):
-        if path.endswith("/zarr.json"):
-            fresh[path[len(base) + 1 : -len("/zarr.json")]] = _node(json.loads(fs.cat_file(path)))
+    fresh = _nodes(fs, base, prefix)
     with _locked(fs, root):
         top = f"{base}/zarr.json"
         doc: dict[str, Any] = json.loads(fs.cat_file(top)) if fs.exists(top) else dict(_GROUP)
