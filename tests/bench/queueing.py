@@ -10,7 +10,8 @@ It starts a private `redis-server` on a free port (no persistence, files in a te
 directory; never the machine's own Redis), starts every worker process itself, each in a
 process group of its own, and stops all of them and the Redis server on exit, on an error
 or Ctrl-C (SIGTERM, then SIGKILL to the group; on Linux they also get SIGKILL should this
-script itself be killed). Worker logs go to the temporary directory.
+script itself be killed). Worker logs and the stores go to a temporary directory under
+`--dir` (/dev/shm by default, so that a shared disk's writeback is not part of the figure).
 
 1. Per-task overhead. The same job (the bundled model `digits-cnn`, layers conv1, block2
    and conv3 stored as float16, batch 32, on `--images` seeded random (1, 28, 28) `.npy`
@@ -406,6 +407,11 @@ def print_overhead(result: Overhead) -> None:
         median, best = result.rates(method)
         print(f"  {method:<11} {median:12.0f} {best:11.0f} {median / base:13.2f}x")
     runs = result.runs["redis"]
+    # Each repeat's redis run against the in-process run beside it: slow drifts of the
+    # machine's load fall on both sides of each pair.
+    paired = [i.seconds / r.seconds for i, r in zip(result.runs["in-process"], runs, strict=True)]
+    middle = statistics.median(paired)
+    print(f"  redis / in-process, median of the {len(paired)} pairs: {middle:.2f}x")
     names = list(runs[0].stages)
     stages = {k: statistics.median(r.stages[k] for r in runs) for k in names}
     total = statistics.median(r.seconds for r in runs)
@@ -424,7 +430,7 @@ Enqueue = Callable[[Any, str, str, Iterable[int]], int]
 
 def enqueue_per_task(app: Any, store: str, job_id: str, batches: Iterable[int]) -> int:
     """`workers.control.enqueue` as the CLI and the API call it: several consecutive batches
-    to a task (`ACTMAP_BATCHES_PER_TASK`, default 4)."""
+    to a task (`ACTMAP_BATCHES_PER_TASK`)."""
     return enqueue(app, store, job_id, batches, per_task=Settings().batches_per_task)
 
 
@@ -655,6 +661,11 @@ def main(argv: list[str] | None = None) -> int:
         help="torch intra-op threads here and in the worker (0: torch's default, all cores)",
     )  # fmt: skip
     p.add_argument("--redis-server", default="/usr/bin/redis-server")
+    p.add_argument(
+        "--dir", default="/dev/shm" if Path("/dev/shm").is_dir() else None,
+        help="where the stores live (default /dev/shm: a shared disk's writeback is noise "
+        "that falls on every method unevenly)",
+    )  # fmt: skip
     p.add_argument("--no-embedded", action="store_true", help="skip workers.embedded.scan")
     p.add_argument("--skip-overhead", action="store_true")
     p.add_argument("--skip-scaling", action="store_true")
@@ -671,7 +682,10 @@ def main(argv: list[str] | None = None) -> int:
         flush=True,
     )
     began = time.monotonic()
-    with tempfile.TemporaryDirectory(prefix="actmap-queue-") as name, ExitStack() as stack:
+    with (
+        tempfile.TemporaryDirectory(prefix="actmap-queue-", dir=args.dir) as name,
+        ExitStack() as stack,
+    ):
         tmp = Path(name)
         (tmp / "logs").mkdir()
         (tmp / "redis").mkdir()
@@ -680,7 +694,7 @@ def main(argv: list[str] | None = None) -> int:
         stack.callback(procs.stop_all)
         url = stack.enter_context(private_redis(procs, args.redis_server, tmp / "redis"))
         stack.callback(procs.stop)
-        print(f"private Redis at {url.rsplit('/', 1)[0]}", flush=True)
+        print(f"private Redis at {url.rsplit('/', 1)[0]}; stores under {tmp}", flush=True)
         over = scale = None
         if not args.skip_overhead:
             print(
