@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import zarr
 
-from workers.storage.chunks import get_row, put_rows
+from workers.storage.chunks import get_all, get_row, put_rows
 from workers.storage.layout import COMPRESSOR
 
 # (dtype, fill value, per-row shape, rows per chunk): activations in float16 and float32,
@@ -143,3 +143,22 @@ def test_a_row_of_another_store_is_read_through_zarr() -> None:
     in_memory = zarr.create_array({}, shape=(N,), chunks=(1,), dtype="bool", fill_value=False)
     in_memory[3] = True
     assert [bool(get_row(in_memory, i)) for i in range(5)] == [False, False, False, True, False]
+
+
+@pytest.mark.parametrize(("dtype", "fill", "row", "rows"), [c for c in CASES if c[2] == ()])
+def test_a_whole_array_read_directly_is_what_zarr_reads(
+    tmp_path: Path, dtype: str, fill: Any, row: tuple[int, ...], rows: int
+) -> None:
+    stored = _create(tmp_path / "a", dtype, fill, row, rows)
+    values = _values(dtype, row, seed=6)
+    put_rows(stored, BATCH, values[BATCH : 2 * BATCH])  # the first chunks never written
+    put_rows(stored, 2 * BATCH, values[2 * BATCH :])  # the last chunk, cut by the end
+    reopened = zarr.open_array(str(tmp_path / "a"), mode="r")  # status opens read-only
+    np.testing.assert_array_equal(get_all(reopened), zarr.open_array(str(tmp_path / "a"))[:])
+    assert get_all(reopened).dtype == reopened.dtype
+
+
+def test_a_whole_array_of_another_store_is_read_through_zarr() -> None:
+    in_memory = zarr.create_array({}, shape=(N,), chunks=(1,), dtype="bool", fill_value=False)
+    in_memory[3] = True
+    assert list(np.flatnonzero(get_all(in_memory))) == [3]

@@ -17,6 +17,7 @@ from zarr.codecs import ZstdCodec
 from zarr.storage import LocalStore
 
 from workers.errors import JobError
+from workers.storage.chunks import get_all
 
 __all__ = [
     "CHUNK_BYTES",
@@ -90,6 +91,8 @@ def fresh_attrs(group: zarr.Group) -> dict[str, Any]:
 
 
 def read(group: zarr.Group, name: str, rows: slice = slice(None)) -> np.ndarray:
+    if rows == slice(None):
+        return get_all(array(group, name))
     return np.asarray(array(group, name)[rows])
 
 
