@@ -14,8 +14,9 @@ from workers.control import now
 from workers.errors import LayerError, SampleCode, SpecError
 from workers.extraction.inputs import Source, discover, labels_from_csv, labels_from_dirs
 from workers.jobs import ExtractionSpec, JobState, ModelInfo, close_matches, stored_shape
+from workers.storage.chunks import put_rows
 from workers.storage.consolidate import publish
-from workers.storage.layout import LayerLayout, array, create_job
+from workers.storage.layout import LayerLayout, create_job, writable
 
 __all__ = ["VERSION", "Plan", "layouts", "new_job_id", "plan"]
 
@@ -94,8 +95,10 @@ def plan(
     }
     n = len(sources)
     group = create_job(store, job_id, attrs, n, spec.batch_size, info.classes, found)
-    array(group, "sample")[:] = np.asarray([s.id for s in sources], dtype=object)
-    array(group, "source")[:] = np.asarray([s.path for s in sources], dtype=object)
-    array(group, "label")[:] = np.asarray(labels, dtype=np.int32)
+    # Whole chunks written directly: through zarr's event loop these three took most of
+    # the plan (0.22 of 0.28 s for 2,048 inputs).
+    put_rows(writable(group, "sample"), 0, np.asarray([s.id for s in sources], dtype=object))
+    put_rows(writable(group, "source"), 0, np.asarray([s.path for s in sources], dtype=object))
+    put_rows(writable(group, "label"), 0, np.asarray(labels, dtype=np.int32))
     publish(store, job_id)
     return Plan(store, job_id, n, spec.batch_size)

@@ -714,3 +714,22 @@ def test_labels_csv_header_written_by_spreadsheets_is_recognised(
     labels, classes = labels_from_csv(path, _sources("a.png", "b.png"))
     assert classes is None
     assert labels == [3, 5]
+
+
+def test_directory_order_compares_path_parts_not_strings(tmp_path: Path) -> None:
+    root = tmp_path / "data"
+    for rel in ["a-b/1.png", "a/b/2.png", "a.png", "a/3.png"]:
+        touch(root / rel)
+    # "a" < "a-b" < "a.png" part by part, though "a-b/..." < "a/..." as strings
+    assert [s.id for s in discover([str(root)])] == ["a/3.png", "a/b/2.png", "a-b/1.png", "a.png"]
+
+
+def test_linked_folders_are_not_followed_and_linked_files_are_read(tmp_path: Path) -> None:
+    outside = tmp_path / "outside"
+    touch(outside / "o.png")
+    root = tmp_path / "data"
+    touch(root / "a.png")
+    (root / "linked").symlink_to(outside, target_is_directory=True)
+    (root / "link.png").symlink_to(outside / "o.png")
+    (root / "dangling.png").symlink_to(tmp_path / "nowhere.png")
+    assert [s.id for s in discover([str(root)])] == ["a.png", "dangling.png", "link.png"]

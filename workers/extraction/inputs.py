@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import math
+import os
 import stat
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +44,25 @@ class Source:
     path: str
 
 
+def _walk(root: str) -> list[str]:
+    """The files under `root` as sorted relative POSIX paths: files and dangling links
+    (reported per sample), not hidden ones, nor anything in a hidden or linked folder.
+    os.walk rather than Path.rglob: a directory of a million samples is planned in one
+    submitting request, and pathlib took five times as long."""
+    found: list[str] = []
+    for folder, dirs, files in os.walk(root):  # linked folders are listed, not followed
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        rel = os.path.relpath(folder, root)
+        prefix = "" if rel == "." else rel.replace(os.sep, "/") + "/"
+        for name in files:
+            full = os.path.join(folder, name)
+            if not name.startswith(".") and (
+                os.path.isfile(full) or (os.path.islink(full) and not os.path.exists(full))
+            ):
+                found.append(prefix + name)
+    return sorted(found, key=lambda rel: rel.split("/"))  # by parts, as paths compare
+
+
 def discover(inputs: list[str] | tuple[str, ...]) -> list[Source]:
     """Expand files, directories (recursive, sorted) and `@list.txt` into samples with
     stable ids: the path under a directory, else the path as given."""
@@ -58,14 +78,7 @@ def discover(inputs: list[str] | tuple[str, ...]) -> list[Source]:
             continue
         path = Path(item)
         if path.is_dir():
-            files = sorted(
-                p
-                for p in path.rglob("*")
-                # Files, and dangling links (reported per sample); linked folders are not followed.
-                if (p.is_file() or (p.is_symlink() and not p.exists()))
-                and not any(part.startswith(".") for part in p.relative_to(path).parts)
-            )
-            found.extend((p.relative_to(path).as_posix(), p) for p in files)
+            found.extend((rel, path / rel) for rel in _walk(str(path)))
         elif path.exists() or path.is_symlink():
             found.append((path.as_posix(), path))
         else:
