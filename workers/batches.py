@@ -174,7 +174,7 @@ def execute_batches(store: str, job_id: str, batches: list[int], runtime: Runtim
 
     outcomes: list[Outcome] = []
     with (
-        WriteBehind(write, depth=1) as writer,
+        WriteBehind(write, depth=2) as writer,
         ThreadPoolExecutor(1, thread_name_prefix="actmap-ahead") as reader,
     ):
         # Each batch is decoded ahead: the first while its checks run, the next while this
