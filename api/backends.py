@@ -109,6 +109,14 @@ class BrokerBackend(_StoreReads):
 
         return make_celery(self.settings)
 
+    def _per_task(self, n_batches: int, queue: str) -> int:
+        """Batches to a task, for the workers on `queue` now."""
+        from workers.control import per_task
+        from workers.roster import Roster
+
+        workers = Roster(self._url).size(queue)
+        return per_task(n_batches, workers, self.settings.batches_per_task)
+
     def scan(self, spec: ExtractionSpec, wait: bool, on_plan: OnPlan, progress: Progress) -> Status:
         from workers.control import enqueue
         from workers.embedded import catalogue
@@ -117,8 +125,8 @@ class BrokerBackend(_StoreReads):
         info = catalogue(spec.model, spec.weights, spec.preprocessing, self.settings)
         job = plan(self.store, spec, info)
         on_plan(job)
-        per_task = self.settings.batches_per_task
-        enqueue(self._app(), self.store, job.job_id, range(job.n_batches), spec.queue, per_task)
+        size = self._per_task(job.n_batches, spec.queue)
+        enqueue(self._app(), self.store, job.job_id, range(job.n_batches), spec.queue, size)
         return self.wait(job.job_id, progress) if wait else self.status(job.job_id)
 
     def wait(self, job_id: str, progress: Progress) -> Status:
@@ -130,8 +138,9 @@ class BrokerBackend(_StoreReads):
         from workers.control import enqueue, queue_of, resume_batches
 
         missing = resume_batches(self.store, job_id, self._counters())
-        queue, per_task = queue_of(self.store, job_id), self.settings.batches_per_task
-        enqueue(self._app(), self.store, job_id, missing, queue, per_task)
+        queue = queue_of(self.store, job_id)
+        size = self._per_task(len(missing), queue)
+        enqueue(self._app(), self.store, job_id, missing, queue, size)
         return self.wait(job_id, progress) if wait else self.status(job_id)
 
     def analyse(self, kind: str, params: dict[str, Any], progress: AnalysisProgress) -> Analysis:

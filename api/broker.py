@@ -10,6 +10,7 @@ from typing import Any, Protocol
 
 from workers.counters import Counters, RedisCounters
 from workers.jobs import QUEUES
+from workers.roster import Roster
 
 __all__ = ["Broker", "MemoryBroker", "RedisBroker"]
 
@@ -29,6 +30,10 @@ class Broker(Protocol):
         """The workers' batch counters, which resume squares with the ledger."""
         ...
 
+    def workers(self, queue: str) -> int:
+        """How many workers consume `queue` now (0: unknown); tasks are sized to them."""
+        ...
+
 
 class RedisBroker:
     """Tasks go through Celery (by name, no task code here); keys live in the same Redis."""
@@ -39,6 +44,7 @@ class RedisBroker:
         self._redis = redis.Redis.from_url(url, socket_timeout=5)
         self._app = app
         self._counters = RedisCounters(url)
+        self._roster = Roster(url)
 
     def send(self, task: str, args: list[Any], queue: str) -> None:
         self._app.send_task(task, args=args, queue=queue)
@@ -66,6 +72,9 @@ class RedisBroker:
 
     def counters(self) -> Counters:
         return self._counters
+
+    def workers(self, queue: str) -> int:
+        return self._roster.size(queue)
 
 
 class MemoryBroker:
@@ -105,3 +114,6 @@ class MemoryBroker:
 
     def counters(self) -> Counters | None:
         return self._counters
+
+    def workers(self, queue: str) -> int:
+        return 1  # the unit tests' inline runner

@@ -32,6 +32,7 @@ from api.schemas import (
 from workers.control import (
     Status,
     list_jobs,
+    per_task,
     queue_of,
     resume_batches,
     status,
@@ -284,7 +285,9 @@ def submit_extraction(
 
 
 def _send_batches(services: Services, job_id: str, batches: Iterable[int], queue: str) -> None:
-    for group in task_batches(batches, services.settings.batches_per_task):
+    found = list(batches)
+    cap = services.settings.batches_per_task
+    for group in task_batches(found, per_task(len(found), services.broker.workers(queue), cap)):
         services.broker.send(TaskName.RUN_BATCH, [services.store, job_id, group], queue)
 
 

@@ -31,6 +31,7 @@ __all__ = [
     "list_jobs",
     "mark_started",
     "now",
+    "per_task",
     "prepare_resume",
     "queue_of",
     "resume_batches",
@@ -42,6 +43,10 @@ __all__ = [
 
 
 FINALIZE_GRACE_S = 30.0
+# Each worker gets about this many tasks of a job, so none idles while another has a queue.
+TASKS_PER_WORKER = 4
+# Batches to a task when nobody says how many workers there are.
+UNKNOWN_WORKERS_PER_TASK = 4
 
 
 def now() -> str:
@@ -153,6 +158,15 @@ def task_batches(batches: Iterable[int], per_task: int) -> list[list[int]]:
     writes overlap its next forward."""
     found = [int(b) for b in batches]
     return [found[i : i + per_task] for i in range(0, len(found), max(1, per_task))]
+
+
+def per_task(n_batches: int, workers: int, cap: int) -> int:
+    """Batches to a task: up to `cap`, since each task's first decode and last write go
+    unoverlapped, but few enough that each of `workers` gets TASKS_PER_WORKER tasks or
+    more. `workers` 0 (none checked in, or nobody asked) gives the cautious size."""
+    if workers <= 0:
+        return max(1, min(cap, UNKNOWN_WORKERS_PER_TASK))
+    return max(1, min(cap, n_batches // (workers * TASKS_PER_WORKER)))
 
 
 def enqueue(

@@ -6,15 +6,18 @@ from __future__ import annotations
 import functools
 import gc
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import suppress
 from typing import Any
 
-from celery.signals import worker_process_init
+import redis
+from celery.signals import worker_process_init, worker_process_shutdown
 
 from workers.batches import Runtime
 from workers.celery_app import make_celery
 from workers.counters import RedisCounters
 from workers.extraction.cache import ModelCache
 from workers.gpu import device
+from workers.roster import Roster, keep_checking_in, member
 from workers.settings import Settings
 from workers.tasks import register
 
@@ -37,9 +40,24 @@ def runtime() -> Runtime:
 register(app, runtime)
 
 
+def _queues() -> list[str]:
+    """The queues this worker consumes (`--queues`, selected in the parent before the fork)."""
+    return sorted(app.amqp.queues.consume_from)
+
+
 @worker_process_init.connect  # type: ignore[untyped-decorator]
-def _freeze_imports(**_: Any) -> None:
-    """Move what the imports made (torch's, Celery's, zarr's objects: most of the heap)
-    out of the collector's reach: each full collection in a child walked all of it, about
-    0.2 s a time on 2 cores, twice in 7 jobs of the queue benchmark."""
+def _child_started(**_: Any) -> None:
+    # Move what the imports made (torch's, Celery's, zarr's objects: most of the heap) out
+    # of the collector's reach: each full collection in a child walked all of it, about
+    # 0.2 s a time on 2 cores, twice in 7 jobs of the queue benchmark.
     gc.freeze()
+    if settings.broker_url is not None:
+        keep_checking_in(Roster(settings.broker_url.get_secret_value()), member(), _queues())
+
+
+@worker_process_shutdown.connect  # type: ignore[untyped-decorator]
+def _child_stopping(**_: Any) -> None:
+    if settings.broker_url is not None:
+        # Redis away: the entry expires by itself, FRESH_S after the last check-in.
+        with suppress(redis.RedisError, OSError):
+            Roster(settings.broker_url.get_secret_value()).check_out(member(), _queues())

@@ -95,7 +95,7 @@ from pydantic import SecretStr  # noqa: E402
 
 from workers.batches import Runtime, execute_batch  # noqa: E402
 from workers.celery_app import make_celery  # noqa: E402
-from workers.control import enqueue, wait  # noqa: E402
+from workers.control import enqueue, per_task, wait  # noqa: E402
 from workers.counters import MemoryCounters, RedisCounters  # noqa: E402
 from workers.embedded import scan  # noqa: E402
 from workers.extraction.cache import ModelCache  # noqa: E402
@@ -103,6 +103,7 @@ from workers.gpu import Slot  # noqa: E402
 from workers.jobs import ExtractionSpec  # noqa: E402
 from workers.launcher import command  # noqa: E402
 from workers.pipeline import plan  # noqa: E402
+from workers.roster import Roster  # noqa: E402
 from workers.runner import run_job  # noqa: E402
 from workers.settings import Settings  # noqa: E402
 from workers.storage.layout import attrs, open_job  # noqa: E402
@@ -429,9 +430,13 @@ Enqueue = Callable[[Any, str, str, Iterable[int]], int]
 
 
 def enqueue_per_task(app: Any, store: str, job_id: str, batches: Iterable[int]) -> int:
-    """`workers.control.enqueue` as the CLI and the API call it: several consecutive batches
-    to a task (`ACTMAP_BATCHES_PER_TASK`)."""
-    return enqueue(app, store, job_id, batches, per_task=Settings().batches_per_task)
+    """`workers.control.enqueue` as the CLI and the API call it: consecutive batches to a
+    task, as many as `workers.control.per_task` gives for the workers on the roster (at
+    most `ACTMAP_BATCHES_PER_TASK`)."""
+    found = list(batches)
+    workers = Roster(app.conf.broker_url).size("extract")
+    size = per_task(len(found), workers, Settings().batches_per_task)
+    return enqueue(app, store, job_id, found, per_task=size)
 
 
 @dataclass(frozen=True)
@@ -548,7 +553,8 @@ def start_sim_workers(
             "--hostname", name, "--queues", "extract", "--without-gossip",
             "--without-mingle", "--loglevel", "WARNING",
         ]  # fmt: skip
-        workers.append(procs.start(f"sim-{n}-{i}", cmd, env))
+        gpus = {"ACTMAP_BENCH_GPUS": str(k)}  # each pool thread checks in as a worker
+        workers.append(procs.start(f"sim-{n}-{i}", cmd, {**env, **gpus}))
     return workers, names
 
 
@@ -587,6 +593,7 @@ def scaling(args: argparse.Namespace, procs: Processes, url: str) -> Scaling:
                                 raise RuntimeError(f"a simulated worker exited: {proc.returncode}")
             finally:
                 procs.stop(workers)
+                client.delete("actmap:roster:extract")  # a worker killed late stays on it
     finally:
         client.close()
     return result

@@ -24,10 +24,12 @@ import time
 from typing import Any
 
 from celery import Task
+from celery.signals import worker_ready, worker_shutdown
 
 from workers.celery_app import make_celery
 from workers.counters import RedisCounters
 from workers.jobs import TaskName
+from workers.roster import Roster, member
 from workers.settings import Settings
 
 __all__ = ["app"]
@@ -35,6 +37,29 @@ __all__ = ["app"]
 settings = Settings()
 app = make_celery(settings)
 SLEEP = float(os.environ.get("ACTMAP_BENCH_SLEEP", "0.05"))  # seconds of "GPU" per batch
+GPUS = int(os.environ.get("ACTMAP_BENCH_GPUS", "1"))  # pool threads of this process
+
+
+def _gpus() -> list[str]:
+    return [f"{member()}:{i}" for i in range(GPUS)]
+
+
+@worker_ready.connect  # type: ignore[untyped-decorator]
+def _check_in(**_: Any) -> None:
+    """On the roster as GPUS workers, as that many real worker children would be, so that
+    the submitter sizes tasks as it would for them (checked in once: a round is short)."""
+    if settings.broker_url is not None:
+        roster = Roster(settings.broker_url.get_secret_value())
+        for name in _gpus():
+            roster.check_in(name, ["extract"])
+
+
+@worker_shutdown.connect  # type: ignore[untyped-decorator]
+def _check_out(**_: Any) -> None:
+    if settings.broker_url is not None:
+        roster = Roster(settings.broker_url.get_secret_value())
+        for name in _gpus():
+            roster.check_out(name, ["extract"])
 
 
 @functools.cache

@@ -1,0 +1,34 @@
+"""How many batches go to a task: as many as the cap allows for one worker, fewer as
+workers join, so that each gets several tasks of a job."""
+
+from __future__ import annotations
+
+import pytest
+
+from workers.control import TASKS_PER_WORKER, per_task, task_batches
+
+
+@pytest.mark.parametrize(
+    ("n_batches", "workers", "expected"),
+    [
+        (64, 1, 16),  # one worker: the cap, four tasks
+        (10_000, 1, 16),
+        (1280, 64, 5),  # 256 tasks for 64 workers
+        (200, 4, 12),
+        (40, 16, 1),  # a small job on a big cluster: one batch to a task
+        (3, 1, 1),
+        (64, 0, 4),  # nobody checked in: the cautious size
+    ],
+)
+def test_tasks_shrink_as_workers_join_and_never_exceed_the_cap(
+    n_batches: int, workers: int, expected: int
+) -> None:
+    assert per_task(n_batches, workers, cap=16) == expected
+
+
+@pytest.mark.parametrize("workers", [2, 4, 16, 64])
+def test_every_worker_gets_several_tasks_when_the_job_allows(workers: int) -> None:
+    n_batches = workers * TASKS_PER_WORKER * 3
+    tasks = task_batches(range(n_batches), per_task(n_batches, workers, cap=16))
+    assert len(tasks) >= workers * TASKS_PER_WORKER
+    assert sorted(b for task in tasks for b in task) == list(range(n_batches))
