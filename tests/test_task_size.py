@@ -11,12 +11,12 @@ from workers.control import TASKS_PER_WORKER, per_task, task_batches
 @pytest.mark.parametrize(
     ("n_batches", "workers", "expected"),
     [
-        (64, 1, 13),  # one worker: five tasks
+        (64, 1, 16),  # one worker: nothing to balance, the cap
         (10_000, 1, 16),  # the cap
         (1280, 64, 4),  # 320 tasks: five for each of 64 workers
         (200, 4, 10),  # 20 tasks, not 17 with one worker left a fifth alone
         (40, 16, 1),  # a small job on a big cluster: one batch to a task
-        (3, 1, 1),
+        (3, 2, 1),
         (64, 0, 4),  # nobody checked in: the cautious size
     ],
 )

@@ -169,6 +169,8 @@ def per_task(n_batches: int, workers: int, cap: int) -> int:
     cautious size."""
     if workers <= 0:
         return max(1, min(cap, UNKNOWN_WORKERS_PER_TASK))
+    if workers == 1:
+        return max(1, cap)  # nothing to balance
     return max(1, min(cap, -(-n_batches // (workers * TASKS_PER_WORKER))))
 
 
