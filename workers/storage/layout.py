@@ -6,6 +6,7 @@ whole chunks of rows [i*B, (i+1)*B): no two tasks ever write the same chunk.
 
 from __future__ import annotations
 
+import asyncio
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,7 +14,9 @@ from typing import Any, Literal
 
 import numpy as np
 import zarr
+import zarr.api.asynchronous
 from zarr.codecs import ZstdCodec
+from zarr.core.sync import sync
 from zarr.storage import LocalStore
 
 from workers.errors import JobError
@@ -141,26 +144,37 @@ def open_job(store: str, job_id: str, mode: Literal["r", "r+"] = "r+") -> zarr.G
 
 
 def _array(
-    group: zarr.Group,
     name: str,
     shape: tuple[int, ...],
     chunks: tuple[int, ...],
     dtype: Any,
     dims: list[str],
     fill: Any,
-) -> zarr.Array[Any]:
+) -> tuple[str, dict[str, Any]]:
+    """One array to create: its path under the job and zarr's arguments."""
     compress = np.dtype(dtype).kind in "fiub" if dtype is not str else False
-    return group.create_array(
-        name,
-        shape=shape,
-        chunks=chunks,
-        dtype=dtype,
-        dimension_names=dims,
-        fill_value=fill,
-        compressors=COMPRESSOR if compress else "auto",
+    return name, {
+        "shape": shape,
+        "chunks": chunks,
+        "dtype": dtype,
+        "dimension_names": dims,
+        "fill_value": fill,
+        "compressors": COMPRESSOR if compress else "auto",
         # Batches write whole chunks; comparing each with the fill value first is wasted.
-        config={"write_empty_chunks": True},
-    )
+        "config": {"write_empty_chunks": True},
+    }
+
+
+async def _create_nodes(
+    location: str, groups: list[str], arrays: list[tuple[str, dict[str, Any]]]
+) -> None:
+    """The job's groups, then all of its arrays at once: created one after another, each
+    waited on a round trip to zarr's event loop (16 arrays, 0.065 s of a 0.1 s plan)."""
+    job = await zarr.api.asynchronous.open_group(location, mode="r+", use_consolidated=False)
+    if groups:
+        await job.require_group("layers")
+        await asyncio.gather(*(job.require_group(path) for path in groups))
+    await asyncio.gather(*(job.create_array(name, **kwargs) for name, kwargs in arrays))
 
 
 def create_job(
@@ -176,55 +190,47 @@ def create_job(
     _root(store).require_group("jobs")
     # Opened at its own folder: zarr checks every parent for an existing node when it adds
     # an array, and the root's zarr.json carries the consolidated metadata of every job.
-    group = zarr.open_group(
-        f"{_location(store).rstrip('/')}/jobs/{job_id}", mode="w-", attributes=attrs,
-        use_consolidated=False,
-    )  # fmt: skip
+    location = f"{_location(store).rstrip('/')}/jobs/{job_id}"
+    group = zarr.open_group(location, mode="w-", attributes=attrs, use_consolidated=False)
     b = min(batch_size, max(n, 1))
     n_batches = -(-n // batch_size)
-    _array(group, "sample", (n,), (b,), str, ["sample"], "")
-    _array(group, "source", (n,), (b,), str, ["sample"], "")
-    _array(group, "label", (n,), (b,), "int32", ["sample"], -1)
-    _array(group, "logits", (n, n_classes), (b, n_classes), "float32", ["sample", "class"], np.nan)
-    _array(group, "pred", (n,), (b,), "int32", ["sample"], -1)
-    _array(group, "error_code", (n,), (b,), "int16", ["sample"], 0)
-    _array(group, "error_message", (n,), (b,), str, ["sample"], "")
-    _array(group, "done", (n_batches,), (1,), "bool", ["batch"], False)
+    arrays = [
+        _array("sample", (n,), (b,), str, ["sample"], ""),
+        _array("source", (n,), (b,), str, ["sample"], ""),
+        _array("label", (n,), (b,), "int32", ["sample"], -1),
+        _array("logits", (n, n_classes), (b, n_classes), "float32", ["sample", "class"], np.nan),
+        _array("pred", (n,), (b,), "int32", ["sample"], -1),
+        _array("error_code", (n,), (b,), "int16", ["sample"], 0),
+        _array("error_message", (n,), (b,), str, ["sample"], ""),
+        _array("done", (n_batches,), (1,), "bool", ["batch"], False),
+    ]
     for layer in layers:
-        lg = group.require_group(f"layers/{layer.name}")
+        at = f"layers/{layer.name}"
         dims = ["sample", layer.channel_dim, *spatial_dims(len(layer.shape) - 1)]
         row = int(np.prod(layer.shape)) * np.dtype(layer.dtype).itemsize
-        chunk = sample_chunk(b, row)
-        _array(lg, "acts", (n, *layer.shape), (chunk, *layer.shape), layer.dtype, dims, np.nan)
-        pooled_chunk = (b, layer.channels)
-        _array(
-            lg,
-            "pooled",
-            (n, layer.channels),
-            pooled_chunk,
-            "float32",
-            ["sample", "channel"],
-            np.nan,
+        chunk = (sample_chunk(b, row), *layer.shape)
+        arrays.append(_array(f"{at}/acts", (n, *layer.shape), chunk, layer.dtype, dims, np.nan))
+        arrays.append(
+            _array(
+                f"{at}/pooled",
+                (n, layer.channels),
+                (b, layer.channels),
+                "float32",
+                ["sample", "channel"],
+                np.nan,
+            )  # fmt: skip
         )
         if layer.channel_dim == "rank":
-            _array(
-                lg,
-                "top_channel",
-                (n, layer.shape[0]),
-                (b, layer.shape[0]),
-                "int32",
-                ["sample", "rank"],
-                -1,
+            top = (n, layer.shape[0])
+            arrays.append(
+                _array(f"{at}/top_channel", top, (b, top[1]), "int32", ["sample", "rank"], -1)
             )
         if layer.kept is not None:
-            kept = _array(
-                lg,
-                "kept_channel",
-                (len(layer.kept),),
-                (len(layer.kept),),
-                "int32",
-                ["kept_channel"],
-                -1,
-            )
+            width = (len(layer.kept),)
+            arrays.append(_array(f"{at}/kept_channel", width, width, "int32", ["kept_channel"], -1))
+    sync(_create_nodes(location, [f"layers/{layer.name}" for layer in layers], arrays))
+    for layer in layers:
+        if layer.kept is not None:
+            kept = array(group, f"layers/{layer.name}/kept_channel")
             kept[:] = np.asarray(layer.kept, dtype=np.int32)
     return group
