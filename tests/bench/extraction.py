@@ -20,7 +20,9 @@ weights (tests/bench/resnet.py), it measures images per second, interleaved and 
           callback to the call's return).
 
 The CPU column is this process's CPU time (every thread) per run: with torch on every
-core, each CPU-second that decoding and writing take shows up in the wall time.
+core, each CPU-second that decoding and writing take shows up in the wall time. Inputs and
+stores live under `--dir`, /dev/shm by default: the shared disk's writeback otherwise lands
+on the writing method alone, at random (`--dir /tmp` measures with the disk).
 
 Then the `actmap scan` CLI once as a subprocess (Python and torch startup included), the
 store's bytes on disk per image and the compression ratio of the stored acts and pooled
@@ -394,6 +396,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--profile", action="store_true", help="also cProfile the serial stages")
     p.add_argument("--no-cli", action="store_true", help="skip the `actmap scan` subprocess")
     p.add_argument(
+        "--dir", default="/dev/shm" if Path("/dev/shm").is_dir() else None,
+        help="where the inputs and stores live (default /dev/shm: a shared disk's writeback "
+        "is noise that falls on the writing method only)",
+    )  # fmt: skip
+    p.add_argument(
         "--gpu-host-model", type=int, default=3, metavar="REPEATS",
         help="extra lines, bare and actmap both on 1 torch thread (0: skip)",
     )  # fmt: skip
@@ -403,11 +410,11 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} cores; "
         f"zarr {zarr.__version__}; {n} images 112x112 RGB PNG, batch {BATCH}, layers "
-        f"{','.join(LAYERS)}, {args.repeats} repeats, actmap via {args.actmap}; "
-        f"load average {_load()}",
+        f"{','.join(LAYERS)}, {args.repeats} repeats, actmap via {args.actmap}, files under "
+        f"{args.dir or tempfile.gettempdir()}; load average {_load()}",
         flush=True,
     )
-    with tempfile.TemporaryDirectory(prefix="actmap-bench-") as tmp_name:
+    with tempfile.TemporaryDirectory(prefix="actmap-bench-", dir=args.dir) as tmp_name:
         tmp = Path(tmp_name)
         paths = make_images(tmp / "images", n)
         inputs = str(tmp / "images")
