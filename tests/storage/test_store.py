@@ -151,3 +151,7 @@ def test_fresh_attrs_see_an_update_made_after_the_group_was_opened(
     zarr.open_group(location, mode="r+").update_attributes({"state": "cancelled"})
     assert attrs(reader)["state"] == "running"  # as opened
     assert fresh_attrs(reader)["state"] == "cancelled"
+    for state in ("queued", "running", "succeeded"):  # read again after every change
+        zarr.open_group(location, mode="r+").update_attributes({"state": state})
+        assert fresh_attrs(reader)["state"] == state
+        assert fresh_attrs(reader)["state"] == state

@@ -78,19 +78,33 @@ def attrs(group: zarr.Group) -> dict[str, Any]:
     return dict(group.attrs)
 
 
+_SEEN: dict[str, tuple[tuple[int, int, int], dict[str, Any]]] = {}  # path: (stat, attrs)
+
+
 def fresh_attrs(group: zarr.Group) -> dict[str, Any]:
     """The group's attributes as stored now (a cancel lands there), not as when `group`
     was opened. From a local store, its zarr.json is read directly: reopening the group
     waits on zarr's event loop thread, which a worker's writes keep busy. zarr replaces
-    that file atomically, so the read never sees half of it."""
+    that file atomically, so the read never sees half of it, and a replaced file has a
+    new inode: an unchanged stat means unchanged attributes, and the parse is skipped."""
     store, path = group.store_path.store, group.store_path.path
     if not isinstance(store, LocalStore):
         return attrs(zarr.open_group(store, path=path, mode="r", use_consolidated=False))
+    file = Path(store.root) / path / "zarr.json"
     try:
-        meta = json.loads((Path(store.root) / path / "zarr.json").read_bytes())
+        info = file.stat()
+        key = (info.st_ino, info.st_mtime_ns, info.st_size)
+        seen = _SEEN.get(str(file))
+        if seen is not None and seen[0] == key:
+            return dict(seen[1])
+        meta = json.loads(file.read_bytes())
     except FileNotFoundError:
         raise JobError(f"{path} is no longer in store {store.root}") from None
-    return dict(meta.get("attributes", {}))
+    found = dict(meta.get("attributes", {}))
+    if len(_SEEN) > 64:  # a worker runs a few jobs at a time, not thousands
+        _SEEN.clear()
+    _SEEN[str(file)] = (key, found)
+    return dict(found)
 
 
 def read(group: zarr.Group, name: str, rows: slice = slice(None)) -> np.ndarray:
