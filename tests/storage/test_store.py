@@ -102,7 +102,7 @@ def test_the_roots_consolidated_map_holds_every_node_of_the_job_as_stored(store:
         if path == prefix or path.startswith(prefix + "/")
     }
     assert published.keys() == stored.keys()
-    assert published[prefix]["attributes"]["state"] == "succeeded"
+    assert root[prefix].attrs["state"] == "succeeded"  # through the consolidated map
     assert (
         published[f"{prefix}/layers/conv3/acts"]["shape"]
         == stored[f"{prefix}/layers/conv3/acts"]["shape"]
