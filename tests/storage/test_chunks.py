@@ -162,3 +162,19 @@ def test_a_whole_array_of_another_store_is_read_through_zarr() -> None:
     in_memory = zarr.create_array({}, shape=(N,), chunks=(1,), dtype="bool", fill_value=False)
     in_memory[3] = True
     assert list(np.flatnonzero(get_all(in_memory))) == [3]
+
+
+def test_a_zarr_without_synchronous_codecs_gets_zarrs_own_path(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import workers.storage.chunks as chunks
+
+    values = _values("int16", (), seed=7)
+    direct = _create(tmp_path / "direct", "int16", 0, (), 4)
+    put_rows(direct, 0, values)
+    monkeypatch.setattr(chunks, "SupportsSyncCodec", None)  # as where the import failed
+    through = _create(tmp_path / "through", "int16", 0, (), 4)
+    put_rows(through, 0, values)
+    assert _files(tmp_path / "through") == _files(tmp_path / "direct")
+    np.testing.assert_array_equal(get_all(through), values)
+    assert get_row(through, 3) == values[3]

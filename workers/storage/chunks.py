@@ -20,10 +20,14 @@ from typing import Any
 
 import numpy as np
 import zarr
-from zarr.abc.codec import SupportsSyncCodec
 from zarr.core.buffer import default_buffer_prototype
 from zarr.core.metadata import ArrayV3Metadata
 from zarr.storage import LocalStore
+
+try:  # zarr's synchronous codec protocol (3.1.6); a zarr without it gets zarr's own path
+    from zarr.abc.codec import SupportsSyncCodec
+except ImportError:  # pragma: no cover - depends on the installed zarr
+    SupportsSyncCodec = None  # type: ignore[assignment,misc]
 
 __all__ = ["get_all", "get_row", "put_rows"]
 
@@ -36,7 +40,9 @@ def _folder(arr: zarr.Array[Any], writing: bool = True) -> Path | None:
     store, meta = arr.store_path.store, arr.metadata
     if not isinstance(store, LocalStore) or (writing and store.read_only):
         return None
-    if not isinstance(meta, ArrayV3Metadata) or zarr.config.get("codec_pipeline.path") != _PIPELINE:
+    if SupportsSyncCodec is None or not isinstance(meta, ArrayV3Metadata):
+        return None
+    if zarr.config.get("codec_pipeline.path") != _PIPELINE:
         return None
     if not all(isinstance(c, SupportsSyncCodec) for c in meta.codecs):
         return None
