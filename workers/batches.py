@@ -133,26 +133,23 @@ def complete(
         runtime.counters.announce(job_id)
 
 
-def _start(
-    store: str, job_id: str, batch: int, runtime: Runtime
-) -> tuple[Outcome | None, zarr.Group, int]:
-    """The checks before a batch runs: an outcome when it must not run, the job's group,
-    and which attempt at the batch this is."""
+def _start(store: str, job_id: str, batch: int, runtime: Runtime) -> tuple[Outcome | None, int]:
+    """The checks before a batch runs: an outcome when it must not run, and which attempt
+    at the batch this is."""
     job = runtime.open(store, job_id)
-    group = job.group
-    if fresh_attrs(group)["state"] == JobState.CANCELLED:  # seen between batches
-        return Outcome.CANCELLED, group, 0
-    if is_done(group, batch, job.arrays):  # the flag is read fresh
+    if fresh_attrs(job.group)["state"] == JobState.CANCELLED:  # seen between batches
+        return Outcome.CANCELLED, 0
+    if is_done(job.group, batch, job.arrays):  # the flag is read fresh
         complete(store, job_id, batch, runtime, seen_before=True)
-        return Outcome.SKIPPED, group, 0
+        return Outcome.SKIPPED, 0
     attempt = runtime.counters.attempt(job_id, batch)
     if attempt > runtime.attempt_cap:
         reason = (
             f"batch {batch} given up after {runtime.attempt_cap} attempts: its worker died "
             "or it kept failing"
         )
-        return give_up(store, job_id, batch, reason, runtime), group, attempt
-    return None, group, attempt
+        return give_up(store, job_id, batch, reason, runtime), attempt
+    return None, attempt
 
 
 def execute_batches(store: str, job_id: str, batches: list[int], runtime: Runtime) -> list[Outcome]:
@@ -163,13 +160,13 @@ def execute_batches(store: str, job_id: str, batches: list[int], runtime: Runtim
     returns (so the task is acknowledged) only after every write."""
 
     job = runtime.open(store, job_id)
+    spec = spec_of(job.group)  # fixed at plan time, like the sources it decodes
 
     def write(batch: int, rows: BatchRows) -> None:
         store_batch(job.group, batch, rows, job.arrays, runtime.decoders)
         complete(store, job_id, batch, runtime, n_batches=job.n_batches)
 
     def decode(batch: int) -> Decoded:
-        spec = spec_of(job.group)  # fixed at plan time, like the sources it decodes
         return decode_batch(job.group, spec, runtime.models.get(spec).info, batch, runtime.decoders)
 
     outcomes: list[Outcome] = []
@@ -182,7 +179,7 @@ def execute_batches(store: str, job_id: str, batches: list[int], runtime: Runtim
         # cancelled or done only wastes its decode; an error surfaces where it is used.
         ahead: Future[Decoded] | None = reader.submit(decode, batches[0]) if batches else None
         for i, batch in enumerate(batches):
-            stopped, group, attempt = _start(store, job_id, batch, runtime)
+            stopped, attempt = _start(store, job_id, batch, runtime)
             early, ahead = ahead, None
             if stopped is not None:
                 outcomes.append(stopped)
@@ -192,13 +189,9 @@ def execute_batches(store: str, job_id: str, batches: list[int], runtime: Runtim
                 # The batches before it land first, or they would die with it again,
                 # unwritten, until the attempt cap failed them too.
                 writer.flush()
-            spec = spec_of(group)
             try:
                 model = runtime.models.get(spec)
-                if early is None:
-                    decoded = decode_batch(group, spec, model.info, batch, runtime.decoders)
-                else:
-                    decoded = early.result()
+                decoded = decode(batch) if early is None else early.result()
                 if i + 1 < len(batches):
                     ahead = reader.submit(decode, batches[i + 1])
                 rows = compute_fitting(model, spec, decoded)

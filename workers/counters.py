@@ -228,7 +228,7 @@ class _RedisListener:
                     return True
             return False
         except self._lost:
-            self.__exit__()
+            self._close()
             time.sleep(max(0.0, end - time.monotonic()))
             return False
 
@@ -238,6 +238,9 @@ class _RedisListener:
         return self
 
     def __exit__(self, *_: object) -> None:
+        self._close()
+
+    def _close(self) -> None:
         pubsub, self._pubsub = self._pubsub, None
         if pubsub is not None:
             pubsub.close()

@@ -224,15 +224,9 @@ def create_job(
         row = int(np.prod(layer.shape)) * np.dtype(layer.dtype).itemsize
         chunk = (sample_chunk(b, row), *layer.shape)
         arrays.append(_array(f"{at}/acts", (n, *layer.shape), chunk, layer.dtype, dims, np.nan))
+        pooled = (n, layer.channels)
         arrays.append(
-            _array(
-                f"{at}/pooled",
-                (n, layer.channels),
-                (b, layer.channels),
-                "float32",
-                ["sample", "channel"],
-                np.nan,
-            )  # fmt: skip
+            _array(f"{at}/pooled", pooled, (b, pooled[1]), "float32", ["sample", "channel"], np.nan)
         )
         if layer.channel_dim == "rank":
             top = (n, layer.shape[0])
