@@ -7,7 +7,7 @@ methods that need it, so that `import api.cli` stays free of torch and celery.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any, Protocol
 
 from workers.analysis.requests import Analysis
@@ -109,24 +109,23 @@ class BrokerBackend(_StoreReads):
 
         return make_celery(self.settings)
 
-    def _per_task(self, n_batches: int, queue: str) -> int:
-        """Batches to a task, for the workers on `queue` now."""
-        from workers.control import per_task
+    def _enqueue(self, job_id: str, batches: Iterable[int], queue: str) -> None:
+        """Tasks sized for the workers on `queue` now."""
+        from workers.control import enqueue
         from workers.roster import Roster
 
         workers = Roster(self._url).size(queue)
-        return per_task(n_batches, workers, self.settings.batches_per_task)
+        cap = self.settings.batches_per_task
+        enqueue(self._app(), self.store, job_id, batches, queue, workers, cap)
 
     def scan(self, spec: ExtractionSpec, wait: bool, on_plan: OnPlan, progress: Progress) -> Status:
-        from workers.control import enqueue
         from workers.embedded import catalogue
         from workers.pipeline import plan
 
         info = catalogue(spec.model, spec.weights, spec.preprocessing, self.settings)
         job = plan(self.store, spec, info)
         on_plan(job)
-        size = self._per_task(job.n_batches, spec.queue)
-        enqueue(self._app(), self.store, job.job_id, range(job.n_batches), spec.queue, size)
+        self._enqueue(job.job_id, range(job.n_batches), spec.queue)
         return self.wait(job.job_id, progress) if wait else self.status(job.job_id)
 
     def wait(self, job_id: str, progress: Progress) -> Status:
@@ -135,12 +134,10 @@ class BrokerBackend(_StoreReads):
         return wait(self.store, job_id, self._counters(), progress)
 
     def resume(self, job_id: str, wait: bool, progress: Progress) -> Status:
-        from workers.control import enqueue, queue_of, resume_batches
+        from workers.control import queue_of, resume_batches
 
         missing = resume_batches(self.store, job_id, self._counters())
-        queue = queue_of(self.store, job_id)
-        size = self._per_task(len(missing), queue)
-        enqueue(self._app(), self.store, job_id, missing, queue, size)
+        self._enqueue(job_id, missing, queue_of(self.store, job_id))
         return self.wait(job_id, progress) if wait else self.status(job_id)
 
     def analyse(self, kind: str, params: dict[str, Any], progress: AnalysisProgress) -> Analysis:

@@ -32,11 +32,10 @@ from api.schemas import (
 from workers.control import (
     Status,
     list_jobs,
-    per_task,
     queue_of,
     resume_batches,
     status,
-    task_batches,
+    task_groups,
 )
 from workers.control import cancel as cancel_job
 from workers.errors import JobError, SampleCode, SpecError
@@ -287,7 +286,7 @@ def submit_extraction(
 def _send_batches(services: Services, job_id: str, batches: Iterable[int], queue: str) -> None:
     found = list(batches)
     cap = services.settings.batches_per_task
-    for group in task_batches(found, per_task(len(found), services.broker.workers(queue), cap)):
+    for group in task_groups(found, services.broker.workers(queue), cap):
         services.broker.send(TaskName.RUN_BATCH, [services.store, job_id, group], queue)
 
 

@@ -31,13 +31,12 @@ __all__ = [
     "list_jobs",
     "mark_started",
     "now",
-    "per_task",
     "prepare_resume",
     "queue_of",
     "resume_batches",
     "status",
     "summary",
-    "task_batches",
+    "task_groups",
     "wait",
 ]
 
@@ -155,23 +154,29 @@ def queue_of(store: str, job_id: str) -> str:
     return str(spec.get("queue", "extract"))
 
 
-def task_batches(batches: Iterable[int], per_task: int) -> list[list[int]]:
-    """Consecutive batches grouped `per_task` to a task, so a task runs for seconds and its
-    writes overlap its next forward."""
+def task_groups(batches: Iterable[int], workers: int, cap: int) -> list[list[int]]:
+    """The batches cut into tasks of consecutive batches, so that a task runs for seconds
+    and its writes overlap its next forward: at most `cap` to a task, since each task's
+    first decode and last write go unoverlapped. With several `workers` the task count is
+    a multiple of theirs, at least TASKS_PER_WORKER each, and sizes differ by one at most
+    (larger first): tasks of 16 filling 6.25 rounds of 16 workers left a quarter of them a
+    seventh task while the rest idled, 0.86 of ideal (tests/bench/queueing.py). `workers`
+    0 (none checked in, or nobody asked) gives the cautious size."""
     found = [int(b) for b in batches]
-    return [found[i : i + per_task] for i in range(0, len(found), max(1, per_task))]
-
-
-def per_task(n_batches: int, workers: int, cap: int) -> int:
-    """Batches to a task: up to `cap`, since each task's first decode and last write go
-    unoverlapped, but few enough that the tasks split evenly into TASKS_PER_WORKER (or
-    more) for each of `workers`. `workers` 0 (none checked in, or nobody asked) gives the
-    cautious size."""
-    if workers <= 0:
-        return max(1, min(cap, UNKNOWN_WORKERS_PER_TASK))
-    if workers == 1:
-        return max(1, cap)  # nothing to balance
-    return max(1, min(cap, -(-n_batches // (workers * TASKS_PER_WORKER))))
+    if not found:
+        return []
+    cap = max(1, min(cap, UNKNOWN_WORKERS_PER_TASK) if workers <= 0 else cap)
+    tasks = -(-len(found) // cap)
+    if workers > 1:
+        rounds = max(TASKS_PER_WORKER, -(-tasks // workers))
+        tasks = min(len(found), rounds * workers)
+    size, larger = divmod(len(found), tasks)
+    groups, start = [], 0
+    for i in range(tasks):
+        end = start + size + (i < larger)
+        groups.append(found[start:end])
+        start = end
+    return groups
 
 
 def enqueue(
@@ -180,10 +185,12 @@ def enqueue(
     job_id: str,
     batches: Iterable[int],
     queue: str = "extract",
-    per_task: int = 1,
+    workers: int = 1,
+    cap: int = 1,
 ) -> int:
-    """Tasks for these batches, sent by name so the sender needs no task code."""
-    groups = task_batches(batches, per_task)
+    """Tasks for these batches (`task_groups`), sent by name so the sender needs no task
+    code; the defaults send one batch to a task."""
+    groups = task_groups(batches, workers, cap)
     for group in groups:
         # Results are never read; without this Celery subscribes to a result channel per send.
         app.send_task(

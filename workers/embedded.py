@@ -16,7 +16,7 @@ from celery.worker.worker import WorkController
 
 from workers.batches import Runtime
 from workers.celery_app import MEMORY_BROKER, make_celery
-from workers.control import Status, enqueue, per_task, queue_of, resume_batches, wait
+from workers.control import Status, enqueue, queue_of, resume_batches, wait
 from workers.counters import MemoryCounters
 from workers.errors import ActmapError
 from workers.extraction.cache import ModelCache
@@ -119,8 +119,8 @@ def scan(
         job = plan(store, spec, local.runtime.models.get(spec).info)
         if on_plan is not None:
             on_plan(job)
-        size = per_task(job.n_batches, 1, settings.batches_per_task)  # one worker thread
-        enqueue(local.app, store, job.job_id, range(job.n_batches), spec.queue, size)
+        batches = range(job.n_batches)  # for one worker thread:
+        enqueue(local.app, store, job.job_id, batches, spec.queue, 1, settings.batches_per_task)
         return wait(store, job.job_id, local.runtime.counters, local.watch(progress))
 
 
@@ -128,6 +128,6 @@ def resume(store: str, job_id: str, settings: Settings, progress: Progress | Non
     """Run exactly the batches the ledger lacks."""
     with embedded(settings) as local:
         missing = resume_batches(store, job_id, local.runtime.counters)
-        size = per_task(len(missing), 1, settings.batches_per_task)
-        enqueue(local.app, store, job_id, missing, queue_of(store, job_id), size)
+        queue = queue_of(store, job_id)
+        enqueue(local.app, store, job_id, missing, queue, 1, settings.batches_per_task)
         return wait(store, job_id, local.runtime.counters, local.watch(progress))

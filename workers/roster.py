@@ -1,5 +1,5 @@
 """Who consumes each queue, kept in Redis by the worker children, so that a submitter can
-size its tasks to the workers there are (`control.per_task`). A child checks in every
+size its tasks to the workers there are (`control.task_groups`). A child checks in every
 minute and counts for three; one that died drops out on its own, one that stops cleanly
 checks out."""
 

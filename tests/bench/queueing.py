@@ -95,7 +95,7 @@ from pydantic import SecretStr  # noqa: E402
 
 from workers.batches import Runtime, execute_batch  # noqa: E402
 from workers.celery_app import make_celery  # noqa: E402
-from workers.control import enqueue, per_task, wait  # noqa: E402
+from workers.control import enqueue, wait  # noqa: E402
 from workers.counters import MemoryCounters, RedisCounters  # noqa: E402
 from workers.embedded import scan  # noqa: E402
 from workers.extraction.cache import ModelCache  # noqa: E402
@@ -347,7 +347,7 @@ def overhead(args: argparse.Namespace, tmp: Path, procs: Processes, url: str) ->
         start, t0 = time.perf_counter(), time.time()
         job = plan(str(store), spec, info)
         t_plan = time.time()
-        enqueue_per_task(app, str(store), job.job_id, range(job.n_batches))
+        enqueue_sized(app, str(store), job.job_id, range(job.n_batches))
         t_enqueue = time.time()
         result = wait(str(store), job.job_id, counters, timeout=JOB_TIMEOUT)
         seconds, t_end = time.perf_counter() - start, time.time()
@@ -429,14 +429,12 @@ def print_overhead(result: Overhead) -> None:
 Enqueue = Callable[[Any, str, str, Iterable[int]], int]
 
 
-def enqueue_per_task(app: Any, store: str, job_id: str, batches: Iterable[int]) -> int:
-    """`workers.control.enqueue` as the CLI and the API call it: consecutive batches to a
-    task, as many as `workers.control.per_task` gives for the workers on the roster (at
-    most `ACTMAP_BATCHES_PER_TASK`)."""
-    found = list(batches)
+def enqueue_sized(app: Any, store: str, job_id: str, batches: Iterable[int]) -> int:
+    """`workers.control.enqueue` as the CLI and the API call it: tasks of consecutive
+    batches cut by `workers.control.task_groups` for the workers on the roster (at most
+    `ACTMAP_BATCHES_PER_TASK` to a task)."""
     workers = Roster(app.conf.broker_url).size("extract")
-    size = per_task(len(found), workers, Settings().batches_per_task)
-    return enqueue(app, store, job_id, found, per_task=size)
+    return enqueue(app, store, job_id, batches, "extract", workers, Settings().batches_per_task)
 
 
 @dataclass(frozen=True)
@@ -446,9 +444,9 @@ class Variant:
 
 
 VARIANTS = {
-    "as is": Variant(enqueue_per_task, prefill=False),
+    "as is": Variant(enqueue_sized, prefill=False),
     "one per task": Variant(enqueue, prefill=False),
-    "pre-filled": Variant(enqueue_per_task, prefill=True),
+    "pre-filled": Variant(enqueue_sized, prefill=True),
 }
 
 

@@ -59,7 +59,7 @@ def _reference(store: Path, spec: ExtractionSpec, models: ModelCache) -> str:
 
 def _submit(cluster: Cluster, spec: ExtractionSpec, models: ModelCache, per_task: int = 1) -> Plan:
     job = plan(cluster.store, spec, models.get(spec).info)
-    enqueue(cluster.app(), cluster.store, job.job_id, range(job.n_batches), per_task=per_task)
+    enqueue(cluster.app(), cluster.store, job.job_id, range(job.n_batches), cap=per_task)
     return job
 
 
