@@ -7,9 +7,11 @@ the per-sample code; the caller records it and goes on with the other samples.
 from __future__ import annotations
 
 import csv
+import io
 import math
 import os
 import stat
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,6 +36,10 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif"}
 MAX_INPUT_BYTES = 256 << 20
 # Nataraj et al. (2011): image width by file size, upper bounds in KiB.
 _WIDTHS = ((10, 32), (30, 64), (60, 128), (100, 256), (200, 384), (500, 512), (1000, 768))
+# np.load parses the header with ast.literal_eval, and CPython before 3.11.8 and 3.12.2
+# kept the AST constructor's depth in one struct for all threads (cpython#106905): two
+# decode threads parsing at once failed a good file with SystemError (seen here, 3.11.7).
+_NPY_HEADER = threading.Lock()
 
 
 @dataclass(frozen=True)
@@ -163,7 +169,9 @@ def decode(path: str, prep: Preprocessing, max_bytes: int = MAX_INPUT_BYTES) -> 
 
 def _array(file: Path, prep: Preprocessing) -> np.ndarray:
     try:
-        array = np.load(file, allow_pickle=False)
+        data = file.read_bytes()  # read in parallel; only the parse holds the lock
+        with _NPY_HEADER:
+            array = np.load(io.BytesIO(data), allow_pickle=False)
     except PermissionError:
         raise
     except (ValueError, OSError, EOFError) as exc:
