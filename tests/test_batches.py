@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 import pytest
 from celery import Celery
+from celery.exceptions import SoftTimeLimitExceeded
 
 import workers.batches
 from tests.conftest import FACTORY
@@ -198,3 +199,64 @@ def test_a_task_that_fails_part_way_keeps_the_batches_it_wrote(
     codes = read(open_job(store, job.job_id, mode="r"), "error_code")
     assert (codes[:10] == 0).all()  # batches 0 and 1 were written before the failure
     assert (codes[10:20] == SampleCode.BATCH_FAILED).all()
+
+
+def test_a_task_whose_time_is_up_sends_the_batches_it_did_not_start_on(
+    tmp_path: Path,
+    arrays: list[Path],
+    random_weights: Path,
+    decoders: ThreadPoolExecutor,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    spec, models = _spec(arrays, random_weights), ModelCache()
+    reference = plan(str(tmp_path / "ref"), spec, models.get(spec).info)
+    run_job(str(tmp_path / "ref"), reference.job_id, models)
+    store = str(tmp_path / "task")
+    job = plan(store, spec, models.get(spec).info)
+    # No time at all: each task runs one batch, then sends the rest to a new task.
+    runtime = Runtime(models, MemoryCounters(), decoders=decoders, budget_s=0.0)
+    app = Celery("test", set_as_current=False)
+    register(app, lambda: runtime)
+    sent: list[tuple[str, list[Any], str]] = []
+    monkeypatch.setattr(
+        app, "send_task", lambda name, args, queue, **_: sent.append((name, args, queue))
+    )
+
+    result = app.tasks[TaskName.RUN_BATCH].run(store, job.job_id, [0, 1, 2, 3, 4])
+
+    assert result["outcomes"] == ["ran"] + ["deferred"] * 4
+    assert sent == [(TaskName.RUN_BATCH, [store, job.job_id, [1, 2, 3, 4]], "extract")]
+    while sent:  # the new tasks, as a worker would take them
+        name, args, _ = sent.pop()
+        app.tasks[name].run(*args)
+    assert _files(tmp_path / "task", job.job_id) == _files(tmp_path / "ref", reference.job_id)
+    assert open_job(store, job.job_id, mode="r").attrs["state"] == "succeeded"
+
+
+def test_a_batch_past_the_soft_time_limit_fails_with_what_to_do(
+    tmp_path: Path,
+    arrays: list[Path],
+    random_weights: Path,
+    decoders: ThreadPoolExecutor,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    spec, models = _spec(arrays, random_weights), ModelCache()
+    store = str(tmp_path / "store")
+    job = plan(store, spec, models.get(spec).info)
+
+    def too_slow(*_: Any) -> Any:
+        raise SoftTimeLimitExceeded()  # what Celery raises in the task when the limit hits
+
+    monkeypatch.setattr(workers.batches, "compute_fitting", too_slow)
+    runtime = Runtime(models, MemoryCounters(), decoders=decoders)
+    app = Celery("test", set_as_current=False)
+    app.conf.task_soft_time_limit = 540
+    register(app, lambda: runtime)
+    result = app.tasks[TaskName.RUN_BATCH].run(store, job.job_id, [0, 1])
+
+    assert result["outcomes"] == ["failed", "failed"]
+    group = open_job(store, job.job_id, mode="r")
+    message = str(read(group, "error_message")[0])
+    assert "soft time limit of 540 s" in message
+    assert "ACTMAP_TASK_SOFT_TIME_LIMIT" in message
+    assert (read(group, "error_code")[:10] == SampleCode.BATCH_FAILED).all()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections import OrderedDict
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -38,6 +39,7 @@ class Outcome(StrEnum):
     SKIPPED = "skipped"  # the ledger had it
     CANCELLED = "cancelled"
     FAILED = "failed"  # marked failed: a user error, or past the attempt cap
+    DEFERRED = "deferred"  # not started: the task's time was up; it sends these on
 
 
 OPEN_JOBS = 4  # jobs whose arrays a worker process keeps open between tasks
@@ -61,6 +63,9 @@ class Runtime:
     counters: Counters
     attempt_cap: int = 3
     decoders: Executor | None = None  # threads decoding a batch's samples, encoding its chunks
+    # Seconds after which a task starts no batch it does not expect to finish in time; the
+    # rest go to a new task, so a big task never meets its time limit.
+    budget_s: float | None = None
     jobs: OrderedDict[tuple[str, str], OpenJob] = field(default_factory=OrderedDict)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
@@ -157,7 +162,8 @@ def execute_batches(store: str, job_id: str, batches: list[int], runtime: Runtim
     up past the attempt cap, turn user errors into a failed batch, let transient errors
     propagate for a retry. The forward of one batch overlaps the decode of the next and
     the write of the previous one; each is marked done only once written, and this
-    returns (so the task is acknowledged) only after every write."""
+    returns (so the task is acknowledged) only after every write. Batches that would
+    start after `runtime.budget_s` (by the slowest batch so far) are left DEFERRED."""
 
     job = runtime.open(store, job_id)
     spec = spec_of(job.group)  # fixed at plan time, like the sources it decodes
@@ -178,7 +184,12 @@ def execute_batches(store: str, job_id: str, batches: list[int], runtime: Runtim
         # one computes. Decoding has no side effects, so a batch that then turns out
         # cancelled or done only wastes its decode; an error surfaces where it is used.
         ahead: Future[Decoded] | None = reader.submit(decode, batches[0]) if batches else None
+        began, slowest = time.monotonic(), 0.0
         for i, batch in enumerate(batches):
+            now = time.monotonic()
+            if runtime.budget_s is not None and i and now - began + slowest > runtime.budget_s:
+                outcomes.extend([Outcome.DEFERRED] * (len(batches) - i))
+                break
             stopped, attempt = _start(store, job_id, batch, runtime)
             early, ahead = ahead, None
             if stopped is not None:
@@ -200,6 +211,7 @@ def execute_batches(store: str, job_id: str, batches: list[int], runtime: Runtim
                 continue
             writer.put(batch, rows)
             outcomes.append(Outcome.RAN)
+            slowest = max(slowest, time.monotonic() - now)
     return outcomes
 
 

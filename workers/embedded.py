@@ -66,6 +66,7 @@ def embedded(settings: Settings) -> Iterator[Embedded]:
             MemoryCounters(),
             settings.attempt_cap,
             pool,
+            settings.budget_s,
         )
         register(app, lambda: runtime)
 

@@ -25,9 +25,19 @@ class Settings(BaseSettings):
     task_time_limit: int = 600
     attempt_cap: int = 3  # starts of one batch before it is marked failed
     # A task's first decode and last write are not overlapped, about 20 ms each time on
-    # the bundled model (tests/bench/queueing.py): 16 batches make that a few percent.
-    batches_per_task: int = 16
+    # the bundled model, 9% of a task of 16 batches on 2 cores (tests/bench/queueing.py).
+    # A task hands back what it cannot finish in `budget_s`, so size costs no time limit.
+    batches_per_task: int = 64
+    task_budget_s: float | None = None  # seconds; None: half the soft time limit
     factories: tuple[str, ...] | None = None  # allow-list of package.module:factory
+
+    @property
+    def budget_s(self) -> float:
+        """A task starts no batch it expects to end past this: `task_budget_s`, or half
+        the soft limit, since the batch after the slowest so far may take longer still."""
+        if self.task_budget_s is not None:
+            return self.task_budget_s
+        return self.task_soft_time_limit / 2
 
     @property
     def visibility_timeout(self) -> int:

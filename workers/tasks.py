@@ -8,9 +8,11 @@ from collections.abc import Callable
 from typing import Any
 
 from celery import Celery, Task
+from celery.exceptions import SoftTimeLimitExceeded
 
 from workers import registration
-from workers.batches import Runtime, execute_batches, give_up
+from workers.batches import Outcome, Runtime, execute_batches, give_up
+from workers.control import queue_of
 from workers.errors import TransientError
 from workers.jobs import TaskName
 
@@ -28,6 +30,13 @@ def register(app: Celery, runtime: Callable[[], Runtime]) -> None:
     def run_batch(self: Task, store: str, job_id: str, batches: list[int]) -> dict[str, Any]:
         try:
             outcomes = execute_batches(store, job_id, batches, runtime())
+        except SoftTimeLimitExceeded:
+            limit = self.app.conf.task_soft_time_limit
+            reason = (
+                f"a batch ran past the task's soft time limit of {limit} s: submit with a "
+                "smaller batch size, or raise ACTMAP_TASK_SOFT_TIME_LIMIT"
+            )
+            outcomes = [give_up(store, job_id, b, reason, runtime()) for b in batches]
         except (TransientError, ConnectionError, TimeoutError) as exc:
             if self.request.retries < self.max_retries:
                 delay = _RETRY_BACKOFF * 2**self.request.retries
@@ -38,6 +47,12 @@ def register(app: Celery, runtime: Callable[[], Runtime]) -> None:
             log.exception("job %s batches %s failed unexpectedly", job_id, batches)
             reason = f"internal error: {exc!r}"
             outcomes = [give_up(store, job_id, b, reason, runtime()) for b in batches]
+        left = [b for b, o in zip(batches, outcomes, strict=True) if o is Outcome.DEFERRED]
+        if left:  # sent before this task is acknowledged: a crash between runs them twice
+            self.app.send_task(
+                TaskName.RUN_BATCH, args=[store, job_id, left], queue=queue_of(store, job_id),
+                ignore_result=True,
+            )  # fmt: skip
         return {"job_id": job_id, "batches": batches, "outcomes": [o.value for o in outcomes]}
 
     @app.task(name=TaskName.ANALYSE, shared=False)  # type: ignore[untyped-decorator]

@@ -34,6 +34,7 @@ def runtime() -> Runtime:
         RedisCounters(settings.broker_url.get_secret_value()),
         settings.attempt_cap,
         ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="actmap-decode"),
+        settings.budget_s,
     )
 
 

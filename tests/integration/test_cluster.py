@@ -91,6 +91,24 @@ def test_a_2000_sample_job_across_two_workers_equals_an_in_process_run(
     assert_same_job(cluster.store, job.job_id, str(tmp_path / "ref"), ref, LAYERS)
 
 
+def test_tasks_out_of_time_hand_their_batches_on_and_the_job_completes(
+    cluster: Cluster, inputs: Path, models: ModelCache, tmp_path: Path
+) -> None:
+    spec = _spec(inputs, 16)  # 125 batches
+    ref = _reference(tmp_path / "ref", spec, models)
+    cluster.env["ACTMAP_TASK_BUDGET_S"] = "0"  # each task runs one batch, sends the rest on
+    cluster.start(workers=1)
+    sent = cluster.redis.client().info("commandstats").get("cmdstat_lpush", {}).get("calls", 0)
+    job = _submit(cluster, spec, models, per_task=125)  # one task for the whole job
+    result = cluster.wait(job.job_id)
+    assert result.state == "succeeded"
+    assert result.n_failed == 0
+    assert_same_job(cluster.store, job.job_id, str(tmp_path / "ref"), ref, LAYERS)
+    # kombu publishes a task with one LPUSH: the job's task, then 124 handed on.
+    stats = cluster.redis.client().info("commandstats")
+    assert stats["cmdstat_lpush"]["calls"] - sent >= 125
+
+
 @pytest.mark.parametrize("kill_at", [3, 25, 60])
 def test_kill_9_of_a_worker_child_mid_job_loses_and_duplicates_nothing(
     cluster: Cluster, inputs: Path, models: ModelCache, tmp_path: Path, kill_at: int
