@@ -260,7 +260,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(message)s",
         handlers=[RichHandler(console=output.err, show_path=False)],
     )
-    settings = Settings()
+    try:
+        settings = Settings()
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        name = "ACTMAP_" + "_".join(map(str, first["loc"])).upper() if first["loc"] else "settings"
+        print(f"actmap: error: invalid {name}: {first['msg']}", file=sys.stderr)
+        return 2
     try:
         if args.command == "layers":
             return _layers(args, settings)

@@ -260,3 +260,26 @@ def test_a_batch_past_the_soft_time_limit_fails_with_what_to_do(
     assert "soft time limit of 540 s" in message
     assert "ACTMAP_TASK_SOFT_TIME_LIMIT" in message
     assert (read(group, "error_code")[:10] == SampleCode.BATCH_FAILED).all()
+
+
+def test_a_cancelled_job_sends_no_batches_on_when_a_task_is_out_of_time(
+    tmp_path: Path,
+    arrays: list[Path],
+    random_weights: Path,
+    decoders: ThreadPoolExecutor,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    spec, models = _spec(arrays, random_weights), ModelCache()
+    store = str(tmp_path / "store")
+    job = plan(store, spec, models.get(spec).info)
+    cancel(store, job.job_id)
+    runtime = Runtime(models, MemoryCounters(), decoders=decoders, budget_s=0.0)
+    app = Celery("test", set_as_current=False)
+    register(app, lambda: runtime)
+    sent: list[Any] = []
+    monkeypatch.setattr(app, "send_task", lambda *args, **kwargs: sent.append(args))
+
+    result = app.tasks[TaskName.RUN_BATCH].run(store, job.job_id, [0, 1, 2])
+
+    assert result["outcomes"] == ["cancelled"] * 3
+    assert sent == []

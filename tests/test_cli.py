@@ -162,3 +162,27 @@ def test_a_cancelled_embedded_job_resumes_exactly_its_missing_batches(
     assert main(["jobs", "resume", job.job_id, "--store", store, "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["state"] == "succeeded"
     assert read(open_job(store, job.job_id, mode="r"), "done").all()
+
+
+@pytest.mark.parametrize(
+    ("env", "said"),
+    [
+        ({"ACTMAP_ATTEMPT_CAP": "three"}, "invalid ACTMAP_ATTEMPT_CAP: Input should be a valid"),
+        ({"ACTMAP_TASK_BUDGET_S": "-1"}, "invalid ACTMAP_TASK_BUDGET_S: Input should be greater"),
+        ({"ACTMAP_TASK_BUDGET_S": "600"}, "ACTMAP_TASK_BUDGET_S (600) must be below"),
+    ],
+)
+def test_a_bad_setting_is_a_one_line_error_naming_the_variable(
+    env: dict[str, str],
+    said: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    code = main(["jobs", "list", "--store", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert said in err
+    assert len(err.strip().splitlines()) == 1

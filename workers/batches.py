@@ -188,7 +188,11 @@ def execute_batches(store: str, job_id: str, batches: list[int], runtime: Runtim
         for i, batch in enumerate(batches):
             now = time.monotonic()
             if runtime.budget_s is not None and i and now - began + slowest > runtime.budget_s:
-                outcomes.extend([Outcome.DEFERRED] * (len(batches) - i))
+                if ahead is not None:
+                    ahead.cancel()  # if its decode has not begun
+                cancelled = fresh_attrs(job.group)["state"] == JobState.CANCELLED
+                left = Outcome.CANCELLED if cancelled else Outcome.DEFERRED
+                outcomes.extend([left] * (len(batches) - i))
                 break
             stopped, attempt = _start(store, job_id, batch, runtime)
             early, ahead = ahead, None

@@ -157,11 +157,12 @@ def queue_of(store: str, job_id: str) -> str:
 def task_groups(batches: Iterable[int], workers: int, cap: int) -> list[list[int]]:
     """The batches cut into tasks of consecutive batches, so that a task runs for seconds
     and its writes overlap its next forward: at most `cap` to a task, since each task's
-    first decode and last write go unoverlapped. With several `workers` the task count is
-    a multiple of theirs, at least TASKS_PER_WORKER each, and sizes differ by one at most
-    (larger first): tasks of 16 filling 6.25 rounds of 16 workers left a quarter of them a
-    seventh task while the rest idled, 0.86 of ideal (tests/bench/queueing.py). `workers`
-    0 (none checked in, or nobody asked) gives the cautious size."""
+    first decode and last write go unoverlapped. Sizes differ by one at most (larger
+    first), and with several `workers` the task count is TASKS_PER_WORKER or more for each,
+    a multiple of theirs where the job has batches enough: tasks of 16 filling 6.25 rounds
+    of 16 workers left a quarter of them a seventh task while the rest idled, 0.86 of ideal
+    (tests/bench/queueing.py). `workers` 0 (none checked in, or nobody asked) gives the
+    cautious size."""
     found = [int(b) for b in batches]
     if not found:
         return []

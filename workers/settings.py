@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from pydantic import SecretStr
+from typing import Self
+
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 __all__ = ["Settings"]
@@ -28,8 +30,17 @@ class Settings(BaseSettings):
     # the bundled model, 9% of a task of 16 batches on 2 cores (tests/bench/queueing.py).
     # A task hands back what it cannot finish in `budget_s`, so size costs no time limit.
     batches_per_task: int = 64
-    task_budget_s: float | None = None  # seconds; None: half the soft time limit
+    task_budget_s: float | None = Field(default=None, ge=0)  # None: half the soft limit
     factories: tuple[str, ...] | None = None  # allow-list of package.module:factory
+
+    @model_validator(mode="after")
+    def _budget_inside_the_limit(self) -> Self:
+        if self.task_budget_s is not None and self.task_budget_s >= self.task_soft_time_limit:
+            raise ValueError(
+                f"ACTMAP_TASK_BUDGET_S ({self.task_budget_s:g}) must be below "
+                f"ACTMAP_TASK_SOFT_TIME_LIMIT ({self.task_soft_time_limit})"
+            )
+        return self
 
     @property
     def budget_s(self) -> float:

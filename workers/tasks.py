@@ -31,10 +31,13 @@ def register(app: Celery, runtime: Callable[[], Runtime]) -> None:
         try:
             outcomes = execute_batches(store, job_id, batches, runtime())
         except SoftTimeLimitExceeded:
+            # One batch took longer than a task may: the others of the job will too, so the
+            # task's batches fail now, with what to do, rather than one limit at a time.
             limit = self.app.conf.task_soft_time_limit
             reason = (
-                f"a batch ran past the task's soft time limit of {limit} s: submit with a "
-                "smaller batch size, or raise ACTMAP_TASK_SOFT_TIME_LIMIT"
+                f"a batch of this task ran past its soft time limit of {limit} s: submit with "
+                "a smaller batch size, or raise ACTMAP_TASK_SOFT_TIME_LIMIT and "
+                "ACTMAP_TASK_TIME_LIMIT"
             )
             outcomes = [give_up(store, job_id, b, reason, runtime()) for b in batches]
         except (TransientError, ConnectionError, TimeoutError) as exc:
@@ -49,10 +52,13 @@ def register(app: Celery, runtime: Callable[[], Runtime]) -> None:
             outcomes = [give_up(store, job_id, b, reason, runtime()) for b in batches]
         left = [b for b, o in zip(batches, outcomes, strict=True) if o is Outcome.DEFERRED]
         if left:  # sent before this task is acknowledged: a crash between runs them twice
-            self.app.send_task(
-                TaskName.RUN_BATCH, args=[store, job_id, left], queue=queue_of(store, job_id),
-                ignore_result=True,
-            )  # fmt: skip
+            try:
+                self.app.send_task(
+                    TaskName.RUN_BATCH, args=[store, job_id, left],
+                    queue=queue_of(store, job_id), ignore_result=True,
+                )  # fmt: skip
+            except Exception as exc:  # the broker is away: this task again later, done skipped
+                raise self.retry(exc=exc, countdown=_RETRY_BACKOFF) from exc
         return {"job_id": job_id, "batches": batches, "outcomes": [o.value for o in outcomes]}
 
     @app.task(name=TaskName.ANALYSE, shared=False)  # type: ignore[untyped-decorator]

@@ -55,6 +55,12 @@ class WriteBehind:
         trace: TracebackType | None,
     ) -> None:
         self._queue.put(None)
-        self._thread.join()
+        try:
+            self._thread.join()
+        except BaseException:
+            # Raised into this thread while it waits (Celery's soft time limit): the caller
+            # may give up these batches next, so no write may still be going on behind it.
+            self._thread.join()
+            raise
         if self._error is not None and error is None:
             raise self._error

@@ -7,7 +7,6 @@ the per-sample code; the caller records it and goes on with the other samples.
 from __future__ import annotations
 
 import csv
-import io
 import math
 import os
 import stat
@@ -169,14 +168,14 @@ def decode(path: str, prep: Preprocessing, max_bytes: int = MAX_INPUT_BYTES) -> 
 
 def _array(file: Path, prep: Preprocessing) -> np.ndarray:
     try:
-        data = file.read_bytes()  # read in parallel; only the parse holds the lock
-        with _NPY_HEADER:
-            array = np.load(io.BytesIO(data), allow_pickle=False)
+        with _NPY_HEADER:  # the header only: the data is mapped, and copied below
+            array = np.load(file, mmap_mode="r", allow_pickle=False)
     except PermissionError:
         raise
     except (ValueError, OSError, EOFError) as exc:
         raise InputError(SampleCode.CORRUPT, f"{file.name} is not a valid .npy array") from exc
     if not isinstance(array, np.ndarray):  # an .npz archive under a .npy name
+        array.close()
         raise InputError(SampleCode.CORRUPT, f"{file.name} is an archive, not one .npy array")
     if array.shape != prep.input_shape:
         shape = array.shape
@@ -186,7 +185,7 @@ def _array(file: Path, prep: Preprocessing) -> np.ndarray:
         )
     if not np.issubdtype(array.dtype, np.number):
         raise InputError(SampleCode.WRONG_SHAPE, f"{file.name} holds {array.dtype}, not numbers")
-    return array.astype(np.float32, copy=False)
+    return np.array(array, dtype=np.float32)  # off the map, so the file can close
 
 
 def _image(file: Path, prep: Preprocessing) -> np.ndarray:
