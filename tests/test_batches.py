@@ -95,7 +95,7 @@ def test_a_process_keeps_the_arrays_of_its_last_few_jobs_open(
     assert runtime.open(str(tmp_path / "store"), jobs[-1].job_id).n_batches == 1
 
 
-def test_the_next_batch_is_decoded_while_the_current_one_computes(
+def test_the_next_two_batches_are_decoded_while_the_current_one_computes(
     tmp_path: Path,
     arrays: list[Path],
     random_weights: Path,
@@ -112,19 +112,18 @@ def test_the_next_batch_is_decoded_while_the_current_one_computes(
         return decode(*args)
 
     def waiting_compute(model: Any, spec: ExtractionSpec, decoded: Decoded) -> Any:
-        # Batch 0 computes only once batch 1 has started decoding: without the decode
-        # ahead this would wait out the deadline.
+        # Batch 0 computes only once batches 1 and 2 have started decoding: without the
+        # decode two ahead this would wait out the deadline.
         if decoded.batch == 0:
             assert decoding[1].wait(DEADLINE_S), "batch 1 was not decoded during batch 0"
+            assert decoding[2].wait(DEADLINE_S), "batch 2 was not decoded during batch 0"
         return compute(model, spec, decoded)
 
     monkeypatch.setattr(workers.batches, "decode_batch", watched_decode)
     monkeypatch.setattr(workers.batches, "compute_fitting", waiting_compute)
     runtime = Runtime(models, MemoryCounters(), decoders=decoders)
-    assert execute_batches(str(tmp_path / "store"), job.job_id, [0, 1], runtime) == [
-        Outcome.RAN,
-        Outcome.RAN,
-    ]
+    outcomes = execute_batches(str(tmp_path / "store"), job.job_id, [0, 1, 2], runtime)
+    assert outcomes == [Outcome.RAN] * 3
 
 
 class CancelsAtFirstStart(MemoryCounters):
