@@ -60,6 +60,22 @@ def decoders() -> Any:
         yield pool
 
 
+Sent = list[tuple[str, list[Any], str]]
+
+
+def _task_app(runtime: Runtime, monkeypatch: pytest.MonkeyPatch) -> tuple[Celery, Sent]:
+    """The tasks registered over `runtime` on an app without a broker: what a task sends
+    on is recorded, not published."""
+    app = Celery("test", set_as_current=False)
+    app.conf.task_soft_time_limit = 540
+    register(app, lambda: runtime)
+    sent: Sent = []
+    monkeypatch.setattr(
+        app, "send_task", lambda name, args, queue, **_: sent.append((name, args, queue))
+    )
+    return app, sent
+
+
 def test_tasks_of_several_batches_store_what_the_in_process_runner_stores(
     tmp_path: Path, arrays: list[Path], random_weights: Path, decoders: ThreadPoolExecutor
 ) -> None:
@@ -189,9 +205,7 @@ def test_a_task_that_fails_part_way_keeps_the_batches_it_wrote(
         return compute(model, spec, decoded)
 
     monkeypatch.setattr(workers.batches, "compute_fitting", breaks_at_batch_2)
-    runtime = Runtime(models, MemoryCounters(), decoders=decoders)
-    app = Celery("test", set_as_current=False)
-    register(app, lambda: runtime)
+    app, _ = _task_app(Runtime(models, MemoryCounters(), decoders=decoders), monkeypatch)
     result = app.tasks[TaskName.RUN_BATCH].run(store, job.job_id, [0, 1, 2, 3])
 
     assert result["outcomes"] == ["skipped", "skipped", "failed", "failed"]
@@ -214,12 +228,7 @@ def test_a_task_whose_time_is_up_sends_the_batches_it_did_not_start_on(
     job = plan(store, spec, models.get(spec).info)
     # No time at all: each task runs one batch, then sends the rest to a new task.
     runtime = Runtime(models, MemoryCounters(), decoders=decoders, budget_s=0.0)
-    app = Celery("test", set_as_current=False)
-    register(app, lambda: runtime)
-    sent: list[tuple[str, list[Any], str]] = []
-    monkeypatch.setattr(
-        app, "send_task", lambda name, args, queue, **_: sent.append((name, args, queue))
-    )
+    app, sent = _task_app(runtime, monkeypatch)
 
     result = app.tasks[TaskName.RUN_BATCH].run(store, job.job_id, [0, 1, 2, 3, 4])
 
@@ -247,10 +256,7 @@ def test_a_batch_past_the_soft_time_limit_fails_with_what_to_do(
         raise SoftTimeLimitExceeded()  # what Celery raises in the task when the limit hits
 
     monkeypatch.setattr(workers.batches, "compute_fitting", too_slow)
-    runtime = Runtime(models, MemoryCounters(), decoders=decoders)
-    app = Celery("test", set_as_current=False)
-    app.conf.task_soft_time_limit = 540
-    register(app, lambda: runtime)
+    app, _ = _task_app(Runtime(models, MemoryCounters(), decoders=decoders), monkeypatch)
     result = app.tasks[TaskName.RUN_BATCH].run(store, job.job_id, [0, 1])
 
     assert result["outcomes"] == ["failed", "failed"]
@@ -273,10 +279,7 @@ def test_a_cancelled_job_sends_no_batches_on_when_a_task_is_out_of_time(
     job = plan(store, spec, models.get(spec).info)
     cancel(store, job.job_id)
     runtime = Runtime(models, MemoryCounters(), decoders=decoders, budget_s=0.0)
-    app = Celery("test", set_as_current=False)
-    register(app, lambda: runtime)
-    sent: list[Any] = []
-    monkeypatch.setattr(app, "send_task", lambda *args, **kwargs: sent.append(args))
+    app, sent = _task_app(runtime, monkeypatch)
 
     result = app.tasks[TaskName.RUN_BATCH].run(store, job.job_id, [0, 1, 2])
 
