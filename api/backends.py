@@ -116,7 +116,7 @@ class BrokerBackend(_StoreReads):
 
         workers = Roster(self._url).size(queue)
         cap = self.settings.batches_per_task
-        enqueue(self._app(), self.store, job_id, batches, queue, workers, cap)
+        enqueue(self._app(), self.store, job_id, batches, queue, workers=workers, cap=cap)
 
     def scan(self, spec: ExtractionSpec, wait: bool, on_plan: OnPlan, progress: Progress) -> Status:
         from workers.embedded import catalogue

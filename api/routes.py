@@ -284,9 +284,8 @@ def submit_extraction(
 
 
 def _send_batches(services: Services, job_id: str, batches: Iterable[int], queue: str) -> None:
-    found = list(batches)
     cap = services.settings.batches_per_task
-    for group in task_groups(found, services.broker.workers(queue), cap):
+    for group in task_groups(batches, services.broker.workers(queue), cap):
         services.broker.send(TaskName.RUN_BATCH, [services.store, job_id, group], queue)
 
 

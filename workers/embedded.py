@@ -120,8 +120,8 @@ def scan(
         job = plan(store, spec, local.runtime.models.get(spec).info)
         if on_plan is not None:
             on_plan(job)
-        batches = range(job.n_batches)  # for one worker thread:
-        enqueue(local.app, store, job.job_id, batches, spec.queue, 1, settings.batches_per_task)
+        batches, cap = range(job.n_batches), settings.batches_per_task
+        enqueue(local.app, store, job.job_id, batches, spec.queue, workers=1, cap=cap)
         return wait(store, job.job_id, local.runtime.counters, local.watch(progress))
 
 
@@ -129,6 +129,6 @@ def resume(store: str, job_id: str, settings: Settings, progress: Progress | Non
     """Run exactly the batches the ledger lacks."""
     with embedded(settings) as local:
         missing = resume_batches(store, job_id, local.runtime.counters)
-        queue = queue_of(store, job_id)
-        enqueue(local.app, store, job_id, missing, queue, 1, settings.batches_per_task)
+        queue, cap = queue_of(store, job_id), settings.batches_per_task
+        enqueue(local.app, store, job_id, missing, queue, workers=1, cap=cap)
         return wait(store, job_id, local.runtime.counters, local.watch(progress))

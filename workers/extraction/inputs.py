@@ -1,7 +1,8 @@
 """Input discovery, labels and decoders: images, `.npy` arrays and raw binaries.
 
-Decoders return a float32 (C, H, W) array as the model wants it, or raise InputError with
-the per-sample code; the caller records it and goes on with the other samples.
+Decoders return a float32 (C, H, W) array as the model wants it, read-only where it maps
+a float32 `.npy`, or raise InputError with the per-sample code; the caller records it and
+goes on with the other samples.
 """
 
 from __future__ import annotations
@@ -185,7 +186,9 @@ def _array(file: Path, prep: Preprocessing) -> np.ndarray:
         )
     if not np.issubdtype(array.dtype, np.number):
         raise InputError(SampleCode.WRONG_SHAPE, f"{file.name} holds {array.dtype}, not numbers")
-    return np.array(array, dtype=np.float32)  # off the map, so the file can close
+    # A view of the map for float32 (the caller copies it into its batch; the file is
+    # closed already, the map goes with the view), else one converted copy.
+    return np.asarray(array, dtype=np.float32)
 
 
 def _image(file: Path, prep: Preprocessing) -> np.ndarray:
