@@ -39,8 +39,21 @@ def add_parsers(sub: Any) -> None:
     fit = action.add_parser("fit", help="fit a profile on a clean, labelled reference job")
     fit.add_argument("--reference", required=True, metavar="JOB")
     fit.add_argument("--layers", help="comma-separated (default: every stored layer)")
-    fit.add_argument("--fpr", type=float, default=0.05, help="target false-positive rate")
+    fit.add_argument(
+        "--fpr", type=float, default=0.05, help="target false-positive rate (default: 0.05)"
+    )
     fit.add_argument("--adversarial", metavar="JOB", help="known attacks, to tune the combination")
+    fit.add_argument(
+        "--detectors",
+        help="comma-separated, of mahalanobis,knn,lid (per layer), msp,energy,margin (logits) "
+        "(default: all of them)",
+    )
+    fit.add_argument(
+        "--combine",
+        choices=("weighted", "max", "mean"),
+        default="weighted",
+        help="how z-scores of the columns combine (default: weighted)",
+    )
     runs = action.add_parser("run", help="a screening job: extract and score INPUTs")
     runs.add_argument("inputs", nargs="+", metavar="INPUT")
     runs.add_argument("--profile", required=True)
@@ -91,7 +104,8 @@ def _request(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
         b = _selection(args.job_b or args.job_a, args.select_b)
         return "comparison", {"a": a, "b": b, "layers": layers, "paired": args.paired}
     fit = {"reference_job": args.reference, "layers": layers, "fpr": args.fpr}
-    return "profile", {**fit, "adversarial_job": args.adversarial}
+    tuning = {"detectors": _layers(args.detectors), "combine": args.combine}
+    return "profile", {**fit, "adversarial_job": args.adversarial, **tuning}
 
 
 @contextmanager
@@ -127,8 +141,25 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         output.print_json({key: found.analysis_id, "store": backend.store, **summary})
     else:
         output.out.print(f"{found.kind} {found.analysis_id} in {backend.store}", highlight=False)
+        if kind == "profile":
+            _print_weights(found.summary)
         output.out.print_json(data=summary)
     return 0
+
+
+def _print_weights(summary: dict[str, Any]) -> None:
+    """The threshold, the realised FPR and the columns that carry the combination."""
+    weights = summary.get("column_weights") or {}
+    output.out.print(
+        f"threshold {summary.get('threshold'):.4g} at fpr {summary.get('fpr')} "
+        f"(realised {summary.get('calibration_fpr'):.3f} on held-out clean samples), "
+        f"combine {summary.get('combine')}",
+        highlight=False,
+    )
+    ranked = sorted(weights.items(), key=lambda item: -abs(item[1]))
+    total = sum(abs(w) for _, w in ranked) or 1.0
+    shown = ", ".join(f"{name} {abs(w) / total:.0%}" for name, w in ranked[:8] if w)
+    output.out.print(f"weight carried by: {shown}", highlight=False)
 
 
 def _screen_run(args: argparse.Namespace, settings: Settings, store: str) -> int:
@@ -153,12 +184,18 @@ def _screen_run(args: argparse.Namespace, settings: Settings, store: str) -> int
     flags = read(group, "screen/flag") if result.state in ("succeeded", "partial") else None
     n_flagged = int(flags.sum()) if flags is not None else None
     found = {"job_id": result.job_id, "store": store, "state": result.state,
-             "n_samples": result.n_samples, "n_flagged": n_flagged}  # fmt: skip
+             "n_samples": result.n_samples, "n_flagged": n_flagged,
+             "threshold": profile.threshold}  # fmt: skip
     if args.json:
         output.print_json(found)
     else:
         output.out.print(output.status_line(result), highlight=False)
         if flags is not None:
+            output.out.print(
+                f"{n_flagged} of {result.n_samples} flagged (score above the threshold "
+                f"{profile.threshold:.4g}, fpr {profile.fpr})",
+                highlight=False,
+            )
             scores, ids = read(group, "screen/score"), read(group, "sample")
             for i in flags.nonzero()[0][:20]:
                 output.out.print(

@@ -99,6 +99,8 @@ class ProfileRequest(_Body):
     layers: list[str] | None = None
     fpr: float = Field(default=0.05, gt=0, lt=0.5)
     adversarial_job: str | None = None
+    detectors: list[str] | None = Field(default=None, description="default: all it has input for")
+    combine: Literal["weighted", "max", "mean"] = "weighted"
 
 
 class AnalysisOut(_Body):

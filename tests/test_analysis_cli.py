@@ -179,6 +179,25 @@ def test_screen_fit_then_run_flags_what_does_not_look_like_the_reference(
     assert result["n_flagged"] == 1
 
 
+def test_screen_fit_prints_its_rate_and_weights_and_run_prints_threshold_and_count(
+    scanned: tuple[str, str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    store, job_id = scanned
+    argv = ["screen", "fit", "--reference", job_id, "--fpr", "0.2", "--store", store]
+    assert main([*argv, "--detectors", "mahalanobis,margin", "--combine", "mean"]) == 0
+    out = capsys.readouterr().out
+    assert "realised" in out
+    assert "weight carried by:" in out
+    assert '"combine": "mean"' in out
+    profile = out.split()[1]
+    noise = tmp_path / "noise.npy"
+    np.save(noise, (np.random.default_rng(1).standard_normal((1, 28, 28)) * 4).astype(np.float32))
+    assert main(["screen", "run", str(noise), "--profile", profile, "--store", store]) == 0
+    assert "1 of 1 flagged (score above the threshold" in capsys.readouterr().out
+    argv = [*argv, "--detectors", "odin", "--json"]
+    assert main(argv) != 0
+
+
 def test_report_writes_a_static_page_with_relative_images(
     scanned: tuple[str, str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

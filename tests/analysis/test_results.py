@@ -24,7 +24,7 @@ from workers.analysis.analyses import run_compare, run_health, run_signatures
 from workers.analysis.compare import COMPARE_BUDGET, compare
 from workers.analysis.profiles import fit_profile, load_profile, score_job
 from workers.analysis.results import Selection, open_analysis
-from workers.analysis.screening import ScreeningProfile
+from workers.analysis.screening import LOGITS, ScreeningProfile
 from workers.analysis.signatures import family_signatures
 from workers.demo.digits import PREPROCESSING, WEIGHTS, DigitsNet
 from workers.errors import JobError, LayerError, SpecError
@@ -272,8 +272,10 @@ def test_a_stored_profile_scores_as_the_fitted_one_and_flags_planted_outliers(
         tree.attrs["model"]["sha256"] == attrs(open_job(jobs.store, jobs.demo))["model"]["sha256"]
     )
     pooled = {n: jobs.stored(jobs.reference, f"layers/{n}/pooled") for n in ("block2", "conv3")}
+    pooled[LOGITS] = jobs.stored(jobs.reference, "logits")
     fitted = ScreeningProfile.fit(pooled, jobs.stored(jobs.reference, "label"), fpr=0.05)
     mixed = {n: jobs.stored(jobs.mixed, f"layers/{n}/pooled") for n in ("block2", "conv3")}
+    mixed[LOGITS] = jobs.stored(jobs.mixed, "logits")
     loaded = load_profile(jobs.store, profile_id)
     np.testing.assert_allclose(loaded.score(mixed), fitted.score(mixed), rtol=1e-12)
 

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 
 import numpy as np
 import pytest
+import torch
 from sklearn.covariance import LedoitWolf
 from sklearn.neighbors import NearestNeighbors
 
 from workers.analysis.detectors import Mahalanobis, Neighbours
-from workers.analysis.screening import ScreeningProfile
+from workers.analysis.screening import LOGITS, ScreeningProfile
 from workers.errors import SpecError
 
 CENTRES = np.random.default_rng(100).standard_normal((3, 16)) * 3
@@ -140,3 +142,120 @@ def test_knn_distance_and_lid_follow_their_definitions_on_normalised_features() 
     np.testing.assert_allclose(got[:, 0], r[:, -1], rtol=1e-5)
     lid = -1.0 / np.log(r / r[:, -1:]).mean(axis=1)
     np.testing.assert_allclose(got[:, 1], lid, rtol=1e-4)
+
+
+class Mlp(torch.nn.Module):
+    """A small digits classifier that trains in seconds on one thread."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.flatten = torch.nn.Flatten()
+        self.hidden = torch.nn.Sequential(torch.nn.Linear(784, 128), torch.nn.ReLU())
+        self.features = torch.nn.Sequential(torch.nn.Linear(128, 64), torch.nn.ReLU())
+        self.out = torch.nn.Linear(64, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits: torch.Tensor = self.out(self.features(self.hidden(self.flatten(x))))
+        return logits
+
+
+@dataclass(frozen=True)
+class Digits:
+    profile: ScreeningProfile
+    found: dict[str, dict[str, np.ndarray]]
+    noise_right: np.ndarray  # per test digit: its noisy copy classified right
+    fooled: np.ndarray  # per test digit: classified right, its attacked copy wrong
+
+
+@pytest.fixture(scope="module")
+def digits() -> Digits:
+    """A small classifier trained here on the demo's 4,000 training digits, with noise
+    augmentation so that noisy digits stay benign (classified right); a profile fitted on
+    600 of the held-out digits and their benign corruptions; 400 others clean, attacked by
+    FGSM at eps 0.2, and with Gaussian noise of each attack's L2 size (before clipping); and
+    which attacks succeeded."""
+    from workers.analysis.screen_inputs import screening_inputs
+    from workers.analysis.squeezing import benign_corruptions
+    from workers.demo.digits import PREPROCESSING
+    from workers.demo.train import load_digits, split
+    from workers.extraction.attacks import fgsm, normaliser
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    pixels, labels = load_digits()
+    train, held = split(labels.size)
+    x_all = torch.from_numpy(pixels.astype(np.float32) / 255.0)[:, None]
+    y_all = torch.from_numpy(labels)
+    normalise = normaliser(PREPROCESSING)
+    model = Mlp()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    generator = torch.Generator().manual_seed(0)
+    loss_fn = torch.nn.CrossEntropyLoss()
+    for _ in range(5):
+        order = torch.from_numpy(train)[torch.randperm(train.size, generator=generator)]
+        for start in range(0, order.numel(), 64):
+            rows = order[start : start + 64]
+            std = 0.3 * torch.rand(rows.numel(), 1, 1, 1, generator=generator)
+            noisy = x_all[rows] + std * torch.randn(x_all[rows].shape, generator=generator)
+            optimizer.zero_grad()
+            loss_fn(model(normalise(noisy.clamp(0.0, 1.0))), y_all[rows]).backward()
+            optimizer.step()
+    model.eval()
+    x, y = x_all[held], y_all[held]
+    layers = ("hidden", "features")
+
+    def inputs(v: torch.Tensor) -> dict[str, np.ndarray]:
+        return screening_inputs(model, v, PREPROCESSING, layers)
+
+    ref_x, test_x, test_y = x[:600], x[600:], y[600:]
+    copies = benign_corruptions(ref_x, torch.Generator().manual_seed(1))
+    parts = [inputs(c) for c in copies.values()]
+    benign = {n: np.concatenate([p[n] for p in parts]) for n in parts[0]}
+    reference = inputs(ref_x)
+    profile = ScreeningProfile.fit(
+        reference,
+        y[:600].numpy(),
+        fpr=0.05,
+        benign=benign,
+        benign_of=np.tile(np.arange(600), len(copies)),
+    )
+    adv_x = fgsm(model, test_x, test_y, 0.2, normalise)
+    delta = (adv_x - test_x).flatten(1).norm(dim=1)
+    noise = torch.randn(test_x.shape, generator=torch.Generator().manual_seed(2))
+    noise *= (delta / noise.flatten(1).norm(dim=1))[:, None, None, None]
+    found = {
+        "clean": inputs(test_x),
+        "attacked": inputs(adv_x),
+        "noise": inputs((test_x + noise).clamp(0.0, 1.0)),
+    }
+    right = test_y.numpy()
+    return Digits(
+        profile,
+        found,
+        found["noise"][LOGITS].argmax(axis=1) == right,
+        (found["attacked"][LOGITS].argmax(axis=1) != right)
+        & (found["clean"][LOGITS].argmax(axis=1) == right),
+    )
+
+
+def test_noise_of_an_attacks_l2_size_is_not_flagged_above_twice_the_target_rate(
+    digits: Digits,
+) -> None:
+    profile, found = digits.profile, digits.found
+    assert digits.noise_right.mean() >= 0.9  # this model gets noisy digits right: benign
+    assert profile.flag(found["noise"]).mean() <= 2 * profile.fpr
+    assert profile.flag(found["clean"]).mean() <= 2 * profile.fpr
+    # ...while attacks of that size are caught.
+    assert digits.fooled.sum() >= 50
+    assert profile.flag(found["attacked"])[digits.fooled].mean() >= 0.5
+
+
+def test_fit_reports_each_columns_weight_and_how_far_benign_copies_push_it(
+    digits: Digits,
+) -> None:
+    profile = digits.profile
+    columns = {f"{layer}/{d}" for layer, d in profile.columns}
+    assert set(profile.meta["column_weights"]) == columns
+    assert set(profile.meta["benign_auroc"]) == columns
+    assert ("logits", "margin") in profile.columns
+    assert ("input", "squeeze") in profile.columns

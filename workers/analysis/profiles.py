@@ -20,7 +20,7 @@ from workers.analysis.results import (
     save,
     subgroup,
 )
-from workers.analysis.screening import ScreeningProfile
+from workers.analysis.screening import LOGITS, ScreeningProfile
 from workers.analysis.stats import DEFAULT_BLOCK, iter_rows
 from workers.errors import SpecError
 from workers.storage.consolidate import publish
@@ -38,6 +38,12 @@ def _load(picked: Picked, block: int) -> np.ndarray:
     return np.concatenate(parts).astype(np.float64) if parts else np.zeros(picked.shape)
 
 
+def _logits(job: StoredJob, rows: np.ndarray) -> np.ndarray:
+    """The job's logits (n, classes) of `rows`, for the output-score detectors."""
+    logits: np.ndarray = np.asarray(read(job.group, "logits")[rows], dtype=np.float64)
+    return logits
+
+
 def fit_profile(
     store: str,
     reference_job: str,
@@ -45,18 +51,21 @@ def fit_profile(
     fpr: float = 0.05,
     adversarial_job: str | None = None,
     *,
+    detectors: Sequence[str] | None = None,
+    combine: str = "weighted",
     k: int = 20,
     seed: int = 0,
     block: int = DEFAULT_BLOCK,
     analysis_id: str | None = None,
 ) -> str:
-    """Fit a `ScreeningProfile` on the reference job's pooled activations (with its labels
-    when every sample has one) and store it; `adversarial_job`, of the same model, tunes the
-    combination. Returns the profile id, which `score_job` takes."""
+    """Fit a `ScreeningProfile` on the reference job's pooled activations and logits (with
+    its labels when every sample has one) and store it; `adversarial_job`, of the same
+    model, tunes the combination. Returns the profile id, which `score_job` takes."""
     ref = StoredJob(store, reference_job)
     names = ref.layers(layers)
     rows = ref.rows()
     x = {layer: _load(Picked(ref.layer(layer, "pooled"), rows), block) for layer in names}
+    x[LOGITS] = _logits(ref, rows)
     labels = read(ref.group, "label")[rows]
     known = bool((labels >= 0).all())
     adversarial = None
@@ -72,8 +81,16 @@ def fit_profile(
             layer: _load(Picked(adv.layer(layer, "pooled"), adv_rows), block)
             for layer in adv.layers(names)
         }
+        adversarial[LOGITS] = _logits(adv, adv_rows)
     profile = ScreeningProfile.fit(
-        x, labels if known else None, fpr=fpr, k=k, adversarial=adversarial, seed=seed
+        x,
+        labels if known else None,
+        fpr=fpr,
+        detectors=detectors,
+        combine=combine,
+        k=k,
+        adversarial=adversarial,
+        seed=seed,
     )
     results: Arrays = {
         "column": (np.asarray([f"{n}/{d}" for n, d in profile.columns], dtype=object), ["column"])
@@ -91,6 +108,8 @@ def fit_profile(
         "fpr": fpr,
         "calibration_fpr": stored.get("calibration_fpr"),
         "combine": stored["combine"],
+        "detectors": stored["detectors"],
+        "column_weights": stored.get("column_weights"),
         "profile": stored,
     }
     inputs = {
@@ -155,6 +174,8 @@ def score_job(store: str, job_id: str, profile_id: str) -> tuple[np.ndarray, np.
             layer: np.asarray(job.layer(layer, "pooled")[start : start + keep.size])[keep]
             for layer in names
         }
+        if profile.logits:
+            part[LOGITS] = read(job.group, "logits", slice(start, start + keep.size))[keep]
         scores[start : start + keep.size][keep] = profile.score(part)
     flags = np.asarray(ok & (scores > profile.threshold), dtype=bool)
     writable = open_job(store, job_id)

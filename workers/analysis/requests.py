@@ -162,7 +162,8 @@ def run_analysis(
         else:
             fit_profile(
                 store, params["reference_job"], layers, params.get("fpr", 0.05),
-                params.get("adversarial_job"), analysis_id=analysis_id,
+                params.get("adversarial_job"), detectors=params.get("detectors"),
+                combine=params.get("combine") or "weighted", analysis_id=analysis_id,
             )  # fmt: skip
     except UserError as exc:
         placeholder(store, analysis_id, kind, tenant, "failed", str(exc), "user")

@@ -1,37 +1,67 @@
 """Adversarial and out-of-distribution screening: the profile fitted on clean data.
 
-Owns fitting, combining and calibrating the detectors of detectors.py, and the profile's
-serialisation to plain arrays and JSON (stored in Zarr under analyses/{id}). Fit splits the
-clean, labelled reference per class into a part the detectors learn from and a held-out part
-that (1) standardises each (layer, detector) score to a z-score, (2) fits a logistic
-regression over those z-scores when known adversarial samples are given (otherwise their max
-or mean is the score), and (3) places the threshold at the target false-positive rate, as a
+Owns fitting, combining and calibrating the detectors, and the profile's serialisation to
+plain arrays and JSON (stored in Zarr under analyses/{id}). A sample is described by a
+mapping: each profiled layer's pooled activations (n, C), and optionally the model's logits
+under the key LOGITS (n, K) and the feature-squeezing distances under SQUEEZE (n, 2); the
+columns are the per-layer detectors of detectors.py (mahalanobis, knn, lid), the output
+scores of output_scores.py (msp, energy, margin) and the squeezing distance of squeezing.py.
+
+Fit splits the clean, labelled reference per class into a part the per-layer detectors learn
+from and a held-out part that (1) standardises each column to a z-score, (2) learns how to
+combine the columns, and (3) places the threshold at the target false-positive rate, as a
 conformal quantile: on fresh clean samples like the reference, at most `fpr` are flagged.
+The combination is learned from clean data alone when `benign` copies are given (noise,
+blur, JPEG-like quantisation of clean samples; squeezing.benign_corruptions): a column that
+rises on them says "far from clean", not "attacked", and is scaled down by how far they
+reach ("weighted", the default: the maximum of the scaled z-scores; without benign copies
+it is "max"; "mean" averages the z-scores). Known adversarial samples, when given, replace it
+with a logistic regression of the clean and benign samples against them.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 from sklearn.linear_model import LogisticRegression
 
+from workers.analysis.auroc import rank_auroc
 from workers.analysis.detectors import Mahalanobis, Neighbours
+from workers.analysis.output_scores import OUTPUT_SCORES, output_scores
 from workers.errors import SpecError
 
-__all__ = ["DETECTORS", "ScreeningProfile"]
+__all__ = ["COMBINE", "DETECTORS", "LOGITS", "SQUEEZE", "ScreeningProfile"]
 
-DETECTORS = ("mahalanobis", "knn", "lid")
-KIND, VERSION = "screening-profile", 1
+LAYER_DETECTORS = ("mahalanobis", "knn", "lid")
+DETECTORS = (*LAYER_DETECTORS, *OUTPUT_SCORES, "squeeze")
+COMBINE = ("weighted", "max", "mean")
+# Keys of the model's logits and of the squeezing distances in a sample's mapping: a ':'
+# never occurs in a module's dotted name, so they cannot collide with a layer.
+LOGITS, SQUEEZE = ":logits", ":squeeze"
+# How much of the benign copies the weighted combination keeps within a z-score of 1.
+BENIGN_QUANTILE = 0.99
+KIND, VERSION = "screening-profile", 2
 # JSON keys the profile itself reads back; the rest is descriptive metadata.
-_CORE = {"kind", "version", "layers", "detectors", "k", "combine", "intercept", "fpr", "threshold"}
+_CORE = {
+    "kind",
+    "version",
+    "layers",
+    "detectors",
+    "k",
+    "combine",
+    "intercept",
+    "fpr",
+    "threshold",
+    "logits",
+}
 
 
 class ScreeningProfile:
-    """A fitted screen: `score` (higher is more suspicious) and `flag` for pooled
-    activations of the profile's layers; nothing is refitted when scoring."""
+    """A fitted screen: `score` (higher is more suspicious) and `flag` for a sample mapping
+    (see the module's docstring); nothing is refitted when scoring."""
 
     def __init__(
         self,
@@ -41,19 +71,24 @@ class ScreeningProfile:
         mahalanobis: Mapping[str, Mahalanobis],
         neighbours: Mapping[str, Neighbours],
         meta: Mapping[str, Any],
+        logits: int = 0,
     ) -> None:
         self.channels = dict(channels)
         # Columns follow DETECTORS' order, whatever order they were asked in.
         self.detectors = tuple(d for d in DETECTORS if d in detectors)
         self.k = k
-        self.columns = [(layer, d) for layer in self.channels for d in self.detectors]
+        self.logits = logits  # classes of the logits the output scores read; 0: none
+        per_layer = [d for d in self.detectors if d in LAYER_DETECTORS]
+        self.columns = [(layer, d) for layer in self.channels for d in per_layer]
+        self.columns += [("logits", d) for d in self.detectors if d in OUTPUT_SCORES]
+        self.columns += [("input", "squeeze")] if "squeeze" in self.detectors else []
         self._mahalanobis = dict(mahalanobis)
         self._neighbours = dict(neighbours)
         self.meta = dict(meta)
         self.z_mean = np.zeros(len(self.columns))
         self.z_std = np.ones(len(self.columns))
         self.combine = "max"
-        self.coef = np.zeros(len(self.columns))
+        self.coef = np.ones(len(self.columns))
         self.intercept = 0.0
         self.fpr = 1.0
         self.threshold = -np.inf
@@ -67,72 +102,101 @@ class ScreeningProfile:
         *,
         fpr: float = 0.05,
         held_out: float = 0.25,
-        detectors: Sequence[str] = DETECTORS,
+        detectors: Sequence[str] | None = None,
         k: int = 20,
         bank_size: int = 4096,
-        combine: Literal["max", "mean"] = "max",
+        combine: str = "weighted",
         adversarial: Mapping[str, npt.ArrayLike] | None = None,
+        benign: Mapping[str, npt.ArrayLike] | None = None,
+        benign_of: npt.ArrayLike | None = None,
         seed: int = 0,
     ) -> ScreeningProfile:
-        """Fit on clean pooled activations {layer: (N, C)} with their class labels (N,)
-        (None: one class). `adversarial` {layer: (M, C)}, when given, replaces `combine`
-        with a logistic regression over the held-out clean and these samples."""
+        """Fit on a clean reference mapping {layer: (N, C), LOGITS: (N, K), SQUEEZE: (N, 2)}
+        with its class labels (N,) (None: one class). `detectors` None takes every one whose
+        input the reference has. `benign` {same keys: (M, ...)} are corrupted copies of
+        reference samples, `benign_of` (M,) the reference row each copies (None: of other
+        samples); copies of held-out rows teach the "weighted" combination. `adversarial`,
+        when given, replaces `combine` with a logistic regression against it."""
+        x = _inputs(reference)
+        layers = [name for name in x if name not in (LOGITS, SQUEEZE)]
+        if detectors is None:
+            detectors = [d for d in DETECTORS if _has_input(d, x, layers)]
         _check_options(detectors, fpr, held_out, combine)
-        x = _layers(reference)
+        missing = [d for d in detectors if not _has_input(d, x, layers)]
+        if missing:
+            raise SpecError(
+                f"detectors {missing} need inputs the reference lacks (layers, logits or "
+                "squeezing distances); extract them or leave those detectors out"
+            )
         n = next(iter(x.values())).shape[0]
         y = np.zeros(n, dtype=np.int64) if labels is None else np.asarray(labels)
         if y.shape != (n,) or (y < 0).any():
             raise SpecError(f"give a known label (>= 0) for each of the {n} reference samples")
         rng = np.random.default_rng(seed)
         fit_rows, cal_rows = _split(y, held_out, rng)
-        # A logistic combination learns from half the held-out samples and the threshold
+        # A learned combination learns from half the held-out samples and the threshold
         # comes from the other half: a threshold set on the combination's own training data
         # flags too few fresh clean samples.
         learn_rows, threshold_rows = cal_rows[:0], cal_rows
-        if adversarial is not None:
+        learns = adversarial is not None or (combine == "weighted" and benign is not None)
+        if learns:
             shuffled = rng.permutation(cal_rows)
-            learn_rows, threshold_rows = np.split(shuffled, [cal_rows.size // 2])
+            learn_rows, threshold_rows = (
+                np.sort(shuffled[: cal_rows.size // 2]),
+                np.sort(shuffled[cal_rows.size // 2 :]),
+            )
         if int(fpr * (threshold_rows.size + 1)) < 1:
             raise SpecError(
                 f"a false-positive rate of {fpr} needs at least {int(np.ceil(1 / fpr)) - 1} "
                 f"held-out clean samples, got {threshold_rows.size}; give more or raise fpr"
             )
-        fit_x = _take(x, fit_rows)
+        fit_x = {name: x[name][fit_rows] for name in layers}
         maha = {}
         if "mahalanobis" in detectors:
             maha = {name: Mahalanobis.fit(v, y[fit_rows]) for name, v in fit_x.items()}
         knn = {}
         if {"knn", "lid"} & set(detectors):
             knn = {name: Neighbours.fit(v, k, bank_size, rng) for name, v in fit_x.items()}
-        meta = {
+        meta: dict[str, Any] = {
             "classes": np.unique(y).tolist(),
             "n_fit": int(fit_rows.size),
             "n_calibration": int(cal_rows.size),
             "n_threshold": int(threshold_rows.size),
             "seed": seed,
         }
-        channels = {name: v.shape[1] for name, v in x.items()}
-        profile = cls(channels, detectors, k, maha, knn, meta)
+        channels = {name: x[name].shape[1] for name in layers}
+        n_logits = x[LOGITS].shape[1] if LOGITS in x and set(OUTPUT_SCORES) & set(detectors) else 0
+        profile = cls(channels, detectors, k, maha, knn, meta, n_logits)
         profile._standardise(_take(x, cal_rows))
         profile.combine = combine
+        if benign is not None:
+            copies = _benign_rows(benign, benign_of, learn_rows if learns else cal_rows, n)
+            b = _take(_inputs(benign), copies)
+            profile._weigh(_take(x, learn_rows if learns else cal_rows), b, combine == "weighted")
+        else:
+            b = None
         if adversarial is not None:
-            profile._learn_combination(_take(x, learn_rows), adversarial)
+            profile._learn_combination(_take(x, learn_rows), b, adversarial)
         profile._calibrate(_take(x, threshold_rows), fpr)
+        profile.meta["column_weights"] = {
+            f"{layer}/{d}": round(float(w), 4)
+            for (layer, d), w in zip(profile.columns, profile.coef, strict=True)
+        }
         return profile
 
-    def layer_scores(self, pooled_by_layer: Mapping[str, npt.ArrayLike]) -> np.ndarray:
-        """(n, len(columns)): each (layer, detector) score as a z-score of held-out clean
-        data; shows which layer and detector made a sample suspicious."""
-        z: np.ndarray = (self._raw(pooled_by_layer) - self.z_mean) / self.z_std
+    def layer_scores(self, sample: Mapping[str, npt.ArrayLike]) -> np.ndarray:
+        """(n, len(columns)): each column's score as a z-score of held-out clean data;
+        shows which layer and detector made a sample suspicious."""
+        z: np.ndarray = (self._raw(sample) - self.z_mean) / self.z_std
         return z
 
-    def score(self, pooled_by_layer: Mapping[str, npt.ArrayLike]) -> np.ndarray:
-        """(n,) combined score of pooled activations {layer: (n, C)} (or (C,) for one)."""
-        return self._combined(self._raw(pooled_by_layer))
+    def score(self, sample: Mapping[str, npt.ArrayLike]) -> np.ndarray:
+        """(n,) combined score of a sample mapping {layer: (n, C), ...} (or (C,) for one)."""
+        return self._combined(self._raw(sample))
 
-    def flag(self, pooled_by_layer: Mapping[str, npt.ArrayLike]) -> np.ndarray:
+    def flag(self, sample: Mapping[str, npt.ArrayLike]) -> np.ndarray:
         """(n,) bool: the score is above the threshold calibrated at `fpr`."""
-        flagged: np.ndarray = self.score(pooled_by_layer) > self.threshold
+        flagged: np.ndarray = self.score(sample) > self.threshold
         return flagged
 
     def to_arrays(self) -> dict[str, np.ndarray]:
@@ -155,6 +219,7 @@ class ScreeningProfile:
             "kind": KIND,
             "version": VERSION,
             "layers": [{"name": n, "channels": c} for n, c in self.channels.items()],
+            "logits": self.logits,
             "detectors": list(self.detectors),
             "k": self.k,
             "combine": self.combine,
@@ -182,7 +247,7 @@ class ScreeningProfile:
             if {"knn", "lid"} & set(detectors):
                 knn = {n: Neighbours.from_arrays(_under(a, n), k) for n in channels}
             meta = {key: value for key, value in json.items() if key not in _CORE}
-            profile = cls(channels, detectors, k, maha, knn, meta)
+            profile = cls(channels, detectors, k, maha, knn, meta, int(json["logits"]))
             profile.z_mean, profile.z_std = a["z_mean"], a["z_std"]
             profile.coef, profile.calibration_scores = a["coef"], a["calibration_scores"]
         except KeyError as missing:
@@ -197,11 +262,35 @@ class ScreeningProfile:
         std = raw.std(axis=0)
         self.z_std = np.where(std > 0, std, 1.0)
 
-    def _learn_combination(
-        self, clean: Mapping[str, np.ndarray], adversarial: Mapping[str, npt.ArrayLike]
+    def _weigh(
+        self, clean: Mapping[str, np.ndarray], benign: Mapping[str, np.ndarray], use: bool
     ) -> None:
-        features = [self.layer_scores(clean), self.layer_scores(adversarial)]
-        target = np.r_[np.zeros(features[0].shape[0]), np.ones(features[1].shape[0])]
+        """Each column's weight: 1 / max(1, q), q the BENIGN_QUANTILE of the benign copies'
+        z-scores. A column that any corruption pushes far from clean is scaled so that the
+        corruptions stay within a clean z-score of about 1: being as far from clean as noise
+        or blur is not enough to be flagged; going beyond them is."""
+        z_clean, z_benign = self.layer_scores(clean), self.layer_scores(benign)
+        shift = rank_auroc(np.concatenate([z_benign, z_clean]), z_benign.shape[0])
+        self.meta["benign_auroc"] = {
+            f"{layer}/{d}": round(float(a), 4)
+            for (layer, d), a in zip(self.columns, shift, strict=True)
+        }
+        if use:
+            reach = np.quantile(z_benign, BENIGN_QUANTILE, axis=0)
+            self.coef = 1.0 / np.maximum(1.0, reach)
+
+    def _learn_combination(
+        self,
+        clean: Mapping[str, np.ndarray],
+        benign: Mapping[str, np.ndarray] | None,
+        adversarial: Mapping[str, npt.ArrayLike],
+    ) -> None:
+        negatives = [self.layer_scores(clean)]
+        if benign is not None:
+            negatives.append(self.layer_scores(benign))
+        features = [*negatives, self.layer_scores(adversarial)]
+        n_neg = sum(f.shape[0] for f in negatives)
+        target = np.r_[np.zeros(n_neg), np.ones(features[-1].shape[0])]
         model = LogisticRegression(class_weight="balanced", max_iter=1000)
         model.fit(np.concatenate(features), target)
         self.combine = "logistic"
@@ -215,23 +304,39 @@ class ScreeningProfile:
         self.calibration_scores = scores
         self.meta["calibration_fpr"] = float(np.mean(scores > self.threshold))
 
-    def _raw(self, pooled_by_layer: Mapping[str, npt.ArrayLike]) -> np.ndarray:
-        x = _layers(pooled_by_layer, self.channels)
+    def _raw(self, sample: Mapping[str, npt.ArrayLike]) -> np.ndarray:
+        x = _inputs(sample, self._expected())
         columns = []
+        per_layer = [d for d in self.detectors if d in LAYER_DETECTORS]
+        picked = [LAYER_DETECTORS.index(d) - 1 for d in per_layer if d != "mahalanobis"]
         for layer in self.channels:
-            if "mahalanobis" in self.detectors:
+            if "mahalanobis" in per_layer:
                 columns.append(self._mahalanobis[layer].score(x[layer])[:, None])
-            if {"knn", "lid"} & set(self.detectors):
-                near = self._neighbours[layer].score(x[layer])
-                picked = [DETECTORS.index(d) - 1 for d in self.detectors if d != "mahalanobis"]
-                columns.append(near[:, picked])
-        return np.concatenate(columns, axis=1) if columns else np.zeros((0, 0))
+            if picked:
+                columns.append(self._neighbours[layer].score(x[layer])[:, picked])
+        outputs = [OUTPUT_SCORES.index(d) for d in self.detectors if d in OUTPUT_SCORES]
+        if outputs:
+            columns.append(output_scores(x[LOGITS])[:, outputs])
+        if "squeeze" in self.detectors:
+            # Xu et al. score the largest change over the squeezers.
+            columns.append(x[SQUEEZE].max(axis=1, keepdims=True))
+        return np.concatenate(columns, axis=1)
+
+    def _expected(self) -> dict[str, int]:
+        wanted = dict(self.channels)
+        if any(d in OUTPUT_SCORES for d in self.detectors):
+            wanted[LOGITS] = self.logits
+        if "squeeze" in self.detectors:
+            wanted[SQUEEZE] = 2
+        return wanted
 
     def _combined(self, raw: np.ndarray) -> np.ndarray:
         z = (raw - self.z_mean) / self.z_std
         out: np.ndarray
         if self.combine == "logistic":
             out = z @ self.coef + self.intercept
+        elif self.combine == "weighted":
+            out = (z * self.coef).max(axis=1)
         elif self.combine == "mean":
             out = z.mean(axis=1)
         else:
@@ -239,27 +344,53 @@ class ScreeningProfile:
         return out
 
 
-def _layers(
-    pooled_by_layer: Mapping[str, npt.ArrayLike], channels: Mapping[str, int] | None = None
+def _has_input(detector: str, x: Mapping[str, np.ndarray], layers: Sequence[str]) -> bool:
+    if detector in LAYER_DETECTORS:
+        return bool(layers)
+    return (LOGITS if detector in OUTPUT_SCORES else SQUEEZE) in x
+
+
+def _benign_rows(
+    benign: Mapping[str, npt.ArrayLike], benign_of: npt.ArrayLike | None, rows: np.ndarray, n: int
+) -> np.ndarray:
+    """The benign copies that may teach the combination: those of `rows` (held-out samples,
+    which the per-layer detectors never saw), or every copy when their sources are unknown."""
+    m = np.asarray(next(iter(benign.values()))).shape[0]
+    if benign_of is None:
+        return np.arange(m)
+    of = np.asarray(benign_of)
+    if of.shape != (m,) or (of < 0).any() or (of >= n).any():
+        raise SpecError(f"benign_of gives the reference row (0 to {n - 1}) of each of {m} copies")
+    picked = np.flatnonzero(np.isin(of, rows))
+    if picked.size == 0:
+        raise SpecError("no benign copy is of a held-out reference sample; copy every sample")
+    return picked
+
+
+def _inputs(
+    sample: Mapping[str, npt.ArrayLike], expected: Mapping[str, int] | None = None
 ) -> dict[str, np.ndarray]:
-    """{layer: (n, C) float64}, checked: one n for all, C as the profile expects."""
-    names = list(pooled_by_layer) if channels is None else list(channels)
-    missing = [name for name in names if name not in pooled_by_layer]
+    """{key: (n, width) float64}, checked: one n for all, widths as the profile expects."""
+    names = list(sample) if expected is None else list(expected)
+    missing = [name for name in names if name not in sample]
     if missing or not names:
-        raise SpecError(
-            f"pooled activations of layers {missing or '(any)'} are needed; extract them"
-        )
+        shown = [{LOGITS: "logits", SQUEEZE: "squeezing"}.get(m, m) for m in missing]
+        raise SpecError(f"pooled activations of layers {shown or '(any)'} are needed; extract them")
     x = {}
     for name in names:
-        v = np.asarray(pooled_by_layer[name], dtype=np.float64)
+        v = np.asarray(sample[name], dtype=np.float64)
         v = v[None] if v.ndim == 1 else v
-        want = v.shape[1] if channels is None else channels[name]
+        want = v.shape[1] if expected is None else expected[name]
         if v.ndim != 2 or v.shape[1] != want:
-            raise SpecError(f"layer {name} needs pooled activations (n, {want}), got {v.shape}")
+            raise SpecError(f"{_shown(name)} needs (n, {want}) values, got {v.shape}")
         x[name] = v
     if len({v.shape[0] for v in x.values()}) != 1 or next(iter(x.values())).shape[0] == 0:
         raise SpecError("give every layer the same, non-zero number of samples")
     return x
+
+
+def _shown(key: str) -> str:
+    return {LOGITS: "the logits", SQUEEZE: "the squeezing distances"}.get(key, f"layer {key}")
 
 
 def _check_options(detectors: Sequence[str], fpr: float, held_out: float, combine: str) -> None:
@@ -267,8 +398,8 @@ def _check_options(detectors: Sequence[str], fpr: float, held_out: float, combin
         raise SpecError(f"detectors are some of {', '.join(DETECTORS)}; got {list(detectors)}")
     if not 0.0 < fpr < 1.0 or not 0.0 < held_out < 1.0:
         raise SpecError(f"fpr and held_out are shares in (0, 1), got {fpr} and {held_out}")
-    if combine not in ("max", "mean"):
-        raise SpecError(f"combine is 'max' or 'mean', got {combine!r}")
+    if combine not in COMBINE:
+        raise SpecError(f"combine is one of {', '.join(COMBINE)}; got {combine!r}")
 
 
 def _take(x: Mapping[str, np.ndarray], rows: np.ndarray) -> dict[str, np.ndarray]:
