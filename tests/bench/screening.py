@@ -27,7 +27,7 @@ Owns one end-to-end measurement of workers.analysis.screening on a model trained
   weighted combination learned from the reference's own benign corruptions:
   squeezing.benign_corruptions, none an attack); two baselines: max softmax ("msp") and
   Mahalanobis on the penultimate layer (`pool`); and the seen-attack setting, the same
-  profile given FGSM copies of the reference digits (a logistic combination).
+  profile given the successful FGSM copies of the reference digits (they pick its columns).
   Reported per attack: success rate, AUROC vs clean, AUROC vs clean + noise, the share of
   successful attacks flagged at the profile's calibrated threshold, and of noise copies.
   The realised FPR is the share of the clean test digits flagged.
@@ -124,7 +124,7 @@ def make_attack(name: str, net: Pixels) -> Callable[[Tensor, Tensor], Tensor]:
         return lambda x, y: pgd(net, x, y, 0.2, 0.02, 20, generator=generator)
     library: dict[str, Callable[[], Callable[[Tensor, Tensor], Tensor]]] = {
         "bim-0.1": lambda: torchattacks.BIM(net, eps=0.1, alpha=0.01, steps=10),
-        "cw-l2": lambda: torchattacks.CW(net, c=1.0, kappa=0.0, steps=50, lr=0.01),
+        "cw-l2": lambda: torchattacks.CW(net, c=10.0, kappa=0.0, steps=50, lr=0.05),
         "deepfool": lambda: torchattacks.DeepFool(net, steps=50, overshoot=0.02),
         "square-0.2": lambda: torchattacks.Square(net, norm="Linf", eps=0.2, n_queries=500),
         "pgdl2-2": lambda: torchattacks.PGDL2(net, eps=2.0, alpha=0.25, steps=10),
@@ -223,7 +223,9 @@ def main() -> None:
             {PENULTIMATE: ref[PENULTIMATE]}, y, fpr=FPR, detectors=["mahalanobis"], seed=SEED
         ),
     }
-    seen_adv, _ = features(model, attacked(SEEN, net, x_ref, y_ref, args.cache, "ref"))
+    seen_adv, seen_pred = features(model, attacked(SEEN, net, x_ref, y_ref, args.cache, "ref"))
+    ref_pred = ref[LOGITS].argmax(axis=1)
+    seen_adv = take(seen_adv, np.flatnonzero((ref_pred == y) & (seen_pred != y)))
     profiles["actmap seen FGSM"] = ScreeningProfile.fit(
         ref, y, fpr=FPR, benign=benign, benign_of=benign_of, adversarial=seen_adv, seed=SEED
     )

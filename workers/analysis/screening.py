@@ -15,8 +15,8 @@ The combination is learned from clean data alone when `benign` copies are given 
 blur, JPEG-like quantisation of clean samples; squeezing.benign_corruptions): a column that
 rises on them says "far from clean", not "attacked", and is scaled down by how far they
 reach ("weighted", the default: the maximum of the scaled z-scores; without benign copies
-it is "max"; "mean" averages the z-scores). Known adversarial samples, when given, replace it
-with a logistic regression of the clean and benign samples against them.
+it is "max"; "mean" averages the z-scores). Known adversarial samples, when given, keep only the
+columns that tell them from the clean and benign samples.
 """
 
 from __future__ import annotations
@@ -26,7 +26,6 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
-from sklearn.linear_model import LogisticRegression
 
 from workers.analysis.auroc import rank_auroc
 from workers.analysis.detectors import Mahalanobis, Neighbours
@@ -43,6 +42,8 @@ COMBINE = ("weighted", "max", "mean")
 LOGITS, SQUEEZE = ":logits", ":squeeze"
 # How much of the benign copies the weighted combination keeps within a z-score of 1.
 BENIGN_QUANTILE = 0.99
+# A column known attacks must separate from clean and benign samples this well to be kept.
+SELECTED_AUROC = 0.75
 KIND, VERSION = "screening-profile", 2
 # JSON keys the profile itself reads back; the rest is descriptive metadata.
 _CORE = {
@@ -116,7 +117,7 @@ class ScreeningProfile:
         input the reference has. `benign` {same keys: (M, ...)} are corrupted copies of
         reference samples, `benign_of` (M,) the reference row each copies (None: of other
         samples); copies of held-out rows teach the "weighted" combination. `adversarial`,
-        when given, replaces `combine` with a logistic regression against it."""
+        when given, keeps the columns that tell it from clean and benign samples."""
         x = _inputs(reference)
         layers = [name for name in x if name not in (LOGITS, SQUEEZE)]
         if detectors is None:
@@ -285,17 +286,24 @@ class ScreeningProfile:
         benign: Mapping[str, np.ndarray] | None,
         adversarial: Mapping[str, npt.ArrayLike],
     ) -> None:
-        negatives = [self.layer_scores(clean)]
+        """Known attacks pick the columns that tell them from clean and benign samples (AUROC
+        at least SELECTED_AUROC); the score stays the maximum of the weighted z-scores over
+        those. A linear model over every column would add up the small, benign-sized rises
+        of many columns and flag noise."""
+        negatives = self.layer_scores(clean)
         if benign is not None:
-            negatives.append(self.layer_scores(benign))
-        features = [*negatives, self.layer_scores(adversarial)]
-        n_neg = sum(f.shape[0] for f in negatives)
-        target = np.r_[np.zeros(n_neg), np.ones(features[-1].shape[0])]
-        model = LogisticRegression(class_weight="balanced", max_iter=1000)
-        model.fit(np.concatenate(features), target)
-        self.combine = "logistic"
-        self.coef = np.asarray(model.coef_[0], dtype=np.float64)
-        self.intercept = float(model.intercept_[0])
+            negatives = np.concatenate([negatives, self.layer_scores(benign)])
+        positives = self.layer_scores(adversarial)
+        tells = rank_auroc(np.concatenate([positives, negatives]), positives.shape[0])
+        self.meta["adversarial_auroc"] = {
+            f"{layer}/{d}": round(float(a), 4)
+            for (layer, d), a in zip(self.columns, tells, strict=True)
+        }
+        keep = tells >= SELECTED_AUROC
+        if not keep.any():
+            keep = tells == tells.max()
+        self.combine = "weighted"
+        self.coef = np.where(keep, self.coef, 0.0)
 
     def _calibrate(self, clean: Mapping[str, np.ndarray], fpr: float) -> None:
         scores = self.score(clean)
@@ -333,10 +341,8 @@ class ScreeningProfile:
     def _combined(self, raw: np.ndarray) -> np.ndarray:
         z = (raw - self.z_mean) / self.z_std
         out: np.ndarray
-        if self.combine == "logistic":
-            out = z @ self.coef + self.intercept
-        elif self.combine == "weighted":
-            out = (z * self.coef).max(axis=1)
+        if self.combine == "weighted":
+            out = (z * self.coef)[:, self.coef > 0].max(axis=1)
         elif self.combine == "mean":
             out = z.mean(axis=1)
         else:
