@@ -12,7 +12,7 @@ from sklearn.covariance import LedoitWolf
 from sklearn.neighbors import NearestNeighbors
 
 from workers.analysis.detectors import Mahalanobis, Neighbours
-from workers.analysis.screening import LOGITS, ScreeningProfile
+from workers.analysis.screening import LOGITS, SQUEEZE, ScreeningProfile
 from workers.errors import SpecError
 
 CENTRES = np.random.default_rng(100).standard_normal((3, 16)) * 3
@@ -175,11 +175,11 @@ def digits() -> Digits:
     600 of the held-out digits and their benign corruptions; 400 others clean, attacked by
     FGSM at eps 0.2, and with Gaussian noise of each attack's L2 size (before clipping); and
     which attacks succeeded."""
-    from workers.analysis.screen_inputs import screening_inputs
-    from workers.analysis.squeezing import benign_corruptions
     from workers.demo.digits import PREPROCESSING
     from workers.demo.train import load_digits, split
     from workers.extraction.attacks import fgsm, normaliser
+    from workers.extraction.screen_inputs import screening_inputs
+    from workers.extraction.squeezing import benign_corruptions
 
     torch.set_num_threads(1)
     torch.manual_seed(0)
@@ -206,7 +206,8 @@ def digits() -> Digits:
     layers = ("hidden", "features")
 
     def inputs(v: torch.Tensor) -> dict[str, np.ndarray]:
-        return screening_inputs(model, v, PREPROCESSING, layers)
+        pooled, logits, squeezed = screening_inputs(model, v, PREPROCESSING, layers)
+        return {**pooled, LOGITS: logits, SQUEEZE: squeezed}
 
     ref_x, test_x, test_y = x[:600], x[600:], y[600:]
     copies = benign_corruptions(ref_x, torch.Generator().manual_seed(1))

@@ -57,12 +57,12 @@ import torch  # noqa: E402
 from sklearn.metrics import roc_auc_score  # noqa: E402
 from torch import Tensor, nn  # noqa: E402
 
-from workers.analysis.screen_inputs import screening_inputs  # noqa: E402
-from workers.analysis.screening import LOGITS, ScreeningProfile  # noqa: E402
-from workers.analysis.squeezing import benign_corruptions  # noqa: E402
+from workers.analysis.screening import LOGITS, SQUEEZE, ScreeningProfile  # noqa: E402
 from workers.demo.digits import PREPROCESSING, digits_cnn  # noqa: E402
 from workers.demo.train import load_digits  # noqa: E402
 from workers.extraction.attacks import fgsm, normaliser, pgd  # noqa: E402
+from workers.extraction.screen_inputs import screening_inputs  # noqa: E402
+from workers.extraction.squeezing import benign_corruptions  # noqa: E402
 
 SEED = 0
 SPLIT = (3000, 1000, 1000)  # train, reference, test
@@ -160,7 +160,8 @@ def noise_like(x: Tensor, adv: Tensor, seed: int) -> Tensor:
 def features(model: nn.Module, x: Tensor) -> tuple[Features, np.ndarray]:
     """What a screening job hands the profile (screen_inputs.screening_inputs), and the
     predictions."""
-    found = screening_inputs(model, x, PREPROCESSING, LAYERS)
+    pooled, logits, squeezed = screening_inputs(model, x, PREPROCESSING, LAYERS)
+    found = {**pooled, LOGITS: logits, SQUEEZE: squeezed}
     return found, found[LOGITS].argmax(axis=1)
 
 

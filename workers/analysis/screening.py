@@ -5,18 +5,19 @@ plain arrays and JSON (stored in Zarr under analyses/{id}). A sample is describe
 mapping: each profiled layer's pooled activations (n, C), and optionally the model's logits
 under the key LOGITS (n, K) and the feature-squeezing distances under SQUEEZE (n, 2); the
 columns are the per-layer detectors of detectors.py (mahalanobis, knn, lid), the output
-scores of output_scores.py (msp, energy, margin) and the squeezing distance of squeezing.py.
+scores of output_scores.py (msp, energy, margin) and the squeezing distance of
+workers/extraction/squeezing.py.
 
 Fit splits the clean, labelled reference per class into a part the per-layer detectors learn
 from and a held-out part that (1) standardises each column to a z-score, (2) learns how to
 combine the columns, and (3) places the threshold at the target false-positive rate, as a
 conformal quantile: on fresh clean samples like the reference, at most `fpr` are flagged.
 The combination is learned from clean data alone when `benign` copies are given (noise,
-blur, JPEG-like quantisation of clean samples; squeezing.benign_corruptions): a column that
-rises on them says "far from clean", not "attacked", and is scaled down by how far they
-reach ("weighted", the default: the maximum of the scaled z-scores; without benign copies
-it is "max"; "mean" averages the z-scores). Known adversarial samples, when given, keep only the
-columns that tell them from the clean and benign samples.
+blur, JPEG-like quantisation of clean samples: extraction.squeezing.benign_corruptions): a
+column that rises on them says "far from clean", not "attacked", and is scaled down by how
+far they reach ("weighted", the default: the maximum of the scaled z-scores; without benign copies
+it is "max"; "mean" averages the z-scores). Known adversarial samples, when given, keep
+only the columns that tell them from the clean and benign samples.
 """
 
 from __future__ import annotations
