@@ -145,6 +145,11 @@ class ExtractionSpec(_Frozen):
     labels_csv: str | None = None
     labels_from_dirs: bool = False
     tenant: str = "local"
+    roots: tuple[str, ...] | None = Field(
+        default=None,
+        description="a tenant's job: inputs are opened beneath these folders, no link "
+        "followed; None for a trusted local job",
+    )
 
     @field_validator("layers")
     @classmethod
