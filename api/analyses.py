@@ -12,6 +12,7 @@ from api.routes import (
     ServicesDep,
     TenantDep,
     _job,
+    _roots,
     _send_batches,
     _sources,
     checked_sources,
@@ -110,7 +111,7 @@ def screenings(services: ServicesDep, tenant: TenantDep, body: ScreeningRequest)
         {**spec, "inputs": tuple(_sources(services, tenant, request)), "layers": tuple(layers),
          "labels_csv": None, "labels_from_dirs": False, "profile_id": body.profile_id,
          "queue": "screen", "channels": None, "top_k": None, "max_size": None,
-         "tenant": tenant.name}
+         "tenant": tenant.name, "roots": _roots(services, tenant)}
     )  # fmt: skip
     from workers.storage.registry import Registry
 

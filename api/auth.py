@@ -16,11 +16,13 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import os
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from workers.errors import SpecError
+from workers.extraction.inputs import OutsideRoots, opened
 
 __all__ = ["LOCAL", "Quotas", "Tenant", "Tenants", "inside_roots"]
 
@@ -89,14 +91,19 @@ class Tenants:
         return found
 
 
-def inside_roots(path: str, roots: tuple[str, ...]) -> Path | None:
-    """The real path (symlinks resolved) if it lies inside one of the roots, else None."""
+def inside_roots(path: str, roots: tuple[str, ...] | None) -> bool:
+    """Whether `path` opens beneath one of the roots without following a link below one
+    (workers/extraction/beneath.py's rule; the worker and the pictures open it the same
+    way). `roots` None is the open server's single local user: any existing path, links
+    resolved."""
+    if roots is None:
+        try:
+            Path(path).resolve(strict=True)
+        except (OSError, RuntimeError, ValueError):
+            return False
+        return True
     try:
-        real = Path(path).resolve(strict=True)
-    except (OSError, RuntimeError):
-        return None
-    for root in roots:
-        base = Path(root).resolve()
-        if real == base or real.is_relative_to(base):
-            return real
-    return None
+        with opened(path, roots, os.O_PATH):
+            return True
+    except (OutsideRoots, OSError, ValueError):
+        return False

@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import io
 import logging
+import os
 import re
 import secrets
+import shutil
+import stat
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Annotated, Any
@@ -15,6 +18,7 @@ import numpy as np
 import zarr
 from fastapi import APIRouter, Depends, File, Form, Header, Query, Request, UploadFile
 from fastapi.responses import Response
+from starlette.concurrency import run_in_threadpool
 
 from api.app import Limit, Services, tenant_of
 from api.auth import Tenant, inside_roots
@@ -39,7 +43,7 @@ from workers.control import (
 )
 from workers.control import cancel as cancel_job
 from workers.errors import JobError, SampleCode, SpecError
-from workers.extraction.inputs import Source, discover
+from workers.extraction.inputs import OutsideRoots, Source, discover, fd_path, opened
 from workers.jobs import ExtractionSpec, JobState, TaskName, close_matches
 from workers.plan import new_job_id, plan
 from workers.storage.layout import array, attrs, job_ids, open_job, read
@@ -98,8 +102,33 @@ def _uploads(services: Services, tenant: Tenant) -> Path:
     return Path(services.store.removeprefix("file://")) / "uploads" / tenant.name
 
 
-def _roots(services: Services, tenant: Tenant) -> tuple[str, ...]:
-    return (*tenant.roots, str(_uploads(services, tenant)))
+def _roots(services: Services, tenant: Tenant) -> tuple[str, ...] | None:
+    """Where the tenant's inputs are opened beneath (its jobs carry them to the worker);
+    None for the open server's single local user, whose paths are trusted as the CLI's."""
+    if services.tenants.open:
+        return None
+    # Absolute: a worker started in another folder opens beneath the same ones.
+    return tuple(os.path.abspath(r) for r in (*tenant.roots, str(_uploads(services, tenant))))
+
+
+def _copy_beneath(path: str, roots: tuple[str, ...] | None, target: Path, beside: bool) -> None:
+    """Copy the file at `path`, opened beneath `roots`, to `target` (and its
+    `.preprocessing.json` when `beside`), so that the model is never read from the
+    tenant's path again."""
+    try:
+        with opened(path, roots) as fd:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):  # a FIFO would block the copy
+                raise OutsideRoots("is not a regular file")
+            with open(fd_path(fd), "rb") as src, target.open("wb") as out:
+                shutil.copyfileobj(src, out, 1 << 20)
+    except (OutsideRoots, OSError, ValueError):
+        target.unlink(missing_ok=True)
+        raise SpecError(
+            f"{path} is not a file inside your allowed roots (links are not followed)"
+        ) from None
+    declared = str(Path(path).with_suffix(".preprocessing.json"))
+    if beside and inside_roots(declared, roots):
+        _copy_beneath(declared, roots, target.with_suffix(".preprocessing.json"), False)
 
 
 @router.post("/models", status_code=202, response_model=ModelOut)
@@ -131,11 +160,11 @@ async def register_model(
             raise SpecError("weights need a factory (package.module:factory) from the allow-list")
         ref, weight_file = factory, str(folder / "weights.safetensors")
         await _save(weights, Path(weight_file), limit, limit)
-    else:
-        real = inside_roots(str(path), tenant.roots)
-        if real is None:
-            raise SpecError(f"{path} is not a file inside your allowed roots")
-        ref, weight_file = (str(real), None) if factory is None else (factory, str(real))
+    else:  # a copy: a later swap of the tenant's file changes nothing registered
+        roots = None if services.tenants.open else tenant.roots
+        target = folder / (_SAFE_NAME.sub("_", Path(str(path)).name).lstrip(".") or "model")
+        await run_in_threadpool(_copy_beneath, str(path), roots, target, factory is None)
+        ref, weight_file = (str(target), None) if factory is None else (factory, str(target))
     record = ModelRecord(
         id=model_id, tenant=tenant.name, name=name, ref=ref, weights=weight_file,
         created=registry.stamp(),
@@ -195,12 +224,16 @@ def _job(services: Services, tenant: Tenant, job_id: str) -> zarr.Group:
 
 
 def checked_sources(services: Services, tenant: Tenant, inputs: Iterable[str]) -> list[Source]:
-    """The samples under `inputs`, every one resolving inside the tenant's roots."""
-    sources = discover(tuple(inputs))
+    """The samples under `inputs`, every one opening beneath the tenant's roots as the
+    worker will open it (which checks again: this is for a clear answer now)."""
     roots = _roots(services, tenant)
-    for source in sources:  # a symlink inside a root may point out of it
-        if inside_roots(source.path, roots) is None:
-            raise SpecError(f"input {source.id} resolves outside your allowed roots")
+    sources = discover(tuple(inputs), roots)
+    for source in sources:
+        if not inside_roots(source.path, roots):
+            raise SpecError(
+                f"input {source.id} resolves outside your allowed roots or through a "
+                "symbolic link (links are not followed)"
+            )
     return sources
 
 
@@ -222,7 +255,7 @@ def _sources(services: Services, tenant: Tenant, body: ExtractionRequest) -> lis
             raise JobError(f"no input set {body.input_set!r}; upload with POST /v1/inputs")
         inputs.append(str(folder))
     for item in inputs:
-        if item.startswith("@") or inside_roots(item, roots) is None:
+        if item.startswith("@") or not inside_roots(item, roots):
             raise SpecError(f"input {item} is not inside your allowed roots")
     return inputs
 
@@ -248,7 +281,7 @@ def submit_extraction(
         inputs=tuple(inputs), batch_size=body.batch_size, dtype=body.dtype,
         channels=tuple(body.channels) if body.channels else None, top_k=body.top_k,
         max_size=body.max_size, labels_from_dirs=body.labels_from_dirs, tenant=tenant.name,
-        queue=body.queue,
+        queue=body.queue, roots=_roots(services, tenant),
     )  # fmt: skip
     sources = checked_sources(services, tenant, spec.inputs)
     limit = tenant.quotas.samples_per_job
