@@ -69,6 +69,8 @@ def test_a_link_as_a_middle_component_is_refused(resolver: str, tree: Path) -> N
         _read(root / "out" / "secret.bin", (str(root),))
     with pytest.raises(OutsideRoots, match="symbolic link"):
         _read(root / "in" / "b" / "file.bin", (str(root),))
+    with pytest.raises(OutsideRoots, match="symbolic link"):  # even one `..` leaves at once
+        _read(f"{root}/in/../top.bin", (str(root),))
 
 
 def test_dot_dot_may_move_inside_a_root_but_never_above_it(resolver: str, tree: Path) -> None:

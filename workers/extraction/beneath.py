@@ -67,8 +67,8 @@ def _probe() -> bool:
     return True
 
 
-def _openat2(dirfd: int, path: str, flags: int, close_dir: bool = True) -> int:
-    """openat2(dirfd, path) beneath dirfd, no symlinks; closes dirfd when `close_dir`."""
+def _openat2(dirfd: int, path: str, flags: int) -> int:
+    """openat2(dirfd, path) beneath dirfd, following no link; closes dirfd."""
     how = _OpenHow(flags | _FLAGS, 0, _RESOLVE_BENEATH | _RESOLVE_NO_SYMLINKS)
     try:
         for _ in range(8):  # EAGAIN: a rename raced a `..`; the kernel asks for a retry
@@ -84,8 +84,7 @@ def _openat2(dirfd: int, path: str, flags: int, close_dir: bool = True) -> int:
                 raise OSError(err, os.strerror(err), path)
         raise OSError(errno.EAGAIN, os.strerror(errno.EAGAIN), path)
     finally:
-        if close_dir:
-            os.close(dirfd)
+        os.close(dirfd)
 
 
 _LIBC = ctypes.CDLL(None, use_errno=True)
@@ -101,7 +100,9 @@ def fd_path(fd: int) -> str:
 
 def _beneath(path: str, root: str) -> str | None:
     """`path` relative to `root` (as written or resolved), lexically; None if not under."""
-    for spelling in dict.fromkeys((os.path.normpath(os.path.abspath(root)), _real(root))):
+    for spelling in dict.fromkeys(
+        (os.path.normpath(os.path.abspath(root)), os.path.realpath(root))
+    ):
         base = spelling.rstrip("/")
         if path in (spelling, base):
             return "."
@@ -110,34 +111,38 @@ def _beneath(path: str, root: str) -> str | None:
     return None
 
 
-def _real(root: str) -> str:
-    return os.path.realpath(root)
-
-
 def _walk(rootfd: int, rel: str, flags: int) -> int:
-    """The fallback: each component opened with O_NOFOLLOW relative to the one before."""
-    parts: list[str] = []
-    for part in rel.split("/"):
-        if part == "..":
-            if not parts:
-                raise OutsideRoots("goes above its root")
-            parts.pop()  # no links are followed, so `..` is the folder named before it
-        elif part not in ("", "."):
-            parts.append(part)
-    fd = os.dup(rootfd)
+    """The fallback: each component opened with O_NOFOLLOW relative to the folder before
+    it, `..` going back to the descriptor held for the folder above (never above the
+    root), so a link is refused wherever it stands, as openat2 refuses it."""
+    parts = [part for part in rel.split("/") if part not in ("", ".")] or ["."]
+    held = [os.dup(rootfd)]
     try:
         for part in parts[:-1]:
+            if part == "..":
+                _up(held)
+                continue
             try:
-                step = os.open(part, os.O_RDONLY | os.O_DIRECTORY | _FLAGS, dir_fd=fd)
+                step = os.open(part, os.O_RDONLY | os.O_DIRECTORY | _FLAGS, dir_fd=held[-1])
             except OSError as exc:
-                if exc.errno in (errno.ELOOP, errno.ENOTDIR) and _is_link(part, fd):
+                if exc.errno in (errno.ELOOP, errno.ENOTDIR) and _is_link(part, held[-1]):
                     raise OSError(errno.ELOOP, os.strerror(errno.ELOOP), part) from None
                 raise
-            os.close(fd)
-            fd = step
-        return os.open(parts[-1] if parts else ".", flags | _FLAGS, dir_fd=fd)
+            held.append(step)
+        last = parts[-1]
+        if last == "..":
+            _up(held)
+            last = "."
+        return os.open(last, flags | _FLAGS, dir_fd=held[-1])
     finally:
-        os.close(fd)
+        for fd in held:
+            os.close(fd)
+
+
+def _up(held: list[int]) -> None:
+    if len(held) == 1:
+        raise OutsideRoots("goes above its root")
+    os.close(held.pop())
 
 
 def _is_link(name: str, dirfd: int) -> bool:
@@ -148,7 +153,7 @@ def _is_link(name: str, dirfd: int) -> bool:
 
 
 def _open_under(root: str, rel: str, flags: int) -> int:
-    real = _real(root)
+    real = os.path.realpath(root)
     rootfd = os.open(real, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     if OPENAT2:
         return _openat2(rootfd, rel, flags)
