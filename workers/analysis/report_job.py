@@ -357,7 +357,13 @@ class Job:
     def input_image(self, row: int) -> np.ndarray | None:
         if self.sources is None:
             return None
-        return input_image(str(self.sources[row]), self.preprocessing)
+        roots = self.attrs.get("spec", {}).get("roots")  # a tenant's job: beneath its roots
+        try:
+            return input_image(
+                str(self.sources[row]), self.preprocessing, None if roots is None else tuple(roots)
+            )
+        except OutsideRoots:  # swapped for a link since: drawn without it
+            return None
 
     def first_conv(self) -> str | None:
         return next((r["name"] for r in self.catalogue if r["type"] in CONV_TYPES), None)
