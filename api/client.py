@@ -198,7 +198,7 @@ class Job:
         import xarray as xr
 
         where = self.client.request("GET", f"/v1/jobs/{self.id}/store").json()
-        return xr.open_datatree(where["store"], group=where["group"], engine="zarr")
+        return xr.open_datatree(f"{where['store']}/{where['group']}", engine="zarr")
 
 
 def _checked(response: httpx.Response) -> httpx.Response:

@@ -110,6 +110,6 @@ def scan_report(store: str, s: Status) -> None:
     where = str(Path(store).absolute()) if "://" not in store else store
     out.print(f"results in {where} (group jobs/{s.job_id}); open with", highlight=False)
     out.print(
-        f"  xarray.open_datatree({where!r}, group='jobs/{s.job_id}', engine='zarr')",
+        f"  xarray.open_datatree({where + '/jobs/' + s.job_id!r}, engine='zarr')",
         highlight=False,
     )

@@ -466,6 +466,6 @@ def predictions(
 
 @router.get("/jobs/{job_id}/store", response_model=StoreLocation)
 def store_location(services: ServicesDep, tenant: TenantDep, job_id: str) -> StoreLocation:
-    """Where to open the job directly: `xarray.open_datatree(store, group=group, engine="zarr")`."""
+    """Where to open the job directly: `xarray.open_datatree(f"{store}/{group}", engine="zarr")`."""
     _job(services, tenant, job_id)
     return StoreLocation(store=services.store, group=f"jobs/{job_id}")
