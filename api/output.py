@@ -50,6 +50,10 @@ def catalogue(info: ModelInfo) -> None:
 
 def job_table(jobs: list[Status]) -> None:
     table = Table("job", "state", "samples", "done", "failed", "samples/s", "created")
+    table.columns[0].no_wrap, table.columns[0].min_width = (
+        True,
+        max(map(len, (s.job_id for s in jobs)), default=3),
+    )  # an id cut to fit is no id
     for s in jobs:
         rate = f"{s.samples_per_s:.1f}" if s.samples_per_s else "-"
         table.add_row(

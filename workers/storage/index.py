@@ -33,10 +33,12 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
 
+from workers.errors import UserError
 from workers.storage.objects import filesystem, get_json, list_after, put_json, remove
 
-__all__ = ["Entry", "count", "page", "rebuild", "record", "state_counts"]
+__all__ = ["Entry", "Figures", "count", "figures", "page", "rebuild", "record", "state_counts"]
 
+CURSOR = re.compile(r"[0-9]{17}_[A-Za-z0-9_-]{1,64}\.json")
 STATES = ("queued", "running", "succeeded", "partial", "failed", "cancelled")
 _FIELDS = (
     "job_id", "tenant", "state", "kind", "created", "finished", "n_samples", "n_batches",
@@ -118,6 +120,8 @@ def page(
 ) -> tuple[list[Entry], str | None]:
     """Up to `limit` entries, newest first, after `cursor`, of `tenant` (all when None) in
     `states` (any when None); and the cursor of the next page, None after the last."""
+    if cursor is not None and not CURSOR.fullmatch(cursor):
+        raise UserError(f"cursor {cursor[:80]!r} is not one a listing gave; start without one")
     fs, root = filesystem(store)
     prefixes = _prefixes(root, tenant, None if states is None else list(states))
     keys = sorted({k for p in prefixes for k in list_after(fs, p, cursor, limit + 1)})
@@ -141,6 +145,31 @@ def count(store: str, tenant: str | None = None, states: Iterable[str] | None = 
 def state_counts(store: str) -> dict[str, int]:
     """Jobs per stored state, from names alone."""
     return {state: count(store, states=[state]) for state in STATES}
+
+
+@dataclass(frozen=True)
+class Figures:
+    """What /metrics shows of the store: jobs per stored state, the summed rate of the
+    unfinished jobs, and the mean seconds per batch of the latest finished ones."""
+
+    counts: dict[str, int]
+    rate: float
+    task_seconds: float
+
+
+def figures(store: str, recent: int = 50) -> Figures:
+    """From names alone, then the records of the unfinished jobs and of the `recent` latest
+    finished ones: a gauge of the recent past, not an average over the store's life."""
+    counts = state_counts(store)
+    active, _ = page(store, max(1, counts["queued"] + counts["running"]), None, None, STATES[:2])
+    rate = sum(float(e.record.get("samples_per_s") or 0) for e in active)
+    done, _ = page(store, recent, None, None, STATES[2:])
+    per_task = [
+        float(e.record["elapsed_s"]) / int(e.record["n_batches"])
+        for e in done
+        if e.record.get("elapsed_s") and e.record.get("n_batches")
+    ]
+    return Figures(counts, rate, sum(per_task) / len(per_task) if per_task else 0.0)
 
 
 def rebuild(store: str, jobs: dict[str, dict[str, Any]]) -> int:
