@@ -22,8 +22,11 @@ from workers.storage.index import count, figures, page, record
 SAMPLES = Path(__file__).parents[2] / "workers" / "demo" / "samples"
 
 
-@pytest.fixture(params=["dir", "memory"])
+@pytest.fixture(params=["dir", "memory", "s3"])
 def store(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    if request.param == "s3":
+        found: str = request.getfixturevalue("s3_store")  # moto's server, over HTTP
+        return found
     if request.param == "dir":
         return str(tmp_path / "store")
     return f"memory://actmap-{uuid.uuid4().hex}"

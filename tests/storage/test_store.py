@@ -1,5 +1,5 @@
 """The store contract, run against every kind of store location: a local directory, a
-file:// URL and an in-memory fsspec URL."""
+file:// URL, an in-memory fsspec URL and S3 (moto's server over HTTP, tests/storage/conftest.py)."""
 
 from __future__ import annotations
 
@@ -30,8 +30,11 @@ from workers.storage.ledger import done_batches, mark_done, pending_batches
 SAMPLES = Path(__file__).parents[2] / "workers" / "demo" / "samples"
 
 
-@pytest.fixture(params=["dir", "file-url", "memory"])
+@pytest.fixture(params=["dir", "file-url", "memory", "s3"])
 def store(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    if request.param == "s3":
+        found: str = request.getfixturevalue("s3_store")  # moto's server, over HTTP
+        return found
     if request.param == "dir":
         return str(tmp_path / "store")
     if request.param == "file-url":
