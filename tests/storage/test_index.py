@@ -17,7 +17,7 @@ from workers.extraction.cache import ModelCache
 from workers.jobs import ExtractionSpec
 from workers.pipeline import finalize, plan
 from workers.storage.consolidate import reindex
-from workers.storage.index import count, figures, page, record
+from workers.storage.index import IndexMissing, count, figures, page, record
 
 SAMPLES = Path(__file__).parents[2] / "workers" / "demo" / "samples"
 
@@ -103,7 +103,8 @@ def test_reindex_rebuilds_a_lost_index_from_the_job_groups(tmp_path: Path) -> No
     jobs = [plan(store, _spec(), info).job_id for _ in range(3)]
     cancel(store, jobs[1])
     shutil.rmtree(tmp_path / "store" / "index")
-    assert page(store, 10)[0] == []
+    with pytest.raises(IndexMissing):  # said, not a silently empty list
+        page(store, 10)
     assert reindex(store) == 3
     assert [e.job_id for e in page(store, 10)[0]] == jobs[::-1]
     assert [e.job_id for e in page(store, 10, states=["cancelled"])[0]] == [jobs[1]]

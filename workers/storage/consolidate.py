@@ -81,8 +81,8 @@ def publish(store: str, job_id: str) -> None:
     record(store, job_id, publish_path(store, f"jobs/{job_id}"))
 
 
-def ensure_root(store: str, folder: str = "jobs") -> None:
-    """The root group and `folder` below it, both small; a root consolidated map left by a
+def ensure_root(store: str) -> None:
+    """The root group and `jobs` below it, both small; a root consolidated map left by a
     store written before each group carried its own is dropped (it lists old jobs only, and
     zarr takes a group missing from it for one that does not exist)."""
     fs, root = filesystem(store)
@@ -91,8 +91,12 @@ def ensure_root(store: str, folder: str = "jobs") -> None:
         top = {**(top or _GROUP)}
         top.pop("consolidated_metadata", None)
         put_json(fs, f"{root}/zarr.json", top)
-    if get_json(fs, f"{root}/{folder}/zarr.json") is None:
-        put_json(fs, f"{root}/{folder}/zarr.json", dict(_GROUP))
+    if get_json(fs, f"{root}/jobs/zarr.json") is None:
+        from workers.storage.index import MARKER
+
+        # No job yet: the index is complete from the first one on.
+        put_json(fs, f"{root}/{MARKER}", {"version": 1})
+        put_json(fs, f"{root}/jobs/zarr.json", dict(_GROUP))
 
 
 def _children(fs: Any, folder: str) -> list[str]:

@@ -36,7 +36,28 @@ from urllib.parse import quote
 from workers.errors import UserError
 from workers.storage.objects import filesystem, get_json, list_after, put_json, remove
 
-__all__ = ["Entry", "Figures", "count", "figures", "page", "rebuild", "record", "state_counts"]
+__all__ = [
+    "MARKER", "Entry", "Figures", "IndexMissing", "count", "figures", "page", "rebuild", "record",
+    "state_counts",
+]  # fmt: skip
+
+# Written in a new store, and by a rebuild: a store with jobs and without it was written
+# before the index, and a listing of it would silently miss every older job.
+MARKER = "index/complete.json"
+
+
+class IndexMissing(UserError):
+    """Raised when a store written before the job index is listed or counted."""
+
+
+def _checked(fs: Any, root: str, store: str) -> None:
+    if fs.exists(f"{root}/{MARKER}") or not fs.exists(f"{root}/jobs"):
+        return
+    raise IndexMissing(
+        f"store {store} was written before the job index: run `actmap store reindex "
+        f"--store {store}` once"
+    )
+
 
 CURSOR = re.compile(r"[0-9]{17}_[A-Za-z0-9_-]{1,64}\.json")
 STATES = ("queued", "running", "succeeded", "partial", "failed", "cancelled")
@@ -123,6 +144,7 @@ def page(
     if cursor is not None and not CURSOR.fullmatch(cursor):
         raise UserError(f"cursor {cursor[:80]!r} is not one a listing gave; start without one")
     fs, root = filesystem(store)
+    _checked(fs, root, store)
     prefixes = _prefixes(root, tenant, None if states is None else list(states))
     keys = sorted({k for p in prefixes for k in list_after(fs, p, cursor, limit + 1)})
     more = len(keys) > limit
@@ -139,6 +161,7 @@ def page(
 def count(store: str, tenant: str | None = None, states: Iterable[str] | None = None) -> int:
     """How many jobs the index holds (of `tenant`, in `states`), from names alone."""
     fs, root = filesystem(store)
+    _checked(fs, root, store)
     return sum(len(list_after(fs, p, None, None)) for p in _prefixes(root, tenant, states))
 
 
@@ -190,4 +213,5 @@ def rebuild(store: str, jobs: dict[str, dict[str, Any]]) -> int:
                 gone.extend(_places(root, name, tenant, state)[2:])
             gone.extend(_places(root, name, tenant, STATES[0])[:2])
     remove(fs, gone)
+    put_json(fs, f"{root}/{MARKER}", {"version": 1})
     return len(present)
