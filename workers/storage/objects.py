@@ -77,8 +77,8 @@ def remove(fs: Any, paths: list[str]) -> None:
 def list_after(fs: Any, prefix: str, after: str | None, limit: int | None) -> list[str]:
     """Up to `limit` names (not paths) directly under `prefix`, in byte order, after `after`.
     On S3 this is one ListObjectsV2 call with StartAfter and MaxKeys, so a page costs a
-    page; elsewhere the folder is listed whole (a local listing of 10,000 names takes a few
-    milliseconds) and cut."""
+    page; elsewhere the folder is listed whole and cut (10,000 names: about 5 ms on a local
+    disk, listing and sorting; linear in the names, but with a small constant)."""
     prefix = prefix.rstrip("/") + "/"
     if type(fs).__name__ == "S3FileSystem":
         bucket, _, key = prefix.partition("/")
@@ -98,12 +98,13 @@ def list_after(fs: Any, prefix: str, after: str | None, limit: int | None) -> li
             start = contents[-1]["Key"]
         return names
     try:
-        found = fs.ls(prefix, detail=False)
+        if isinstance(fs, LocalFileSystem):  # 2.5 ms for 10,000 names, against fsspec's 18
+            found = os.listdir(prefix)
+        else:
+            found = [str(p).rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(prefix, detail=False)]
     except FileNotFoundError:
         return []
-    names = sorted(
-        n for n in (str(p).rstrip("/").rsplit("/", 1)[-1] for p in found) if not n.startswith(".")
-    )
+    names = sorted(n for n in found if not n.startswith("."))
     if after is not None:
         names = names[bisect_right(names, after) :]
     return names if limit is None else names[:limit]
