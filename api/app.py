@@ -27,7 +27,7 @@ from api.auth import Tenant, Tenants
 from api.broker import Broker
 from workers.errors import JobError, UserError
 from workers.settings import Settings
-from workers.storage.layout import attrs, job_ids, open_job
+from workers.storage.index import figures
 
 __all__ = ["Limit", "Services", "create_app"]
 
@@ -119,22 +119,13 @@ def _handlers(app: FastAPI) -> None:
 
 
 def _refresh_metrics(services: Services) -> None:
-    counts: dict[str, int] = {}
-    rate = 0.0
-    per_task: list[float] = []
-    for job_id in job_ids(services.store):
-        a = attrs(open_job(services.store, job_id, mode="r"))
-        counts[a["state"]] = counts.get(a["state"], 0) + 1
-        if a.get("elapsed_s") and a.get("n_batches"):
-            per_task.append(float(a["elapsed_s"]) / int(a["n_batches"]))
-        if a["state"] in ("queued", "running") and a.get("samples_per_s"):
-            rate += float(a["samples_per_s"])
+    found = figures(services.store)  # the job index: names, and a page of records
     for state in ("queued", "running", "succeeded", "partial", "failed", "cancelled"):
-        services.jobs.labels(state).set(counts.get(state, 0))
+        services.jobs.labels(state).set(found.counts.get(state, 0))
     for queue, depth in services.broker.depth().items():
         services.depth.labels(queue).set(depth)
-    services.rate.set(rate)
-    services.task_seconds.set(sum(per_task) / len(per_task) if per_task else 0.0)
+    services.rate.set(found.rate)
+    services.task_seconds.set(found.task_seconds)
 
 
 def create_app(settings: Settings, broker: Broker | None = None) -> FastAPI:

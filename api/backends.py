@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterable
 from typing import Any, Protocol
 
 from workers.analysis.requests import Analysis
-from workers.control import Status, cancel, list_jobs, status
+from workers.control import Status, cancel, job_page, list_jobs, status
 from workers.counters import Counters
 from workers.errors import UserError
 from workers.jobs import ExtractionSpec
@@ -22,6 +22,7 @@ __all__ = ["ApiBackend", "Backend", "BrokerBackend", "EmbeddedBackend", "backend
 OnPlan = Callable[[Any], None]
 Progress = Callable[[Status], None]
 AnalysisProgress = Callable[[Analysis], None]
+Page = tuple[list[Status], str | None]  # a page of jobs and the next page's cursor
 # The tenant of analyses sent straight to the store (embedded, broker): a trusted caller.
 _LOCAL = "local"
 
@@ -34,6 +35,7 @@ class Backend(Protocol):
     ) -> Status: ...
     def status(self, job_id: str) -> Status: ...
     def list(self, state: str | None) -> list[Status]: ...
+    def page(self, state: str | None, limit: int, cursor: str | None) -> Page: ...
     def wait(self, job_id: str, progress: Progress) -> Status: ...
     def cancel(self, job_id: str) -> Status: ...
     def resume(self, job_id: str, wait: bool, progress: Progress) -> Status: ...
@@ -53,6 +55,9 @@ class _StoreReads:
 
     def list(self, state: str | None) -> list[Status]:
         return list_jobs(self.store, state)
+
+    def page(self, state: str | None, limit: int, cursor: str | None) -> Page:
+        return job_page(self.store, limit, cursor, state, counters=self._counters())
 
     def cancel(self, job_id: str) -> Status:
         return cancel(self.store, job_id)
@@ -207,6 +212,10 @@ class ApiBackend:
 
     def list(self, state: str | None) -> list[Status]:
         return [self._status(j) for j in self.client.jobs(state)]
+
+    def page(self, state: str | None, limit: int, cursor: str | None) -> Page:
+        found, after = self.client.jobs_page(state, limit, cursor)
+        return [self._status(j) for j in found], after
 
     def wait(self, job_id: str, progress: Progress) -> Status:
         import time

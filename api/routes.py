@@ -35,7 +35,7 @@ from api.schemas import (
 )
 from workers.control import (
     Status,
-    list_jobs,
+    job_page,
     queue_of,
     resume_batches,
     status,
@@ -46,7 +46,8 @@ from workers.errors import JobError, SampleCode, SpecError
 from workers.extraction.inputs import OutsideRoots, Source, discover, fd_path, opened
 from workers.jobs import ExtractionSpec, JobState, TaskName, close_matches
 from workers.plan import new_job_id, plan
-from workers.storage.layout import array, attrs, job_ids, open_job, read
+from workers.storage.index import count as indexed_jobs
+from workers.storage.layout import array, attrs, open_job, read
 from workers.storage.registry import ModelRecord, Registry
 
 __all__ = ["router"]
@@ -238,12 +239,10 @@ def checked_sources(services: Services, tenant: Tenant, inputs: Iterable[str]) -
 
 
 def _active_jobs(services: Services, tenant: Tenant) -> int:
-    """Jobs of this tenant not yet finished, from their attrs alone (no ledger reads)."""
-    count = 0
-    for job_id in job_ids(services.store):
-        found = attrs(open_job(services.store, job_id, mode="r"))
-        count += found.get("tenant") == tenant.name and found["state"] == JobState.QUEUED
-    return count
+    """Jobs of this tenant not yet finished, from the job index's names alone."""
+    return indexed_jobs(
+        services.store, tenant.name, [JobState.QUEUED.value, JobState.RUNNING.value]
+    )
 
 
 def _sources(services: Services, tenant: Tenant, body: ExtractionRequest) -> list[str]:
@@ -349,13 +348,19 @@ def _job_out(services: Services, group: zarr.Group, s: Status) -> JobOut:
 
 @router.get("/jobs", response_model=list[JobOut])
 def jobs(
-    services: ServicesDep, tenant: TenantDep, state: Annotated[JobState | None, Query()] = None
+    services: ServicesDep,
+    tenant: TenantDep,
+    response: Response,
+    state: Annotated[JobState | None, Query()] = None,
+    limit: Annotated[int, Query(ge=1, le=500)] = 50,
+    cursor: Annotated[str | None, Query(pattern=r"^[0-9]{17}_[A-Za-z0-9_-]{1,64}\.json$")] = None,
 ) -> list[JobOut]:
-    found = [
-        s
-        for s in list_jobs(services.store, state.value if state else None)
-        if s.tenant == tenant.name
-    ]
+    """Newest first; the next page's cursor, when there is one, is in `X-Next-Cursor`."""
+    found, after = job_page(
+        services.store, limit, cursor, state.value if state else None, tenant.name
+    )
+    if after is not None:
+        response.headers["X-Next-Cursor"] = after
     return [_job_out(services, open_job(services.store, s.job_id, mode="r"), s) for s in found]
 
 
@@ -499,6 +504,6 @@ def predictions(
 
 @router.get("/jobs/{job_id}/store", response_model=StoreLocation)
 def store_location(services: ServicesDep, tenant: TenantDep, job_id: str) -> StoreLocation:
-    """Where to open the job directly: `xarray.open_datatree(store, group=group, engine="zarr")`."""
+    """Where to open the job directly: `xarray.open_datatree(f"{store}/{group}", engine="zarr")`."""
     _job(services, tenant, job_id)
     return StoreLocation(store=services.store, group=f"jobs/{job_id}")

@@ -19,14 +19,16 @@ from workers.counters import Counters
 from workers.errors import JobError, UserError
 from workers.jobs import JobState, TaskName
 from workers.storage.consolidate import publish
+from workers.storage.index import page as index_page
 from workers.storage.layout import attrs as attrs_of
-from workers.storage.layout import job_ids, open_job, read
+from workers.storage.layout import open_job, read
 from workers.storage.ledger import done_batches
 
 __all__ = [
     "Status",
     "cancel",
     "enqueue",
+    "job_page",
     "finalize",
     "list_jobs",
     "mark_started",
@@ -108,8 +110,35 @@ def status(store: str, job_id: str, counters: Counters | None = None) -> Status:
 
 
 def list_jobs(store: str, state: str | None = None) -> list[Status]:
-    found = [status(store, job_id) for job_id in job_ids(store)]
-    return [s for s in found if state is None or s.state == state]
+    found, cursor = job_page(store, 1000, None, state)
+    while cursor is not None:
+        more, cursor = job_page(store, 1000, cursor, state)
+        found.extend(more)
+    return found
+
+
+def job_page(
+    store: str,
+    limit: int,
+    cursor: str | None = None,
+    state: str | None = None,
+    tenant: str | None = None,
+    counters: Counters | None = None,
+) -> tuple[list[Status], str | None]:
+    """A page of jobs from the job index, newest first, with the next page's cursor (None
+    after the last). The index holds each job's stored state, and a stored `queued` may be
+    running by its ledger: a filter on either reads both and keeps the jobs whose status
+    matches, so such a page may hold fewer than `limit`."""
+    live = state in (JobState.QUEUED, JobState.RUNNING)
+    states = [JobState.QUEUED.value, JobState.RUNNING.value] if live else state and [state]
+    entries, after = index_page(store, limit, cursor, tenant, states or None)
+    found = []
+    for entry in entries:
+        try:
+            found.append(status(store, entry.job_id, counters))
+        except JobError:
+            continue  # deleted since it was indexed
+    return [s for s in found if state is None or s.state == state], after
 
 
 def cancel(store: str, job_id: str) -> Status:
@@ -118,6 +147,7 @@ def cancel(store: str, job_id: str) -> Status:
     if JobState(current.state).finished:
         raise JobError(f"job {job_id} is already {current.state}; nothing to cancel")
     open_job(store, job_id).update_attributes({"state": JobState.CANCELLED.value})
+    publish(store, job_id)
     return status(store, job_id)
 
 
@@ -131,6 +161,7 @@ def prepare_resume(store: str, job_id: str, counters: Counters | None = None) ->
     ledger = done_batches(group)
     missing = [int(b) for b in np.flatnonzero(~ledger)]
     group.update_attributes({"state": JobState.QUEUED.value, "reason": ""})
+    publish(store, job_id)
     if counters is not None:
         counters.reset(job_id, missing, [int(b) for b in np.flatnonzero(ledger)])
     return missing
@@ -288,6 +319,7 @@ def finalize(
 def mark_started(store: str, job_id: str) -> None:
     group = open_job(store, job_id)
     group.update_attributes({"state": JobState.RUNNING.value, "started": now()})
+    publish(store, job_id)
 
 
 def summary(store: str, job_id: str, group: Any = None) -> dict[str, Any]:
