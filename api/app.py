@@ -25,6 +25,8 @@ from prometheus_client import (
 
 from api.auth import Tenant, Tenants
 from api.broker import Broker
+from api.gate import Gate
+from api.logs import redact_access_log
 from workers.errors import JobError, UserError
 from workers.settings import Settings
 from workers.storage.layout import attrs, job_ids, open_job
@@ -118,6 +120,19 @@ def _handlers(app: FastAPI) -> None:
         return JSONResponse({"detail": _one_line(exc), "errors": errors}, status_code=422)
 
 
+def _metrics_allowed(settings: Settings, authorization: str | None) -> None:
+    """Raises unless `/metrics` is open, or behind a token and `authorization` carries it:
+    the job counts are of every tenant, so no tenant's token is enough."""
+    access = settings.metrics_access
+    if access == "off":
+        raise JobError("metrics are off on this server (ACTMAP_METRICS)")
+    if access == "token":
+        assert settings.metrics_token is not None
+        want = f"Bearer {settings.metrics_token.get_secret_value()}".encode()
+        if not secrets.compare_digest((authorization or "").encode(), want):
+            raise _Unauthorized()
+
+
 def _refresh_metrics(services: Services) -> None:
     counts: dict[str, int] = {}
     rate = 0.0
@@ -150,6 +165,9 @@ def create_app(settings: Settings, broker: Broker | None = None) -> FastAPI:
     app = FastAPI(title="actmap", version="0.1.0", description=__doc__)
     app.state.services = services
     _handlers(app)
+    max_body = settings.max_body_bytes or services.tenants.largest_upload() + (1 << 20)
+    app.add_middleware(Gate, tenants=services.tenants, max_body=max_body)
+    redact_access_log()
 
     @app.middleware("http")
     async def timed(
@@ -172,8 +190,9 @@ def create_app(settings: Settings, broker: Broker | None = None) -> FastAPI:
         ok = all(checks.values())
         return JSONResponse({"ready": ok, **checks}, status_code=200 if ok else 503)
 
-    @app.get("/metrics")
-    def metrics() -> Response:
+    @app.get("/metrics", include_in_schema=settings.metrics_access != "off")
+    def metrics(request: Request) -> Response:
+        _metrics_allowed(settings, request.headers.get("authorization"))
         _refresh_metrics(services)
         return Response(generate_latest(services.metrics), media_type=CONTENT_TYPE_LATEST)
 

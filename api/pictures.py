@@ -9,18 +9,21 @@ imports torch, so other weight formats answer 404 with what to do instead.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import numpy as np
 import zarr
 from fastapi import APIRouter, Query
 from fastapi.responses import Response
+from PIL import Image
 
 from api.routes import ServicesDep, TenantDep, _job, _layer
 from workers.analysis.render import MAX_TILES, activation_grid, filter_grid
 from workers.analysis.render_charts import score_histogram
 from workers.analysis.report_job import CONV_TYPES, LayerData, input_image, read_filters, screening
 from workers.errors import JobError, SpecError
+from workers.extraction.inputs import IMAGE_SUFFIXES
 from workers.jobs import close_matches
 from workers.storage.layout import attrs, read
 
@@ -57,6 +60,33 @@ def _positions(stored: np.ndarray, wanted: str | None) -> list[int] | None:
     return [where[c] for c in asked]
 
 
+_BOMB = (Image.DecompressionBombError, Image.DecompressionBombWarning)
+
+
+def _over_limit(sample: str, size: str) -> SpecError:
+    return SpecError(
+        f"the input of sample {sample!r} is {size} pixels, over the {Image.MAX_IMAGE_PIXELS} "
+        "the workers decode; ask with image=false"
+    )
+
+
+def _check_pixels(source: str, sample: str) -> None:
+    """Raises SpecError when the input image is over the workers' pixel limit (Pillow's
+    `MAX_IMAGE_PIXELS`, as workers/extraction/inputs.py applies it), from its header alone."""
+    limit = Image.MAX_IMAGE_PIXELS
+    if limit is None or Path(source).suffix.lower() not in IMAGE_SUFFIXES:
+        return
+    try:
+        with Image.open(source) as opened:  # reads the header only
+            width, height = opened.size
+    except _BOMB:
+        raise _over_limit(sample, "too many") from None
+    except (OSError, ValueError, SyntaxError):  # unreadable: drawn without the input
+        return
+    if width * height > limit:
+        raise _over_limit(sample, f"{width}x{height}")
+
+
 @router.get(
     "/jobs/{job_id}/layers/{layer}/activations.png", responses=_PNG, response_class=Response
 )
@@ -86,7 +116,12 @@ def activations_png(
         prep = job.get("spec", {}).get("preprocessing") or job.get("catalogue", {}).get(
             "preprocessing"
         )
-        picture = input_image(str(read(group, "source", slice(row, row + 1))[0]), prep)
+        source = str(read(group, "source", slice(row, row + 1))[0])
+        _check_pixels(source, sample)
+        try:
+            picture = input_image(source, prep)
+        except _BOMB:  # grown since the check
+            raise _over_limit(sample, "too many") from None
     png = activation_grid(
         maps, picture, _positions(ids, channels), top, f"{layer} of {sample}", channel_ids=ids
     )

@@ -7,6 +7,7 @@ import io
 import logging
 import re
 import secrets
+import shutil
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Annotated, Any
@@ -18,6 +19,7 @@ from fastapi.responses import Response
 
 from api.app import Limit, Services, tenant_of
 from api.auth import Tenant, inside_roots
+from api.quotas import UploadQuota, job_slot
 from api.schemas import (
     Accepted,
     ExtractionRequest,
@@ -42,7 +44,7 @@ from workers.errors import JobError, SampleCode, SpecError
 from workers.extraction.inputs import Source, discover
 from workers.jobs import ExtractionSpec, JobState, TaskName, close_matches
 from workers.plan import new_job_id, plan
-from workers.storage.layout import array, attrs, job_ids, open_job, read
+from workers.storage.layout import array, attrs, open_job, read
 from workers.storage.registry import ModelRecord, Registry
 
 __all__ = ["router"]
@@ -63,6 +65,7 @@ log = logging.getLogger("actmap.api")
 TenantDep = Annotated[Tenant, Depends(tenant_of)]
 _SAFE_NAME = re.compile(r"[^A-Za-z0-9._-]+")
 _MAX_ROWS = 1000
+_MAX_NAME = 200  # an uploaded file's name, well inside the filesystem's 255 bytes
 
 
 def _services(request: Request) -> Services:
@@ -80,16 +83,13 @@ def _model_out(record: ModelRecord) -> ModelOut:
     )  # fmt: skip
 
 
-async def _save(upload: UploadFile, target: Path, budget: int, limit: int) -> int:
-    """Stream an upload to disk, refusing it (413) past the tenant's byte limit."""
+async def _save(upload: UploadFile, target: Path, quota: UploadQuota) -> int:
+    """Stream an upload to disk, each chunk charged to the tenant's upload quota first."""
     written = 0
     with target.open("wb") as f:
         while chunk := await upload.read(1 << 20):
+            await quota.charge(len(chunk))
             written += len(chunk)
-            if written > budget:
-                f.close()
-                target.unlink(missing_ok=True)
-                raise Limit(f"upload over your limit of {limit} bytes (quotas.upload_bytes)", 413)
             f.write(chunk)
     return written
 
@@ -110,7 +110,9 @@ async def register_model(
     archive: Annotated[UploadFile | None, File(description="a torch.export .pt2")] = None,
     weights: Annotated[UploadFile | None, File(description="safetensors weights")] = None,
     factory: Annotated[str | None, Form(description="package.module:factory")] = None,
-    path: Annotated[str | None, Form(description="a .pt2 or weights under your roots")] = None,
+    path: Annotated[
+        str | None, Form(description="a .pt2 or weights under your roots", pattern=r"^[^\x00]+$")
+    ] = None,
 ) -> ModelOut:
     """Register a model; its layer catalogue is computed on a worker (state `pending`)."""
     given = [x is not None for x in (archive, weights, path)]
@@ -121,16 +123,23 @@ async def register_model(
         raise SpecError(f"factory {factory} is not on this server's allow-list")
     registry = Registry(services.store)
     model_id = registry.new_id()
-    folder = registry.folder(tenant.name, model_id)
-    limit = tenant.quotas.upload_bytes
-    if archive is not None:
-        ref, weight_file = str(folder / "model.pt2"), None
-        await _save(archive, Path(ref), limit, limit)
-    elif weights is not None:
-        if factory is None:
-            raise SpecError("weights need a factory (package.module:factory) from the allow-list")
-        ref, weight_file = factory, str(folder / "weights.safetensors")
-        await _save(weights, Path(weight_file), limit, limit)
+    if weights is not None and factory is None:
+        raise SpecError("weights need a factory (package.module:factory) from the allow-list")
+    upload = archive or weights
+    if upload is not None:
+        folder = registry.folder(tenant.name, model_id)
+        target = folder / ("model.pt2" if archive is not None else "weights.safetensors")
+        quota = UploadQuota(services, tenant)
+        try:
+            await _save(upload, target, quota)
+        except BaseException:  # refused or cut off: nothing of it stays, nothing counts
+            shutil.rmtree(folder, ignore_errors=True)
+            quota.refund()
+            raise
+        if archive is not None:
+            ref, weight_file = str(target), None
+        elif factory is not None:  # always, for weights: checked above
+            ref, weight_file = factory, str(target)
     else:
         real = inside_roots(str(path), tenant.roots)
         if real is None:
@@ -165,17 +174,20 @@ async def upload_inputs(
     set_id = f"in-{secrets.token_hex(6)}"
     folder = _uploads(services, tenant) / set_id
     folder.mkdir(parents=True)
-    limit = tenant.quotas.upload_bytes
+    quota = UploadQuota(services, tenant)
     total = 0
     try:
         for i, upload in enumerate(files):
             name = _SAFE_NAME.sub("_", Path(upload.filename or f"file{i}").name).lstrip(".")
+            if len(name) > _MAX_NAME:
+                raise SpecError(
+                    f"file name {name[:40]}... is over {_MAX_NAME} characters; shorten it"
+                )
             target = folder / f"{i:05d}-{name or 'file'}"
-            total += await _save(upload, target, limit - total, limit)
-    except Limit:
-        for leftover in folder.iterdir():
-            leftover.unlink()
-        folder.rmdir()
+            total += await _save(upload, target, quota)
+    except BaseException:  # refused or cut off: the whole set goes, nothing counts
+        shutil.rmtree(folder, ignore_errors=True)
+        quota.refund()
         raise
     return InputSet(input_set=set_id, files=len(files), bytes=total)
 
@@ -202,15 +214,6 @@ def checked_sources(services: Services, tenant: Tenant, inputs: Iterable[str]) -
         if inside_roots(source.path, roots) is None:
             raise SpecError(f"input {source.id} resolves outside your allowed roots")
     return sources
-
-
-def _active_jobs(services: Services, tenant: Tenant) -> int:
-    """Jobs of this tenant not yet finished, from their attrs alone (no ledger reads)."""
-    count = 0
-    for job_id in job_ids(services.store):
-        found = attrs(open_job(services.store, job_id, mode="r"))
-        count += found.get("tenant") == tenant.name and found["state"] == JobState.QUEUED
-    return count
 
 
 def _sources(services: Services, tenant: Tenant, body: ExtractionRequest) -> list[str]:
@@ -264,13 +267,8 @@ def submit_extraction(
             job_id=earlier, state=current.state, n_samples=current.n_samples, queue=body.queue
         )
     try:
-        if _active_jobs(services, tenant) >= tenant.quotas.queued_jobs:
-            raise Limit(
-                f"you have {tenant.quotas.queued_jobs} jobs queued or running, your limit "
-                "(quotas.queued_jobs); wait for one to finish",
-                429,
-            )
-        job = plan(services.store, spec, record.catalogue, job_id, sources)
+        with job_slot(services, tenant):
+            job = plan(services.store, spec, record.catalogue, job_id, sources)
     except Exception:
         if key is not None:
             services.broker.release(key)
