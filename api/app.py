@@ -12,8 +12,11 @@ from pathlib import Path
 from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, Request, Response
+from fastapi.dependencies.models import Dependant
+from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from fastapi.routing import APIRoute
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -22,12 +25,13 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from api.auth import Tenant, Tenants
 from api.broker import Broker
 from api.gate import Gate
 from api.logs import redact_access_log
-from workers.errors import JobError, UserError
+from workers.errors import JobError, SpecError, UserError
 from workers.settings import Settings
 from workers.storage.layout import attrs, job_ids, open_job
 
@@ -87,6 +91,26 @@ class _Unauthorized(Exception):
     pass
 
 
+def _query_names(dependant: Dependant) -> set[str]:
+    names = {p.alias for p in dependant.query_params}
+    for sub in dependant.dependencies:
+        names |= _query_names(sub)
+    return names
+
+
+def _known_query(request: Request) -> None:
+    """Raises SpecError for a query parameter the route does not take: a mistyped option,
+    or a token put in the URL, is refused rather than ignored."""
+    route = request.scope.get("route")
+    if not isinstance(route, APIRoute):
+        return
+    known = _query_names(route.dependant)
+    unknown = sorted(set(request.query_params) - known)
+    if unknown:
+        takes = ", ".join(sorted(known)) or "none"
+        raise SpecError(f"unknown query parameter {unknown[0][:40]!r}; this route takes: {takes}")
+
+
 def _one_line(exc: RequestValidationError) -> str:
     first = exc.errors()[0]
     where = ".".join(str(p) for p in first.get("loc", ()) if p != "body") or "request"
@@ -113,6 +137,25 @@ def _handlers(app: FastAPI) -> None:
     @app.exception_handler(UserError)
     async def user_error(_r: Request, exc: UserError) -> JSONResponse:
         return JSONResponse({"detail": str(exc)}, status_code=422)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        if exc.status_code != 405:
+            return await http_exception_handler(request, exc)
+        # Starlette names the methods of the first route matching the path only.
+        allowed = sorted(
+            {
+                m
+                for r in app.routes
+                if isinstance(r, APIRoute) and r.path_regex.match(request.url.path)
+                for m in r.methods or ()
+            }
+        )
+        return JSONResponse(
+            {"detail": f"method not allowed here; use {', '.join(allowed)}"},
+            status_code=405,
+            headers={"Allow": ", ".join(allowed)},
+        )
 
     @app.exception_handler(RequestValidationError)
     async def invalid(_r: Request, exc: RequestValidationError) -> JSONResponse:
@@ -198,13 +241,14 @@ def create_app(settings: Settings, broker: Broker | None = None) -> FastAPI:
 
     from api.routes import router
 
-    app.include_router(router)
+    strict = [Depends(_known_query)]
+    app.include_router(router, dependencies=strict)
     from api import pictures  # after routes: these share their tenant checks
 
-    app.include_router(pictures.router)
+    app.include_router(pictures.router, dependencies=strict)
     from api import analyses
 
-    app.include_router(analyses.router)
+    app.include_router(analyses.router, dependencies=strict)
     _document_problems(app)
     return app
 

@@ -93,3 +93,15 @@ class Gate:
                 raise
             if not replaced:
                 await _answer(send, 413, self._too_large(), [])
+        if over:
+            await self._drain(receive)
+
+    async def _drain(self, receive: Receive) -> None:
+        """Read and drop up to the limit again of what the client is still sending, so that
+        closing on unread bytes (a TCP reset) does not destroy the answer before it is read."""
+        dropped = 0
+        while dropped <= self.max_body:
+            message = await receive()
+            if message["type"] != "http.request" or not message.get("more_body", False):
+                return
+            dropped += len(message.get("body", b""))

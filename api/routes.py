@@ -52,6 +52,7 @@ __all__ = ["router"]
 _PROBLEMS: dict[int | str, dict[str, Any]] = {
     code: {"model": Problem, "description": text}
     for code, text in (
+        (400, "a body that cannot be parsed"),
         (401, "no or unknown bearer token"),
         (404, "no such id for this tenant"),
         (409, "the model or job is not in a state for this"),

@@ -53,7 +53,9 @@ class ExtractionRequest(_Request):
     input_set: Id | None = Field(default=None, description="an id from POST /v1/inputs")
     batch_size: int = Field(default=32, ge=1, le=4096)
     dtype: Literal["float16", "float32"] = "float16"
-    channels: list[Channel] | None = Field(default=None, min_length=1, max_length=4096)
+    channels: list[Channel] | None = Field(
+        default=None, min_length=1, max_length=4096, json_schema_extra={"uniqueItems": True}
+    )
     top_k: int | None = Field(default=None, ge=1, le=4096)
     # A JSON array is a tuple here: strict mode would refuse it as one otherwise.
     max_size: tuple[Side, Side] | None = Field(default=None, strict=False)
