@@ -107,6 +107,10 @@ class RedisBroker:
     def workers(self, queue: str) -> int:
         return self._roster.size(queue)
 
+    def close(self) -> None:
+        """Close this broker's own Redis connections (the quota keys and locks)."""
+        self._redis.close()
+
     @contextmanager
     def lock(self, name: str, ttl_s: float) -> Iterator[None]:
         from redis.exceptions import LockError
