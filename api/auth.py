@@ -78,6 +78,10 @@ class Tenants:
             raise SpecError(f"cannot read the auth file {path}: {first}") from None
         return cls(tenants)
 
+    def largest_upload(self) -> int:
+        """The largest `upload_bytes` quota of any tenant."""
+        return max(t.quotas.upload_bytes for t in self._tenants.values())
+
     def lookup(self, token: str | None) -> Tenant | None:
         if self.open:
             return self._tenants["local"]

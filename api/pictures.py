@@ -33,6 +33,7 @@ __all__ = ["router"]
 router = APIRouter(prefix="/v1", tags=["pictures"])
 _PNG: dict[int | str, dict[str, Any]] = {
     200: {"content": {"image/png": {}}, "description": "a PNG picture"},
+    401: {"description": "no or unknown bearer token"},
     404: {"description": "no such job, layer, sample or picture for this tenant"},
     422: {"description": "an invalid parameter, said in one line"},
 }

@@ -22,6 +22,7 @@ from starlette.concurrency import run_in_threadpool
 
 from api.app import Limit, Services, tenant_of
 from api.auth import Tenant, inside_roots
+from api.quotas import UploadQuota, job_slot
 from api.schemas import (
     Accepted,
     ExtractionRequest,
@@ -46,7 +47,6 @@ from workers.errors import JobError, SampleCode, SpecError
 from workers.extraction.inputs import OutsideRoots, Source, discover, fd_path, opened
 from workers.jobs import ExtractionSpec, JobState, TaskName, close_matches
 from workers.plan import new_job_id, plan
-from workers.storage.index import count as indexed_jobs
 from workers.storage.layout import array, attrs, open_job, read
 from workers.storage.registry import ModelRecord, Registry
 
@@ -55,6 +55,7 @@ __all__ = ["router"]
 _PROBLEMS: dict[int | str, dict[str, Any]] = {
     code: {"model": Problem, "description": text}
     for code, text in (
+        (400, "a body that cannot be parsed"),
         (401, "no or unknown bearer token"),
         (404, "no such id for this tenant"),
         (409, "the model or job is not in a state for this"),
@@ -68,6 +69,7 @@ log = logging.getLogger("actmap.api")
 TenantDep = Annotated[Tenant, Depends(tenant_of)]
 _SAFE_NAME = re.compile(r"[^A-Za-z0-9._-]+")
 _MAX_ROWS = 1000
+_MAX_NAME = 200  # an uploaded file's name, well inside the filesystem's 255 bytes
 
 
 def _services(request: Request) -> Services:
@@ -85,16 +87,13 @@ def _model_out(record: ModelRecord) -> ModelOut:
     )  # fmt: skip
 
 
-async def _save(upload: UploadFile, target: Path, budget: int, limit: int) -> int:
-    """Stream an upload to disk, refusing it (413) past the tenant's byte limit."""
+async def _save(upload: UploadFile, target: Path, quota: UploadQuota) -> int:
+    """Stream an upload to disk, each chunk charged to the tenant's upload quota first."""
     written = 0
     with target.open("wb") as f:
         while chunk := await upload.read(1 << 20):
+            await quota.charge(len(chunk))
             written += len(chunk)
-            if written > budget:
-                f.close()
-                target.unlink(missing_ok=True)
-                raise Limit(f"upload over your limit of {limit} bytes (quotas.upload_bytes)", 413)
             f.write(chunk)
     return written
 
@@ -140,7 +139,9 @@ async def register_model(
     archive: Annotated[UploadFile | None, File(description="a torch.export .pt2")] = None,
     weights: Annotated[UploadFile | None, File(description="safetensors weights")] = None,
     factory: Annotated[str | None, Form(description="package.module:factory")] = None,
-    path: Annotated[str | None, Form(description="a .pt2 or weights under your roots")] = None,
+    path: Annotated[
+        str | None, Form(description="a .pt2 or weights under your roots", pattern=r"^[^\x00]+$")
+    ] = None,
 ) -> ModelOut:
     """Register a model; its layer catalogue is computed on a worker (state `pending`)."""
     given = [x is not None for x in (archive, weights, path)]
@@ -151,21 +152,27 @@ async def register_model(
         raise SpecError(f"factory {factory} is not on this server's allow-list")
     registry = Registry(services.store)
     model_id = registry.new_id()
+    if weights is not None and factory is None:
+        raise SpecError("weights need a factory (package.module:factory) from the allow-list")
     folder = registry.folder(tenant.name, model_id)
-    limit = tenant.quotas.upload_bytes
-    if archive is not None:
-        ref, weight_file = str(folder / "model.pt2"), None
-        await _save(archive, Path(ref), limit, limit)
-    elif weights is not None:
-        if factory is None:
-            raise SpecError("weights need a factory (package.module:factory) from the allow-list")
-        ref, weight_file = factory, str(folder / "weights.safetensors")
-        await _save(weights, Path(weight_file), limit, limit)
-    else:  # a copy: a later swap of the tenant's file changes nothing registered
-        roots = None if services.tenants.open else tenant.roots
-        target = folder / (_SAFE_NAME.sub("_", Path(str(path)).name).lstrip(".") or "model")
-        await run_in_threadpool(_copy_beneath, str(path), roots, target, factory is None)
-        ref, weight_file = (str(target), None) if factory is None else (factory, str(target))
+    quota = UploadQuota(services, tenant)
+    try:
+        upload = archive or weights
+        if upload is not None:
+            target = folder / ("model.pt2" if archive is not None else "weights.safetensors")
+            await _save(upload, target, quota)
+        else:  # a copy: a later swap of the tenant's file changes nothing registered
+            roots = None if services.tenants.open else tenant.roots
+            target = folder / (_SAFE_NAME.sub("_", Path(str(path)).name).lstrip(".") or "model")
+            await run_in_threadpool(_copy_beneath, str(path), roots, target, factory is None)
+    except BaseException:  # refused or cut off: nothing of it stays, nothing counts
+        shutil.rmtree(folder, ignore_errors=True)
+        quota.refund()
+        raise
+    if factory is not None and archive is None:  # weights for an allow-listed factory
+        ref, weight_file = factory, str(target)
+    else:
+        ref, weight_file = str(target), None
     record = ModelRecord(
         id=model_id, tenant=tenant.name, name=name, ref=ref, weights=weight_file,
         created=registry.stamp(),
@@ -195,17 +202,20 @@ async def upload_inputs(
     set_id = f"in-{secrets.token_hex(6)}"
     folder = _uploads(services, tenant) / set_id
     folder.mkdir(parents=True)
-    limit = tenant.quotas.upload_bytes
+    quota = UploadQuota(services, tenant)
     total = 0
     try:
         for i, upload in enumerate(files):
             name = _SAFE_NAME.sub("_", Path(upload.filename or f"file{i}").name).lstrip(".")
+            if len(name) > _MAX_NAME:
+                raise SpecError(
+                    f"file name {name[:40]}... is over {_MAX_NAME} characters; shorten it"
+                )
             target = folder / f"{i:05d}-{name or 'file'}"
-            total += await _save(upload, target, limit - total, limit)
-    except Limit:
-        for leftover in folder.iterdir():
-            leftover.unlink()
-        folder.rmdir()
+            total += await _save(upload, target, quota)
+    except BaseException:  # refused or cut off: the whole set goes, nothing counts
+        shutil.rmtree(folder, ignore_errors=True)
+        quota.refund()
         raise
     return InputSet(input_set=set_id, files=len(files), bytes=total)
 
@@ -236,13 +246,6 @@ def checked_sources(services: Services, tenant: Tenant, inputs: Iterable[str]) -
                 "symbolic link (links are not followed)"
             )
     return sources
-
-
-def _active_jobs(services: Services, tenant: Tenant) -> int:
-    """Jobs of this tenant not yet finished, from the job index's names alone."""
-    return indexed_jobs(
-        services.store, tenant.name, [JobState.QUEUED.value, JobState.RUNNING.value]
-    )
 
 
 def _sources(services: Services, tenant: Tenant, body: ExtractionRequest) -> list[str]:
@@ -296,13 +299,8 @@ def submit_extraction(
             job_id=earlier, state=current.state, n_samples=current.n_samples, queue=body.queue
         )
     try:
-        if _active_jobs(services, tenant) >= tenant.quotas.queued_jobs:
-            raise Limit(
-                f"you have {tenant.quotas.queued_jobs} jobs queued or running, your limit "
-                "(quotas.queued_jobs); wait for one to finish",
-                429,
-            )
-        job = plan(services.store, spec, record.catalogue, job_id, sources)
+        with job_slot(services, tenant):
+            job = plan(services.store, spec, record.catalogue, job_id, sources)
     except Exception:
         if key is not None:
             services.broker.release(key)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Self
+from typing import Literal, Self
 
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -33,6 +33,30 @@ class Settings(BaseSettings):
     batches_per_task: int = 64
     task_budget_s: float | None = Field(default=None, ge=0)  # None: half the soft limit
     factories: tuple[str, ...] | None = None  # allow-list of package.module:factory
+    # The API's guards. A request body over `max_body_bytes` is refused as it streams
+    # (None: 1 MiB above the largest upload quota of the auth file's tenants).
+    # `/metrics`: "off" (404), "open", or "token" (Bearer `metrics_token`); unset, it is
+    # "token" when a metrics token is set, else "off" with an auth file and "open" without.
+    # `quota_lock_s`: how long a tenant's quota lock lives if its API process dies.
+    max_body_bytes: int | None = Field(default=None, ge=1)
+    metrics: Literal["off", "open", "token"] | None = None
+    metrics_token: SecretStr | None = None
+    quota_lock_s: float = Field(default=30.0, gt=0)
+
+    @model_validator(mode="after")
+    def _metrics_token_given(self) -> Self:
+        if self.metrics == "token" and self.metrics_token is None:
+            raise ValueError("ACTMAP_METRICS=token needs ACTMAP_METRICS_TOKEN")
+        return self
+
+    @property
+    def metrics_access(self) -> Literal["off", "open", "token"]:
+        """Who may read `/metrics`: the setting, or its default by what else is set."""
+        if self.metrics is not None:
+            return self.metrics
+        if self.metrics_token is not None:
+            return "token"
+        return "open" if self.auth_file is None else "off"
 
     @model_validator(mode="after")
     def _budget_inside_the_limit(self) -> Self:

@@ -3,7 +3,9 @@ header, a tenant's own jobs only, a hostile cursor a 422; /metrics counts from t
 
 from __future__ import annotations
 
-from tests.api.conftest import Api
+from pathlib import Path
+
+from tests.api.conftest import Api, make_api
 
 
 def test_a_tenant_pages_through_its_own_jobs_newest_first(api: Api) -> None:
@@ -29,10 +31,12 @@ def test_a_cursor_that_is_not_one_is_a_422_with_one_line(api: Api) -> None:
     assert "\n" not in bad.json()["detail"]
 
 
-def test_metrics_count_jobs_by_state_from_the_index(api: Api) -> None:
-    model_id = api.register("acme")
-    for _ in range(2):
-        assert api.submit(model_id).status_code == 202
-    metrics = api.client.get("/metrics").text
+def test_metrics_count_jobs_by_state_from_the_index(tmp_path: Path) -> None:
+    api = make_api(tmp_path, metrics="open")  # off by default with an auth file
+    with api.client:
+        model_id = api.register("acme")
+        for _ in range(2):
+            assert api.submit(model_id).status_code == 202
+        metrics = api.client.get("/metrics").text
     assert 'actmap_jobs{state="succeeded"} 2.0' in metrics
     assert 'actmap_jobs{state="queued"} 0.0' in metrics

@@ -23,7 +23,7 @@ from PIL import Image, UnidentifiedImageError
 
 from workers.analysis.health import FilterHealth, layer_health
 from workers.analysis.stats import Rows, iter_rows
-from workers.errors import ActmapError, InputError, SampleCode
+from workers.errors import ActmapError, InputError, SampleCode, SpecError
 from workers.extraction.inputs import IMAGE_SUFFIXES, OutsideRoots, decode, fd_path, opened
 from workers.jobs import Preprocessing
 from workers.storage.layout import array, attrs, open_job, read
@@ -56,6 +56,25 @@ def read_filters(group: zarr.Group, layer: str) -> np.ndarray | None:
     return np.asarray(node[...], dtype=np.float32) if isinstance(node, zarr.Array) else None
 
 
+class TooManyPixels(SpecError):
+    """Raised when an input image is larger than the workers decode (Pillow's
+    `MAX_IMAGE_PIXELS`, the limit workers/extraction/inputs.py applies): it is never drawn."""
+
+
+def _over_limit(source: str, size: str) -> TooManyPixels:
+    return TooManyPixels(
+        f"the input {Path(source).name} is {size} {Image.MAX_IMAGE_PIXELS} pixels the workers "
+        "decode; draw the maps without it (image=false)"
+    )
+
+
+def _within_pixel_limit(source: str, size: tuple[int, int]) -> None:
+    """From the header alone, before any pixel is decoded."""
+    limit = Image.MAX_IMAGE_PIXELS
+    if limit is not None and size[0] * size[1] > limit:
+        raise _over_limit(source, f"{size[0]}x{size[1]}, over the")
+
+
 def input_image(
     source: str, prep: dict[str, Any] | None, roots: tuple[str, ...] | None = None
 ) -> np.ndarray | None:
@@ -71,6 +90,7 @@ def input_image(
                 if not stat.S_ISREG(os.fstat(fd).st_mode):
                     return None
                 with Image.open(fd_path(fd)) as image:
+                    _within_pixel_limit(source, image.size)
                     picture = image.convert("L" if image.mode in ("1", "L", "I;16") else "RGB")
             picture.thumbnail((MAX_INPUT_SIDE, MAX_INPUT_SIDE))
             return np.asarray(picture)
@@ -78,7 +98,9 @@ def input_image(
             return None
         x = decode(source, Preprocessing.model_validate(prep), roots=roots)
         return x[0] if x.shape[0] == 1 else np.moveaxis(x, 0, -1)
-    except OutsideRoots:
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise _over_limit(source, "over twice the limit of") from None
+    except (OutsideRoots, TooManyPixels):
         raise
     except InputError as exc:
         if exc.code == SampleCode.OUTSIDE_ROOTS:
@@ -362,7 +384,7 @@ class Job:
             return input_image(
                 str(self.sources[row]), self.preprocessing, None if roots is None else tuple(roots)
             )
-        except OutsideRoots:  # swapped for a link since: drawn without it
+        except (OutsideRoots, TooManyPixels):  # swapped for a link, or too big: drawn without
             return None
 
     def first_conv(self) -> str | None:
