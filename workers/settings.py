@@ -33,6 +33,10 @@ class Settings(BaseSettings):
     batches_per_task: int = 64
     task_budget_s: float | None = Field(default=None, ge=0)  # None: half the soft limit
     factories: tuple[str, ...] | None = None  # allow-list of package.module:factory
+    # A registration, and a worker's first load of model bytes it has not seen, run in a
+    # spawned child with this address-space cap and deadline (keep it under the soft limit).
+    model_check_memory_mb: int = Field(default=8192, ge=256)
+    model_check_timeout_s: float = Field(default=120.0, gt=0)
 
     @model_validator(mode="after")
     def _budget_inside_the_limit(self) -> Self:
