@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests.extraction.hostile import KINDS, TRICKS, genuine, hostile, trick
+from workers.demo.digits import WEIGHTS
 from workers.errors import ModelError
 from workers.extraction.cache import ModelCache
 from workers.extraction.isolation import ChildLimits, Verdicts, load_in_child
@@ -99,7 +100,7 @@ def test_registering_a_hostile_archive_fails_the_record_with_the_reason(tmp_path
 def test_a_first_load_that_allocates_past_the_cap_fails_in_the_child() -> None:
     limits = ChildLimits(memory_mb=1024, timeout_s=300)
     with pytest.raises(ModelError, match="needed more than 1024 MiB"):
-        load_in_child(HUNGRY, None, None, [HUNGRY], limits)
+        load_in_child(HUNGRY, str(WEIGHTS), None, [HUNGRY], limits)
 
 
 def test_a_first_load_past_the_deadline_is_stopped(tmp_path: Path) -> None:
