@@ -76,7 +76,7 @@ def test_a_hostile_archive_fails_its_registration_and_runs_nothing_on_the_worker
     server: str, tmp_path: Path
 ) -> None:
     marker = tmp_path / "MARKER"
-    for kind in ("weights marked use_pickle", "sample inputs"):
+    for kind in ("weights marked use_pickle", "a symbolic shape"):
         path = hostile(kind, tmp_path / "evil.pt2", marker)
         record = _register(server, {"name": "evil"}, _archive(path))
         assert not marker.exists()

@@ -5,7 +5,8 @@ entry marked `use_pickle`, custom and opaque objects, the legacy `data/weights/m
 layout and the pre-2.7 zip layout), falls back to `weights_only=False` when sample inputs fail
 the weights-only unpickler, loads compiled AOTInductor libraries, and evaluates the symbolic
 shape expressions and guard code of `models/*.json` as Python. So every entry of the zip is
-classified here, default-deny, and an archive holding anything of that is refused.
+classified here, default-deny, and an archive holding anything of that is refused; the sample
+inputs, which every archive has and actmap does not need, are named for the loader to empty.
 Torch-free: this module imports no torch, so the check runs before torch sees the bytes.
 """
 
@@ -69,12 +70,12 @@ _SYMPY_TOKEN = re.compile(
 
 @dataclass(frozen=True)
 class Inspection:
-    """An archive that passed: its root folder, and the entries torch unpickles trying the
-    weights-only unpickler first (the caller loads each weights-only before torch does, so
-    that torch's own first try succeeds and its `weights_only=False` retry never runs)."""
+    """An archive that passed: its root folder, and the entries torch would unpickle trying
+    the weights-only unpickler first and `weights_only=False` after (the sample inputs, which
+    actmap does not need: the loader empties them, so torch unpickles nothing)."""
 
     root: str
-    weights_only_pickles: tuple[str, ...]
+    pickles: tuple[str, ...]
 
 
 def inspect_archive(data: bytes, label: str) -> Inspection | None:
@@ -190,9 +191,6 @@ def _has(archive: zipfile.ZipFile, root: str, name: str) -> bool:
 def _classify(names: set[str], label: str) -> list[str]:
     """Every entry is one torch.export.save writes, or the archive is refused. Returns the
     entries that torch unpickles weights-only first."""
-    for required in (_PROGRAM, _WEIGHTS_CONFIG, _CONSTANTS_CONFIG):
-        if required not in names:
-            raise ModelError(f"{label} lacks {required}; {_REEXPORT}")
     pickles = []
     for name in sorted(names):
         if name == _SAMPLE_INPUTS:
@@ -210,6 +208,9 @@ def _classify(names: set[str], label: str) -> list[str]:
             raise _refuse(
                 label, f"{what} ({name})" if what else f"an entry it cannot classify ({name})"
             )
+    for required in (_PROGRAM, _WEIGHTS_CONFIG, _CONSTANTS_CONFIG):
+        if required not in names:
+            raise ModelError(f"{label} lacks {required}; {_REEXPORT}")
     return pickles
 
 

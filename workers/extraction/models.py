@@ -3,7 +3,8 @@
 Models load only from torch.export archives, safetensors, or state dicts read with
 `weights_only=True`; a pickled whole model is refused, never unpickled. An archive is read
 into memory once and checked entry by entry (`archive.inspect_archive`) before torch sees
-those same bytes, and its graph may call torch operators only.
+those same bytes (its sample inputs emptied, so torch unpickles nothing), and its graph may
+call torch operators only.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import torch
 from torch import nn
 
 from workers.errors import LayerError, ModelError
-from workers.extraction.archive import Inspection, inspect_archive
+from workers.extraction.archive import inspect_archive
 from workers.extraction.hooks import Forward
 from workers.extraction.receptive import FieldTracker
 from workers.jobs import LayerInfo, ModelInfo, Preprocessing
@@ -167,7 +168,7 @@ def _load_archive(
     digest = hashlib.sha256(data).hexdigest()
     if check is not None:
         check(digest)
-    _vet_pickles(data, inspection, path)
+    data = _emptied(data, inspection.pickles)
     extra = {PREPROCESSING_FILE: ""}
     try:
         program = torch.export.load(io.BytesIO(data), extra_files=extra)
@@ -196,19 +197,20 @@ def _load_archive(
     return module, info
 
 
-def _vet_pickles(data: bytes, inspection: Inspection, path: Path) -> None:
-    """Load each entry torch unpickles weights-only first with the weights-only unpickler
-    ourselves: if it fails here, torch would retry with `weights_only=False`."""
-    with zipfile.ZipFile(io.BytesIO(data)) as archive:
-        for name in inspection.weights_only_pickles:
-            try:
-                torch.load(io.BytesIO(archive.read(name)), map_location="cpu", weights_only=True)
-            except Exception as exc:  # any failure means torch's unsafe retry would run
-                raise ModelError(
-                    f"{path} is refused: {name.split('/', 1)[1]} is a pickle that is not plain "
-                    "tensors, which actmap never loads; re-export the model with "
-                    "torch.export.save from a current torch and register that"
-                ) from exc
+def _emptied(data: bytes, names: tuple[str, ...]) -> bytes:
+    """The archive with the entries `names` emptied. Torch reads an empty sample-inputs entry
+    as none; so it unpickles nothing of the archive, not even with its weights-only
+    unpickler, which has had its own code-execution bugs."""
+    if not names:
+        return data
+    out = io.BytesIO()
+    with (
+        zipfile.ZipFile(io.BytesIO(data)) as source,
+        zipfile.ZipFile(out, "w", zipfile.ZIP_STORED) as target,
+    ):
+        for info in source.infolist():
+            target.writestr(info.filename, b"" if info.filename in names else source.read(info))
+    return out.getvalue()
 
 
 def _check_operators(program: torch.export.ExportedProgram, path: Path) -> None:
