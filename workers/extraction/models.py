@@ -160,14 +160,14 @@ def _load_archive(
     # One read: the bytes checked are the bytes hashed and the bytes torch loads, whatever
     # happens to the file meanwhile.
     data = path.read_bytes()
+    digest = hashlib.sha256(data).hexdigest()
+    if check is not None:  # before any parsing of bytes not seen to load cleanly
+        check(digest)
     if not zipfile.is_zipfile(io.BytesIO(data)):
         raise _refuse_pickle(path)
     inspection = inspect_archive(data, str(path))
     if inspection is None:  # a torch.save file is a zip too; never hand it to the loader
         raise _refuse_pickle(path)
-    digest = hashlib.sha256(data).hexdigest()
-    if check is not None:
-        check(digest)
     data = _emptied(data, inspection.pickles)
     extra = {PREPROCESSING_FILE: ""}
     try:
