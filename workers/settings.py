@@ -58,6 +58,11 @@ class Settings(BaseSettings):
             return "token"
         return "open" if self.auth_file is None else "off"
 
+    # A registration, and a worker's first load of model bytes it has not seen, run in a
+    # child interpreter with this address-space cap and deadline (keep it under the soft limit).
+    model_check_memory_mb: int = Field(default=8192, ge=256)
+    model_check_timeout_s: float = Field(default=120.0, gt=0)
+
     @model_validator(mode="after")
     def _budget_inside_the_limit(self) -> Self:
         if self.task_budget_s is not None and self.task_budget_s >= self.task_soft_time_limit:

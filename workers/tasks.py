@@ -14,6 +14,7 @@ from workers import registration
 from workers.batches import Outcome, Runtime, execute_batches, give_up
 from workers.control import queue_of
 from workers.errors import TransientError
+from workers.extraction.isolation import ChildLimits
 from workers.jobs import TaskName
 
 __all__ = ["register"]
@@ -72,5 +73,7 @@ def register(app: Celery, runtime: Callable[[], Runtime]) -> None:
 
     @app.task(name=TaskName.REGISTER_MODEL, shared=False)  # type: ignore[untyped-decorator]
     def register_model(store: str, tenant: str, model_id: str) -> dict[str, Any]:
-        state = registration.register_model(store, tenant, model_id, runtime().models.factories)
+        models = runtime().models
+        limits = models.verdicts.limits if models.verdicts else ChildLimits()
+        state = registration.register_model(store, tenant, model_id, models.factories, limits)
         return {"model_id": model_id, "state": state}

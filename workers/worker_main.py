@@ -16,6 +16,7 @@ from workers.batches import Runtime
 from workers.celery_app import make_celery
 from workers.counters import RedisCounters
 from workers.extraction.cache import ModelCache
+from workers.extraction.isolation import ChildLimits, Verdicts
 from workers.gpu import device
 from workers.roster import Roster, keep_checking_in, member
 from workers.settings import Settings
@@ -30,7 +31,13 @@ def runtime() -> Runtime:
     # Built on the first task, in the child: CUDA and Redis connections never cross a fork.
     assert settings.broker_url is not None
     return Runtime(
-        ModelCache(device(), factories=settings.factories),
+        ModelCache(
+            device(),
+            factories=settings.factories,
+            verdicts=Verdicts(
+                ChildLimits(settings.model_check_memory_mb, settings.model_check_timeout_s)
+            ),
+        ),
         RedisCounters(settings.broker_url.get_secret_value()),
         settings.attempt_cap,
         ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="actmap-decode"),
