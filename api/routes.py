@@ -41,9 +41,9 @@ from workers.control import cancel as cancel_job
 from workers.errors import JobError, SampleCode, SpecError
 from workers.extraction.inputs import Source, discover
 from workers.jobs import ExtractionSpec, JobState, TaskName, close_matches
-from workers.plan import new_job_id, plan
 from workers.storage.layout import array, attrs, job_ids, open_job, read
 from workers.storage.registry import ModelRecord, Registry
+from workers.submit import Busy, Unavailable, submit
 
 __all__ = ["router"]
 
@@ -256,31 +256,36 @@ def submit_extraction(
         raise Limit(
             f"{len(sources)} samples is over your limit of {limit} (quotas.samples_per_job)", 413
         )
-    job_id = new_job_id()
     key = f"actmap:idem:{tenant.name}:{idempotency_key}" if idempotency_key else None
-    if key is not None and (earlier := services.broker.claim(key, job_id)) is not None:
-        current = status(services.store, earlier)
-        return Accepted(
-            job_id=earlier, state=current.state, n_samples=current.n_samples, queue=body.queue
-        )
-    try:
+
+    def admit() -> None:
+        """Quota checks of a new job, run before its plan; a retry of a job already
+        acknowledged (or half-done) is not a new job and skips them."""
         if _active_jobs(services, tenant) >= tenant.quotas.queued_jobs:
             raise Limit(
                 f"you have {tenant.quotas.queued_jobs} jobs queued or running, your limit "
                 "(quotas.queued_jobs); wait for one to finish",
                 429,
             )
-        job = plan(services.store, spec, record.catalogue, job_id, sources)
-    except Exception:
-        if key is not None:
-            services.broker.release(key)
-        raise
-    _send_batches(services, job_id, range(job.n_batches), body.queue)
+
+    def send(job_id: str, batches: list[int], queue: str) -> None:
+        _send_batches(services, job_id, batches, queue)
+
+    try:
+        job = submit(
+            services.store, spec, record.catalogue, send,
+            sources=sources, keys=services.broker, key=key, admit=admit,
+        )  # fmt: skip
+    except (Unavailable, Busy) as exc:
+        raise Limit(str(exc), 503) from None
+    current = status(services.store, job.job_id)
     log.info(
         "extraction queued: %d samples in %d batches on %s", job.n_samples, job.n_batches,
-        body.queue, extra={"job_id": job_id, "tenant": tenant.name},
+        body.queue, extra={"job_id": job.job_id, "tenant": tenant.name},
     )  # fmt: skip
-    return Accepted(job_id=job_id, state="queued", n_samples=job.n_samples, queue=body.queue)
+    return Accepted(
+        job_id=job.job_id, state=current.state, n_samples=job.n_samples, queue=body.queue
+    )
 
 
 def _send_batches(services: Services, job_id: str, batches: Iterable[int], queue: str) -> None:
@@ -329,7 +334,7 @@ def jobs(
 @router.get("/jobs/{job_id}", response_model=JobOut)
 def get_job(services: ServicesDep, tenant: TenantDep, job_id: str) -> JobOut:
     group = _job(services, tenant, job_id)
-    return _job_out(services, group, status(services.store, job_id))
+    return _job_out(services, group, status(services.store, job_id, services.broker.counters()))
 
 
 @router.post("/jobs/{job_id}/cancel", response_model=JobOut)
