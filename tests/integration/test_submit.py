@@ -5,6 +5,7 @@ a submission while Redis is down answers 503 and plans nothing."""
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 
 import httpx
@@ -53,7 +54,7 @@ def test_concurrent_retries_with_one_key_get_the_same_job(
         ids = {a.json()["job_id"] for a in answers}
         assert len(ids) == 1
         job_id = ids.pop()
-        final = until(lambda j=job_id: _finished(server, j), 120, "the job to finish")
+        final = until(partial(_finished, server, job_id), 120, "the job to finish")
         assert final["state"] == "succeeded"
     assert len(job_ids(cluster.store)) == rounds
 
