@@ -7,6 +7,7 @@ import io
 import logging
 import re
 import secrets
+import shutil
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Annotated, Any
@@ -81,16 +82,23 @@ def _model_out(record: ModelRecord) -> ModelOut:
 
 
 async def _save(upload: UploadFile, target: Path, budget: int, limit: int) -> int:
-    """Stream an upload to disk, refusing it (413) past the tenant's byte limit."""
+    """Stream an upload to disk, refusing it (413) past the tenant's byte limit. It is
+    written under a hidden temporary name and renamed once whole, so a failure part-way
+    leaves no file under `target`'s name (a temporary one only after a crash)."""
     written = 0
-    with target.open("wb") as f:
-        while chunk := await upload.read(1 << 20):
-            written += len(chunk)
-            if written > budget:
-                f.close()
-                target.unlink(missing_ok=True)
-                raise Limit(f"upload over your limit of {limit} bytes (quotas.upload_bytes)", 413)
-            f.write(chunk)
+    partial = target.with_name(f".{target.name}.part")
+    try:
+        with partial.open("wb") as f:
+            while chunk := await upload.read(1 << 20):
+                written += len(chunk)
+                if written > budget:
+                    raise Limit(
+                        f"upload over your limit of {limit} bytes (quotas.upload_bytes)", 413
+                    )
+                f.write(chunk)
+        partial.replace(target)
+    finally:
+        partial.unlink(missing_ok=True)
     return written
 
 
@@ -163,7 +171,9 @@ async def upload_inputs(
 ) -> InputSet:
     """Upload samples for clients without a shared filesystem; returns an input-set id."""
     set_id = f"in-{secrets.token_hex(6)}"
-    folder = _uploads(services, tenant) / set_id
+    # Filled under a hidden name and renamed whole: a set that failed part-way is never
+    # one a job can name.
+    folder = _uploads(services, tenant) / f".{set_id}.part"
     folder.mkdir(parents=True)
     limit = tenant.quotas.upload_bytes
     total = 0
@@ -172,11 +182,10 @@ async def upload_inputs(
             name = _SAFE_NAME.sub("_", Path(upload.filename or f"file{i}").name).lstrip(".")
             target = folder / f"{i:05d}-{name or 'file'}"
             total += await _save(upload, target, limit - total, limit)
-    except Limit:
-        for leftover in folder.iterdir():
-            leftover.unlink()
-        folder.rmdir()
-        raise
+        folder.rename(folder.with_name(set_id))
+    finally:
+        if folder.exists():
+            shutil.rmtree(folder)
     return InputSet(input_set=set_id, files=len(files), bytes=total)
 
 
