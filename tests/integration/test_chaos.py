@@ -97,6 +97,7 @@ def _retry(api: Api, body: dict[str, object], key: str) -> str:
     return job_id
 
 
+@pytest.mark.timeout(600)  # four jobs through five faults: about four minutes on 2 cores
 def test_every_acknowledged_job_survives_the_faults_bit_identical(
     durable_redis: RedisServer, tmp_path: Path
 ) -> None:

@@ -26,12 +26,12 @@ FAST = {
     "ACTMAP_RECONCILE_AFTER_S": "3",
     "ACTMAP_BATCHES_PER_TASK": "8",
 }
-BATCH = 4  # 500 batches of the 2000 inputs: long enough to fault mid-job
+BATCH = 4  # 200 batches of the 800 inputs: long enough to fault mid-job
 
 
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return _inputs(tmp_path_factory.mktemp("inputs") / "x", 2000)
+    return _inputs(tmp_path_factory.mktemp("inputs") / "x", 800)
 
 
 @pytest.fixture(scope="module")
