@@ -111,7 +111,8 @@ def _stalled(counters: Counters, job_id: str, queue: str) -> str | None:
     at = time.time()
     last, fresh = counters.last_check_in(queue)
     if last is None:
-        return f"no worker has checked in on queue {queue} yet: start `actmap worker`"
+        # (the roster forgets entries three periods old, so "never" cannot be told apart)
+        return f"no worker has checked in on queue {queue} lately: start `actmap worker`"
     if at - last > fresh:
         return f"no worker has checked in on queue {queue} for {_for(at - last)}"
     stall = counters.stall(job_id)
