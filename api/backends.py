@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterable
 from typing import Any, Protocol
 
 from workers.analysis.requests import Analysis
-from workers.control import Status, cancel, job_page, list_jobs, status
+from workers.control import Status, can_progress, cancel, job_page, list_jobs, status
 from workers.counters import Counters
 from workers.errors import UserError
 from workers.jobs import ExtractionSpec
@@ -107,7 +107,7 @@ class BrokerBackend(_StoreReads):
     def _counters(self) -> Counters:
         from workers.counters import RedisCounters
 
-        return RedisCounters(self._url)
+        return RedisCounters(self._url, self.settings.roster_period_s)
 
     def _app(self) -> Any:
         from workers.celery_app import make_celery
@@ -124,13 +124,14 @@ class BrokerBackend(_StoreReads):
         enqueue(self._app(), self.store, job_id, batches, queue, workers=workers, cap=cap)
 
     def scan(self, spec: ExtractionSpec, wait: bool, on_plan: OnPlan, progress: Progress) -> Status:
+        from api.broker import RedisBroker
         from workers.embedded import catalogue
-        from workers.pipeline import plan
+        from workers.submit import submit
 
         info = catalogue(spec.model, spec.weights, spec.preprocessing, self.settings)
-        job = plan(self.store, spec, info)
+        keys = RedisBroker(self._url, self._app())
+        job = submit(self.store, spec, info, self._enqueue, keys=keys)
         on_plan(job)
-        self._enqueue(job.job_id, range(job.n_batches), spec.queue)
         return self.wait(job.job_id, progress) if wait else self.status(job.job_id)
 
     def wait(self, job_id: str, progress: Progress) -> Status:
@@ -223,7 +224,7 @@ class ApiBackend:
         while True:
             current = self.status(job_id)
             progress(current)
-            if current.state in ("succeeded", "partial", "failed", "cancelled"):
+            if not can_progress(current):
                 return current
             time.sleep(0.2)
 

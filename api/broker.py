@@ -7,7 +7,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import AbstractContextManager, contextmanager, suppress
 from typing import Any, Protocol
 
 from workers.counters import Counters, RedisCounters
@@ -44,6 +44,11 @@ class Broker(Protocol):
         ...
 
     def release(self, key: str) -> None: ...
+    def guard(self, name: str, timeout: float) -> Any:
+        """A context holding the lease `name` for at most `timeout` s, waiting as long
+        for it (`workers.submit.Keys`)."""
+        ...
+
     def depth(self) -> dict[str, int]: ...
     def ping(self) -> bool: ...
     def counters(self) -> Counters | None:
@@ -88,6 +93,21 @@ class RedisBroker:
 
     def release(self, key: str) -> None:
         self._redis.delete(key)
+
+    @contextmanager
+    def guard(self, name: str, timeout: float) -> Iterator[None]:
+        from redis.exceptions import LockError
+
+        from workers.submit import Busy
+
+        lock = self._redis.lock(name, timeout=timeout, blocking_timeout=timeout)
+        if not lock.acquire():
+            raise Busy("another request with this idempotency key is still submitting; retry")
+        try:
+            yield
+        finally:
+            with suppress(LockError):  # held past its timeout: another took it over
+                lock.release()
 
     def depth(self) -> dict[str, int]:
         pipe = self._redis.pipeline()
@@ -145,6 +165,7 @@ class MemoryBroker:
         self.sent: list[tuple[str, list[Any], str]] = []
         self._counters = counters
         self._keys: dict[str, str] = {}
+        self._guards: dict[str, threading.Lock] = {}
         self._lock = threading.Lock()
         self._locks: dict[str, threading.Lock] = {}
         self._tallies: dict[str, int] = {}
@@ -165,6 +186,19 @@ class MemoryBroker:
     def release(self, key: str) -> None:
         with self._lock:
             self._keys.pop(key, None)
+
+    @contextmanager
+    def guard(self, name: str, timeout: float) -> Iterator[None]:
+        with self._lock:
+            lock = self._guards.setdefault(name, threading.Lock())
+        if not lock.acquire(timeout=timeout):
+            from workers.submit import Busy
+
+            raise Busy("another request with this idempotency key is still submitting; retry")
+        try:
+            yield
+        finally:
+            lock.release()
 
     def depth(self) -> dict[str, int]:
         return dict.fromkeys(QUEUES, 0)

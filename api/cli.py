@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from pydantic import ValidationError
@@ -14,7 +14,7 @@ from rich.logging import RichHandler
 
 from api import analysis_cli, output
 from api.backends import Backend, backend_for
-from workers.control import Status
+from workers.control import Status, can_progress
 from workers.errors import ActmapError, UserError
 from workers.jobs import ExtractionSpec, JobState, Preprocessing
 from workers.settings import Settings
@@ -178,7 +178,7 @@ def _report(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _exit_code(s: Status) -> int:
-    return 0 if s.state in ("succeeded", "partial", "queued", "running") else 1
+    return 0 if s.state in ("succeeded", "partial") or can_progress(s) else 1
 
 
 def _scan(args: argparse.Namespace, settings: Settings, backend: Backend) -> int:
@@ -235,6 +235,19 @@ def _list(args: argparse.Namespace, backend: Backend) -> int:
     return 0
 
 
+def _on_change(on_status: Callable[[Status], None], say: bool) -> Callable[[Status], None]:
+    """Progress that also prints the state, with its reason, each time it changes."""
+    seen: list[tuple[str, str | None]] = []
+
+    def check(s: Status) -> None:
+        on_status(s)
+        if say and (s.state, s.reason) not in seen[-1:]:
+            seen.append((s.state, s.reason))
+            output.err.print(output.status_line(s), highlight=False)
+
+    return check
+
+
 def _jobs(args: argparse.Namespace, backend: Backend) -> int:
     if args.action == "list":
         return _list(args, backend)
@@ -245,11 +258,13 @@ def _jobs(args: argparse.Namespace, backend: Backend) -> int:
         if args.action == "status":
             result = backend.status(args.job_id)
         elif args.action == "wait":
-            result = backend.wait(args.job_id, on_status)
+            result = backend.wait(args.job_id, _on_change(on_status, not args.json))
         elif args.action == "cancel":
             result = backend.cancel(args.job_id)
         else:
-            result = backend.resume(args.job_id, not args.no_wait, on_status)
+            result = backend.resume(
+                args.job_id, not args.no_wait, _on_change(on_status, not args.json)
+            )
     if args.json:
         output.print_json(result.as_dict())
     else:
@@ -323,8 +338,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ActmapError as exc:
         print(f"actmap: {exc}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print("actmap: interrupted; `actmap jobs resume JOB` runs what is left", file=sys.stderr)
+    except KeyboardInterrupt as exc:
+        job = getattr(exc, "job_id", None)  # an embedded run names the job it stopped
+        hint = f"`actmap jobs resume {job}`" if job else "`actmap jobs resume JOB`"
+        print(f"actmap: interrupted; {hint} runs what is left", file=sys.stderr)
         return 130
 
 

@@ -11,6 +11,7 @@ import secrets
 import shutil
 import stat
 from collections.abc import Iterable
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -23,6 +24,7 @@ from starlette.concurrency import run_in_threadpool
 from api.app import Limit, Services, tenant_of
 from api.auth import Tenant, inside_roots
 from api.quotas import UploadQuota, job_slot
+from api.quotas import samples as samples_quota
 from api.schemas import (
     Accepted,
     ExtractionRequest,
@@ -46,9 +48,9 @@ from workers.control import cancel as cancel_job
 from workers.errors import JobError, SampleCode, SpecError
 from workers.extraction.inputs import OutsideRoots, Source, discover, fd_path, opened
 from workers.jobs import ExtractionSpec, JobState, TaskName, close_matches
-from workers.plan import new_job_id, plan
 from workers.storage.layout import array, attrs, open_job, read
 from workers.storage.registry import ModelRecord, Registry
+from workers.submit import Busy, Unavailable, submit
 
 __all__ = ["router"]
 
@@ -88,13 +90,20 @@ def _model_out(record: ModelRecord) -> ModelOut:
 
 
 async def _save(upload: UploadFile, target: Path, quota: UploadQuota) -> int:
-    """Stream an upload to disk, each chunk charged to the tenant's upload quota first."""
+    """Stream an upload to disk, each chunk charged to the tenant's upload quota first. It
+    is written under a hidden temporary name and renamed once whole, so a failure part-way
+    leaves no file under `target`'s name (a temporary one only after a crash)."""
     written = 0
-    with target.open("wb") as f:
-        while chunk := await upload.read(1 << 20):
-            await quota.charge(len(chunk))
-            written += len(chunk)
-            f.write(chunk)
+    partial = target.with_name(f".{target.name}.part")
+    try:
+        with partial.open("wb") as f:
+            while chunk := await upload.read(1 << 20):
+                await quota.charge(len(chunk))
+                written += len(chunk)
+                f.write(chunk)
+        partial.replace(target)
+    finally:
+        partial.unlink(missing_ok=True)
     return written
 
 
@@ -200,7 +209,9 @@ async def upload_inputs(
 ) -> InputSet:
     """Upload samples for clients without a shared filesystem; returns an input-set id."""
     set_id = f"in-{secrets.token_hex(6)}"
-    folder = _uploads(services, tenant) / set_id
+    # Filled under a hidden name and renamed whole: a set that failed part-way is never
+    # one a job can name.
+    folder = _uploads(services, tenant) / f".{set_id}.part"
     folder.mkdir(parents=True)
     quota = UploadQuota(services, tenant)
     total = 0
@@ -213,6 +224,7 @@ async def upload_inputs(
                 )
             target = folder / f"{i:05d}-{name or 'file'}"
             total += await _save(upload, target, quota)
+        folder.rename(folder.with_name(set_id))
     except BaseException:  # refused or cut off: the whole set goes, nothing counts
         shutil.rmtree(folder, ignore_errors=True)
         quota.refund()
@@ -286,31 +298,32 @@ def submit_extraction(
         queue=body.queue, roots=_roots(services, tenant),
     )  # fmt: skip
     sources = checked_sources(services, tenant, spec.inputs)
-    limit = tenant.quotas.samples_per_job
-    if len(sources) > limit:
-        raise Limit(
-            f"{len(sources)} samples is over your limit of {limit} (quotas.samples_per_job)", 413
-        )
-    job_id = new_job_id()
+    samples_quota(tenant, len(sources))
     key = f"actmap:idem:{tenant.name}:{idempotency_key}" if idempotency_key else None
-    if key is not None and (earlier := services.broker.claim(key, job_id)) is not None:
-        current = status(services.store, earlier)
-        return Accepted(
-            job_id=earlier, state=current.state, n_samples=current.n_samples, queue=body.queue
-        )
+
+    def admit() -> AbstractContextManager[None]:
+        """A new job's quota, checked and held while it is planned; a retry of a job
+        already acknowledged (or half-done) is not a new job and skips it."""
+        return job_slot(services, tenant)
+
+    def send(job_id: str, batches: list[int], queue: str) -> None:
+        _send_batches(services, job_id, batches, queue)
+
     try:
-        with job_slot(services, tenant):
-            job = plan(services.store, spec, record.catalogue, job_id, sources)
-    except Exception:
-        if key is not None:
-            services.broker.release(key)
-        raise
-    _send_batches(services, job_id, range(job.n_batches), body.queue)
+        job = submit(
+            services.store, spec, record.catalogue, send,
+            sources=sources, keys=services.broker, key=key, admit=admit,
+        )  # fmt: skip
+    except (Unavailable, Busy) as exc:
+        raise Limit(str(exc), 503) from None
+    current = status(services.store, job.job_id)
     log.info(
         "extraction queued: %d samples in %d batches on %s", job.n_samples, job.n_batches,
-        body.queue, extra={"job_id": job_id, "tenant": tenant.name},
+        body.queue, extra={"job_id": job.job_id, "tenant": tenant.name},
     )  # fmt: skip
-    return Accepted(job_id=job_id, state="queued", n_samples=job.n_samples, queue=body.queue)
+    return Accepted(
+        job_id=job.job_id, state=current.state, n_samples=job.n_samples, queue=body.queue
+    )
 
 
 def _send_batches(services: Services, job_id: str, batches: Iterable[int], queue: str) -> None:
@@ -365,7 +378,7 @@ def jobs(
 @router.get("/jobs/{job_id}", response_model=JobOut)
 def get_job(services: ServicesDep, tenant: TenantDep, job_id: str) -> JobOut:
     group = _job(services, tenant, job_id)
-    return _job_out(services, group, status(services.store, job_id))
+    return _job_out(services, group, status(services.store, job_id, services.broker.counters()))
 
 
 @router.post("/jobs/{job_id}/cancel", response_model=JobOut)

@@ -40,10 +40,13 @@ class JobState(StrEnum):
     PARTIAL = "partial"
     FAILED = "failed"
     CANCELLED = "cancelled"
+    # Never stored: status derives it for an unfinished job that is not progressing (no
+    # worker, batches with no task, interrupted), with the reason.
+    STALLED = "stalled"
 
     @property
     def finished(self) -> bool:
-        return self not in (JobState.QUEUED, JobState.RUNNING)
+        return self not in (JobState.QUEUED, JobState.RUNNING, JobState.STALLED)
 
 
 class _Frozen(BaseModel):

@@ -63,6 +63,14 @@ class Settings(BaseSettings):
     model_check_memory_mb: int = Field(default=8192, ge=256)
     model_check_timeout_s: float = Field(default=120.0, gt=0)
 
+    # Reliability: every worker child checks in on the roster, and renews the lease on the
+    # batches its task holds, each `roster_period_s`; one child of the cluster at a time
+    # then reconciles. A batch of an unfinished job that no queued message and no live lease
+    # has covered for `reconcile_after_s` is sent again (a Redis restart lost it, or its
+    # worker's host died), so a loss is noticed in about two periods plus this bound.
+    roster_period_s: float = Field(default=60.0, gt=0)
+    reconcile_after_s: float = Field(default=60.0, ge=0)
+
     @model_validator(mode="after")
     def _budget_inside_the_limit(self) -> Self:
         if self.task_budget_s is not None and self.task_budget_s >= self.task_soft_time_limit:

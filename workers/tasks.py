@@ -30,7 +30,12 @@ def register(app: Celery, runtime: Callable[[], Runtime]) -> None:
     @app.task(name=TaskName.RUN_BATCH, bind=True, max_retries=5, shared=False)  # type: ignore[untyped-decorator]
     def run_batch(self: Task, store: str, job_id: str, batches: list[int]) -> dict[str, Any]:
         try:
-            outcomes = execute_batches(store, job_id, batches, runtime())
+            # Held while the task runs: the reconciler sends again only batches nobody holds.
+            runtime().hold(job_id, batches)
+            try:
+                outcomes = execute_batches(store, job_id, batches, runtime())
+            finally:
+                runtime().let_go(job_id, batches)
         except SoftTimeLimitExceeded:
             # One batch took longer than a task may: the others of the job will too, so the
             # task's batches fail now, with what to do, rather than one limit at a time.
