@@ -45,7 +45,7 @@ USER 10001:10001
 WORKDIR /scratch
 # Liveness without `celery inspect ping`: the heartbeat file the worker's timer touches.
 HEALTHCHECK --interval=30s --timeout=5s --start-period=120s --retries=3 \
-    CMD ["python", "-c", "import os, sys, time; sys.exit(time.time() - os.stat('/scratch/health/heartbeat').st_mtime > 60)"]
+    CMD ["python", "-c", "import os, sys, time; sys.exit(time.time() - os.stat('/scratch/health/heartbeat').st_mtime > 20)"]
 # Exec form: SIGTERM reaches Celery's main process, which shuts down softly; no init that
 # signals the whole process group (that would kill the pool child mid-batch).
 ENTRYPOINT ["celery", "-A", "workers.worker_main", "worker"]
