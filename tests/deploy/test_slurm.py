@@ -8,10 +8,12 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -98,7 +100,7 @@ def slurm(tmp_path: Path) -> Iterator[Slurm]:
     env = {**os.environ, "SLURM_CONF": str(where / "slurm.conf")}
     started: list[Path] = []
     try:
-        for argv, pid in (
+        for argv, pidfile in (
             (["munged", "-f", f"--key-file={key}", f"--socket={where}/munge.sock",
               f"--pid-file={where}/munged.pid", f"--log-file={where}/munged.log",
               f"--seed-file={where}/munged.seed"], "munged.pid"),
@@ -106,16 +108,17 @@ def slurm(tmp_path: Path) -> Iterator[Slurm]:
             (["slurmd", "-c"], "slurmd.pid"),
         ):  # fmt: skip
             subprocess.run(argv, env=env, check=True, timeout=60, capture_output=True)
-            started.append(where / pid)
-            until((where / pid).exists, 30, f"{argv[0]} to start")
+            started.append(where / pidfile)
+            until((where / pidfile).exists, 30, f"{argv[0]} to start")
         cluster = Slurm(where, env)
         until(lambda: "idle" in cluster.run("sinfo", "-h", "-o", "%T"), 60, "the node idle")
         yield cluster
     finally:
-        for pid in reversed(started):  # the daemons this fixture started, by their pid files
-            with_pid = pid.read_text().strip() if pid.exists() else ""
-            if with_pid.isdigit():
-                subprocess.run(["kill", with_pid], check=False)
+        for path in reversed(started):  # the daemons this fixture started, by their pid files
+            pid = path.read_text().strip() if path.exists() else ""
+            if pid.isdigit():
+                with suppress(ProcessLookupError):
+                    os.kill(int(pid), signal.SIGTERM)
 
 
 def test_the_array_script_stops_softly_before_its_limit_and_the_next_element_finishes(
