@@ -22,7 +22,7 @@ OVERLAYS = ("dev-cpu", "gpu", "gpu-keda")
 def kubectl() -> str | None:
     """kubectl on PATH, else the one `.ci/run` installs beside the validators."""
     found = shutil.which("kubectl")
-    local = ROOT / ".ci-deploy-venv" / "bin" / "kubectl"
+    local = ROOT / ".ci-venv" / "deploy-tools" / "bin" / "kubectl"
     return found or (str(local) if local.exists() else None)
 
 
