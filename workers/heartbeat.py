@@ -7,6 +7,9 @@ ping` (a broadcast that imports the app per probe and leaves reply keys in Redis
 - `ready`: present while the broker connection is up (a consumer step, stopped on a lost
   connection) and the pool child has imported torch and chosen its device, the model
   cache's part that can fail on a bad GPU node.
+
+Once a shutdown begins `ready` goes and the heartbeat stops with the worker's event loop
+while the pool finishes its task; the platform is already stopping the container then.
 """
 
 from __future__ import annotations
@@ -48,11 +51,14 @@ def install(app: Celery, directory: str, every_s: float) -> None:
         requires = {"celery.worker.components:Timer", "celery.worker.components:Pool"}
 
         def __init__(self, worker: Any, **kwargs: Any) -> None:
+            # Before the pool forks: files a previous run left (a scratch volume outlives a
+            # restarted container) must not pass the probes for this one.
             self.entry: Any = None
+            for name in (READY, HEARTBEAT, _CHILD):
+                _remove(where / name)
 
         def start(self, worker: Any) -> None:
             where.mkdir(parents=True, exist_ok=True)
-            _remove(where / _CHILD)
             self.tick()
             self.entry = worker.timer.call_repeatedly(every_s, self.tick)
 
@@ -64,10 +70,10 @@ def install(app: Celery, directory: str, every_s: float) -> None:
                 _remove(where / READY)
 
         def stop(self, worker: Any) -> None:
+            # Not ready from now on; the heartbeat goes stale by itself once the loop stops.
             if self.entry is not None:
                 self.entry.cancel()
-            for name in (READY, HEARTBEAT, _CHILD):
-                _remove(where / name)
+            _remove(where / READY)
 
     class Connected(bootsteps.StartStopStep):  # type: ignore[misc]
         requires = {"celery.worker.consumer.tasks:Tasks"}
