@@ -71,6 +71,33 @@ class Settings(BaseSettings):
     roster_period_s: float = Field(default=60.0, gt=0)
     reconcile_after_s: float = Field(default=60.0, ge=0)
 
+    # Under a platform (Kubernetes, compose, Slurm): on SIGTERM a worker finishes its task,
+    # which its hard limit bounds, so the soft-shutdown wait must outlast that limit, and the
+    # platform's grace period this wait (deploy/README.md has the table). None: limit + 30 s.
+    soft_shutdown_s: int | None = Field(default=None, ge=1)
+    # A directory for the liveness heartbeat and readiness files (workers/heartbeat.py);
+    # None: no files, as on a laptop.
+    health_dir: str | None = None
+    heartbeat_s: float = Field(default=5.0, gt=0)
+
+    @model_validator(mode="after")
+    def _shutdown_between_limit_and_redelivery(self) -> Self:
+        if not self.task_time_limit < self.shutdown_s < self.visibility_timeout:
+            raise ValueError(
+                f"ACTMAP_SOFT_SHUTDOWN_S ({self.shutdown_s}) must lie between "
+                f"ACTMAP_TASK_TIME_LIMIT ({self.task_time_limit}) and the Redis visibility "
+                f"timeout ({self.visibility_timeout} = 2 x the time limit + 60)"
+            )
+        return self
+
+    @property
+    def shutdown_s(self) -> int:
+        """How long a worker may take to stop on SIGTERM: past the task hard limit, so the
+        batch running is finished or handed back, never cut by the platform's kill."""
+        if self.soft_shutdown_s is not None:
+            return self.soft_shutdown_s
+        return self.task_time_limit + 30
+
     @model_validator(mode="after")
     def _budget_inside_the_limit(self) -> Self:
         if self.task_budget_s is not None and self.task_budget_s >= self.task_soft_time_limit:
