@@ -282,9 +282,16 @@ def submit_extraction(
     idempotency_key: Annotated[str | None, Header(max_length=200)] = None,
 ) -> Accepted:
     """Plan an extraction here (no worker needed) and queue its batches."""
-    record = Registry(services.store).get(tenant.name, body.model_id)
+    registry = Registry(services.store)
+    record = registry.get(tenant.name, body.model_id)
     if record.state != "ready" or record.catalogue is None:
         raise Limit(f"model {record.id} is {record.state}: {record.error or 'wait for it'}", 409)
+    if not services.tenants.open and not registry.keeps_files_of(record):
+        raise Limit(
+            f"model {record.id} was registered by path before models were copied into the "
+            "registry, so its file could still be swapped; register it again",
+            409,
+        )
     known = record.catalogue.layer_names()
     for layer in body.layers:
         if layer not in known:

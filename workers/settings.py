@@ -105,6 +105,12 @@ class Settings(BaseSettings):
                 f"ACTMAP_TASK_BUDGET_S ({self.task_budget_s:g}) must be below "
                 f"ACTMAP_TASK_SOFT_TIME_LIMIT ({self.task_soft_time_limit})"
             )
+        # A task's first load of a model waits on the check in its child.
+        if self.model_check_timeout_s >= self.task_soft_time_limit:
+            raise ValueError(
+                f"ACTMAP_MODEL_CHECK_TIMEOUT_S ({self.model_check_timeout_s:g}) must be below "
+                f"ACTMAP_TASK_SOFT_TIME_LIMIT ({self.task_soft_time_limit})"
+            )
         return self
 
     @property
