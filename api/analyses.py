@@ -3,15 +3,18 @@ screening jobs on the `screen` queue, under the same tenant rules as every route
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from fastapi import APIRouter
 
+from api.quotas import job_slot, samples
 from api.routes import (
     _PROBLEMS,
     ServicesDep,
     TenantDep,
     _job,
+    _roots,
     _send_batches,
     _sources,
     checked_sources,
@@ -42,6 +45,8 @@ def _queue(services: Any, tenant: Any, kind: str, params: dict[str, Any]) -> Ana
 
 
 def _analysis(services: Any, tenant: Any, analysis_id: str) -> AnalysisOut:
+    if not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", analysis_id):  # never a path in the store
+        raise JobError("no such analysis of yours; its id is what POST /v1/analyses/* gave")
     missing = JobError(f"no analysis {analysis_id!r} of yours")
     try:
         found = describe(services.store, analysis_id)
@@ -110,7 +115,7 @@ def screenings(services: ServicesDep, tenant: TenantDep, body: ScreeningRequest)
         {**spec, "inputs": tuple(_sources(services, tenant, request)), "layers": tuple(layers),
          "labels_csv": None, "labels_from_dirs": False, "profile_id": body.profile_id,
          "queue": "screen", "channels": None, "top_k": None, "max_size": None,
-         "tenant": tenant.name}
+         "tenant": tenant.name, "roots": _roots(services, tenant)}
     )  # fmt: skip
     from workers.storage.registry import Registry
 
@@ -119,7 +124,9 @@ def screenings(services: ServicesDep, tenant: TenantDep, body: ScreeningRequest)
         raise SpecError("the profile's model is no longer registered")
     job_id = new_job_id()
     sources = checked_sources(services, tenant, screening.inputs)
-    job = plan(services.store, screening, catalogue, job_id, sources)
+    samples(tenant, len(sources))
+    with job_slot(services, tenant):
+        job = plan(services.store, screening, catalogue, job_id, sources)
     _send_batches(services, job_id, range(job.n_batches), "screen")
     return Accepted(job_id=job_id, state="queued", n_samples=job.n_samples, queue="screen")
 

@@ -12,8 +12,11 @@ from pathlib import Path
 from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, Request, Response
+from fastapi.dependencies.models import Dependant
+from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from fastapi.routing import APIRoute
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -22,12 +25,15 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from api.auth import Tenant, Tenants
 from api.broker import Broker
-from workers.errors import JobError, UserError
+from api.gate import Gate
+from api.logs import redact_access_log
+from workers.errors import JobError, SpecError, UserError
 from workers.settings import Settings
-from workers.storage.layout import attrs, job_ids, open_job
+from workers.storage.index import figures
 
 __all__ = ["Limit", "Services", "create_app"]
 
@@ -85,6 +91,26 @@ class _Unauthorized(Exception):
     pass
 
 
+def _query_names(dependant: Dependant) -> set[str]:
+    names = {p.alias for p in dependant.query_params}
+    for sub in dependant.dependencies:
+        names |= _query_names(sub)
+    return names
+
+
+def _known_query(request: Request) -> None:
+    """Raises SpecError for a query parameter the route does not take: a mistyped option,
+    or a token put in the URL, is refused rather than ignored."""
+    route = request.scope.get("route")
+    if not isinstance(route, APIRoute):
+        return
+    known = _query_names(route.dependant)
+    unknown = sorted(set(request.query_params) - known)
+    if unknown:
+        takes = ", ".join(sorted(known)) or "none"
+        raise SpecError(f"unknown query parameter {unknown[0][:40]!r}; this route takes: {takes}")
+
+
 def _one_line(exc: RequestValidationError) -> str:
     first = exc.errors()[0]
     where = ".".join(str(p) for p in first.get("loc", ()) if p != "body") or "request"
@@ -112,29 +138,52 @@ def _handlers(app: FastAPI) -> None:
     async def user_error(_r: Request, exc: UserError) -> JSONResponse:
         return JSONResponse({"detail": str(exc)}, status_code=422)
 
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        if exc.status_code != 405:
+            return await http_exception_handler(request, exc)
+        # Starlette names the methods of the first route matching the path only.
+        allowed = sorted(
+            {
+                m
+                for r in app.routes
+                if isinstance(r, APIRoute) and r.path_regex.match(request.url.path)
+                for m in r.methods or ()
+            }
+        )
+        return JSONResponse(
+            {"detail": f"method not allowed here; use {', '.join(allowed)}"},
+            status_code=405,
+            headers={"Allow": ", ".join(allowed)},
+        )
+
     @app.exception_handler(RequestValidationError)
     async def invalid(_r: Request, exc: RequestValidationError) -> JSONResponse:
         errors = [{k: v for k, v in e.items() if k in ("loc", "msg", "type")} for e in exc.errors()]
         return JSONResponse({"detail": _one_line(exc), "errors": errors}, status_code=422)
 
 
+def _metrics_allowed(settings: Settings, authorization: str | None) -> None:
+    """Raises unless `/metrics` is open, or behind a token and `authorization` carries it:
+    the job counts are of every tenant, so no tenant's token is enough."""
+    access = settings.metrics_access
+    if access == "off":
+        raise JobError("metrics are off on this server (ACTMAP_METRICS)")
+    if access == "token":
+        assert settings.metrics_token is not None
+        want = f"Bearer {settings.metrics_token.get_secret_value()}".encode()
+        if not secrets.compare_digest((authorization or "").encode(), want):
+            raise _Unauthorized()
+
+
 def _refresh_metrics(services: Services) -> None:
-    counts: dict[str, int] = {}
-    rate = 0.0
-    per_task: list[float] = []
-    for job_id in job_ids(services.store):
-        a = attrs(open_job(services.store, job_id, mode="r"))
-        counts[a["state"]] = counts.get(a["state"], 0) + 1
-        if a.get("elapsed_s") and a.get("n_batches"):
-            per_task.append(float(a["elapsed_s"]) / int(a["n_batches"]))
-        if a["state"] in ("queued", "running") and a.get("samples_per_s"):
-            rate += float(a["samples_per_s"])
+    found = figures(services.store)  # the job index: names, and a page of records
     for state in ("queued", "running", "succeeded", "partial", "failed", "cancelled"):
-        services.jobs.labels(state).set(counts.get(state, 0))
+        services.jobs.labels(state).set(found.counts.get(state, 0))
     for queue, depth in services.broker.depth().items():
         services.depth.labels(queue).set(depth)
-    services.rate.set(rate)
-    services.task_seconds.set(sum(per_task) / len(per_task) if per_task else 0.0)
+    services.rate.set(found.rate)
+    services.task_seconds.set(found.task_seconds)
 
 
 def create_app(settings: Settings, broker: Broker | None = None) -> FastAPI:
@@ -150,6 +199,9 @@ def create_app(settings: Settings, broker: Broker | None = None) -> FastAPI:
     app = FastAPI(title="actmap", version="0.1.0", description=__doc__)
     app.state.services = services
     _handlers(app)
+    max_body = settings.max_body_bytes or services.tenants.largest_upload() + (1 << 20)
+    app.add_middleware(Gate, tenants=services.tenants, max_body=max_body)
+    redact_access_log()
 
     @app.middleware("http")
     async def timed(
@@ -172,20 +224,22 @@ def create_app(settings: Settings, broker: Broker | None = None) -> FastAPI:
         ok = all(checks.values())
         return JSONResponse({"ready": ok, **checks}, status_code=200 if ok else 503)
 
-    @app.get("/metrics")
-    def metrics() -> Response:
+    @app.get("/metrics", include_in_schema=settings.metrics_access != "off")
+    def metrics(request: Request) -> Response:
+        _metrics_allowed(settings, request.headers.get("authorization"))
         _refresh_metrics(services)
         return Response(generate_latest(services.metrics), media_type=CONTENT_TYPE_LATEST)
 
     from api.routes import router
 
-    app.include_router(router)
+    strict = [Depends(_known_query)]
+    app.include_router(router, dependencies=strict)
     from api import pictures  # after routes: these share their tenant checks
 
-    app.include_router(pictures.router)
+    app.include_router(pictures.router, dependencies=strict)
     from api import analyses
 
-    app.include_router(analyses.router)
+    app.include_router(analyses.router, dependencies=strict)
     _document_problems(app)
     return app
 

@@ -16,11 +16,13 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import os
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from workers.errors import SpecError
+from workers.extraction.inputs import OutsideRoots, opened
 
 __all__ = ["LOCAL", "Quotas", "Tenant", "Tenants", "inside_roots"]
 
@@ -76,6 +78,10 @@ class Tenants:
             raise SpecError(f"cannot read the auth file {path}: {first}") from None
         return cls(tenants)
 
+    def largest_upload(self) -> int:
+        """The largest `upload_bytes` quota of any tenant."""
+        return max(t.quotas.upload_bytes for t in self._tenants.values())
+
     def lookup(self, token: str | None) -> Tenant | None:
         if self.open:
             return self._tenants["local"]
@@ -89,14 +95,19 @@ class Tenants:
         return found
 
 
-def inside_roots(path: str, roots: tuple[str, ...]) -> Path | None:
-    """The real path (symlinks resolved) if it lies inside one of the roots, else None."""
+def inside_roots(path: str, roots: tuple[str, ...] | None) -> bool:
+    """Whether `path` opens beneath one of the roots without following a link below one
+    (workers/extraction/beneath.py's rule; the worker and the pictures open it the same
+    way). `roots` None is the open server's single local user: any existing path, links
+    resolved."""
+    if roots is None:
+        try:
+            Path(path).resolve(strict=True)
+        except (OSError, RuntimeError, ValueError):
+            return False
+        return True
     try:
-        real = Path(path).resolve(strict=True)
-    except (OSError, RuntimeError):
-        return None
-    for root in roots:
-        base = Path(root).resolve()
-        if real == base or real.is_relative_to(base):
-            return real
-    return None
+        with opened(path, roots, os.O_PATH):
+            return True
+    except (OutsideRoots, OSError, ValueError):
+        return False

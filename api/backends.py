@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterable
 from typing import Any, Protocol
 
 from workers.analysis.requests import Analysis
-from workers.control import Status, cancel, list_jobs, status
+from workers.control import Status, can_progress, cancel, job_page, list_jobs, status
 from workers.counters import Counters
 from workers.errors import UserError
 from workers.jobs import ExtractionSpec
@@ -22,6 +22,7 @@ __all__ = ["ApiBackend", "Backend", "BrokerBackend", "EmbeddedBackend", "backend
 OnPlan = Callable[[Any], None]
 Progress = Callable[[Status], None]
 AnalysisProgress = Callable[[Analysis], None]
+Page = tuple[list[Status], str | None]  # a page of jobs and the next page's cursor
 # The tenant of analyses sent straight to the store (embedded, broker): a trusted caller.
 _LOCAL = "local"
 
@@ -34,6 +35,7 @@ class Backend(Protocol):
     ) -> Status: ...
     def status(self, job_id: str) -> Status: ...
     def list(self, state: str | None) -> list[Status]: ...
+    def page(self, state: str | None, limit: int, cursor: str | None) -> Page: ...
     def wait(self, job_id: str, progress: Progress) -> Status: ...
     def cancel(self, job_id: str) -> Status: ...
     def resume(self, job_id: str, wait: bool, progress: Progress) -> Status: ...
@@ -53,6 +55,9 @@ class _StoreReads:
 
     def list(self, state: str | None) -> list[Status]:
         return list_jobs(self.store, state)
+
+    def page(self, state: str | None, limit: int, cursor: str | None) -> Page:
+        return job_page(self.store, limit, cursor, state, counters=self._counters())
 
     def cancel(self, job_id: str) -> Status:
         return cancel(self.store, job_id)
@@ -102,7 +107,7 @@ class BrokerBackend(_StoreReads):
     def _counters(self) -> Counters:
         from workers.counters import RedisCounters
 
-        return RedisCounters(self._url)
+        return RedisCounters(self._url, self.settings.roster_period_s)
 
     def _app(self) -> Any:
         from workers.celery_app import make_celery
@@ -119,13 +124,14 @@ class BrokerBackend(_StoreReads):
         enqueue(self._app(), self.store, job_id, batches, queue, workers=workers, cap=cap)
 
     def scan(self, spec: ExtractionSpec, wait: bool, on_plan: OnPlan, progress: Progress) -> Status:
+        from api.broker import RedisBroker
         from workers.embedded import catalogue
-        from workers.pipeline import plan
+        from workers.submit import submit
 
         info = catalogue(spec.model, spec.weights, spec.preprocessing, self.settings)
-        job = plan(self.store, spec, info)
+        keys = RedisBroker(self._url, self._app())
+        job = submit(self.store, spec, info, self._enqueue, keys=keys)
         on_plan(job)
-        self._enqueue(job.job_id, range(job.n_batches), spec.queue)
         return self.wait(job.job_id, progress) if wait else self.status(job.job_id)
 
     def wait(self, job_id: str, progress: Progress) -> Status:
@@ -208,13 +214,17 @@ class ApiBackend:
     def list(self, state: str | None) -> list[Status]:
         return [self._status(j) for j in self.client.jobs(state)]
 
+    def page(self, state: str | None, limit: int, cursor: str | None) -> Page:
+        found, after = self.client.jobs_page(state, limit, cursor)
+        return [self._status(j) for j in found], after
+
     def wait(self, job_id: str, progress: Progress) -> Status:
         import time
 
         while True:
             current = self.status(job_id)
             progress(current)
-            if current.state in ("succeeded", "partial", "failed", "cancelled"):
+            if not can_progress(current):
                 return current
             time.sleep(0.2)
 

@@ -4,17 +4,37 @@ unit tests (the integration tier runs the real one)."""
 
 from __future__ import annotations
 
+import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager, suppress
 from typing import Any, Protocol
 
 from workers.counters import Counters, RedisCounters
 from workers.jobs import QUEUES
 from workers.roster import Roster
 
-__all__ = ["Broker", "MemoryBroker", "RedisBroker"]
+__all__ = ["Broker", "Busy", "MemoryBroker", "RedisBroker"]
 
 _IDEMPOTENCY_TTL = 24 * 3600
+# A tally left alone this long is dropped and counted again from its source, so that what
+# an operator deletes by hand stops counting within the hour.
+_TALLY_TTL = 3600
+# Add ARGV[1] to the tally unless that passes the limit ARGV[2]; -1 when there is no tally.
+_ADD_UNDER = """
+local held = redis.call('GET', KEYS[1])
+if not held then return -1 end
+local amount = tonumber(ARGV[1])
+local total = math.max(0, tonumber(held) + amount)
+if amount > 0 and total > tonumber(ARGV[2]) then return 0 end
+redis.call('SET', KEYS[1], total, 'EX', ARGV[3])
+return 1
+"""
+log = logging.getLogger("actmap.api")
+
+
+class Busy(Exception):
+    """Raised when a tenant's lock stays held past the wait: too many requests at once."""
 
 
 class Broker(Protocol):
@@ -24,6 +44,11 @@ class Broker(Protocol):
         ...
 
     def release(self, key: str) -> None: ...
+    def guard(self, name: str, timeout: float) -> Any:
+        """A context holding the lease `name` for at most `timeout` s, waiting as long
+        for it (`workers.submit.Keys`)."""
+        ...
+
     def depth(self) -> dict[str, int]: ...
     def ping(self) -> bool: ...
     def counters(self) -> Counters | None:
@@ -32,6 +57,16 @@ class Broker(Protocol):
 
     def workers(self, queue: str) -> int:
         """How many workers consume `queue` now (0: unknown); tasks are sized to them."""
+        ...
+
+    def lock(self, name: str, ttl_s: float) -> AbstractContextManager[None]:
+        """Held by one holder at a time across API processes; it expires after `ttl_s`
+        if its holder dies. Raises Busy when it stays taken for `ttl_s`."""
+        ...
+
+    def add(self, key: str, amount: int, limit: int, initial: Callable[[], int]) -> bool:
+        """Add `amount` to the tally at `key` (counted by `initial()` when there is none)
+        unless that takes it past `limit`; False when refused. A negative amount gives back."""
         ...
 
 
@@ -45,6 +80,7 @@ class RedisBroker:
         self._app = app
         self._counters = RedisCounters(url)
         self._roster = Roster(url)
+        self._add_under = self._redis.register_script(_ADD_UNDER)
 
     def send(self, task: str, args: list[Any], queue: str) -> None:
         self._app.send_task(task, args=args, queue=queue)
@@ -57,6 +93,21 @@ class RedisBroker:
 
     def release(self, key: str) -> None:
         self._redis.delete(key)
+
+    @contextmanager
+    def guard(self, name: str, timeout: float) -> Iterator[None]:
+        from redis.exceptions import LockError
+
+        from workers.submit import Busy
+
+        lock = self._redis.lock(name, timeout=timeout, blocking_timeout=timeout)
+        if not lock.acquire():
+            raise Busy("another request with this idempotency key is still submitting; retry")
+        try:
+            yield
+        finally:
+            with suppress(LockError):  # held past its timeout: another took it over
+                lock.release()
 
     def depth(self) -> dict[str, int]:
         pipe = self._redis.pipeline()
@@ -76,6 +127,33 @@ class RedisBroker:
     def workers(self, queue: str) -> int:
         return self._roster.size(queue)
 
+    def close(self) -> None:
+        """Close this broker's own Redis connections (the quota keys and locks)."""
+        self._redis.close()
+
+    @contextmanager
+    def lock(self, name: str, ttl_s: float) -> Iterator[None]:
+        from redis.exceptions import LockError
+
+        held = self._redis.lock(name, timeout=ttl_s, blocking_timeout=ttl_s)
+        if not held.acquire():
+            raise Busy(name)
+        try:
+            yield
+        finally:
+            try:
+                held.release()
+            except LockError:  # it expired while held: say so, the work is done
+                log.warning("lock %s expired while held (raise ACTMAP_QUOTA_LOCK_S)", name)
+
+    def add(self, key: str, amount: int, limit: int, initial: Callable[[], int]) -> bool:
+        for _ in range(2):
+            done = int(self._add_under(keys=[key], args=[amount, limit, _TALLY_TTL]))
+            if done >= 0:
+                return done == 1
+            self._redis.set(key, initial(), nx=True, ex=_TALLY_TTL)
+        return False
+
 
 class MemoryBroker:
     """Records what was sent and hands each task to `run`, if given (the API's unit tests
@@ -87,7 +165,10 @@ class MemoryBroker:
         self.sent: list[tuple[str, list[Any], str]] = []
         self._counters = counters
         self._keys: dict[str, str] = {}
+        self._guards: dict[str, threading.Lock] = {}
         self._lock = threading.Lock()
+        self._locks: dict[str, threading.Lock] = {}
+        self._tallies: dict[str, int] = {}
         self._run = run
 
     def send(self, task: str, args: list[Any], queue: str) -> None:
@@ -106,6 +187,19 @@ class MemoryBroker:
         with self._lock:
             self._keys.pop(key, None)
 
+    @contextmanager
+    def guard(self, name: str, timeout: float) -> Iterator[None]:
+        with self._lock:
+            lock = self._guards.setdefault(name, threading.Lock())
+        if not lock.acquire(timeout=timeout):
+            from workers.submit import Busy
+
+            raise Busy("another request with this idempotency key is still submitting; retry")
+        try:
+            yield
+        finally:
+            lock.release()
+
     def depth(self) -> dict[str, int]:
         return dict.fromkeys(QUEUES, 0)
 
@@ -117,3 +211,23 @@ class MemoryBroker:
 
     def workers(self, queue: str) -> int:
         return 1  # the unit tests' inline runner
+
+    @contextmanager
+    def lock(self, name: str, ttl_s: float) -> Iterator[None]:
+        with self._lock:
+            held = self._locks.setdefault(name, threading.Lock())
+        if not held.acquire(timeout=ttl_s):
+            raise Busy(name)
+        try:
+            yield
+        finally:
+            held.release()
+
+    def add(self, key: str, amount: int, limit: int, initial: Callable[[], int]) -> bool:
+        with self._lock:
+            total = self._tallies[key] if key in self._tallies else initial()
+            if amount > 0 and total + amount > limit:
+                self._tallies[key] = total
+                return False
+            self._tallies[key] = max(0, total + amount)
+            return True

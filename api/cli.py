@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from pydantic import ValidationError
@@ -14,7 +14,7 @@ from rich.logging import RichHandler
 
 from api import analysis_cli, output
 from api.backends import Backend, backend_for
-from workers.control import Status
+from workers.control import Status, can_progress
 from workers.errors import ActmapError, UserError
 from workers.jobs import ExtractionSpec, JobState, Preprocessing
 from workers.settings import Settings
@@ -86,10 +86,16 @@ def parser() -> argparse.ArgumentParser:
     scan.add_argument("--report", metavar="DIR", help="at the end, write the job's HTML report")
     layers = sub.add_parser("layers", help="the model's layer catalogue")
     _model_args(layers)
+    keep = sub.add_parser("store", help="reindex: upgrade a store and rebuild its job index")
+    keep.add_argument("action", choices=("reindex",))
+    keep.add_argument("--store", help="store (default $ACTMAP_STORE)")
+    keep.add_argument("--json", action="store_true", help="print one JSON object at the end")
     jobs = sub.add_parser("jobs", help="list, inspect, wait for, cancel or resume jobs")
     jobs.add_argument("action", choices=("list", "status", "wait", "cancel", "resume"))
     jobs.add_argument("job_id", nargs="?", metavar="JOB")
     jobs.add_argument("--state", choices=[s.value for s in JobState], help="list: filter")
+    jobs.add_argument("--limit", type=int, help="list: this many, newest first (a page)")
+    jobs.add_argument("--cursor", help="list: the page after this one (printed with a page)")
     jobs.add_argument("--store", help="store (default $ACTMAP_STORE)")
     jobs.add_argument("--api", help="through this API (default $ACTMAP_API_URL)")
     jobs.add_argument("--no-wait", action="store_true", help="resume: return once queued")
@@ -172,7 +178,7 @@ def _report(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _exit_code(s: Status) -> int:
-    return 0 if s.state in ("succeeded", "partial", "queued", "running") else 1
+    return 0 if s.state in ("succeeded", "partial") or can_progress(s) else 1
 
 
 def _scan(args: argparse.Namespace, settings: Settings, backend: Backend) -> int:
@@ -200,14 +206,51 @@ def _scan(args: argparse.Namespace, settings: Settings, backend: Backend) -> int
     return _exit_code(result)
 
 
+def _reindex(store: str, as_json: bool) -> int:
+    from workers.storage.consolidate import reindex
+
+    n = reindex(store)
+    if as_json:
+        output.print_json({"store": store, "jobs": n})
+    else:
+        output.out.print(f"reindexed {n} jobs in {store}")
+    return 0
+
+
+def _list(args: argparse.Namespace, backend: Backend) -> int:
+    if args.limit is None and args.cursor is None:
+        found, after = backend.list(args.state), None
+    elif args.limit is not None and args.limit < 1:
+        raise UserError(f"--limit {args.limit}: give 1 or more")
+    else:
+        found, after = backend.page(args.state, args.limit or 50, args.cursor)
+    if args.json:
+        output.print_json({"jobs": [s.as_dict() for s in found], "next_cursor": after})
+        return 0
+    output.job_table(found)
+    if after is not None:
+        limit = f" --limit {args.limit}" if args.limit else ""
+        state = f" --state {args.state}" if args.state else ""
+        output.err.print(f"next page: actmap jobs list{limit}{state} --cursor {after}")
+    return 0
+
+
+def _on_change(on_status: Callable[[Status], None], say: bool) -> Callable[[Status], None]:
+    """Progress that also prints the state, with its reason, each time it changes."""
+    seen: list[tuple[str, str | None]] = []
+
+    def check(s: Status) -> None:
+        on_status(s)
+        if say and (s.state, s.reason) not in seen[-1:]:
+            seen.append((s.state, s.reason))
+            output.err.print(output.status_line(s), highlight=False)
+
+    return check
+
+
 def _jobs(args: argparse.Namespace, backend: Backend) -> int:
     if args.action == "list":
-        found = backend.list(args.state)
-        if args.json:
-            output.print_json({"jobs": [s.as_dict() for s in found]})
-        else:
-            output.job_table(found)
-        return 0
+        return _list(args, backend)
     if not args.job_id:
         raise UserError(f"`actmap jobs {args.action}` needs a JOB id")
     show = not args.json and output.err.is_terminal
@@ -215,11 +258,13 @@ def _jobs(args: argparse.Namespace, backend: Backend) -> int:
         if args.action == "status":
             result = backend.status(args.job_id)
         elif args.action == "wait":
-            result = backend.wait(args.job_id, on_status)
+            result = backend.wait(args.job_id, _on_change(on_status, not args.json))
         elif args.action == "cancel":
             result = backend.cancel(args.job_id)
         else:
-            result = backend.resume(args.job_id, not args.no_wait, on_status)
+            result = backend.resume(
+                args.job_id, not args.no_wait, _on_change(on_status, not args.json)
+            )
     if args.json:
         output.print_json(result.as_dict())
     else:
@@ -278,6 +323,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return analysis_cli.run(args, settings)
         if args.command == "report":
             return _report(args, settings)
+        if args.command == "store":
+            return _reindex(args.store or settings.store, args.json)
         store = getattr(args, "out", None) or getattr(args, "store", None) or settings.store
         backend = backend_for(
             settings, store, getattr(args, "api", None), getattr(args, "upload", False)
@@ -291,8 +338,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ActmapError as exc:
         print(f"actmap: {exc}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print("actmap: interrupted; `actmap jobs resume JOB` runs what is left", file=sys.stderr)
+    except KeyboardInterrupt as exc:
+        job = getattr(exc, "job_id", None)  # an embedded run names the job it stopped
+        hint = f"`actmap jobs resume {job}`" if job else "`actmap jobs resume JOB`"
+        print(f"actmap: interrupted; {hint} runs what is left", file=sys.stderr)
         return 130
 
 

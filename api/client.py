@@ -16,7 +16,7 @@ from __future__ import annotations
 import io
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -131,10 +131,29 @@ class Client:
         return Job(self, job_id)
 
     def jobs(self, state: str | None = None) -> list[dict[str, Any]]:
-        found: list[dict[str, Any]] = self.request(
-            "GET", "/v1/jobs", params={"state": state} if state else None
-        ).json()
-        return found
+        return list(self.iter_jobs(state))
+
+    def jobs_page(
+        self, state: str | None = None, limit: int = 50, cursor: str | None = None
+    ) -> tuple[list[dict[str, Any]], str | None]:
+        """One page, newest first, and the cursor of the next (None after the last)."""
+        params: dict[str, Any] = {"limit": limit}
+        if state:
+            params["state"] = state
+        if cursor:
+            params["cursor"] = cursor
+        response = self.request("GET", "/v1/jobs", params=params)
+        found: list[dict[str, Any]] = response.json()
+        return found, response.headers.get("X-Next-Cursor")
+
+    def iter_jobs(self, state: str | None = None, page_size: int = 50) -> Iterator[dict[str, Any]]:
+        """Every job of yours, newest first, fetched a page at a time as it is consumed."""
+        cursor: str | None = None
+        while True:
+            found, cursor = self.jobs_page(state, page_size, cursor)
+            yield from found
+            if cursor is None:
+                return
 
 
 class Job:
@@ -198,7 +217,7 @@ class Job:
         import xarray as xr
 
         where = self.client.request("GET", f"/v1/jobs/{self.id}/store").json()
-        return xr.open_datatree(where["store"], group=where["group"], engine="zarr")
+        return xr.open_datatree(f"{where['store']}/{where['group']}", engine="zarr")
 
 
 def _checked(response: httpx.Response) -> httpx.Response:

@@ -50,6 +50,10 @@ def catalogue(info: ModelInfo) -> None:
 
 def job_table(jobs: list[Status]) -> None:
     table = Table("job", "state", "samples", "done", "failed", "samples/s", "created")
+    table.columns[0].no_wrap, table.columns[0].min_width = (
+        True,
+        max(map(len, (s.job_id for s in jobs)), default=3),
+    )  # an id cut to fit is no id
     for s in jobs:
         rate = f"{s.samples_per_s:.1f}" if s.samples_per_s else "-"
         table.add_row(
@@ -110,6 +114,6 @@ def scan_report(store: str, s: Status) -> None:
     where = str(Path(store).absolute()) if "://" not in store else store
     out.print(f"results in {where} (group jobs/{s.job_id}); open with", highlight=False)
     out.print(
-        f"  xarray.open_datatree({where!r}, group='jobs/{s.job_id}', engine='zarr')",
+        f"  xarray.open_datatree({where + '/jobs/' + s.job_id!r}, engine='zarr')",
         highlight=False,
     )

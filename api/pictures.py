@@ -16,19 +16,24 @@ import zarr
 from fastapi import APIRouter, Query
 from fastapi.responses import Response
 
-from api.routes import ServicesDep, TenantDep, _job, _layer
+from api.app import Services
+from api.auth import Tenant
+from api.routes import ServicesDep, TenantDep, _job, _layer, _roots
 from workers.analysis.render import MAX_TILES, activation_grid, filter_grid
 from workers.analysis.render_charts import score_histogram
 from workers.analysis.report_job import CONV_TYPES, LayerData, input_image, read_filters, screening
 from workers.errors import JobError, SpecError
+from workers.extraction.inputs import OutsideRoots, fd_path, opened
 from workers.jobs import close_matches
 from workers.storage.layout import attrs, read
+from workers.storage.registry import Registry
 
 __all__ = ["router"]
 
 router = APIRouter(prefix="/v1", tags=["pictures"])
 _PNG: dict[int | str, dict[str, Any]] = {
     200: {"content": {"image/png": {}}, "description": "a PNG picture"},
+    401: {"description": "no or unknown bearer token"},
     404: {"description": "no such job, layer, sample or picture for this tenant"},
     422: {"description": "an invalid parameter, said in one line"},
 }
@@ -86,15 +91,38 @@ def activations_png(
         prep = job.get("spec", {}).get("preprocessing") or job.get("catalogue", {}).get(
             "preprocessing"
         )
-        picture = input_image(str(read(group, "source", slice(row, row + 1))[0]), prep)
+        source = str(read(group, "source", slice(row, row + 1))[0])
+        try:
+            picture = input_image(source, prep, _job_roots(services, tenant, job))
+        except OutsideRoots:
+            raise JobError(
+                f"the input of sample {sample} is no longer a file inside your allowed roots; "
+                "ask with image=false for the maps alone"
+            ) from None
     png = activation_grid(
         maps, picture, _positions(ids, channels), top, f"{layer} of {sample}", channel_ids=ids
     )
     return _png(png)
 
 
-def _weights(group: zarr.Group, layer: str) -> np.ndarray:
-    """The layer's weights from the store, else from a safetensors file; 404 otherwise."""
+def _job_roots(services: Services, tenant: Tenant, job: dict[str, Any]) -> tuple[str, ...] | None:
+    """The roots the job's inputs are opened beneath: those it stored, else (a job from
+    before jobs stored them) the tenant's own; None only on the open local server."""
+    stored = job.get("spec", {}).get("roots")
+    return tuple(stored) if stored is not None else _roots(services, tenant)
+
+
+def _registry(services: Services, group: zarr.Group) -> tuple[str, ...] | None:
+    """Where a job's weights may be read: its tenant's registry folder (a copy of what
+    was registered), or anywhere on the open local server."""
+    if services.tenants.open:
+        return None
+    return (str(Registry(services.store).root / str(attrs(group).get("tenant"))),)
+
+
+def _weights(services: Services, group: zarr.Group, layer: str) -> np.ndarray:
+    """The layer's weights from the store, else from the registered model's safetensors
+    copy, opened beneath the registry (never a tenant's own path); 404 otherwise."""
     kept = read_filters(group, layer)
     if kept is not None:
         return kept
@@ -103,10 +131,13 @@ def _weights(group: zarr.Group, layer: str) -> np.ndarray:
         from safetensors import SafetensorError, safe_open  # numpy only, never torch
 
         try:
-            with safe_open(path, framework="numpy") as f:
+            with (
+                opened(path, _registry(services, group)) as fd,
+                safe_open(fd_path(fd), framework="numpy") as f,
+            ):
                 if f"{layer}.weight" in f.keys():  # noqa: SIM118 (not a dict)
                     return np.asarray(f.get_tensor(f"{layer}.weight"), dtype=np.float32)
-        except (OSError, SafetensorError):  # gone or unreadable: answer the 404 below
+        except (OSError, SafetensorError, OutsideRoots):  # answer the 404 below
             pass
     raise JobError(
         "weights of this model are not readable without torch; "
@@ -130,7 +161,9 @@ def weights_png(
     convs = [r["name"] for r in rows if r.get("type") in CONV_TYPES]
     if layer not in convs:
         raise JobError(f"no conv layer {layer!r} in this model; {close_matches(layer, convs)}")
-    png = filter_grid(_weights(group, layer), over, input_channel, f"{layer}: filter weights")
+    png = filter_grid(
+        _weights(services, group, layer), over, input_channel, f"{layer}: filter weights"
+    )
     return _png(png)
 
 

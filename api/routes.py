@@ -5,9 +5,13 @@ from __future__ import annotations
 
 import io
 import logging
+import os
 import re
 import secrets
+import shutil
+import stat
 from collections.abc import Iterable
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -15,9 +19,12 @@ import numpy as np
 import zarr
 from fastapi import APIRouter, Depends, File, Form, Header, Query, Request, UploadFile
 from fastapi.responses import Response
+from starlette.concurrency import run_in_threadpool
 
 from api.app import Limit, Services, tenant_of
 from api.auth import Tenant, inside_roots
+from api.quotas import UploadQuota, job_slot
+from api.quotas import samples as samples_quota
 from api.schemas import (
     Accepted,
     ExtractionRequest,
@@ -31,7 +38,7 @@ from api.schemas import (
 )
 from workers.control import (
     Status,
-    list_jobs,
+    job_page,
     queue_of,
     resume_batches,
     status,
@@ -39,17 +46,18 @@ from workers.control import (
 )
 from workers.control import cancel as cancel_job
 from workers.errors import JobError, SampleCode, SpecError
-from workers.extraction.inputs import Source, discover
+from workers.extraction.inputs import OutsideRoots, Source, discover, fd_path, opened
 from workers.jobs import ExtractionSpec, JobState, TaskName, close_matches
-from workers.plan import new_job_id, plan
-from workers.storage.layout import array, attrs, job_ids, open_job, read
+from workers.storage.layout import array, attrs, open_job, read
 from workers.storage.registry import ModelRecord, Registry
+from workers.submit import Busy, Unavailable, submit
 
 __all__ = ["router"]
 
 _PROBLEMS: dict[int | str, dict[str, Any]] = {
     code: {"model": Problem, "description": text}
     for code, text in (
+        (400, "a body that cannot be parsed"),
         (401, "no or unknown bearer token"),
         (404, "no such id for this tenant"),
         (409, "the model or job is not in a state for this"),
@@ -63,6 +71,7 @@ log = logging.getLogger("actmap.api")
 TenantDep = Annotated[Tenant, Depends(tenant_of)]
 _SAFE_NAME = re.compile(r"[^A-Za-z0-9._-]+")
 _MAX_ROWS = 1000
+_MAX_NAME = 200  # an uploaded file's name, well inside the filesystem's 255 bytes
 
 
 def _services(request: Request) -> Services:
@@ -80,17 +89,21 @@ def _model_out(record: ModelRecord) -> ModelOut:
     )  # fmt: skip
 
 
-async def _save(upload: UploadFile, target: Path, budget: int, limit: int) -> int:
-    """Stream an upload to disk, refusing it (413) past the tenant's byte limit."""
+async def _save(upload: UploadFile, target: Path, quota: UploadQuota) -> int:
+    """Stream an upload to disk, each chunk charged to the tenant's upload quota first. It
+    is written under a hidden temporary name and renamed once whole, so a failure part-way
+    leaves no file under `target`'s name (a temporary one only after a crash)."""
     written = 0
-    with target.open("wb") as f:
-        while chunk := await upload.read(1 << 20):
-            written += len(chunk)
-            if written > budget:
-                f.close()
-                target.unlink(missing_ok=True)
-                raise Limit(f"upload over your limit of {limit} bytes (quotas.upload_bytes)", 413)
-            f.write(chunk)
+    partial = target.with_name(f".{target.name}.part")
+    try:
+        with partial.open("wb") as f:
+            while chunk := await upload.read(1 << 20):
+                await quota.charge(len(chunk))
+                written += len(chunk)
+                f.write(chunk)
+        partial.replace(target)
+    finally:
+        partial.unlink(missing_ok=True)
     return written
 
 
@@ -98,8 +111,33 @@ def _uploads(services: Services, tenant: Tenant) -> Path:
     return Path(services.store.removeprefix("file://")) / "uploads" / tenant.name
 
 
-def _roots(services: Services, tenant: Tenant) -> tuple[str, ...]:
-    return (*tenant.roots, str(_uploads(services, tenant)))
+def _roots(services: Services, tenant: Tenant) -> tuple[str, ...] | None:
+    """Where the tenant's inputs are opened beneath (its jobs carry them to the worker);
+    None for the open server's single local user, whose paths are trusted as the CLI's."""
+    if services.tenants.open:
+        return None
+    # Absolute: a worker started in another folder opens beneath the same ones.
+    return tuple(os.path.abspath(r) for r in (*tenant.roots, str(_uploads(services, tenant))))
+
+
+def _copy_beneath(path: str, roots: tuple[str, ...] | None, target: Path, beside: bool) -> None:
+    """Copy the file at `path`, opened beneath `roots`, to `target` (and its
+    `.preprocessing.json` when `beside`), so that the model is never read from the
+    tenant's path again."""
+    try:
+        with opened(path, roots) as fd:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):  # a FIFO would block the copy
+                raise OutsideRoots("is not a regular file")
+            with open(fd_path(fd), "rb") as src, target.open("wb") as out:
+                shutil.copyfileobj(src, out, 1 << 20)
+    except (OutsideRoots, OSError, ValueError):
+        target.unlink(missing_ok=True)
+        raise SpecError(
+            f"{path} is not a file inside your allowed roots (links are not followed)"
+        ) from None
+    declared = str(Path(path).with_suffix(".preprocessing.json"))
+    if beside and inside_roots(declared, roots):
+        _copy_beneath(declared, roots, target.with_suffix(".preprocessing.json"), False)
 
 
 @router.post("/models", status_code=202, response_model=ModelOut)
@@ -110,7 +148,9 @@ async def register_model(
     archive: Annotated[UploadFile | None, File(description="a torch.export .pt2")] = None,
     weights: Annotated[UploadFile | None, File(description="safetensors weights")] = None,
     factory: Annotated[str | None, Form(description="package.module:factory")] = None,
-    path: Annotated[str | None, Form(description="a .pt2 or weights under your roots")] = None,
+    path: Annotated[
+        str | None, Form(description="a .pt2 or weights under your roots", pattern=r"^[^\x00]+$")
+    ] = None,
 ) -> ModelOut:
     """Register a model; its layer catalogue is computed on a worker (state `pending`)."""
     given = [x is not None for x in (archive, weights, path)]
@@ -121,21 +161,27 @@ async def register_model(
         raise SpecError(f"factory {factory} is not on this server's allow-list")
     registry = Registry(services.store)
     model_id = registry.new_id()
+    if weights is not None and factory is None:
+        raise SpecError("weights need a factory (package.module:factory) from the allow-list")
     folder = registry.folder(tenant.name, model_id)
-    limit = tenant.quotas.upload_bytes
-    if archive is not None:
-        ref, weight_file = str(folder / "model.pt2"), None
-        await _save(archive, Path(ref), limit, limit)
-    elif weights is not None:
-        if factory is None:
-            raise SpecError("weights need a factory (package.module:factory) from the allow-list")
-        ref, weight_file = factory, str(folder / "weights.safetensors")
-        await _save(weights, Path(weight_file), limit, limit)
+    quota = UploadQuota(services, tenant)
+    try:
+        upload = archive or weights
+        if upload is not None:
+            target = folder / ("model.pt2" if archive is not None else "weights.safetensors")
+            await _save(upload, target, quota)
+        else:  # a copy: a later swap of the tenant's file changes nothing registered
+            roots = None if services.tenants.open else tenant.roots
+            target = folder / (_SAFE_NAME.sub("_", Path(str(path)).name).lstrip(".") or "model")
+            await run_in_threadpool(_copy_beneath, str(path), roots, target, factory is None)
+    except BaseException:  # refused or cut off: nothing of it stays, nothing counts
+        shutil.rmtree(folder, ignore_errors=True)
+        quota.refund()
+        raise
+    if factory is not None and archive is None:  # weights for an allow-listed factory
+        ref, weight_file = factory, str(target)
     else:
-        real = inside_roots(str(path), tenant.roots)
-        if real is None:
-            raise SpecError(f"{path} is not a file inside your allowed roots")
-        ref, weight_file = (str(real), None) if factory is None else (factory, str(real))
+        ref, weight_file = str(target), None
     record = ModelRecord(
         id=model_id, tenant=tenant.name, name=name, ref=ref, weights=weight_file,
         created=registry.stamp(),
@@ -163,19 +209,25 @@ async def upload_inputs(
 ) -> InputSet:
     """Upload samples for clients without a shared filesystem; returns an input-set id."""
     set_id = f"in-{secrets.token_hex(6)}"
-    folder = _uploads(services, tenant) / set_id
+    # Filled under a hidden name and renamed whole: a set that failed part-way is never
+    # one a job can name.
+    folder = _uploads(services, tenant) / f".{set_id}.part"
     folder.mkdir(parents=True)
-    limit = tenant.quotas.upload_bytes
+    quota = UploadQuota(services, tenant)
     total = 0
     try:
         for i, upload in enumerate(files):
             name = _SAFE_NAME.sub("_", Path(upload.filename or f"file{i}").name).lstrip(".")
+            if len(name) > _MAX_NAME:
+                raise SpecError(
+                    f"file name {name[:40]}... is over {_MAX_NAME} characters; shorten it"
+                )
             target = folder / f"{i:05d}-{name or 'file'}"
-            total += await _save(upload, target, limit - total, limit)
-    except Limit:
-        for leftover in folder.iterdir():
-            leftover.unlink()
-        folder.rmdir()
+            total += await _save(upload, target, quota)
+        folder.rename(folder.with_name(set_id))
+    except BaseException:  # refused or cut off: the whole set goes, nothing counts
+        shutil.rmtree(folder, ignore_errors=True)
+        quota.refund()
         raise
     return InputSet(input_set=set_id, files=len(files), bytes=total)
 
@@ -195,22 +247,17 @@ def _job(services: Services, tenant: Tenant, job_id: str) -> zarr.Group:
 
 
 def checked_sources(services: Services, tenant: Tenant, inputs: Iterable[str]) -> list[Source]:
-    """The samples under `inputs`, every one resolving inside the tenant's roots."""
-    sources = discover(tuple(inputs))
+    """The samples under `inputs`, every one opening beneath the tenant's roots as the
+    worker will open it (which checks again: this is for a clear answer now)."""
     roots = _roots(services, tenant)
-    for source in sources:  # a symlink inside a root may point out of it
-        if inside_roots(source.path, roots) is None:
-            raise SpecError(f"input {source.id} resolves outside your allowed roots")
+    sources = discover(tuple(inputs), roots)
+    for source in sources:
+        if not inside_roots(source.path, roots):
+            raise SpecError(
+                f"input {source.id} resolves outside your allowed roots or through a "
+                "symbolic link (links are not followed)"
+            )
     return sources
-
-
-def _active_jobs(services: Services, tenant: Tenant) -> int:
-    """Jobs of this tenant not yet finished, from their attrs alone (no ledger reads)."""
-    count = 0
-    for job_id in job_ids(services.store):
-        found = attrs(open_job(services.store, job_id, mode="r"))
-        count += found.get("tenant") == tenant.name and found["state"] == JobState.QUEUED
-    return count
 
 
 def _sources(services: Services, tenant: Tenant, body: ExtractionRequest) -> list[str]:
@@ -222,7 +269,7 @@ def _sources(services: Services, tenant: Tenant, body: ExtractionRequest) -> lis
             raise JobError(f"no input set {body.input_set!r}; upload with POST /v1/inputs")
         inputs.append(str(folder))
     for item in inputs:
-        if item.startswith("@") or inside_roots(item, roots) is None:
+        if item.startswith("@") or not inside_roots(item, roots):
             raise SpecError(f"input {item} is not inside your allowed roots")
     return inputs
 
@@ -235,9 +282,16 @@ def submit_extraction(
     idempotency_key: Annotated[str | None, Header(max_length=200)] = None,
 ) -> Accepted:
     """Plan an extraction here (no worker needed) and queue its batches."""
-    record = Registry(services.store).get(tenant.name, body.model_id)
+    registry = Registry(services.store)
+    record = registry.get(tenant.name, body.model_id)
     if record.state != "ready" or record.catalogue is None:
         raise Limit(f"model {record.id} is {record.state}: {record.error or 'wait for it'}", 409)
+    if not services.tenants.open and not registry.keeps_files_of(record):
+        raise Limit(
+            f"model {record.id} was registered by path before models were copied into the "
+            "registry, so its file could still be swapped; register it again",
+            409,
+        )
     known = record.catalogue.layer_names()
     for layer in body.layers:
         if layer not in known:
@@ -248,39 +302,35 @@ def submit_extraction(
         inputs=tuple(inputs), batch_size=body.batch_size, dtype=body.dtype,
         channels=tuple(body.channels) if body.channels else None, top_k=body.top_k,
         max_size=body.max_size, labels_from_dirs=body.labels_from_dirs, tenant=tenant.name,
-        queue=body.queue,
+        queue=body.queue, roots=_roots(services, tenant),
     )  # fmt: skip
     sources = checked_sources(services, tenant, spec.inputs)
-    limit = tenant.quotas.samples_per_job
-    if len(sources) > limit:
-        raise Limit(
-            f"{len(sources)} samples is over your limit of {limit} (quotas.samples_per_job)", 413
-        )
-    job_id = new_job_id()
+    samples_quota(tenant, len(sources))
     key = f"actmap:idem:{tenant.name}:{idempotency_key}" if idempotency_key else None
-    if key is not None and (earlier := services.broker.claim(key, job_id)) is not None:
-        current = status(services.store, earlier)
-        return Accepted(
-            job_id=earlier, state=current.state, n_samples=current.n_samples, queue=body.queue
-        )
+
+    def admit() -> AbstractContextManager[None]:
+        """A new job's quota, checked and held while it is planned; a retry of a job
+        already acknowledged (or half-done) is not a new job and skips it."""
+        return job_slot(services, tenant)
+
+    def send(job_id: str, batches: list[int], queue: str) -> None:
+        _send_batches(services, job_id, batches, queue)
+
     try:
-        if _active_jobs(services, tenant) >= tenant.quotas.queued_jobs:
-            raise Limit(
-                f"you have {tenant.quotas.queued_jobs} jobs queued or running, your limit "
-                "(quotas.queued_jobs); wait for one to finish",
-                429,
-            )
-        job = plan(services.store, spec, record.catalogue, job_id, sources)
-    except Exception:
-        if key is not None:
-            services.broker.release(key)
-        raise
-    _send_batches(services, job_id, range(job.n_batches), body.queue)
+        job = submit(
+            services.store, spec, record.catalogue, send,
+            sources=sources, keys=services.broker, key=key, admit=admit,
+        )  # fmt: skip
+    except (Unavailable, Busy) as exc:
+        raise Limit(str(exc), 503) from None
+    current = status(services.store, job.job_id)
     log.info(
         "extraction queued: %d samples in %d batches on %s", job.n_samples, job.n_batches,
-        body.queue, extra={"job_id": job_id, "tenant": tenant.name},
+        body.queue, extra={"job_id": job.job_id, "tenant": tenant.name},
     )  # fmt: skip
-    return Accepted(job_id=job_id, state="queued", n_samples=job.n_samples, queue=body.queue)
+    return Accepted(
+        job_id=job.job_id, state=current.state, n_samples=job.n_samples, queue=body.queue
+    )
 
 
 def _send_batches(services: Services, job_id: str, batches: Iterable[int], queue: str) -> None:
@@ -316,20 +366,26 @@ def _job_out(services: Services, group: zarr.Group, s: Status) -> JobOut:
 
 @router.get("/jobs", response_model=list[JobOut])
 def jobs(
-    services: ServicesDep, tenant: TenantDep, state: Annotated[JobState | None, Query()] = None
+    services: ServicesDep,
+    tenant: TenantDep,
+    response: Response,
+    state: Annotated[JobState | None, Query()] = None,
+    limit: Annotated[int, Query(ge=1, le=500)] = 50,
+    cursor: Annotated[str | None, Query(pattern=r"^[0-9]{17}_[A-Za-z0-9_-]{1,64}\.json$")] = None,
 ) -> list[JobOut]:
-    found = [
-        s
-        for s in list_jobs(services.store, state.value if state else None)
-        if s.tenant == tenant.name
-    ]
+    """Newest first; the next page's cursor, when there is one, is in `X-Next-Cursor`."""
+    found, after = job_page(
+        services.store, limit, cursor, state.value if state else None, tenant.name
+    )
+    if after is not None:
+        response.headers["X-Next-Cursor"] = after
     return [_job_out(services, open_job(services.store, s.job_id, mode="r"), s) for s in found]
 
 
 @router.get("/jobs/{job_id}", response_model=JobOut)
 def get_job(services: ServicesDep, tenant: TenantDep, job_id: str) -> JobOut:
     group = _job(services, tenant, job_id)
-    return _job_out(services, group, status(services.store, job_id))
+    return _job_out(services, group, status(services.store, job_id, services.broker.counters()))
 
 
 @router.post("/jobs/{job_id}/cancel", response_model=JobOut)
@@ -466,6 +522,6 @@ def predictions(
 
 @router.get("/jobs/{job_id}/store", response_model=StoreLocation)
 def store_location(services: ServicesDep, tenant: TenantDep, job_id: str) -> StoreLocation:
-    """Where to open the job directly: `xarray.open_datatree(store, group=group, engine="zarr")`."""
+    """Where to open the job directly: `xarray.open_datatree(f"{store}/{group}", engine="zarr")`."""
     _job(services, tenant, job_id)
     return StoreLocation(store=services.store, group=f"jobs/{job_id}")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -30,18 +30,35 @@ class _Body(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-class ExtractionRequest(_Body):
-    model_id: str = Field(description="a model registered by this tenant")
-    layers: list[str] = Field(min_length=1, max_length=64)
-    inputs: list[str] = Field(
+class _Request(_Body):
+    """A request body: types as they are (no `true` for a number, no "yes" for a flag)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+# What reaches a path on disk or in the store: no NUL byte, no path in an id.
+ServerPath = Annotated[str, Field(min_length=1, max_length=4096, pattern=r"^[^\x00]+$")]
+Name = Annotated[str, Field(min_length=1, max_length=512, pattern=r"^[^\x00]+$")]
+Id = Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
+Channel = Annotated[int, Field(ge=0)]
+Side = Annotated[int, Field(ge=1, le=65_536)]
+
+
+class ExtractionRequest(_Request):
+    model_id: Id = Field(description="a model registered by this tenant")
+    layers: list[Name] = Field(min_length=1, max_length=64)
+    inputs: list[ServerPath] = Field(
         default_factory=list, max_length=10_000, description="server paths inside your roots"
     )
-    input_set: str | None = Field(default=None, description="an id from POST /v1/inputs")
+    input_set: Id | None = Field(default=None, description="an id from POST /v1/inputs")
     batch_size: int = Field(default=32, ge=1, le=4096)
     dtype: Literal["float16", "float32"] = "float16"
-    channels: list[int] | None = Field(default=None, max_length=4096)
+    channels: list[Channel] | None = Field(
+        default=None, min_length=1, max_length=4096, json_schema_extra={"uniqueItems": True}
+    )
     top_k: int | None = Field(default=None, ge=1, le=4096)
-    max_size: tuple[int, int] | None = None
+    # A JSON array is a tuple here: strict mode would refuse it as one otherwise.
+    max_size: tuple[Side, Side] | None = Field(default=None, strict=False)
     labels_from_dirs: bool = False
     queue: Literal["extract", "screen"] = Field(
         default="extract", description="`screen` for one-sample, low-latency requests"
@@ -51,32 +68,34 @@ class ExtractionRequest(_Body):
     def _some_inputs(self) -> ExtractionRequest:
         if not self.inputs and self.input_set is None:
             raise ValueError("give inputs (server paths) or an input_set from POST /v1/inputs")
+        if self.channels is not None and len(set(self.channels)) != len(self.channels):
+            raise ValueError("channels repeat; give each channel index once")
         return self
 
 
-class Selection(_Body):
-    job_id: str
+class Selection(_Request):
+    job_id: Id
     labels: list[int] | None = None
     predictions: list[int] | None = None
     correct: bool | None = None
-    samples: list[str] | None = None
+    samples: list[Name] | None = Field(default=None, max_length=100_000)
 
 
-class ComparisonRequest(_Body):
+class ComparisonRequest(_Request):
     """Two populations: two jobs, or two subsets of one."""
 
     a: Selection
     b: Selection
-    layers: list[str] | None = None
+    layers: list[Name] | None = Field(default=None, max_length=64)
     paired: bool = False
 
 
-class ScreeningRequest(_Body):
+class ScreeningRequest(_Request):
     """A screening job: extract INPUTs on the `screen` queue and score them with a profile."""
 
-    profile_id: str
-    inputs: list[str] = Field(default_factory=list, max_length=10_000)
-    input_set: str | None = None
+    profile_id: Id
+    inputs: list[ServerPath] = Field(default_factory=list, max_length=10_000)
+    input_set: Id | None = None
 
     @model_validator(mode="after")
     def _some_inputs(self) -> ScreeningRequest:
@@ -85,21 +104,23 @@ class ScreeningRequest(_Body):
         return self
 
 
-class JobAnalysisRequest(_Body):
+class JobAnalysisRequest(_Request):
     """Filter health or family signatures of one job."""
 
-    job_id: str
-    layers: list[str] | None = None
+    job_id: Id
+    layers: list[Name] | None = Field(default=None, max_length=64)
 
 
-class ProfileRequest(_Body):
+class ProfileRequest(_Request):
     """Fit a screening profile on a clean, labelled reference job."""
 
-    reference_job: str
-    layers: list[str] | None = None
+    reference_job: Id
+    layers: list[Name] | None = Field(default=None, max_length=64)
     fpr: float = Field(default=0.05, gt=0, lt=0.5)
-    adversarial_job: str | None = None
-    detectors: list[str] | None = Field(default=None, description="default: all it has input for")
+    adversarial_job: Id | None = None
+    detectors: list[str] | None = Field(
+        default=None, max_length=32, description="default: all it has input for"
+    )
     combine: Literal["weighted", "max", "mean"] = "weighted"
 
 

@@ -43,7 +43,7 @@ def test_health_and_compare_print_an_analysis_that_opens_in_xarray(
     assert main(["health", job_id, "--store", store, "--json"]) == 0
     health = _last(capsys)
     assert health["kind"] == "health"
-    tree = xr.open_datatree(store, group=f"analyses/{health['analysis_id']}", engine="zarr")
+    tree = xr.open_datatree(f"{store}/analyses/{health['analysis_id']}", engine="zarr")
     assert tree["layers/conv3"]["on_rate"].dims == ("channel",)
     argv = [
         "compare",

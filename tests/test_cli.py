@@ -170,6 +170,10 @@ def test_a_cancelled_embedded_job_resumes_exactly_its_missing_batches(
         ({"ACTMAP_ATTEMPT_CAP": "three"}, "invalid ACTMAP_ATTEMPT_CAP: Input should be a valid"),
         ({"ACTMAP_TASK_BUDGET_S": "-1"}, "invalid ACTMAP_TASK_BUDGET_S: Input should be greater"),
         ({"ACTMAP_TASK_BUDGET_S": "600"}, "ACTMAP_TASK_BUDGET_S (600) must be below"),
+        (
+            {"ACTMAP_MODEL_CHECK_TIMEOUT_S": "540"},
+            "ACTMAP_MODEL_CHECK_TIMEOUT_S (540) must be below",
+        ),
     ],
 )
 def test_a_bad_setting_is_a_one_line_error_naming_the_variable(

@@ -186,11 +186,11 @@ def test_xarray_opens_the_table_and_every_layer_by_sample_id(
 ) -> None:
     store = tmp_path / "store"
     job_id, group = _scan(store, _spec(arrays, random_weights))
-    table = xr.open_zarr(store, group=f"jobs/{job_id}")
+    table = xr.open_zarr(f"{store}/jobs/{job_id}")
     assert table["label"].dims == ("sample",)
     assert table["logits"].dims == ("sample", "class")
     assert list(table["sample"].values) == list(read(group, "sample"))
-    tree = xr.open_datatree(store, group=f"jobs/{job_id}", engine="zarr")
+    tree = xr.open_datatree(f"{store}/jobs/{job_id}", engine="zarr")
     sid = arrays[4].as_posix()
     conv = tree["layers/conv1"].dataset.sel(sample=sid)
     assert conv["acts"].dims == ("channel", "y", "x")
@@ -206,7 +206,7 @@ def test_channel_subset_top_k_and_downsampling_are_stored_with_their_indices(
     job_id, group = _scan(store, subset)
     reference = _reference(model, arrays, batch=5)["conv1"]
     np.testing.assert_array_equal(read(group, "layers/conv1/acts"), reference[:, [3, 0, 7]])
-    tree = xr.open_datatree(store, group=f"jobs/{job_id}", engine="zarr")
+    tree = xr.open_datatree(f"{store}/jobs/{job_id}", engine="zarr")
     assert list(tree["layers/conv1"].dataset["kept_channel"].values) == [3, 0, 7]
 
     top = _spec(arrays, random_weights, layers=("conv1",), top_k=4, max_size=(7, 7))

@@ -40,6 +40,7 @@ class Outcome(StrEnum):
     CANCELLED = "cancelled"
     FAILED = "failed"  # marked failed: a user error, or past the attempt cap
     DEFERRED = "deferred"  # not started: the task's time was up; it sends these on
+    STOPPED = "stopped"  # not started: this process is stopping; a resume runs them
 
 
 OPEN_JOBS = 4  # jobs whose arrays a worker process keeps open between tasks
@@ -67,8 +68,38 @@ class Runtime:
     # Seconds after which a task starts no batch it does not expect to finish in time; the
     # rest go to a new task, so a big task never meets its time limit.
     budget_s: float | None = None
+    # How long a task's hold on its batches lasts unless renewed (`renew`, each roster
+    # period): a hold that ends tells the reconciler its worker is gone.
+    lease_s: float = 120.0
     jobs: OrderedDict[tuple[str, str], OpenJob] = field(default_factory=OrderedDict)
+    # Set to stop at the next batch boundary (Ctrl-C of the embedded default): the rest of
+    # the task's batches are left, unrun, for a resume.
+    stopping: threading.Event = field(default_factory=threading.Event)
+    holding: dict[str, list[int]] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def hold(self, job_id: str, batches: list[int]) -> None:
+        """The running task's batches: leased, renewed until `let_go`."""
+        with self._lock:
+            self.holding[job_id] = list(batches)
+        try:
+            self.counters.hold(job_id, batches, time.time() + self.lease_s)
+        except Exception:  # Redis away: the renewal retries; a resend meanwhile is harmless
+            log.warning("job %s: could not hold batches %s", job_id, batches)
+
+    def let_go(self, job_id: str, batches: list[int]) -> None:
+        with self._lock:
+            self.holding.pop(job_id, None)
+        try:
+            self.counters.drop(job_id, batches)
+        except Exception:  # Redis away: the lease ends by itself
+            log.warning("job %s: could not drop the hold on batches %s", job_id, batches)
+
+    def renew(self) -> None:
+        with self._lock:
+            held = dict(self.holding)
+        for job_id, batches in held.items():
+            self.counters.hold(job_id, batches, time.time() + self.lease_s)
 
     def open(self, store: str, job_id: str) -> OpenJob:
         """The job, opened for writes, kept for the last few jobs this process ran."""
@@ -191,6 +222,11 @@ def execute_batches(store: str, job_id: str, batches: list[int], runtime: Runtim
         began, slowest = time.monotonic(), 0.0
         for i, batch in enumerate(batches):
             now = time.monotonic()
+            if runtime.stopping.is_set():
+                for future in ahead.values():
+                    future.cancel()
+                outcomes.extend([Outcome.STOPPED] * (len(batches) - i))
+                break
             if runtime.budget_s is not None and i and now - began + slowest > runtime.budget_s:
                 for future in ahead.values():
                     future.cancel()  # if its decode has not begun

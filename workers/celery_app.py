@@ -8,6 +8,7 @@ from typing import Any
 from celery import Celery
 from kombu.entity import Queue
 
+from workers.heartbeat import install as install_heartbeat
 from workers.jobs import QUEUES
 from workers.settings import Settings
 
@@ -49,7 +50,7 @@ def make_celery(settings: Settings, broker: str | None = None) -> Celery:
         broker_connection_retry_on_startup=True,
         worker_cancel_long_running_tasks_on_connection_loss=True,
         # On SIGTERM a running batch gets this long to finish; an idle worker stops at once.
-        worker_soft_shutdown_timeout=float(settings.task_soft_time_limit),
+        worker_soft_shutdown_timeout=float(settings.shutdown_s),
         task_queues=[Queue(name) for name in QUEUES],  # type: ignore[no-untyped-call]
         task_default_queue="extract",
         task_serializer="json",
@@ -61,4 +62,6 @@ def make_celery(settings: Settings, broker: str | None = None) -> Celery:
         broker_use_ssl=_ssl_options(url),
         redis_backend_use_ssl=_ssl_options(url),
     )
+    if settings.health_dir is not None:
+        install_heartbeat(app, settings.health_dir, settings.heartbeat_s)
     return app

@@ -14,21 +14,27 @@ from datetime import UTC, datetime
 from typing import Any
 
 import numpy as np
+from redis import RedisError
 
 from workers.counters import Counters
 from workers.errors import JobError, UserError
 from workers.jobs import JobState, TaskName
 from workers.storage.consolidate import publish
+from workers.storage.index import page as index_page
 from workers.storage.layout import attrs as attrs_of
-from workers.storage.layout import job_ids, open_job, read
+from workers.storage.layout import open_job, read
 from workers.storage.ledger import done_batches
 
 __all__ = [
+    "INTERRUPTED",
     "Status",
+    "can_progress",
     "cancel",
     "enqueue",
+    "job_page",
     "finalize",
     "list_jobs",
+    "mark_interrupted",
     "mark_started",
     "now",
     "prepare_resume",
@@ -50,8 +56,26 @@ TASKS_PER_WORKER = 5
 UNKNOWN_WORKERS_PER_TASK = 4
 
 
+# The reason of a job that Ctrl-C stopped: nothing runs it until it is resumed.
+INTERRUPTED = "interrupted"
+# Rate and time left are shown while a batch completed within this many mean batch
+# intervals (and at least PROGRESS_MIN_S): a job whose batches stopped completing has none.
+PROGRESS_INTERVALS = 10
+PROGRESS_MIN_S = 30.0
+
+
 def now() -> str:
     return datetime.now(UTC).isoformat(timespec="milliseconds")
+
+
+def _clock(at: float | str) -> str:
+    """A moment as the local time of day, as an operator reads it."""
+    moment = datetime.fromisoformat(at) if isinstance(at, str) else datetime.fromtimestamp(at, UTC)
+    return moment.astimezone().strftime("%H:%M:%S")
+
+
+def _for(seconds: float) -> str:
+    return f"{seconds / 60:.0f} min" if seconds >= 120 else f"{seconds:.0f} s"
 
 
 @dataclass(frozen=True)
@@ -78,9 +102,42 @@ def _seconds(iso: str) -> float:
     return datetime.fromisoformat(iso).timestamp()
 
 
+def _batch_ranges(batches: list[int]) -> str:
+    from workers.reconciler import ranges  # numpy and redis only
+
+    return ranges(batches)
+
+
+def _stalled(counters: Counters, job_id: str, queue: str) -> str | None:
+    """Why the job is not progressing, from the roster and the reconciler, if it is not."""
+    at = time.time()
+    last, fresh = counters.last_check_in(queue)
+    if last is None:
+        # (the roster forgets entries three periods old, so "never" cannot be told apart)
+        return f"no worker has checked in on queue {queue} lately: start `actmap worker`"
+    if at - last > fresh:
+        return f"no worker has checked in on queue {queue} for {_for(at - last)}"
+    stall = counters.stall(job_id)
+    if stall.orphans:
+        since = min(stall.orphans.values())
+        return (
+            f"batches {_batch_ranges(list(stall.orphans))} have no task since {_clock(since)}; "
+            "they are sent again if none appears"
+        )
+    progressed = counters.progressed(job_id)
+    if stall.resent and stall.resent_at and (progressed or 0) < stall.resent_at:
+        return (
+            f"batches {_batch_ranges(stall.resent)} had no task, re-sent at "
+            f"{_clock(stall.resent_at)}"
+        )
+    return None
+
+
 def status(store: str, job_id: str, counters: Counters | None = None) -> Status:
     """State and progress. A job not yet finished is `running` once any batch is done or
-    a worker has started it, else `queued`."""
+    a worker has started it, else `queued`; either is `stalled`, with the reason, when it
+    cannot progress now (interrupted, no worker, batches with no task). Rate and time left
+    only while batches complete."""
     group = open_job(store, job_id, mode="r")
     attrs = attrs_of(group)
     n, size = int(attrs["n_samples"]), int(attrs["batch_size"])
@@ -88,7 +145,22 @@ def status(store: str, job_id: str, counters: Counters | None = None) -> Status:
     sizes = np.minimum(size, n - np.arange(len(done)) * size)
     samples_done = int(sizes[done].sum())
     state = JobState(attrs["state"])
-    started = counters.started(job_id) if counters else None
+    reason = attrs.get("reason") or None
+    started = progressed = None
+    stalled: str | None = None
+    if not state.finished and attrs.get("interrupted"):
+        stalled = (
+            f"{INTERRUPTED} at {_clock(str(attrs['interrupted']))}; "
+            f"`actmap jobs resume {job_id}` runs what is left"
+        )
+    elif counters is not None and not state.finished:
+        queue = str(attrs["spec"].get("queue", "extract"))
+        try:
+            started = counters.started(job_id)
+            progressed = counters.progressed(job_id)
+            stalled = _stalled(counters, job_id, queue)
+        except RedisError as exc:
+            stalled = f"the broker is unreachable ({type(exc).__name__}): progress unknown"
     if attrs.get("started"):
         started = started or _seconds(str(attrs["started"]))
     if state is JobState.QUEUED and (done.any() or started):
@@ -96,20 +168,61 @@ def status(store: str, job_id: str, counters: Counters | None = None) -> Status:
     rate = eta = None
     if state.finished and attrs.get("samples_per_s"):
         rate = float(attrs["samples_per_s"])
-    elif started and samples_done:
-        rate = samples_done / max(time.time() - started, 1e-3)
-        eta = (n - samples_done) / rate
+    elif started and samples_done and stalled is None:
+        elapsed = max(time.time() - started, 1e-3)
+        recent = progressed is None or time.time() - progressed <= max(
+            PROGRESS_MIN_S, PROGRESS_INTERVALS * elapsed / max(int(done.sum()), 1)
+        )
+        if recent or counters is None:
+            rate = samples_done / elapsed
+            eta = (n - samples_done) / rate
+    if stalled is not None:
+        state, reason = JobState.STALLED, stalled
     n_failed = int(np.count_nonzero(read(group, "error_code")))
     return Status(
         job_id, state.value, str(attrs.get("tenant", "local")), n, len(done), int(done.sum()),
         samples_done, n_failed, rate, eta, str(attrs["created"]),
-        attrs.get("finished"), attrs.get("reason") or None,
+        attrs.get("finished"), reason,
     )  # fmt: skip
 
 
+def can_progress(s: Status) -> bool:
+    """Whether the job may still end by itself: not finished, not interrupted. A job with
+    no worker may: one that starts takes its tasks from the queue."""
+    interrupted = s.state == JobState.STALLED and (s.reason or "").startswith(INTERRUPTED)
+    return not JobState(s.state).finished and not interrupted
+
+
 def list_jobs(store: str, state: str | None = None) -> list[Status]:
-    found = [status(store, job_id) for job_id in job_ids(store)]
-    return [s for s in found if state is None or s.state == state]
+    found, cursor = job_page(store, 1000, None, state)
+    while cursor is not None:
+        more, cursor = job_page(store, 1000, cursor, state)
+        found.extend(more)
+    return found
+
+
+def job_page(
+    store: str,
+    limit: int,
+    cursor: str | None = None,
+    state: str | None = None,
+    tenant: str | None = None,
+    counters: Counters | None = None,
+) -> tuple[list[Status], str | None]:
+    """A page of jobs from the job index, newest first, with the next page's cursor (None
+    after the last). The index holds each job's stored state, and a stored `queued` may be
+    running by its ledger: a filter on either reads both and keeps the jobs whose status
+    matches, so such a page may hold fewer than `limit`."""
+    live = state in (JobState.QUEUED, JobState.RUNNING)
+    states = [JobState.QUEUED.value, JobState.RUNNING.value] if live else state and [state]
+    entries, after = index_page(store, limit, cursor, tenant, states or None)
+    found = []
+    for entry in entries:
+        try:
+            found.append(status(store, entry.job_id, counters))
+        except JobError:
+            continue  # deleted since it was indexed
+    return [s for s in found if state is None or s.state == state], after
 
 
 def cancel(store: str, job_id: str) -> Status:
@@ -118,6 +231,7 @@ def cancel(store: str, job_id: str) -> Status:
     if JobState(current.state).finished:
         raise JobError(f"job {job_id} is already {current.state}; nothing to cancel")
     open_job(store, job_id).update_attributes({"state": JobState.CANCELLED.value})
+    publish(store, job_id)
     return status(store, job_id)
 
 
@@ -130,7 +244,8 @@ def prepare_resume(store: str, job_id: str, counters: Counters | None = None) ->
         return []
     ledger = done_batches(group)
     missing = [int(b) for b in np.flatnonzero(~ledger)]
-    group.update_attributes({"state": JobState.QUEUED.value, "reason": ""})
+    group.update_attributes({"state": JobState.QUEUED.value, "reason": "", "interrupted": ""})
+    publish(store, job_id)
     if counters is not None:
         counters.reset(job_id, missing, [int(b) for b in np.flatnonzero(ledger)])
     return missing
@@ -208,7 +323,8 @@ def wait(
     timeout: float | None = None,
     poll: float = 1.0,
 ) -> Status:
-    """Wait until the job is finished or cancelled, reading the store (the truth) every
+    """Wait until the job is finished, cancelled or interrupted (`can_progress`), reading
+    the store (the truth) every
     `poll` seconds for progress. With counters, the task that finalizes announces it, so
     the wait ends right after the finalize, not a poll later, and spends no CPU between
     reads. If the ledger is complete but nobody finalized (a finalizer died, Redis lost
@@ -220,7 +336,7 @@ def wait(
             current = status(store, job_id, counters)
             if progress:
                 progress(current)
-            if JobState(current.state).finished:
+            if not can_progress(current):
                 return current
             if current.batches_done == current.n_batches:
                 complete_since = complete_since or time.monotonic()
@@ -285,9 +401,16 @@ def finalize(
     return summary(store, job_id, group)
 
 
+def mark_interrupted(store: str, job_id: str) -> None:
+    """Ctrl-C stopped the job's run at a batch boundary: resumable, and said so."""
+    open_job(store, job_id).update_attributes({"interrupted": now()})
+    publish(store, job_id)  # an attrs write drops the group's consolidated map
+
+
 def mark_started(store: str, job_id: str) -> None:
     group = open_job(store, job_id)
     group.update_attributes({"state": JobState.RUNNING.value, "started": now()})
+    publish(store, job_id)
 
 
 def summary(store: str, job_id: str, group: Any = None) -> dict[str, Any]:

@@ -6,13 +6,17 @@ and guards; the ledger in the store stays the truth about what is done.
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from contextlib import suppress
+from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, Protocol, Self
 
-__all__ = ["Counters", "Listener", "MemoryCounters", "RedisCounters"]
+from workers.roster import CHECK_IN_S, Roster
+
+__all__ = ["Counters", "Listener", "MemoryCounters", "RedisCounters", "Stall"]
 
 _TTL = 7 * 24 * 3600
 
@@ -29,6 +33,16 @@ class Listener(Protocol):
     def __exit__(
         self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None: ...
+
+
+@dataclass(frozen=True)
+class Stall:
+    """What the reconciler last found of a job: batches with no task since when, and the
+    batches it last sent again, when."""
+
+    orphans: dict[int, float] = field(default_factory=dict)
+    resent: list[int] = field(default_factory=list)
+    resent_at: float | None = None
 
 
 class Counters(Protocol):
@@ -68,6 +82,40 @@ class Counters(Protocol):
         that none falls between the read and the wait."""
         ...
 
+    def progressed(self, job_id: str) -> float | None:
+        """When a batch of the job was last recorded `done`."""
+        ...
+
+    def hold(self, job_id: str, batches: list[int], until: float) -> None:
+        """A running task's lease on its batches, to renew before `until` (a Unix time)."""
+        ...
+
+    def drop(self, job_id: str, batches: list[int]) -> None:
+        """The task is over: its batches are no longer held."""
+        ...
+
+    def holds(self, job_id: str) -> dict[int, float]:
+        """Held batches and when their leases end; an ended lease is a dead holder's."""
+        ...
+
+    def orphans(self, job_id: str, batches: list[int], at: float) -> dict[int, float]:
+        """The reconciler's finding: these batches have no task now. Keeps when each was
+        first found (`at` for the new ones), forgets the others, returns the lot."""
+        ...
+
+    def resent(self, job_id: str, batches: list[int], at: float) -> None:
+        """These batches were sent again at `at`; they are no longer orphans."""
+        ...
+
+    def stall(self, job_id: str) -> Stall:
+        """The reconciler's last findings for status."""
+        ...
+
+    def last_check_in(self, queue: str) -> tuple[float | None, float]:
+        """When a worker on `queue` last checked in, if ever, and how many seconds later
+        it counts as gone."""
+        ...
+
 
 class MemoryCounters:
     """For the embedded default: one process, no Redis."""
@@ -80,6 +128,9 @@ class MemoryCounters:
         self._started: dict[str, float] = {}
         self._announced = threading.Condition()
         self._announcements: dict[str, int] = {}
+        self._progress: dict[str, float] = {}
+        self._holds: dict[str, dict[int, float]] = {}
+        self._stalls: dict[str, Stall] = {}
 
     def attempt(self, job_id: str, batch: int) -> int:
         with self._lock:
@@ -90,9 +141,45 @@ class MemoryCounters:
 
     def done(self, job_id: str, batch: int) -> int:
         with self._lock:
+            self._progress[job_id] = time.time()
             batches = self._done.setdefault(job_id, set())
             batches.add(batch)
             return len(batches)
+
+    def progressed(self, job_id: str) -> float | None:
+        return self._progress.get(job_id)
+
+    def hold(self, job_id: str, batches: list[int], until: float) -> None:
+        with self._lock:
+            self._holds.setdefault(job_id, {}).update(dict.fromkeys(batches, until))
+
+    def drop(self, job_id: str, batches: list[int]) -> None:
+        with self._lock:
+            for batch in batches:
+                self._holds.get(job_id, {}).pop(batch, None)
+
+    def holds(self, job_id: str) -> dict[int, float]:
+        with self._lock:
+            return dict(self._holds.get(job_id, {}))
+
+    def orphans(self, job_id: str, batches: list[int], at: float) -> dict[int, float]:
+        with self._lock:
+            before = self._stalls.get(job_id, Stall())
+            found = {b: before.orphans.get(b, at) for b in batches}
+            self._stalls[job_id] = Stall(found, before.resent, before.resent_at)
+            return found
+
+    def resent(self, job_id: str, batches: list[int], at: float) -> None:
+        with self._lock:
+            before = self._stalls.get(job_id, Stall())
+            left = {b: t for b, t in before.orphans.items() if b not in set(batches)}
+            self._stalls[job_id] = Stall(left, list(batches), at)
+
+    def stall(self, job_id: str) -> Stall:
+        return self._stalls.get(job_id, Stall())
+
+    def last_check_in(self, queue: str) -> tuple[float | None, float]:
+        return time.time(), float("inf")  # the embedded worker lives in this process
 
     def done_count(self, job_id: str) -> int:
         return len(self._done.get(job_id, ()))
@@ -145,13 +232,15 @@ class _MemoryListener:
 
 
 class RedisCounters:
-    """Keys `actmap:{job}:*`, expiring after a week. Each call is one round trip."""
+    """Keys `actmap:{job}:*`, expiring after a week. Each call is one round trip.
+    `period` is the roster's check-in period, for `last_check_in`."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, period: float = CHECK_IN_S) -> None:
         import redis  # the worker side only; the API has its own client
 
         self._redis = redis.Redis.from_url(url)
         self._lost = (redis.ConnectionError, redis.TimeoutError)
+        self._roster = Roster(url, period)
 
     def _key(self, job_id: str, name: str) -> str:
         return f"actmap:{job_id}:{name}"
@@ -171,9 +260,62 @@ class RedisCounters:
         pipe = self._redis.pipeline(transaction=False)
         pipe.sadd(key, batch)
         pipe.expire(key, _TTL)
+        pipe.set(self._key(job_id, "progress"), time.time(), ex=_TTL)
         pipe.scard(key)
         *_, count = pipe.execute()
         return int(count)
+
+    def progressed(self, job_id: str) -> float | None:
+        value = self._redis.get(self._key(job_id, "progress"))
+        return float(value) if value is not None else None
+
+    def hold(self, job_id: str, batches: list[int], until: float) -> None:
+        if batches:
+            key = self._key(job_id, "held")
+            pipe = self._redis.pipeline(transaction=False)
+            pipe.hset(key, mapping=dict.fromkeys(map(str, batches), until))
+            pipe.expire(key, _TTL)
+            pipe.execute()
+
+    def drop(self, job_id: str, batches: list[int]) -> None:
+        if batches:
+            self._redis.hdel(self._key(job_id, "held"), *map(str, batches))
+
+    def holds(self, job_id: str) -> dict[int, float]:
+        found = self._redis.hgetall(self._key(job_id, "held"))
+        return {int(k): float(v) for k, v in found.items()}
+
+    def orphans(self, job_id: str, batches: list[int], at: float) -> dict[int, float]:
+        key = self._key(job_id, "orphans")
+        before = {int(k): float(v) for k, v in self._redis.hgetall(key).items()}
+        found = {b: before.get(b, at) for b in batches}
+        pipe = self._redis.pipeline()
+        pipe.delete(key)
+        if found:
+            pipe.hset(key, mapping={str(b): t for b, t in found.items()})
+            pipe.expire(key, _TTL)
+        pipe.execute()
+        return found
+
+    def resent(self, job_id: str, batches: list[int], at: float) -> None:
+        pipe = self._redis.pipeline()
+        if batches:
+            pipe.hdel(self._key(job_id, "orphans"), *map(str, batches))
+        record = json.dumps({"batches": batches, "at": at})
+        pipe.set(self._key(job_id, "resent"), record, ex=_TTL)
+        pipe.execute()
+
+    def stall(self, job_id: str) -> Stall:
+        pipe = self._redis.pipeline(transaction=False)
+        pipe.hgetall(self._key(job_id, "orphans"))
+        pipe.get(self._key(job_id, "resent"))
+        orphans, resent = pipe.execute()
+        last = json.loads(resent) if resent else {"batches": [], "at": None}
+        found = {int(k): float(v) for k, v in orphans.items()}
+        return Stall(found, [int(b) for b in last["batches"]], last["at"])
+
+    def last_check_in(self, queue: str) -> tuple[float | None, float]:
+        return self._roster.last_seen(queue)
 
     def done_count(self, job_id: str) -> int:
         return int(self._redis.scard(self._key(job_id, "done")))

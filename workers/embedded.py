@@ -16,17 +16,28 @@ from celery.worker.worker import WorkController
 
 from workers.batches import Runtime
 from workers.celery_app import MEMORY_BROKER, make_celery
-from workers.control import Status, enqueue, queue_of, resume_batches, wait
+from workers.control import Status, enqueue, mark_interrupted, queue_of, resume_batches, wait
 from workers.counters import MemoryCounters
 from workers.errors import ActmapError
 from workers.extraction.cache import ModelCache
 from workers.extraction.models import load_model
 from workers.jobs import QUEUES, ExtractionSpec, ModelInfo, Preprocessing
-from workers.pipeline import Plan, plan
+from workers.pipeline import Plan
 from workers.settings import Settings
+from workers.submit import submit
 from workers.tasks import register
 
-__all__ = ["Embedded", "catalogue", "embedded", "resume", "scan"]
+__all__ = ["Embedded", "Interrupted", "catalogue", "embedded", "resume", "scan"]
+
+
+class Interrupted(KeyboardInterrupt):
+    """Raised when Ctrl-C stopped an embedded run at a batch boundary; names the job,
+    which `actmap jobs resume` finishes."""
+
+    def __init__(self, job_id: str) -> None:
+        super().__init__(job_id)
+        self.job_id = job_id
+
 
 Progress = Callable[[Status], None]
 
@@ -108,6 +119,32 @@ def embedded(settings: Settings) -> Iterator[Embedded]:
             _set_task_join_will_block(False)
 
 
+def _sender(
+    local: Embedded, store: str, settings: Settings
+) -> Callable[[str, list[int], str], None]:
+    def send(job_id: str, batches: list[int], queue: str) -> None:
+        cap = settings.batches_per_task
+        enqueue(local.app, store, job_id, batches, queue, workers=1, cap=cap)
+
+    return send
+
+
+def _until_done(local: Embedded, store: str, job_id: str, progress: Progress | None) -> Status:
+    """Wait for the worker thread to finish the job. On Ctrl-C the worker stops at its
+    next batch boundary (the batches before it written whole), then the job is recorded
+    as interrupted and `Interrupted` raised, once the `embedded` block has joined it."""
+    try:
+        return wait(store, job_id, local.runtime.counters, local.watch(progress))
+    except KeyboardInterrupt:
+        local.runtime.stopping.set()
+        raise Interrupted(job_id) from None
+
+
+def _interrupted(store: str, job_id: str | None) -> None:
+    if job_id is not None:
+        mark_interrupted(store, job_id)
+
+
 def scan(
     spec: ExtractionSpec,
     store: str,
@@ -116,19 +153,27 @@ def scan(
     progress: Progress | None = None,
 ) -> Status:
     """Plan the job, enqueue its batches, and wait for the worker thread to finish them."""
-    with embedded(settings) as local:
-        job = plan(store, spec, local.runtime.models.get(spec).info)
-        if on_plan is not None:
-            on_plan(job)
-        batches, cap = range(job.n_batches), settings.batches_per_task
-        enqueue(local.app, store, job.job_id, batches, spec.queue, workers=1, cap=cap)
-        return wait(store, job.job_id, local.runtime.counters, local.watch(progress))
+    job_id: str | None = None
+    try:
+        with embedded(settings) as local:
+            info = local.runtime.models.get(spec).info
+            job = submit(store, spec, info, _sender(local, store, settings))
+            job_id = job.job_id
+            if on_plan is not None:
+                on_plan(job)
+            return _until_done(local, store, job.job_id, progress)
+    except Interrupted:
+        _interrupted(store, job_id)
+        raise
 
 
 def resume(store: str, job_id: str, settings: Settings, progress: Progress | None = None) -> Status:
     """Run exactly the batches the ledger lacks."""
-    with embedded(settings) as local:
-        missing = resume_batches(store, job_id, local.runtime.counters)
-        queue, cap = queue_of(store, job_id), settings.batches_per_task
-        enqueue(local.app, store, job_id, missing, queue, workers=1, cap=cap)
-        return wait(store, job_id, local.runtime.counters, local.watch(progress))
+    try:
+        with embedded(settings) as local:
+            missing = resume_batches(store, job_id, local.runtime.counters)
+            _sender(local, store, settings)(job_id, missing, queue_of(store, job_id))
+            return _until_done(local, store, job_id, progress)
+    except Interrupted:
+        _interrupted(store, job_id)
+        raise

@@ -67,6 +67,7 @@ class SampleCode(IntEnum):
     TOO_LARGE = 6
     COMPUTE = 7
     BATCH_FAILED = 8
+    OUTSIDE_ROOTS = 9  # reached through a link, or no longer beneath the tenant's roots
 
     @classmethod
     def table(cls) -> dict[str, str]:

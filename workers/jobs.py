@@ -40,10 +40,13 @@ class JobState(StrEnum):
     PARTIAL = "partial"
     FAILED = "failed"
     CANCELLED = "cancelled"
+    # Never stored: status derives it for an unfinished job that is not progressing (no
+    # worker, batches with no task, interrupted), with the reason.
+    STALLED = "stalled"
 
     @property
     def finished(self) -> bool:
-        return self not in (JobState.QUEUED, JobState.RUNNING)
+        return self not in (JobState.QUEUED, JobState.RUNNING, JobState.STALLED)
 
 
 class _Frozen(BaseModel):
@@ -145,6 +148,11 @@ class ExtractionSpec(_Frozen):
     labels_csv: str | None = None
     labels_from_dirs: bool = False
     tenant: str = "local"
+    roots: tuple[str, ...] | None = Field(
+        default=None,
+        description="a tenant's job: inputs are opened beneath these folders, no link "
+        "followed; None for a trusted local job",
+    )
 
     @field_validator("layers")
     @classmethod

@@ -75,7 +75,7 @@ def decode_batch(
 
     def one(i: int) -> None:
         try:
-            x[i] = decode(str(paths[i]), prep)
+            x[i] = decode(str(paths[i]), prep, roots=spec.roots)
         except InputError as exc:
             codes[i], messages[i] = exc.code, str(exc)
 

@@ -69,12 +69,12 @@ def plan(
 ) -> Plan:
     """Check the spec against the catalogue, list the inputs, and create every array."""
     found = layouts(spec, info)
-    sources = sources if sources is not None else discover(spec.inputs)
+    sources = sources if sources is not None else discover(spec.inputs, spec.roots)
     classes: list[str] | None = None
     if spec.labels_from_dirs:
         labels, classes = labels_from_dirs(sources)
     elif spec.labels_csv:
-        labels, classes = labels_from_csv(spec.labels_csv, sources)
+        labels, classes = labels_from_csv(spec.labels_csv, sources, spec.roots)
     else:
         labels = [-1] * len(sources)
     job_id = job_id or new_job_id()

@@ -1,24 +1,32 @@
-"""Registering a model on a worker: load it the safe way and record its layer catalogue."""
+"""Registering a model on a worker: load it in a limited child process and record its layer
+catalogue, or its one-line refusal."""
 
 from __future__ import annotations
 
 from collections.abc import Collection
 
 from workers.errors import UserError
-from workers.extraction.models import load_model
+from workers.extraction.isolation import ChildLimits, load_in_child
 from workers.storage.registry import Registry
 
 __all__ = ["register_model"]
 
 
 def register_model(
-    store: str, tenant: str, model_id: str, factories: Collection[str] | None
+    store: str,
+    tenant: str,
+    model_id: str,
+    factories: Collection[str] | None,
+    limits: ChildLimits | None = None,
 ) -> str:
-    """Fill in the record's catalogue, or its one-line error. Returns the new state."""
+    """Fill in the record's catalogue, or its one-line error. Returns the new state. The
+    model is loaded in a child process with `limits`, so a hostile or broken one costs that
+    child, not this worker."""
     registry = Registry(store)
     record = registry.get(tenant, model_id)
+    allowed = None if factories is None else list(factories)
     try:
-        info = load_model(record.ref, record.weights, None, factories).info
+        info = load_in_child(record.ref, record.weights, None, allowed, limits or ChildLimits())
     except UserError as exc:
         record.state, record.error = "failed", str(exc)
     else:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Self
+from typing import Literal, Self
 
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -33,12 +33,82 @@ class Settings(BaseSettings):
     batches_per_task: int = 64
     task_budget_s: float | None = Field(default=None, ge=0)  # None: half the soft limit
     factories: tuple[str, ...] | None = None  # allow-list of package.module:factory
+    # The API's guards. A request body over `max_body_bytes` is refused as it streams
+    # (None: 1 MiB above the largest upload quota of the auth file's tenants).
+    # `/metrics`: "off" (404), "open", or "token" (Bearer `metrics_token`); unset, it is
+    # "token" when a metrics token is set, else "off" with an auth file and "open" without.
+    # `quota_lock_s`: how long a tenant's quota lock lives if its API process dies.
+    max_body_bytes: int | None = Field(default=None, ge=1)
+    metrics: Literal["off", "open", "token"] | None = None
+    metrics_token: SecretStr | None = None
+    quota_lock_s: float = Field(default=30.0, gt=0)
+
+    @model_validator(mode="after")
+    def _metrics_token_given(self) -> Self:
+        if self.metrics == "token" and self.metrics_token is None:
+            raise ValueError("ACTMAP_METRICS=token needs ACTMAP_METRICS_TOKEN")
+        return self
+
+    @property
+    def metrics_access(self) -> Literal["off", "open", "token"]:
+        """Who may read `/metrics`: the setting, or its default by what else is set."""
+        if self.metrics is not None:
+            return self.metrics
+        if self.metrics_token is not None:
+            return "token"
+        return "open" if self.auth_file is None else "off"
+
+    # A registration, and a worker's first load of model bytes it has not seen, run in a
+    # child interpreter with this address-space cap and deadline (keep it under the soft limit).
+    model_check_memory_mb: int = Field(default=8192, ge=256)
+    model_check_timeout_s: float = Field(default=120.0, gt=0)
+
+    # Reliability: every worker child checks in on the roster, and renews the lease on the
+    # batches its task holds, each `roster_period_s`; one child of the cluster at a time
+    # then reconciles. A batch of an unfinished job that no queued message and no live lease
+    # has covered for `reconcile_after_s` is sent again (a Redis restart lost it, or its
+    # worker's host died), so a loss is noticed in about two periods plus this bound.
+    roster_period_s: float = Field(default=60.0, gt=0)
+    reconcile_after_s: float = Field(default=60.0, ge=0)
+
+    # Under a platform (Kubernetes, compose, Slurm): on SIGTERM a worker finishes its task,
+    # which its hard limit bounds, so the soft-shutdown wait must outlast that limit, and the
+    # platform's grace period this wait (deploy/README.md has the table). None: limit + 30 s.
+    soft_shutdown_s: int | None = Field(default=None, ge=1)
+    # A directory for the liveness heartbeat and readiness files (workers/heartbeat.py);
+    # None: no files, as on a laptop.
+    health_dir: str | None = None
+    heartbeat_s: float = Field(default=5.0, gt=0)
+
+    @model_validator(mode="after")
+    def _shutdown_between_limit_and_redelivery(self) -> Self:
+        if not self.task_time_limit < self.shutdown_s < self.visibility_timeout:
+            raise ValueError(
+                f"ACTMAP_SOFT_SHUTDOWN_S ({self.shutdown_s}) must lie between "
+                f"ACTMAP_TASK_TIME_LIMIT ({self.task_time_limit}) and the Redis visibility "
+                f"timeout ({self.visibility_timeout} = 2 x the time limit + 60)"
+            )
+        return self
+
+    @property
+    def shutdown_s(self) -> int:
+        """How long a worker may take to stop on SIGTERM: past the task hard limit, so the
+        batch running is finished or handed back, never cut by the platform's kill."""
+        if self.soft_shutdown_s is not None:
+            return self.soft_shutdown_s
+        return self.task_time_limit + 30
 
     @model_validator(mode="after")
     def _budget_inside_the_limit(self) -> Self:
         if self.task_budget_s is not None and self.task_budget_s >= self.task_soft_time_limit:
             raise ValueError(
                 f"ACTMAP_TASK_BUDGET_S ({self.task_budget_s:g}) must be below "
+                f"ACTMAP_TASK_SOFT_TIME_LIMIT ({self.task_soft_time_limit})"
+            )
+        # A task's first load of a model waits on the check in its child.
+        if self.model_check_timeout_s >= self.task_soft_time_limit:
+            raise ValueError(
+                f"ACTMAP_MODEL_CHECK_TIMEOUT_S ({self.model_check_timeout_s:g}) must be below "
                 f"ACTMAP_TASK_SOFT_TIME_LIMIT ({self.task_soft_time_limit})"
             )
         return self

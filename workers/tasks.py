@@ -14,6 +14,7 @@ from workers import registration
 from workers.batches import Outcome, Runtime, execute_batches, give_up
 from workers.control import queue_of
 from workers.errors import TransientError
+from workers.extraction.isolation import ChildLimits
 from workers.jobs import TaskName
 
 __all__ = ["register"]
@@ -29,7 +30,12 @@ def register(app: Celery, runtime: Callable[[], Runtime]) -> None:
     @app.task(name=TaskName.RUN_BATCH, bind=True, max_retries=5, shared=False)  # type: ignore[untyped-decorator]
     def run_batch(self: Task, store: str, job_id: str, batches: list[int]) -> dict[str, Any]:
         try:
-            outcomes = execute_batches(store, job_id, batches, runtime())
+            # Held while the task runs: the reconciler sends again only batches nobody holds.
+            runtime().hold(job_id, batches)
+            try:
+                outcomes = execute_batches(store, job_id, batches, runtime())
+            finally:
+                runtime().let_go(job_id, batches)
         except SoftTimeLimitExceeded:
             # One batch took longer than a task may: the others of the job will too, so the
             # task's batches fail now, with what to do, rather than one limit at a time.
@@ -72,5 +78,7 @@ def register(app: Celery, runtime: Callable[[], Runtime]) -> None:
 
     @app.task(name=TaskName.REGISTER_MODEL, shared=False)  # type: ignore[untyped-decorator]
     def register_model(store: str, tenant: str, model_id: str) -> dict[str, Any]:
-        state = registration.register_model(store, tenant, model_id, runtime().models.factories)
+        models = runtime().models
+        limits = models.verdicts.limits if models.verdicts else ChildLimits()
+        state = registration.register_model(store, tenant, model_id, models.factories, limits)
         return {"model_id": model_id, "state": state}

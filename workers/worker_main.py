@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import gc
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import suppress
 from typing import Any
@@ -14,15 +15,20 @@ from celery.signals import worker_process_init, worker_process_shutdown
 
 from workers.batches import Runtime
 from workers.celery_app import make_celery
+from workers.control import enqueue
 from workers.counters import RedisCounters
 from workers.extraction.cache import ModelCache
+from workers.extraction.isolation import ChildLimits, Verdicts
 from workers.gpu import device
+from workers.reconciler import Reconciler
 from workers.roster import Roster, keep_checking_in, member
 from workers.settings import Settings
 from workers.tasks import register
 
 settings = Settings()
 app = make_celery(settings)
+# A hold outlives one missed renewal: renewed each period, it lasts two.
+LEASE_S = 2 * settings.roster_period_s
 
 
 @functools.cache
@@ -30,11 +36,18 @@ def runtime() -> Runtime:
     # Built on the first task, in the child: CUDA and Redis connections never cross a fork.
     assert settings.broker_url is not None
     return Runtime(
-        ModelCache(device(), factories=settings.factories),
+        ModelCache(
+            device(),
+            factories=settings.factories,
+            verdicts=Verdicts(
+                ChildLimits(settings.model_check_memory_mb, settings.model_check_timeout_s)
+            ),
+        ),
         RedisCounters(settings.broker_url.get_secret_value()),
         settings.attempt_cap,
         ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="actmap-decode"),
         settings.budget_s,
+        lease_s=LEASE_S,
     )
 
 
@@ -53,7 +66,31 @@ def _child_started(**_: Any) -> None:
     # 0.2 s a time on 2 cores, twice in 7 jobs of the queue benchmark.
     gc.freeze()
     if settings.broker_url is not None:
-        keep_checking_in(Roster(settings.broker_url.get_secret_value()), member(), _queues())
+        url = settings.broker_url.get_secret_value()
+        roster = Roster(url, settings.roster_period_s)
+        keep_checking_in(roster, member(), _queues(), _duties(url, roster))
+
+
+def _duties(url: str, roster: Roster) -> Callable[[], None]:
+    """What the child does each roster period after checking in: renew the holds of its
+    running task, then reconcile (one child of the cluster per period)."""
+
+    def send(job_id: str, batches: list[int], queue: str) -> None:
+        workers, cap = roster.size(queue), settings.batches_per_task
+        enqueue(app, settings.store, job_id, batches, queue, workers=workers, cap=cap)
+
+    counters = RedisCounters(url, settings.roster_period_s)
+    reconciler = Reconciler(
+        settings.store, url, counters, send,
+        settings.roster_period_s, settings.reconcile_after_s, LEASE_S,
+    )  # fmt: skip
+
+    def duties() -> None:
+        if runtime.cache_info().currsize:  # built by a task: there may be holds to renew
+            runtime().renew()
+        reconciler.run_once()
+
+    return duties
 
 
 @worker_process_shutdown.connect  # type: ignore[untyped-decorator]

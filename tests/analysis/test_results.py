@@ -141,8 +141,8 @@ def jobs(tmp_path_factory: pytest.TempPathFactory) -> Jobs:
 
 def _tree(store: str, analysis_id: str) -> xr.DataTree:
     # Both entry points must open without warnings (pytest turns them into errors).
-    xr.open_zarr(store, group=f"analyses/{analysis_id}").close()
-    return xr.open_datatree(store, group=f"analyses/{analysis_id}", engine="zarr")
+    xr.open_zarr(f"{store}/analyses/{analysis_id}").close()
+    return xr.open_datatree(f"{store}/analyses/{analysis_id}", engine="zarr")
 
 
 def test_health_streamed_in_small_blocks_equals_numpy_over_the_whole_array(jobs: Jobs) -> None:
@@ -283,7 +283,7 @@ def test_a_stored_profile_scores_as_the_fitted_one_and_flags_planted_outliers(
     outlier = np.char.startswith(np.asarray(jobs.stored(jobs.mixed, "sample").tolist()), "noise/")
     assert flags[outlier].all()
     assert flags[~outlier].mean() <= 0.15
-    job = xr.open_datatree(jobs.store, group=f"jobs/{jobs.mixed}", engine="zarr")
+    job = xr.open_datatree(f"{jobs.store}/jobs/{jobs.mixed}", engine="zarr")
     screen = job["screen"].dataset
     assert screen["flag"].dims == ("sample",)
     np.testing.assert_array_equal(screen["flag"], flags)

@@ -78,6 +78,7 @@ def make_api(
     run_tasks: bool = True,
     quotas: dict[str, int] | None = None,
     counters: Counters | None = None,
+    **settings_given: Any,
 ) -> Api:
     roots = {name: tmp_path / f"{name}-data" for name in ("acme", "other")}
     for name, root in roots.items():
@@ -96,7 +97,10 @@ def make_api(
     auth_file = tmp_path / "auth.json"
     auth_file.write_text(json.dumps(auth))
     settings = Settings(
-        store=str(tmp_path / "store"), auth_file=str(auth_file), factories=(FACTORY,)
+        store=str(tmp_path / "store"),
+        auth_file=str(auth_file),
+        factories=(FACTORY,),
+        **settings_given,
     )
     counters = counters or MemoryCounters()
     broker = MemoryBroker(_inline(settings, counters) if run_tasks else None, counters)

@@ -207,7 +207,8 @@ def test_the_same_idempotency_key_gets_back_the_same_job(api: Api) -> None:
     assert len(batches) == 1
 
 
-def test_health_readiness_and_metrics(api: Api) -> None:
+def test_health_readiness_and_metrics(tmp_path: Path) -> None:
+    api = make_api(tmp_path, metrics="open")
     assert api.client.get("/healthz").json() == {"status": "ok"}
     ready = api.client.get("/readyz")
     assert ready.status_code == 200

@@ -301,6 +301,7 @@ class Stack:
             "ACTMAP_BROKER_URL": self.redis_url,
             "ACTMAP_STORE": str(store),
             "ACTMAP_AUTH_FILE": str(self.auth),
+            "ACTMAP_METRICS": "open",  # the bench scrapes it; off by default with an auth file
             "ACTMAP_FACTORIES": json.dumps([FACTORY]),
             "PYTHONPATH": str(ROOT),
         }

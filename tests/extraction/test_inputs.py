@@ -17,6 +17,7 @@ from PIL import Image
 
 from workers.errors import InputError, SampleCode, SpecError
 from workers.extraction.inputs import (
+    MAX_INPUT_BYTES,
     Source,
     decode,
     discover,
@@ -68,9 +69,9 @@ def decode_error(
     path: Path, prep: Preprocessing, code: SampleCode, max_bytes: int | None = None
 ) -> InputError:
     """Decode `path`, expecting InputError `code` with a one-line message naming the file."""
-    kwargs = {} if max_bytes is None else {"max_bytes": max_bytes}
+    limit = MAX_INPUT_BYTES if max_bytes is None else max_bytes
     with pytest.raises(InputError) as info:
-        decode(str(path), prep, **kwargs)
+        decode(str(path), prep, limit)
     error = info.value
     message = str(error)
     assert error.code == code, message

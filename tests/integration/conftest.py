@@ -26,6 +26,7 @@ import redis
 from workers.celery_app import make_celery
 from workers.control import Status, status
 from workers.counters import RedisCounters
+from workers.jobs import JobState
 from workers.settings import Settings
 from workers.storage.layout import open_job, read
 
@@ -134,7 +135,8 @@ class Cluster:
     def counters(self) -> RedisCounters:
         return RedisCounters(self.redis.url)
 
-    def start(self, workers: int) -> None:
+    def start(self, workers: int, alive: int = 0) -> None:
+        """Start `workers` CPU workers; `alive` others already answer on the same Redis."""
         argv = ["worker", "--cpu", str(workers), "--queues", "extract"]
         self.launcher = subprocess.Popen(
             [sys.executable, "-m", "api.cli", *argv],
@@ -142,7 +144,9 @@ class Cluster:
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )  # fmt: skip
         app = self.app()
-        until(lambda: len(app.control.ping(timeout=0.5)) >= workers, 60, f"{workers} workers")
+        until(
+            lambda: len(app.control.ping(timeout=0.5)) >= workers + alive, 60, f"{workers} workers"
+        )
 
     def children(self) -> list[psutil.Process]:
         """The pool children doing the work: grandchildren of the launcher."""
@@ -154,6 +158,21 @@ class Cluster:
         victim = until(self.children, 30, "a worker child")[0]
         victim.send_signal(signal.SIGKILL)
         return int(victim.pid)
+
+    def kill(self) -> None:
+        """kill -9 of the whole worker: the launcher, the Celery parents and their children,
+        as when its host dies."""
+        assert self.launcher is not None
+        os.killpg(self.launcher.pid, signal.SIGKILL)
+        self.launcher.wait(10)
+        self.launcher = None
+
+    def cli(self, *argv: str, timeout: float = 180) -> subprocess.CompletedProcess[str]:
+        """`actmap ARGV` with this cluster's environment."""
+        return subprocess.run(
+            [sys.executable, "-m", "api.cli", *argv], env=self.env, cwd=ROOT,
+            capture_output=True, text=True, timeout=timeout, check=False,
+        )  # fmt: skip
 
     def stop(self) -> None:
         if self.launcher is None:
@@ -171,7 +190,7 @@ class Cluster:
 
         def finished() -> Status | None:
             current = status(self.store, job_id, counters)
-            return current if current.state not in ("queued", "running") else None
+            return current if JobState(current.state).finished else None
 
         result: Status = until(finished, timeout, f"job {job_id} to finish", every=0.2)
         return result

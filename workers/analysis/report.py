@@ -47,7 +47,7 @@ def _overview(job: Job) -> Section:
         "own from black (its lowest value) to white (its highest), so bright regions are where "
         "that filter responds most strongly; a black tile responded the same everywhere. Early "
         "layers pick up edges and strokes, deeper ones larger patterns. Open the numbers with "
-        f"<code>xarray.open_datatree({e(repr(job.store))}, group='jobs/{e(job.job_id)}', "
+        f"<code>xarray.open_datatree({e(repr(f'{job.store}/jobs/{job.job_id}'))}, "
         "engine='zarr')</code>.</p>"
     )
     return Section("Overview", body)

@@ -9,6 +9,8 @@ blocks of rows, activations one sample at a time, health in one streaming pass p
 
 from __future__ import annotations
 
+import os
+import stat
 from collections import Counter
 from dataclasses import dataclass
 from datetime import datetime
@@ -21,8 +23,8 @@ from PIL import Image, UnidentifiedImageError
 
 from workers.analysis.health import FilterHealth, layer_health
 from workers.analysis.stats import Rows, iter_rows
-from workers.errors import ActmapError
-from workers.extraction.inputs import IMAGE_SUFFIXES, decode
+from workers.errors import ActmapError, InputError, SampleCode, SpecError
+from workers.extraction.inputs import IMAGE_SUFFIXES, OutsideRoots, decode, fd_path, opened
 from workers.jobs import Preprocessing
 from workers.storage.layout import array, attrs, open_job, read
 
@@ -54,22 +56,56 @@ def read_filters(group: zarr.Group, layer: str) -> np.ndarray | None:
     return np.asarray(node[...], dtype=np.float32) if isinstance(node, zarr.Array) else None
 
 
-def input_image(source: str, prep: dict[str, Any] | None) -> np.ndarray | None:
+class TooManyPixels(SpecError):
+    """Raised when an input image is larger than the workers decode (Pillow's
+    `MAX_IMAGE_PIXELS`, the limit workers/extraction/inputs.py applies): it is never drawn."""
+
+
+def _over_limit(source: str, size: str) -> TooManyPixels:
+    return TooManyPixels(
+        f"the input {Path(source).name} is {size} {Image.MAX_IMAGE_PIXELS} pixels the workers "
+        "decode; draw the maps without it (image=false)"
+    )
+
+
+def _within_pixel_limit(source: str, size: tuple[int, int]) -> None:
+    """From the header alone, before any pixel is decoded."""
+    limit = Image.MAX_IMAGE_PIXELS
+    if limit is not None and size[0] * size[1] > limit:
+        raise _over_limit(source, f"{size[0]}x{size[1]}, over the")
+
+
+def input_image(
+    source: str, prep: dict[str, Any] | None, roots: tuple[str, ...] | None = None
+) -> np.ndarray | None:
     """What a sample looked like: an image file as it is, any other input (arrays,
-    binaries) decoded as the model saw it with `prep`; None when it cannot be read here."""
+    binaries) decoded as the model saw it with `prep`; None when it cannot be read here.
+    With `roots` (a tenant's job), the file is opened beneath them and read from that open
+    file only; one that now lies outside them or behind a link raises OutsideRoots."""
     if not source:
         return None
-    path = Path(source)
     try:
-        if path.suffix.lower() in IMAGE_SUFFIXES:
-            with Image.open(path) as opened:
-                picture = opened.convert("L" if opened.mode in ("1", "L", "I;16") else "RGB")
+        if Path(source).suffix.lower() in IMAGE_SUFFIXES:
+            with opened(source, roots) as fd:
+                if not stat.S_ISREG(os.fstat(fd).st_mode):
+                    return None
+                with Image.open(fd_path(fd)) as image:
+                    _within_pixel_limit(source, image.size)
+                    picture = image.convert("L" if image.mode in ("1", "L", "I;16") else "RGB")
             picture.thumbnail((MAX_INPUT_SIDE, MAX_INPUT_SIDE))
             return np.asarray(picture)
         if prep is None:
             return None
-        x = decode(str(path), Preprocessing.model_validate(prep))
+        x = decode(source, Preprocessing.model_validate(prep), roots=roots)
         return x[0] if x.shape[0] == 1 else np.moveaxis(x, 0, -1)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise _over_limit(source, "over twice the limit of") from None
+    except (OutsideRoots, TooManyPixels):
+        raise
+    except InputError as exc:
+        if exc.code == SampleCode.OUTSIDE_ROOTS:
+            raise OutsideRoots(str(exc)) from None
+        return None
     except (OSError, ValueError, UnidentifiedImageError, ActmapError):
         return None
 
@@ -343,7 +379,13 @@ class Job:
     def input_image(self, row: int) -> np.ndarray | None:
         if self.sources is None:
             return None
-        return input_image(str(self.sources[row]), self.preprocessing)
+        roots = self.attrs.get("spec", {}).get("roots")  # a tenant's job: beneath its roots
+        try:
+            return input_image(
+                str(self.sources[row]), self.preprocessing, None if roots is None else tuple(roots)
+            )
+        except (OutsideRoots, TooManyPixels):  # swapped for a link, or too big: drawn without
+            return None
 
     def first_conv(self) -> str | None:
         return next((r["name"] for r in self.catalogue if r["type"] in CONV_TYPES), None)

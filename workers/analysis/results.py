@@ -4,9 +4,9 @@ Owns the store side of this package's analyses: a finished job opened for readin
 per-sample table and stored layers (`StoredJob`), a selection of its samples (`Selection`),
 rows of a stored array read a block at a time (`Picked`), and each result written under
 `analyses/{analysis_id}` (`save`): arrays with named dimensions, and a JSON summary in the
-group's attrs (kind, inputs, created, actmap version and the headline numbers), published
-into the root's consolidated metadata so that `xarray.open_datatree(store,
-group="analyses/ID", engine="zarr")` opens it without warnings. Results are computed in
+group's attrs (kind, inputs, created, actmap version and the headline numbers), with the
+group's own consolidated metadata so that `xarray.open_datatree(f"{store}/analyses/ID",
+engine="zarr")` opens it without warnings. Results are computed in
 full before anything is written, so a user error never leaves half an analysis behind.
 The analyses themselves are in analyses.py and profiles.py. Numpy and Zarr only.
 """

@@ -19,17 +19,27 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from workers.errors import InputError, SampleCode, SpecError
+from workers.extraction.beneath import (
+    OutsideRoots,
+    fd_path,
+    open_beneath,
+    opened,
+    walk_beneath,
+)
 from workers.jobs import Preprocessing
 
 __all__ = [
     "IMAGE_SUFFIXES",
     "MAX_INPUT_BYTES",
+    "OutsideRoots",
     "Source",
     "decode",
     "discover",
+    "fd_path",
     "labels_from_csv",
     "labels_from_dirs",
     "nataraj_width",
+    "opened",
 ]
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif"}
@@ -69,9 +79,38 @@ def _walk(root: str) -> list[str]:
     return sorted(found, key=lambda rel: rel.split("/"))  # by parts, as paths compare
 
 
-def discover(inputs: list[str] | tuple[str, ...]) -> list[Source]:
+def _walk_beneath(root: str, roots: tuple[str, ...]) -> list[str]:
+    """`_walk` for a tenant's folder: opened beneath `roots`, no link followed, a folder
+    swapped for a link mid-walk skipped. Regular files and links are listed (a link is
+    refused when it is checked or opened), not hidden ones, nor anything in a hidden or
+    linked folder."""
+    found: list[str] = []
+    try:
+        for folder, dirs, files, fd in walk_beneath(root, roots):
+            dirs[:] = [d for d in dirs if not d.startswith(".")]
+            prefix = "" if folder == "." else folder + "/"
+            for name in files:
+                if not name.startswith(".") and _file_or_link(name, fd):
+                    found.append(prefix + name)
+    except OutsideRoots as exc:
+        raise SpecError(f"input {root} {exc}; give folders beneath your allowed roots") from None
+    return sorted(found, key=lambda rel: rel.split("/"))
+
+
+def _file_or_link(name: str, dir_fd: int) -> bool:
+    try:
+        mode = os.lstat(name, dir_fd=dir_fd).st_mode
+    except OSError:  # gone since it was listed
+        return False
+    return stat.S_ISREG(mode) or stat.S_ISLNK(mode)
+
+
+def discover(
+    inputs: list[str] | tuple[str, ...], roots: tuple[str, ...] | None = None
+) -> list[Source]:
     """Expand files, directories (recursive, sorted) and `@list.txt` into samples with
-    stable ids: the path under a directory, else the path as given."""
+    stable ids: the path under a directory, else the path as given. With `roots` (a
+    tenant's), directories are walked beneath them as `beneath` says."""
     found: list[tuple[str, Path]] = []
     for item in inputs:
         if item.startswith("@"):
@@ -84,7 +123,8 @@ def discover(inputs: list[str] | tuple[str, ...]) -> list[Source]:
             continue
         path = Path(item)
         if path.is_dir():
-            found.extend((rel, path / rel) for rel in _walk(str(path)))
+            listed = _walk(str(path)) if roots is None else _walk_beneath(str(path), roots)
+            found.extend((rel, path / rel) for rel in listed)
         elif path.exists() or path.is_symlink():
             found.append((path.as_posix(), path))
         else:
@@ -113,13 +153,21 @@ def labels_from_dirs(sources: list[Source]) -> tuple[list[int], list[str]]:
     return [index[n] for n in names], classes
 
 
-def labels_from_csv(path: str, sources: list[Source]) -> tuple[list[int], list[str] | None]:
+def labels_from_csv(
+    path: str, sources: list[Source], roots: tuple[str, ...] | None = None
+) -> tuple[list[int], list[str] | None]:
     """`sample_id,label` rows. Integer labels are kept; names map sorted to 0..K-1.
-    Samples the file does not list get -1."""
-    file = Path(path)
-    if not file.is_file():
-        raise SpecError(f"labels file {path} does not exist")
-    rows = [r for r in csv.reader(file.read_text(encoding="utf-8-sig").splitlines()) if r]
+    Samples the file does not list get -1. With `roots`, the file is opened beneath them."""
+    try:
+        with opened(path, roots) as fd:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise SpecError(f"labels file {path} is not a regular file")
+            text = Path(fd_path(fd)).read_text(encoding="utf-8-sig")
+    except OutsideRoots as exc:
+        raise SpecError(f"labels file {path} {exc}") from None
+    except OSError:
+        raise SpecError(f"labels file {path} does not exist") from None
+    rows = [r for r in csv.reader(text.splitlines()) if r]
     if rows and [c.strip().lower() for c in rows[0][:2]] == ["sample_id", "label"]:
         rows = rows[1:]
     if any(len(r) != 2 for r in rows):
@@ -140,58 +188,82 @@ def nataraj_width(size: int) -> int:
     return 1024
 
 
-def decode(path: str, prep: Preprocessing, max_bytes: int = MAX_INPUT_BYTES) -> np.ndarray:
-    """Read one sample as the model's float32 (C, H, W) input."""
-    file = Path(path)
+def decode(
+    path: str,
+    prep: Preprocessing,
+    max_bytes: int = MAX_INPUT_BYTES,
+    *,
+    roots: tuple[str, ...] | None = None,
+) -> np.ndarray:
+    """Read one sample as the model's float32 (C, H, W) input. With `roots` (a tenant's
+    job), the file is opened beneath them and read from that open file only: one that now
+    lies outside them, or is reached through a link, is refused with OUTSIDE_ROOTS."""
+    if roots is None:
+        return _decode(Path(path), Path(path).name, prep, max_bytes)
+    name = Path(path).name
+    try:
+        fd = open_beneath(path, roots)
+    except OutsideRoots as exc:
+        raise InputError(SampleCode.OUTSIDE_ROOTS, f"{name} {exc}; it is not read") from None
+    except OSError as exc:
+        raise InputError(SampleCode.UNREADABLE, f"cannot read {name}: {exc.strerror}") from exc
+    try:
+        return _decode(Path(fd_path(fd)), name, prep, max_bytes, Path(path).suffix)
+    finally:
+        os.close(fd)
+
+
+def _decode(
+    file: Path, name: str, prep: Preprocessing, max_bytes: int, suffix: str | None = None
+) -> np.ndarray:
+    """Decode `file`, named `name` in messages; `suffix` when `file` has none of its own."""
     try:
         info = file.stat()
     except OSError as exc:
-        raise InputError(SampleCode.UNREADABLE, f"cannot read {file.name}: {exc.strerror}") from exc
+        raise InputError(SampleCode.UNREADABLE, f"cannot read {name}: {exc.strerror}") from exc
     if not stat.S_ISREG(info.st_mode):
-        raise InputError(SampleCode.UNREADABLE, f"cannot read {file.name}: not a regular file")
+        raise InputError(SampleCode.UNREADABLE, f"cannot read {name}: not a regular file")
     size = info.st_size
     if size == 0:
-        raise InputError(SampleCode.EMPTY, f"{file.name} is empty")
+        raise InputError(SampleCode.EMPTY, f"{name} is empty")
     if size > max_bytes:
-        raise InputError(SampleCode.TOO_LARGE, f"{file.name} is {size} bytes, over {max_bytes}")
-    suffix = file.suffix.lower()
+        raise InputError(SampleCode.TOO_LARGE, f"{name} is {size} bytes, over {max_bytes}")
+    suffix = (file.suffix if suffix is None else suffix).lower()
     try:
         if suffix == ".npy":
-            return _array(file, prep)
+            return _array(file, name, prep)
         if suffix in IMAGE_SUFFIXES:
-            return _normalise(_image(file, prep), prep)
+            return _normalise(_image(file, name, prep), prep)
         return _normalise(_binary(file.read_bytes(), prep), prep)
     except PermissionError as exc:
-        raise InputError(
-            SampleCode.UNREADABLE, f"cannot read {file.name}: permission denied"
-        ) from exc
+        raise InputError(SampleCode.UNREADABLE, f"cannot read {name}: permission denied") from exc
 
 
-def _array(file: Path, prep: Preprocessing) -> np.ndarray:
+def _array(file: Path, name: str, prep: Preprocessing) -> np.ndarray:
     try:
         with _NPY_HEADER:  # the header only: the data is mapped, and copied below
             array = np.load(file, mmap_mode="r", allow_pickle=False)
     except PermissionError:
         raise
     except (ValueError, OSError, EOFError) as exc:
-        raise InputError(SampleCode.CORRUPT, f"{file.name} is not a valid .npy array") from exc
+        raise InputError(SampleCode.CORRUPT, f"{name} is not a valid .npy array") from exc
     if not isinstance(array, np.ndarray):  # an .npz archive under a .npy name
         array.close()
-        raise InputError(SampleCode.CORRUPT, f"{file.name} is an archive, not one .npy array")
+        raise InputError(SampleCode.CORRUPT, f"{name} is an archive, not one .npy array")
     if array.shape != prep.input_shape:
         shape = array.shape
         raise InputError(
             SampleCode.WRONG_SHAPE,
-            f"{file.name} has shape {shape}, the model takes {prep.input_shape}",
+            f"{name} has shape {shape}, the model takes {prep.input_shape}",
         )
     if not np.issubdtype(array.dtype, np.number):
-        raise InputError(SampleCode.WRONG_SHAPE, f"{file.name} holds {array.dtype}, not numbers")
+        raise InputError(SampleCode.WRONG_SHAPE, f"{name} holds {array.dtype}, not numbers")
     # A view of the map for float32 (the caller copies it into its batch; the file is
     # closed already, the map goes with the view), else one converted copy.
     return np.asarray(array, dtype=np.float32)
 
 
-def _image(file: Path, prep: Preprocessing) -> np.ndarray:
+def _image(file: Path, name: str, prep: Preprocessing) -> np.ndarray:
     """The image's pixels as uint8 (C, H, W), a view; `_normalise` makes the float copy."""
     mode = "L" if prep.channels == 1 else "RGB"
     limit = Image.MAX_IMAGE_PIXELS
@@ -203,7 +275,7 @@ def _image(file: Path, prep: Preprocessing) -> np.ndarray:
             if limit is not None and img.width * img.height > limit:
                 raise InputError(
                     SampleCode.TOO_LARGE,
-                    f"{file.name} is {img.width}x{img.height} pixels, over the {limit} limit",
+                    f"{name} is {img.width}x{img.height} pixels, over the {limit} limit",
                 )
             img.seek(0)  # the first frame of an animated GIF
             # Already in the model's mode: read as it is, without convert's copy.
@@ -212,13 +284,13 @@ def _image(file: Path, prep: Preprocessing) -> np.ndarray:
                 frame = frame.resize((width, height), Image.Resampling.BILINEAR)
             array = np.asarray(frame)  # inside the block: a closed image has no pixels
     except Image.DecompressionBombError as exc:
-        raise InputError(SampleCode.TOO_LARGE, f"{file.name} is too many pixels to decode") from exc
+        raise InputError(SampleCode.TOO_LARGE, f"{name} is too many pixels to decode") from exc
     except PermissionError:
         raise
     except UnidentifiedImageError as exc:
-        raise InputError(SampleCode.CORRUPT, f"{file.name} is not a readable image") from exc
+        raise InputError(SampleCode.CORRUPT, f"{name} is not a readable image") from exc
     except (OSError, SyntaxError, ValueError) as exc:
-        raise InputError(SampleCode.CORRUPT, f"{file.name} is corrupt or truncated: {exc}") from exc
+        raise InputError(SampleCode.CORRUPT, f"{name} is corrupt or truncated: {exc}") from exc
     return array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
 
 

@@ -1,14 +1,20 @@
 """Model formats, fingerprints and the layer catalogue.
 
 Models load only from torch.export archives, safetensors, or state dicts read with
-`weights_only=True`; a pickled whole model is refused, never unpickled.
+`weights_only=True`; a pickled whole model is refused, never unpickled. An archive is read
+into memory once and checked entry by entry (`archive.inspect_archive`) before torch sees
+those same bytes (its sample inputs emptied, so torch unpickles nothing), and its graph may
+call torch operators only.
 """
 
 from __future__ import annotations
 
 import hashlib
 import importlib
+import io
 import logging
+import math
+import operator
 import pickle
 import warnings
 import zipfile
@@ -21,6 +27,7 @@ import torch
 from torch import nn
 
 from workers.errors import LayerError, ModelError
+from workers.extraction.archive import inspect_archive
 from workers.extraction.hooks import Forward
 from workers.extraction.receptive import FieldTracker
 from workers.jobs import LayerInfo, ModelInfo, Preprocessing
@@ -42,6 +49,17 @@ _EXPORT_HOWTO = (
     "dynamic_shapes=({0: torch.export.Dim('batch')},)), 'model.pt2'), "
     "or save model.state_dict() with safetensors and pass --model package.module:factory"
 )
+# What an exported graph may call besides aten and prims operators and higher-order
+# operators: the symbolic-shape arithmetic torch itself writes into graphs.
+_SHAPE_OPS = frozenset({
+    operator.eq, operator.ne, operator.le, operator.ge, operator.lt, operator.gt,
+    operator.neg, operator.pos, operator.mul, operator.add, operator.sub, operator.floordiv,
+    operator.mod, operator.pow, operator.truediv, operator.and_, operator.or_,
+    operator.getitem, math.trunc, torch.sym_not, torch.sym_int, torch.sym_float,
+    torch.sym_ite, torch.sym_max, torch.sym_min, torch.sym_sqrt,
+})  # fmt: skip
+_OP_NAMESPACES = ("aten", "prims")
+_FILE_ARGUMENTS = {"filename", "file", "path"}  # aten.from_file reads any file on the host
 
 
 @dataclass
@@ -85,9 +103,12 @@ def load_model(
     preprocessing: Preprocessing | None = None,
     factories: Collection[str] | None = None,
     device: str = "cpu",
+    check: Callable[[str], None] | None = None,
 ) -> LoadedModel:
     """Load `ref`: a `.pt2` path, `package.module:factory` (with `weights`), or a registered
-    name. `factories`, when given, is the allow-list of factory references."""
+    name. `factories`, when given, is the allow-list of factory references. `check`, when
+    given, is called with the sha256 of the file's bytes before torch reads them (a worker
+    passes one that loads a model it has not seen in a child process first)."""
     if ref in REGISTERED:
         ref, default_weights = REGISTERED[ref]
         weights = weights or str(default_weights)
@@ -96,9 +117,9 @@ def load_model(
     if path.suffix == ".pt2" or path.is_file():
         if weights:
             raise ModelError(f"--weights is for factories; {ref} is a file that holds its weights")
-        module, info = _load_archive(path, preprocessing)
+        module, info = _load_archive(path, preprocessing, check)
     elif ":" in ref:
-        module, info = _load_factory(ref, weights, preprocessing, factories)
+        module, info = _load_factory(ref, weights, preprocessing, factories, check)
     else:
         raise ModelError(
             f"model {ref!r} is not a file, a package.module:factory or a registered name "
@@ -131,20 +152,30 @@ def _refuse_pickle(path: Path) -> ModelError:
     return ModelError(f"{path} is not a torch.export archive; {_EXPORT_HOWTO}")
 
 
-def _load_archive(path: Path, override: Preprocessing | None) -> tuple[nn.Module, ModelInfo]:
+def _load_archive(
+    path: Path, override: Preprocessing | None, check: Callable[[str], None] | None
+) -> tuple[nn.Module, ModelInfo]:
     if not path.is_file():
         raise ModelError(f"model file {path} does not exist")
-    if not zipfile.is_zipfile(path):
+    # One read: the bytes checked are the bytes hashed and the bytes torch loads, whatever
+    # happens to the file meanwhile.
+    data = path.read_bytes()
+    digest = hashlib.sha256(data).hexdigest()
+    if check is not None:  # before any parsing of bytes not seen to load cleanly
+        check(digest)
+    if not zipfile.is_zipfile(io.BytesIO(data)):
         raise _refuse_pickle(path)
-    with zipfile.ZipFile(path) as archive:
-        exported = any(name.endswith("archive_format") for name in archive.namelist())
-    if not exported:  # a torch.save file is a zip too; never hand it to the loader
+    inspection = inspect_archive(data, str(path))
+    if inspection is None:  # a torch.save file is a zip too; never hand it to the loader
         raise _refuse_pickle(path)
+    data = _emptied(data, inspection.pickles)
     extra = {PREPROCESSING_FILE: ""}
     try:
-        program = torch.export.load(path, extra_files=extra)
-    except Exception as exc:  # torch raises many types for a foreign zip
-        raise _refuse_pickle(path) from exc
+        program = torch.export.load(io.BytesIO(data), extra_files=extra)
+    except Exception as exc:  # torch raises many types for a broken archive
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelError(f"{path} cannot be read as a torch.export archive: {reason}") from exc
+    _check_operators(program, path)
     user_inputs = program.graph_signature.user_inputs
     placeholders = {n.name: n for n in program.graph.nodes if n.op == "placeholder"}
     if len(user_inputs) != 1:
@@ -162,8 +193,50 @@ def _load_archive(path: Path, override: Preprocessing | None) -> tuple[nn.Module
         # torch 2.13's own unflatten trips its LeafSpec deprecation; not ours to act on.
         warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
         module = torch.export.unflatten(program)
-    info = _catalogue(module, path.stem, "pt2", _sha256(path), prep, frozen, types)
+    info = _catalogue(module, path.stem, "pt2", digest, prep, frozen, types)
     return module, info
+
+
+def _emptied(data: bytes, names: tuple[str, ...]) -> bytes:
+    """The archive with the entries `names` emptied. Torch reads an empty sample-inputs entry
+    as none; so it unpickles nothing of the archive, not even with its weights-only
+    unpickler, which has had its own code-execution bugs."""
+    if not names:
+        return data
+    out = io.BytesIO()
+    with (
+        zipfile.ZipFile(io.BytesIO(data)) as source,
+        zipfile.ZipFile(out, "w", zipfile.ZIP_STORED) as target,
+    ):
+        for info in source.infolist():
+            target.writestr(info.filename, b"" if info.filename in names else source.read(info))
+    return out.getvalue()
+
+
+def _check_operators(program: torch.export.ExportedProgram, path: Path) -> None:
+    """The graph may call aten and prims operators, higher-order operators and shape
+    arithmetic; a graph node can name any callable reachable from `torch`, run on forward."""
+    for graph_module in program.graph_module.modules():
+        if not isinstance(graph_module, torch.fx.GraphModule):
+            continue
+        for node in graph_module.graph.nodes:
+            if node.op in ("call_method", "call_module"):
+                raise ModelError(f"{path} is refused: its graph has a {node.op} node")
+            if node.op != "call_function":
+                continue
+            target = node.target
+            if isinstance(target, torch._ops.HigherOrderOperator) or target in _SHAPE_OPS:
+                continue
+            if (
+                isinstance(target, torch._ops.OpOverload)
+                and target.namespace in _OP_NAMESPACES
+                and not {a.name for a in target._schema.arguments} & _FILE_ARGUMENTS
+            ):
+                continue
+            raise ModelError(
+                f"{path} is refused: its graph calls {target!r}, which is not a torch operator "
+                "actmap runs; export the model with torch.export.export from standard modules"
+            )
 
 
 def _declared_preprocessing(path: Path, inside: str) -> Preprocessing | None:
@@ -190,6 +263,7 @@ def _load_factory(
     weights: str | None,
     override: Preprocessing | None,
     factories: Collection[str] | None,
+    check: Callable[[str], None] | None,
 ) -> tuple[nn.Module, ModelInfo]:
     if factories is not None and ref not in factories:
         raise ModelError(f"factory {ref} is not on this server's allow-list")
@@ -202,6 +276,8 @@ def _load_factory(
     if not isinstance(model, nn.Module):
         raise ModelError(f"factory {ref} returned a {type(model).__name__}, not a torch module")
     if weights:
+        if Path(weights).is_file() and check is not None:
+            check(_sha256(Path(weights)))
         state = _read_weights(Path(weights))
         try:
             model.load_state_dict(state, strict=True)

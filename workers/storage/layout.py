@@ -21,6 +21,7 @@ from zarr.storage import LocalStore
 
 from workers.errors import JobError
 from workers.storage.chunks import get_all
+from workers.storage.consolidate import ensure_root
 
 __all__ = [
     "CHUNK_BYTES",
@@ -130,10 +131,6 @@ def _location(store: str) -> str:
     return store.removeprefix("file://")
 
 
-def _root(store: str, mode: str = "a") -> zarr.Group:
-    return zarr.open_group(_location(store), mode=mode, use_consolidated=False)  # type: ignore[arg-type]
-
-
 def job_ids(store: str) -> list[str]:
     try:
         jobs = zarr.open_group(_location(store), path="jobs", mode="r", use_consolidated=False)
@@ -201,9 +198,9 @@ def create_job(
     layers: list[LayerLayout],
 ) -> zarr.Group:
     """Create the job's group and every array with its final shape."""
-    _root(store).require_group("jobs")
+    ensure_root(store)
     # Opened at its own folder: zarr checks every parent for an existing node when it adds
-    # an array, and the root's zarr.json carries the consolidated metadata of every job.
+    # an array, and the job's arrays need nothing from above it.
     location = f"{_location(store).rstrip('/')}/jobs/{job_id}"
     group = zarr.open_group(location, mode="w-", attributes=attrs, use_consolidated=False)
     b = min(batch_size, max(n, 1))

@@ -43,6 +43,15 @@ class Registry:
         path.mkdir(parents=True, exist_ok=True)
         return path
 
+    def keeps_files_of(self, record: ModelRecord) -> bool:
+        """Whether every file the record names lies in its own registry folder, written by
+        the API alone (a factory reference names no file)."""
+        home = (self.root / record.tenant / record.id).resolve()
+        files = [record.weights] if record.weights else []
+        if ":" not in record.ref:
+            files.append(record.ref)
+        return all(Path(f).resolve().is_relative_to(home) for f in files)
+
     def _record(self, tenant: str, model_id: str) -> Path:
         return self.root / tenant / f"{model_id}.json"
 
