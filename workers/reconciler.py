@@ -29,9 +29,9 @@ from workers.control import finalize
 from workers.counters import Counters
 from workers.errors import JobError
 from workers.jobs import QUEUES, JobState, TaskName
-from workers.storage.layout import attrs, job_ids, open_job
+from workers.storage.index import unfinished
+from workers.storage.layout import attrs, open_job
 from workers.storage.ledger import done_batches
-from workers.submit import published
 
 __all__ = ["LEASE", "Reconciler", "Resend", "ranges"]
 
@@ -119,10 +119,8 @@ class Reconciler:
             return []
         live = self._live_messages(now)
         sent: list[Resend] = []
-        complete = published(self.store)  # a plan cut short: its retry plans it again
-        for job_id in job_ids(self.store):
-            if job_id not in complete:
-                continue
+        # Only jobs planned whole are indexed; a plan cut short is its retry's to finish.
+        for job_id in unfinished(self.store):
             found = self._job(job_id, live.get(job_id, set()), now)
             if found is not None:
                 sent.append(found)

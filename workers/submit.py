@@ -14,21 +14,21 @@ leaves a complete plan, which the reconciler sends after its bound.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
-from typing import Any, Protocol
+from typing import Protocol
 
 import fsspec
 
 from workers.errors import ActmapError, JobError, UserError
 from workers.extraction.inputs import Source
-from workers.jobs import ExtractionSpec, ModelInfo
+from workers.jobs import ExtractionSpec, JobState, ModelInfo
 from workers.plan import Plan, new_job_id, plan
 from workers.storage.consolidate import publish
+from workers.storage.index import holds
 from workers.storage.layout import attrs, open_job
 
-__all__ = ["SUBMISSION", "Busy", "Keys", "Unavailable", "published", "submit"]
+__all__ = ["SUBMISSION", "Busy", "Keys", "Unavailable", "submit"]
 
 SUBMISSION = "submission"  # job attribute: "sent" once every task of the plan is sent
 LEASE_S = 60.0  # a submission's lease: longer than a plan of many thousands of samples
@@ -65,19 +65,6 @@ def _broker_errors() -> tuple[type[Exception], ...]:
     return (redis.RedisError, kombu.exceptions.OperationalError)
 
 
-def published(store: str) -> set[str]:
-    """The jobs whose plan ran to its end: its last step publishes the job into the
-    root's consolidated metadata."""
-    fs, root = fsspec.core.url_to_fs(store)
-    top = f"{root.rstrip('/')}/zarr.json"
-    try:
-        doc: dict[str, Any] = json.loads(fs.cat_file(top))
-    except FileNotFoundError:
-        return set()
-    found = (doc.get("consolidated_metadata") or {}).get("metadata") or {}
-    return {k.removeprefix("jobs/") for k in found if k.count("/") == 1 and k[:5] == "jobs/"}
-
-
 def _remove(store: str, job_id: str) -> None:
     fs, root = fsspec.core.url_to_fs(store)
     path = f"{root.rstrip('/')}/jobs/{job_id}"
@@ -91,9 +78,11 @@ def _existing(store: str, job_id: str) -> Plan | None:
         found = attrs(open_job(store, job_id, mode="r"))
     except JobError:
         found = None
-    if found is not None and job_id in published(store):
+    if found is None:
+        return None
+    if holds(store, job_id, str(found["created"])) or found["state"] != JobState.QUEUED:
         return Plan(store, job_id, int(found["n_samples"]), int(found["batch_size"]))
-    _remove(store, job_id)
+    _remove(store, job_id)  # planned part-way: planned again whole
     return None
 
 

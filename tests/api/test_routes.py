@@ -11,7 +11,7 @@ import pytest
 
 from tests.api.conftest import Api, make_api
 from workers.jobs import TaskName
-from workers.storage.layout import open_job, read
+from workers.storage.layout import attrs, open_job, read
 
 
 def _npy(content: bytes) -> np.ndarray:
@@ -201,10 +201,13 @@ def test_the_same_idempotency_key_gets_back_the_same_job(api: Api) -> None:
     headers = {**api.as_("acme"), "Idempotency-Key": "scan-42"}
     body = {"model_id": model_id, "layers": ["fc"], "inputs": [str(api.roots["acme"])]}
     first = api.client.post("/v1/jobs/extractions", headers=headers, json=body).json()
+    planned = attrs(open_job(str(api.store), first["job_id"], mode="r"))["created"]
     second = api.client.post("/v1/jobs/extractions", headers=headers, json=body).json()
     assert first["job_id"] == second["job_id"]
     batches = [a for t, a, _q in api.broker.sent if t == TaskName.RUN_BATCH]
     assert len(batches) == 1
+    # the finished job is the one planned first, not removed and planned again
+    assert attrs(open_job(str(api.store), first["job_id"], mode="r"))["created"] == planned
 
 
 def test_health_readiness_and_metrics(tmp_path: Path) -> None:

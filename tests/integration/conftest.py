@@ -14,10 +14,12 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import httpx
 import numpy as np
 import psutil
 import pytest
@@ -54,6 +56,45 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def _ready(url: str) -> bool:
+    try:
+        return httpx.get(f"{url}/readyz", timeout=2).status_code == 200
+    except httpx.TransportError:
+        return False
+
+
+def start_api(
+    env: dict[str, str], port: int | None = None, log: Path | None = None
+) -> tuple[subprocess.Popen[bytes], str]:
+    """A real `actmap serve` with `env` on `port` (a free one by default), returned with its
+    URL once it answers /readyz; its output goes to `log` when given, else nowhere."""
+    port = port or free_port()
+    with log.open("wb") if log is not None else nullcontext(subprocess.DEVNULL) as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "api.cli", "serve", "--port", str(port)],
+            env=env, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    try:
+        until(lambda: _ready(url), 60, "the API to be ready", every=0.1)
+    except BaseException:
+        proc.kill()
+        proc.wait(30)
+        raise
+    return proc, url
+
+
+@contextmanager
+def serving(env: dict[str, str]) -> Iterator[str]:
+    """`start_api` for the length of a block; the server is stopped after it."""
+    proc, url = start_api(env)
+    try:
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(30)
 
 
 @dataclass

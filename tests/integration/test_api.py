@@ -11,13 +11,12 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import numpy as np
 import psutil
 import pytest
 
 from api.client import Client
-from tests.integration.conftest import ROOT, Cluster, free_port, until
+from tests.integration.conftest import ROOT, Cluster, free_port, serving, until
 from workers.demo.digits import WEIGHTS
 from workers.extraction.cache import ModelCache
 from workers.jobs import ExtractionSpec
@@ -40,26 +39,9 @@ def server(cluster: Cluster, tmp_path: Path) -> Iterator[str]:
     (tmp_path / "auth.json").write_text(json.dumps(auth))
     cluster.env["ACTMAP_AUTH_FILE"] = str(tmp_path / "auth.json")
     cluster.env["ACTMAP_FACTORIES"] = json.dumps([FACTORY])
-    port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "api.cli", "serve", "--port", str(port)],
-        env=cluster.env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    url = f"http://127.0.0.1:{port}"
-
-    def up() -> bool:
-        try:
-            return httpx.get(f"{url}/readyz", timeout=2).status_code == 200
-        except httpx.TransportError:
-            return False
-
-    try:
-        until(up, 60, "the API to be ready")
+    with serving(cluster.env) as url:
         cluster.start(workers=1)
         yield url
-    finally:
-        proc.terminate()
-        proc.wait(30)
 
 
 def test_a_client_submits_waits_and_fetches_what_an_in_process_run_stores(

@@ -7,7 +7,6 @@ import json
 import select
 import socket
 import subprocess
-import sys
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -16,7 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.integration.conftest import ROOT, Cluster, free_port, until
+from tests.integration.conftest import ROOT, Cluster, start_api, until
 from workers.demo.digits import WEIGHTS
 from workers.registration import register_model
 
@@ -30,7 +29,7 @@ BODY_LIMIT = 2 << 20
 class Server:
     url: str
     port: int
-    proc: subprocess.Popen[str]
+    proc: subprocess.Popen[bytes]
     log: Path
 
     def headers(self) -> dict[str, str]:
@@ -38,23 +37,9 @@ class Server:
 
 
 def _serve(cluster: Cluster, tmp_path: Path, name: str) -> Server:
-    port = free_port()
     log = tmp_path / f"{name}.log"
-    with log.open("w") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "api.cli", "serve", "--port", str(port)],
-            env=cluster.env, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, text=True,
-        )  # fmt: skip
-    url = f"http://127.0.0.1:{port}"
-
-    def up() -> bool:
-        try:
-            return httpx.get(f"{url}/readyz", timeout=2).status_code == 200
-        except httpx.TransportError:
-            return False
-
-    until(up, 60, f"the API {name} to be ready")
-    return Server(url, port, proc, log)
+    proc, url = start_api(cluster.env, log=log)
+    return Server(url, int(url.rsplit(":", 1)[1]), proc, log)
 
 
 @pytest.fixture

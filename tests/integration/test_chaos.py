@@ -10,7 +10,6 @@ import contextlib
 import json
 import signal
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable
@@ -22,12 +21,12 @@ import numpy as np
 import pytest
 
 from tests.integration.conftest import (
-    ROOT,
     Cluster,
     RedisServer,
     _cluster,
     assert_same_job,
     free_port,
+    start_api,
     until,
 )
 from workers.control import status
@@ -58,18 +57,7 @@ class Api:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "api.cli", "serve", "--port", str(self.port)],
-            env=self.env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )  # fmt: skip
-
-        def up() -> bool:
-            try:
-                return httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200
-            except httpx.TransportError:
-                return False
-
-        until(up, 60, "the API to be ready", every=0.1)
+        self.proc, _ = start_api(self.env, self.port)
 
     def kill(self) -> None:
         assert self.proc is not None

@@ -5,8 +5,6 @@ needs too much memory or never ends fails its registration, and the worker goes 
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -15,7 +13,7 @@ import httpx
 import pytest
 
 from tests.extraction.hostile import genuine, hostile
-from tests.integration.conftest import ROOT, Cluster, free_port, until
+from tests.integration.conftest import Cluster, serving, until
 from workers.demo.digits import WEIGHTS
 
 TOKEN = "integration-token"
@@ -31,26 +29,9 @@ def server(cluster: Cluster, tmp_path: Path) -> Iterator[str]:
     cluster.env["ACTMAP_FACTORIES"] = json.dumps([SLEEPY, HUNGRY])
     cluster.env["ACTMAP_MODEL_CHECK_MEMORY_MB"] = "1024"
     cluster.env["ACTMAP_MODEL_CHECK_TIMEOUT_S"] = "60"
-    port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "api.cli", "serve", "--port", str(port)],
-        env=cluster.env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    url = f"http://127.0.0.1:{port}"
-
-    def up() -> bool:
-        try:
-            return httpx.get(f"{url}/readyz", timeout=2).status_code == 200
-        except httpx.TransportError:
-            return False
-
-    try:
-        until(up, 60, "the API to be ready")
+    with serving(cluster.env) as url:
         cluster.start(workers=1)
         yield url
-    finally:
-        proc.terminate()
-        proc.wait(30)
 
 
 def _register(url: str, data: dict[str, str], files: dict[str, Any]) -> dict[str, Any]:

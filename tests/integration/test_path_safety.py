@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +17,7 @@ import pytest
 from safetensors.numpy import load_file, save_file
 
 from api.client import Client
-from tests.integration.conftest import ROOT, Cluster, free_port, until
+from tests.integration.conftest import ROOT, Cluster, serving
 from workers.demo.digits import WEIGHTS
 from workers.extraction.cache import ModelCache
 from workers.jobs import ExtractionSpec
@@ -71,25 +69,8 @@ def tenants(cluster: Cluster, tmp_path: Path) -> Iterator[Tenants]:
     (tmp_path / "auth.json").write_text(json.dumps(auth))
     cluster.env["ACTMAP_AUTH_FILE"] = str(tmp_path / "auth.json")
     cluster.env["ACTMAP_FACTORIES"] = json.dumps([FACTORY])
-    port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "api.cli", "serve", "--port", str(port)],
-        env=cluster.env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    url = f"http://127.0.0.1:{port}"
-
-    def up() -> bool:
-        try:
-            return httpx.get(f"{url}/readyz", timeout=2).status_code == 200
-        except httpx.TransportError:
-            return False
-
-    try:
-        until(up, 60, "the API to be ready")
+    with serving(cluster.env) as url:
         yield Tenants(url, eve, vic, cluster)
-    finally:
-        proc.terminate()
-        proc.wait(30)
 
 
 def _swap(mine: Path, theirs: Path) -> None:

@@ -18,7 +18,7 @@ from tests.integration.conftest import ROOT, Cluster, RedisServer, assert_same_j
 from tests.integration.test_cluster import LAYERS, MODEL, _inputs, _reference, _spec
 from workers.control import status
 from workers.extraction.cache import ModelCache
-from workers.submit import published
+from workers.storage.index import unfinished
 
 # Short periods so that a test sees the reconciler act in seconds, not minutes.
 FAST = {
@@ -112,7 +112,7 @@ def test_ctrl_c_of_an_embedded_scan_stops_resumably_and_says_how_to_resume(
     try:
 
         def started() -> str | None:
-            found = sorted(published(store))  # planned whole: its arrays are all there
+            found = unfinished(store)  # planned whole: its arrays are all there
             if found and status(store, found[0]).batches_done >= 3:
                 return found[0]
             return None

@@ -37,8 +37,8 @@ from workers.errors import UserError
 from workers.storage.objects import filesystem, get_json, list_after, put_json, remove
 
 __all__ = [
-    "MARKER", "Entry", "Figures", "IndexMissing", "count", "figures", "page", "rebuild", "record",
-    "state_counts",
+    "MARKER", "Entry", "Figures", "IndexMissing", "count", "figures", "holds", "page", "rebuild",
+    "record", "state_counts", "unfinished",
 ]  # fmt: skip
 
 # Written in a new store, and by a rebuild: a store with jobs and without it was written
@@ -163,6 +163,21 @@ def count(store: str, tenant: str | None = None, states: Iterable[str] | None = 
     fs, root = filesystem(store)
     _checked(fs, root, store)
     return sum(len(list_after(fs, p, None, None)) for p in _prefixes(root, tenant, states))
+
+
+def holds(store: str, job_id: str, created: str) -> bool:
+    """Whether the index has the job's record, which its plan writes last: a job it does
+    not hold was cut short while planned (or predates the index)."""
+    fs, root = filesystem(store)
+    return bool(fs.exists(f"{root}/index/all/{_key(job_id, created)}"))
+
+
+def unfinished(store: str) -> list[str]:
+    """The jobs the index holds as queued or running, from names alone (a key is 17
+    digits, `_`, the job id, `.json`)."""
+    fs, root = filesystem(store)
+    names = {n for p in _prefixes(root, None, STATES[:2]) for n in list_after(fs, p, None, None)}
+    return sorted(n.split("_", 1)[1].removesuffix(".json") for n in names)
 
 
 def state_counts(store: str) -> dict[str, int]:
