@@ -23,7 +23,7 @@ from tests.deploy.manifests import ROOT
 from tests.deploy.test_worker_lifecycle import MODEL, _inputs, _submit
 from tests.integration.conftest import RedisServer, free_port, until
 from workers.control import status
-from workers.jobs import ExtractionSpec
+from workers.jobs import ExtractionSpec, JobState
 from workers.storage.layout import open_job, read
 
 pytestmark = pytest.mark.integration
@@ -147,7 +147,7 @@ def test_the_array_script_stops_softly_before_its_limit_and_the_next_element_fin
     began = time.monotonic()
 
     def finished() -> bool:
-        return status(str(store), job.job_id).state not in ("queued", "running")
+        return JobState(status(str(store), job.job_id).state).finished  # stalled is not finished
 
     until(finished, 420, "the actmap job to finish across the array", every=1.0)
     took = time.monotonic() - began

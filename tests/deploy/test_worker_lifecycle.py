@@ -16,7 +16,7 @@ from workers.celery_app import make_celery
 from workers.control import enqueue, status
 from workers.counters import RedisCounters
 from workers.extraction.cache import ModelCache
-from workers.jobs import ExtractionSpec
+from workers.jobs import ExtractionSpec, JobState
 from workers.pipeline import Plan, plan
 from workers.runner import run_job
 from workers.settings import Settings
@@ -94,7 +94,7 @@ def test_sigterm_mid_job_exits_0_in_the_grace_period_and_the_job_loses_nothing(
         counters = RedisCounters(redis_server.url)
 
         def finished() -> bool:
-            return status(str(store), job.job_id, counters).state not in ("queued", "running")
+            return JobState(status(str(store), job.job_id, counters).state).finished
 
         until(finished, 240, "the job to finish on the second worker", every=0.2)
         print(f"{left} batches left, finished {time.monotonic() - signalled:.1f} s "
