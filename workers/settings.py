@@ -59,9 +59,10 @@ class Settings(BaseSettings):
         return "open" if self.auth_file is None else "off"
 
     # A registration, and a worker's first load of model bytes it has not seen, run in a
-    # child interpreter with this address-space cap and deadline (keep it under the soft limit).
+    # child interpreter with this address-space cap and deadline (under the soft limit: a
+    # task's first load waits on it). None: 120 s, or half the soft limit where that is less.
     model_check_memory_mb: int = Field(default=8192, ge=256)
-    model_check_timeout_s: float = Field(default=120.0, gt=0)
+    model_check_timeout_s: float | None = Field(default=None, gt=0)
 
     # Reliability: every worker child checks in on the roster, and renews the lease on the
     # batches its task holds, each `roster_period_s`; one child of the cluster at a time
@@ -91,6 +92,13 @@ class Settings(BaseSettings):
         return self
 
     @property
+    def model_check_deadline_s(self) -> float:
+        """The model check's deadline: the setting, else 120 s or half the soft limit."""
+        if self.model_check_timeout_s is not None:
+            return self.model_check_timeout_s
+        return min(120.0, self.task_soft_time_limit / 2)
+
+    @property
     def shutdown_s(self) -> int:
         """How long a worker may take to stop on SIGTERM: past the task hard limit, so the
         batch running is finished or handed back, never cut by the platform's kill."""
@@ -105,8 +113,10 @@ class Settings(BaseSettings):
                 f"ACTMAP_TASK_BUDGET_S ({self.task_budget_s:g}) must be below "
                 f"ACTMAP_TASK_SOFT_TIME_LIMIT ({self.task_soft_time_limit})"
             )
-        # A task's first load of a model waits on the check in its child.
-        if self.model_check_timeout_s >= self.task_soft_time_limit:
+        if (
+            self.model_check_timeout_s is not None
+            and self.model_check_timeout_s >= self.task_soft_time_limit
+        ):
             raise ValueError(
                 f"ACTMAP_MODEL_CHECK_TIMEOUT_S ({self.model_check_timeout_s:g}) must be below "
                 f"ACTMAP_TASK_SOFT_TIME_LIMIT ({self.task_soft_time_limit})"

@@ -40,7 +40,7 @@ def runtime() -> Runtime:
             device(),
             factories=settings.factories,
             verdicts=Verdicts(
-                ChildLimits(settings.model_check_memory_mb, settings.model_check_timeout_s)
+                ChildLimits(settings.model_check_memory_mb, settings.model_check_deadline_s)
             ),
         ),
         RedisCounters(settings.broker_url.get_secret_value()),
