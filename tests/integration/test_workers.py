@@ -39,8 +39,11 @@ def test_no_wait_returns_at_once_and_jobs_wait_follows_to_the_end(cluster: Clust
                      "--no-wait", "--json")  # fmt: skip
     assert submitted.returncode == 0, submitted.stderr
     job_id = json.loads(submitted.stdout.splitlines()[-1])["job_id"]
-    queued = json.loads(_cli(cluster, "jobs", "status", job_id, "--json").stdout)
-    assert queued["state"] == "queued"  # no worker yet: nothing has run
+    waiting = json.loads(_cli(cluster, "jobs", "status", job_id, "--json").stdout)
+    # no worker yet: nothing has run, and status says why it cannot progress
+    assert waiting["batches_done"] == 0
+    assert waiting["state"] == "stalled"
+    assert "no worker has checked in on queue extract" in waiting["reason"]
     cluster.start(workers=1)
     waited = _cli(cluster, "jobs", "wait", job_id, "--json")
     assert waited.returncode == 0, waited.stderr
