@@ -31,7 +31,7 @@ from api.schemas import (
 from workers.analysis.requests import describe, submit
 from workers.errors import JobError, SpecError
 from workers.jobs import ExtractionSpec
-from workers.plan import new_job_id, plan
+from workers.lifecycle.plan import new_job_id, plan
 from workers.storage.layout import attrs
 
 __all__ = ["router"]

@@ -190,7 +190,7 @@ def create_app(settings: Settings, broker: Broker | None = None) -> FastAPI:
     """The app for `settings`. Without `broker`, one is made from ACTMAP_BROKER_URL."""
     if broker is None:
         from api.broker import RedisBroker
-        from workers.celery_app import make_celery
+        from workers.execution.celery_app import make_celery
 
         if settings.broker_url is None:
             raise UserError("the API needs ACTMAP_BROKER_URL: it sends tasks to the workers")

@@ -10,9 +10,9 @@ from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, suppress
 from typing import Any, Protocol
 
-from workers.counters import Counters, RedisCounters
+from workers.execution.roster import Roster
 from workers.jobs import QUEUES
-from workers.roster import Roster
+from workers.lifecycle.counters import Counters, RedisCounters
 
 __all__ = ["Broker", "Busy", "MemoryBroker", "RedisBroker"]
 
@@ -46,7 +46,7 @@ class Broker(Protocol):
     def release(self, key: str) -> None: ...
     def guard(self, name: str, timeout: float) -> Any:
         """A context holding the lease `name` for at most `timeout` s, waiting as long
-        for it (`workers.submit.Keys`)."""
+        for it (`workers.lifecycle.submit.Keys`)."""
         ...
 
     def depth(self) -> dict[str, int]: ...
@@ -98,7 +98,7 @@ class RedisBroker:
     def guard(self, name: str, timeout: float) -> Iterator[None]:
         from redis.exceptions import LockError
 
-        from workers.submit import Busy
+        from workers.lifecycle.submit import Busy
 
         lock = self._redis.lock(name, timeout=timeout, blocking_timeout=timeout)
         if not lock.acquire():
@@ -192,7 +192,7 @@ class MemoryBroker:
         with self._lock:
             lock = self._guards.setdefault(name, threading.Lock())
         if not lock.acquire(timeout=timeout):
-            from workers.submit import Busy
+            from workers.lifecycle.submit import Busy
 
             raise Busy("another request with this idempotency key is still submitting; retry")
         try:

@@ -19,12 +19,12 @@ from fastapi.responses import Response
 from api.app import Services
 from api.auth import Tenant
 from api.routes import ServicesDep, TenantDep, _job, _layer, _roots
-from workers.analysis.render import MAX_TILES, activation_grid, filter_grid
-from workers.analysis.render_charts import score_histogram
-from workers.analysis.report_job import CONV_TYPES, LayerData, input_image, read_filters, screening
 from workers.errors import JobError, SpecError
 from workers.extraction.inputs import OutsideRoots, fd_path, opened
 from workers.jobs import close_matches
+from workers.pictures.charts import score_histogram
+from workers.pictures.render import MAX_TILES, activation_grid, filter_grid
+from workers.pictures.report_job import CONV_TYPES, LayerData, input_image, read_filters, screening
 from workers.storage.layout import attrs, read
 from workers.storage.registry import Registry
 

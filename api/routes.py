@@ -36,7 +36,10 @@ from api.schemas import (
     SamplesPage,
     StoreLocation,
 )
-from workers.control import (
+from workers.errors import JobError, SampleCode, SpecError
+from workers.extraction.inputs import OutsideRoots, Source, discover, fd_path, opened
+from workers.jobs import ExtractionSpec, JobState, TaskName, close_matches
+from workers.lifecycle.state import (
     Status,
     job_page,
     queue_of,
@@ -44,13 +47,10 @@ from workers.control import (
     status,
     task_groups,
 )
-from workers.control import cancel as cancel_job
-from workers.errors import JobError, SampleCode, SpecError
-from workers.extraction.inputs import OutsideRoots, Source, discover, fd_path, opened
-from workers.jobs import ExtractionSpec, JobState, TaskName, close_matches
+from workers.lifecycle.state import cancel as cancel_job
+from workers.lifecycle.submit import Busy, Unavailable, submit
 from workers.storage.layout import array, attrs, open_job, read
 from workers.storage.registry import ModelRecord, Registry
-from workers.submit import Busy, Unavailable, submit
 
 __all__ = ["router"]
 

@@ -48,7 +48,7 @@ HEALTHCHECK --interval=30s --timeout=5s --start-period=120s --retries=3 \
     CMD ["python", "-c", "import os, sys, time; sys.exit(time.time() - os.stat('/scratch/health/heartbeat').st_mtime > 20)"]
 # Exec form: SIGTERM reaches Celery's main process, which shuts down softly; no init that
 # signals the whole process group (that would kill the pool child mid-batch).
-ENTRYPOINT ["celery", "-A", "workers.worker_main", "worker"]
+ENTRYPOINT ["celery", "-A", "workers.execution.worker_main", "worker"]
 CMD ["--pool", "prefork", "--concurrency", "1", "--prefetch-multiplier", "1", \
      "--hostname", "worker@%h", "--queues", "screen,extract", \
      "--without-gossip", "--without-mingle", "--task-events", "--loglevel", "INFO"]

@@ -14,8 +14,8 @@ import pytest
 import xarray as xr
 from fastapi.testclient import TestClient
 
-from api import backends
-from api.cli import main
+from api.cli import backends
+from api.cli.main import main
 from tests.api.test_analyses import wide_api
 from workers.analysis import analyses, requests
 

@@ -14,20 +14,21 @@ import pytest
 from celery import Celery
 from celery.exceptions import SoftTimeLimitExceeded
 
-import workers.batches
+import workers.lifecycle.delivery
 from tests.conftest import FACTORY
-from workers import gpu, pipeline
-from workers.batches import OPEN_JOBS, Outcome, Runtime, execute_batches
-from workers.control import cancel
-from workers.counters import MemoryCounters
+from tests.oracle import run_job
+from workers import pipeline
 from workers.errors import SampleCode
+from workers.execution import slots as gpu
+from workers.execution.tasks import register
 from workers.extraction.cache import ModelCache
 from workers.jobs import ExtractionSpec, TaskName
+from workers.lifecycle.counters import MemoryCounters
+from workers.lifecycle.delivery import OPEN_JOBS, Outcome, Runtime, execute_batches
+from workers.lifecycle.state import cancel
 from workers.pipeline import Decoded, plan
-from workers.runner import run_job
 from workers.storage.layout import open_job, read
 from workers.storage.ledger import done_batches
-from workers.tasks import register
 
 LAYERS = ("conv1", "block2.conv2", "fc")
 DEADLINE_S = 30.0
@@ -135,8 +136,8 @@ def test_the_next_two_batches_are_decoded_while_the_current_one_computes(
             assert decoding[2].wait(DEADLINE_S), "batch 2 was not decoded during batch 0"
         return compute(model, spec, decoded)
 
-    monkeypatch.setattr(workers.batches, "decode_batch", watched_decode)
-    monkeypatch.setattr(workers.batches, "compute_fitting", waiting_compute)
+    monkeypatch.setattr(workers.lifecycle.delivery, "decode_batch", watched_decode)
+    monkeypatch.setattr(workers.lifecycle.delivery, "compute_fitting", waiting_compute)
     runtime = Runtime(models, MemoryCounters(), decoders=decoders)
     outcomes = execute_batches(str(tmp_path / "store"), job.job_id, [0, 1, 2], runtime)
     assert outcomes == [Outcome.RAN] * 3
@@ -204,7 +205,7 @@ def test_a_task_that_fails_part_way_keeps_the_batches_it_wrote(
             raise RuntimeError("a bug in a layer")  # not a user error: the task's catch-all
         return compute(model, spec, decoded)
 
-    monkeypatch.setattr(workers.batches, "compute_fitting", breaks_at_batch_2)
+    monkeypatch.setattr(workers.lifecycle.delivery, "compute_fitting", breaks_at_batch_2)
     app, _ = _task_app(Runtime(models, MemoryCounters(), decoders=decoders), monkeypatch)
     result = app.tasks[TaskName.RUN_BATCH].run(store, job.job_id, [0, 1, 2, 3])
 
@@ -255,7 +256,7 @@ def test_a_batch_past_the_soft_time_limit_fails_with_what_to_do(
     def too_slow(*_: Any) -> Any:
         raise SoftTimeLimitExceeded()  # what Celery raises in the task when the limit hits
 
-    monkeypatch.setattr(workers.batches, "compute_fitting", too_slow)
+    monkeypatch.setattr(workers.lifecycle.delivery, "compute_fitting", too_slow)
     app, _ = _task_app(Runtime(models, MemoryCounters(), decoders=decoders), monkeypatch)
     result = app.tasks[TaskName.RUN_BATCH].run(store, job.job_id, [0, 1])
 

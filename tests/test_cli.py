@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from api.cli import main
+from api.cli.main import main
 
 SAMPLES = Path(__file__).parents[1] / "workers" / "demo" / "samples"
 
@@ -103,7 +103,7 @@ def test_preprocessing_is_overridable_on_the_command_line(
 
 def test_the_installed_command_runs_as_a_subprocess(tmp_path: Path) -> None:
     done = subprocess.run(
-        [sys.executable, "-m", "api.cli", "scan", str(SAMPLES / "7"), "--model", "digits-cnn",
+        [sys.executable, "-m", "api.cli.main", "scan", str(SAMPLES / "7"), "--model", "digits-cnn",
          "--layers", "fc", "--out", str(tmp_path / "s"), "--json"],
         capture_output=True, text=True, timeout=120, check=False,
     )  # fmt: skip
@@ -147,9 +147,9 @@ def test_cancelling_a_finished_job_is_a_one_line_error(
 def test_a_cancelled_embedded_job_resumes_exactly_its_missing_batches(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from workers.control import cancel
     from workers.extraction.cache import ModelCache
     from workers.jobs import ExtractionSpec
+    from workers.lifecycle.state import cancel
     from workers.pipeline import plan, run_batch
     from workers.storage.layout import open_job, read
 

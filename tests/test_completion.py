@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import FACTORY
-from workers.batches import Runtime, execute_batches
-from workers.control import prepare_resume, resume_batches, status
-from workers.counters import MemoryCounters
 from workers.extraction.cache import ModelCache
 from workers.jobs import ExtractionSpec
+from workers.lifecycle.counters import MemoryCounters
+from workers.lifecycle.delivery import Runtime, execute_batches
+from workers.lifecycle.state import prepare_resume, resume_batches, status
 from workers.pipeline import Plan, plan
 
 

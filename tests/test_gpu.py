@@ -13,10 +13,10 @@ import torch
 
 from tests.conftest import write_arrays
 from workers.errors import SampleCode, UserError
+from workers.execution.launcher import command
+from workers.execution.slots import Slot, compute_fitting, list_gpus, slots
 from workers.extraction.models import LoadedModel
-from workers.gpu import Slot, compute_fitting, list_gpus, slots
 from workers.jobs import ExtractionSpec
-from workers.launcher import command
 from workers.pipeline import Decoded, compute_batch
 
 ROOT = Path(__file__).parents[1]
@@ -70,7 +70,7 @@ def test_actmap_worker_gpus_all_on_a_machine_without_gpus_says_so(tmp_path: Path
         pytest.skip("this machine has GPUs")
     env = {"ACTMAP_BROKER_URL": "redis://127.0.0.1:1/0", "PATH": "/usr/bin:/bin"}
     done = subprocess.run(
-        [sys.executable, "-m", "api.cli", "worker", "--gpus", "all"],
+        [sys.executable, "-m", "api.cli.main", "worker", "--gpus", "all"],
         env=env, cwd=ROOT, capture_output=True, text=True, timeout=60, check=False,
     )  # fmt: skip
     assert done.returncode == 2

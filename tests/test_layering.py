@@ -49,12 +49,12 @@ def test_the_worker_launcher_and_job_control_never_load_torch() -> None:
     the API process."""
     loaded = _loaded_after_import(
         [
-            "workers.launcher",
-            "workers.gpu",
-            "workers.control",
-            "workers.counters",
-            "workers.plan",
-            "api.cli",
+            "workers.execution.launcher",
+            "workers.execution.slots",
+            "workers.lifecycle.state",
+            "workers.lifecycle.counters",
+            "workers.lifecycle.plan",
+            "api.cli.main",
         ]  # fmt: skip
     )
     assert "torch" not in loaded

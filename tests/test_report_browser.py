@@ -20,12 +20,12 @@ import pytest
 import zarr
 from PIL import Image
 
-from api.report_cli import report
+from api.cli.report import report
 from workers.analysis.compare import compare
-from workers.analysis.report import comparison_section, write_report
-from workers.analysis.report_job import read_filters
-from workers.embedded import scan
+from workers.execution.embedded import scan
 from workers.jobs import ExtractionSpec
+from workers.pictures.report import comparison_section, write_report
+from workers.pictures.report_job import read_filters
 from workers.settings import Settings
 from workers.storage.layout import attrs, open_job, read
 

@@ -9,13 +9,13 @@ from typing import Any
 
 import pytest
 
-import workers.control
+import workers.lifecycle.state
 from tests.conftest import FACTORY
-from workers.batches import Runtime, execute_batches
-from workers.control import Status, finalize, mark_started, wait
-from workers.counters import MemoryCounters
 from workers.extraction.cache import ModelCache
 from workers.jobs import ExtractionSpec
+from workers.lifecycle.counters import MemoryCounters
+from workers.lifecycle.delivery import Runtime, execute_batches
+from workers.lifecycle.state import Status, finalize, mark_started, wait
 from workers.pipeline import plan
 
 DEADLINE_S = 30.0
@@ -54,7 +54,7 @@ def test_wait_ends_with_the_finalize_of_the_task_that_claimed_it(
     seen: list[Status] = []
     first = threading.Event()
     own: list[str] = []
-    monkeypatch.setattr(workers.control, "finalize", lambda *a, **k: own.append("finalize"))
+    monkeypatch.setattr(workers.lifecycle.state, "finalize", lambda *a, **k: own.append("finalize"))
 
     def progress(status: Status) -> None:
         seen.append(status)

@@ -14,7 +14,6 @@ import numpy as np
 import torch
 import zarr
 
-from workers.control import finalize, summary
 from workers.errors import InputError
 from workers.extraction.cache import ModelCache
 from workers.extraction.hooks import capture
@@ -22,7 +21,8 @@ from workers.extraction.inputs import decode
 from workers.extraction.models import LoadedModel
 from workers.extraction.reduce import Reduction
 from workers.jobs import ExtractionSpec, ModelInfo
-from workers.plan import Plan, layouts, new_job_id, plan
+from workers.lifecycle.plan import Plan, layouts, new_job_id, plan
+from workers.lifecycle.state import finalize, summary
 from workers.storage.layout import open_job, read
 from workers.storage.ledger import is_done, mark_done
 from workers.storage.rows import BatchRows, LayerRows, write_rows

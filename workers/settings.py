@@ -76,7 +76,7 @@ class Settings(BaseSettings):
     # which its hard limit bounds, so the soft-shutdown wait must outlast that limit, and the
     # platform's grace period this wait (deploy/README.md has the table). None: limit + 30 s.
     soft_shutdown_s: int | None = Field(default=None, ge=1)
-    # A directory for the liveness heartbeat and readiness files (workers/heartbeat.py);
+    # A directory for the liveness heartbeat and readiness files (workers/execution/heartbeat.py);
     # None: no files, as on a laptop.
     health_dir: str | None = None
     heartbeat_s: float = Field(default=5.0, gt=0)

@@ -16,7 +16,7 @@ import pytest
 
 from workers.analysis.analyses import run_compare
 from workers.analysis.compare import compare
-from workers.analysis.results import Selection, StoredJob, open_analysis
+from workers.storage.analyses import Selection, StoredJob, open_analysis
 from workers.storage.layout import LayerLayout, array, attrs, create_job, open_job, read
 
 N, C, BATCH = 80_000, 128, 1_000

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from workers.analysis.report_job import input_image
 from workers.extraction.inputs import OutsideRoots
+from workers.pictures.report_job import input_image
 
 PREP = {"size": [4, 4], "channels": 1}
 

@@ -10,7 +10,17 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from workers.analysis.render import (
+from workers.errors import SpecError
+from workers.pictures.charts import (
+    NEGATIVE,
+    POSITIVE,
+    bar_chart,
+    difference_sheet,
+    nice_ticks,
+    score_histogram,
+    signed_colours,
+)
+from workers.pictures.render import (
     MAX_SIDE,
     MAX_TILES,
     MIN_TILE,
@@ -20,16 +30,6 @@ from workers.analysis.render import (
     filter_grid,
     filter_sheet,
 )
-from workers.analysis.render_charts import (
-    NEGATIVE,
-    POSITIVE,
-    bar_chart,
-    difference_sheet,
-    nice_ticks,
-    score_histogram,
-    signed_colours,
-)
-from workers.errors import SpecError
 
 
 def _decode(png: bytes) -> np.ndarray:

@@ -20,10 +20,10 @@ from PIL import Image
 from safetensors.torch import load_file
 from torch import nn
 
+from tests.oracle import run_job
 from workers.analysis.analyses import run_compare, run_health, run_signatures
 from workers.analysis.compare import COMPARE_BUDGET, compare
 from workers.analysis.profiles import fit_profile, load_profile, score_job
-from workers.analysis.results import Selection, open_analysis
 from workers.analysis.screening import LOGITS, ScreeningProfile
 from workers.analysis.signatures import family_signatures
 from workers.demo.digits import PREPROCESSING, WEIGHTS, DigitsNet
@@ -31,7 +31,7 @@ from workers.errors import JobError, LayerError, SpecError
 from workers.extraction.cache import ModelCache
 from workers.jobs import ExtractionSpec
 from workers.pipeline import plan
-from workers.runner import run_job
+from workers.storage.analyses import Selection, open_analysis
 from workers.storage.layout import attrs, open_job, read
 
 DIGITS = "workers.demo.digits:digits_cnn"

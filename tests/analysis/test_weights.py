@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from workers.analysis.weights import normalise_filters
+from workers.pictures.weights import normalise_filters
 
 
 def test_each_filter_is_mapped_to_the_unit_interval_by_its_own_min_and_max() -> None:

@@ -15,12 +15,12 @@ from fastapi.testclient import TestClient
 from api.app import create_app
 from api.broker import MemoryBroker
 from workers.analysis.requests import run_analysis
-from workers.batches import Runtime, execute_batches
-from workers.counters import Counters, MemoryCounters
 from workers.demo.digits import WEIGHTS
+from workers.execution.registration import register_model
 from workers.extraction.cache import ModelCache
 from workers.jobs import TaskName
-from workers.registration import register_model
+from workers.lifecycle.counters import Counters, MemoryCounters
+from workers.lifecycle.delivery import Runtime, execute_batches
 from workers.settings import Settings
 
 FACTORY = "workers.demo.digits:digits_cnn"

@@ -52,9 +52,10 @@ weights workers/demo/digits_cnn.safetensors and the factory workers.demo.digits:
    the more jobs the store holds, see 3., so that 200 per run would take minutes each.)
 
 3. Why, in-process: on the sequential phase's store and on an empty one, the time of
-   `workers.plan.plan` (what a submission runs), of its `create_job` (timed by wrapping the
+   `workers.lifecycle.plan.plan` (what a submission runs), of its `create_job` (timed by wrapping
+   the
    name plan calls) and its `publish` (the store root's consolidated metadata, timed again
-   after the plan), of `workers.control.list_jobs` (the quota check of every submission),
+   after the plan), of `workers.lifecycle.state.list_jobs` (the quota check of every submission),
    and the size of the store root's zarr.json.
 
 Every figure comes from one run on one machine; nothing here is an assertion. The load
@@ -103,11 +104,11 @@ import numpy as np  # noqa: E402
 import psutil  # noqa: E402
 import redis  # noqa: E402
 
-import workers.plan  # noqa: E402
+import workers.lifecycle.plan  # noqa: E402
 from api.client import Client  # noqa: E402
-from workers.control import list_jobs  # noqa: E402
 from workers.jobs import ExtractionSpec, ModelInfo  # noqa: E402
-from workers.plan import plan  # noqa: E402
+from workers.lifecycle.plan import plan  # noqa: E402
+from workers.lifecycle.state import list_jobs  # noqa: E402
 from workers.storage.consolidate import publish  # noqa: E402
 from workers.storage.layout import job_ids  # noqa: E402
 
@@ -334,7 +335,7 @@ class Stack:
 
 def actmap() -> list[str]:
     script = Path(sys.executable).with_name("actmap")
-    return [str(script)] if script.exists() else [sys.executable, "-m", "api.cli"]
+    return [str(script)] if script.exists() else [sys.executable, "-m", "api.cli.main"]
 
 
 def write_auth(tmp: Path) -> tuple[Path, Path]:
@@ -574,8 +575,8 @@ def probe(store: Path, info: ModelInfo, layer: str, sample: Path, repeats: int =
     spec = ExtractionSpec(model=FACTORY, weights=str(WEIGHTS), layers=(layer,),
                           inputs=(str(sample),), tenant=TENANT)  # fmt: skip
     listing, planning, creating, publishing = [], [], [], []
-    name = "create_job"  # as workers.plan imported it: the name plan() calls
-    create_job: Callable[..., Any] = vars(workers.plan)[name]
+    name = "create_job"  # as workers.lifecycle.plan imported it: the name plan() calls
+    create_job: Callable[..., Any] = vars(workers.lifecycle.plan)[name]
 
     def timed(*a: Any, **k: Any) -> Any:
         s = time.perf_counter()
@@ -584,7 +585,7 @@ def probe(store: Path, info: ModelInfo, layer: str, sample: Path, repeats: int =
         finally:
             creating.append(time.perf_counter() - s)
 
-    setattr(workers.plan, name, timed)  # put back below
+    setattr(workers.lifecycle.plan, name, timed)  # put back below
     try:
         for _ in range(repeats):
             s = time.perf_counter()
@@ -597,7 +598,7 @@ def probe(store: Path, info: ModelInfo, layer: str, sample: Path, repeats: int =
             publish(str(store), job.job_id)
             publishing.append(time.perf_counter() - s)
     finally:
-        setattr(workers.plan, name, create_job)
+        setattr(workers.lifecycle.plan, name, create_job)
     root = store / "zarr.json"
     return Probe(
         jobs, root.stat().st_size if root.exists() else 0,

@@ -13,7 +13,7 @@ weights (tests/bench/resnet.py), it measures images per second, interleaved and 
 - seed:   the seed document's per-image way: decode the PNG with Pillow once, then for each of
           layer1..layer4 register a forward hook on that layer, run the image alone (batch 1,
           torch.no_grad), remove the hook and np.save the output (float32) to a .npy file.
-- actmap: workers.embedded.scan (`--actmap runner`: plan + workers.runner.run_job instead)
+- actmap: workers.execution.embedded.scan (`--actmap runner`: plan + tests.oracle.run_job instead)
           into a fresh Zarr store each repeat, float16, batch 32, layers layer1..layer4:
           decode, forward, reduction, compression and writes. Shown twice: the whole call
           (model load, catalogue and plan included) and its run phase alone (from the plan
@@ -75,7 +75,7 @@ import zarr  # noqa: E402
 from PIL import Image  # noqa: E402
 from torch import nn  # noqa: E402
 
-from workers.embedded import scan  # noqa: E402
+from workers.execution.embedded import scan  # noqa: E402
 from workers.extraction.cache import ModelCache  # noqa: E402
 from workers.extraction.inputs import decode  # noqa: E402
 from workers.jobs import ExtractionSpec, Preprocessing  # noqa: E402
@@ -188,7 +188,7 @@ def _field(result: Any, name: str) -> Any:
 
 def _run_job(spec: ExtractionSpec, store: str, on_plan: Callable[[Any], None]) -> Any:
     """The in-process pipelined runner, without the embedded broker around it."""
-    from workers.runner import run_job
+    from tests.oracle import run_job
 
     settings = Settings()
     models = ModelCache(settings.device)
@@ -389,7 +389,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=3, help="interleaved repeats of each method")
     p.add_argument(
         "--actmap", choices=("scan", "runner"), default="scan",
-        help="scan: workers.embedded.scan; runner: plan + workers.runner.run_job",
+        help="scan: workers.execution.embedded.scan; runner: plan + tests.oracle.run_job",
     )  # fmt: skip
     p.add_argument("--timeout", type=float, default=600, help="seconds before a job is hung")
     p.add_argument("--stages", action="store_true", help="also time each pipeline stage alone")

@@ -17,19 +17,22 @@ script itself be killed). Worker logs and the stores go to a temporary directory
    and conv3 stored as float16, batch 32, on `--images` seeded random (1, 28, 28) `.npy`
    inputs; a fresh store and job each time), one untimed warm-up per method (imports, the
    worker child's model load), then the methods interleaved A B C D A B C D ...:
-   - in-process: `workers.pipeline.plan` + `workers.runner.run_job`, the pipelined runner
+   - in-process: `workers.pipeline.plan` + `tests.oracle.run_job`, the pipelined runner
                  (decode ahead, writes behind);
-   - redis:      plan + `workers.control.enqueue` + `workers.control.wait` (the store read
+   - redis:      plan + `workers.lifecycle.state.enqueue` + `workers.lifecycle.state.wait` (the
+   store read
                  once a second; the finalizing task's announcement, a Redis pub/sub
                  message, ends the wait) against one real worker process started with the
-                 command `actmap worker --cpu 1` runs (`workers.launcher.command`: prefork,
+                 command `actmap worker --cpu 1` runs (`workers.execution.launcher.command`:
+                 prefork,
                  concurrency 1, prefetch 1); timed end to end on the submitting side, and
                  split into plan, enqueue, first pickup, worker span (first batch started to
                  job finalized) and the wait's tail;
-   - task loop:  plan + `workers.batches.execute_batch` for every batch in a plain loop in
+   - task loop:  plan + `workers.lifecycle.delivery.execute_batch` for every batch in a plain loop
+   in
                  this process (MemoryCounters): what the tasks do, without Celery or Redis,
                  and without the runner's overlap; it splits the gap in two;
-   - embedded:   `workers.embedded.scan`, the Celery tasks on the in-memory transport in a
+   - embedded:   `workers.execution.embedded.scan`, the Celery tasks on the in-memory transport in a
                  worker thread; it builds its own model cache, so its time includes a model
                  load and the worker thread's start and stop.
    Torch runs `--torch-threads` intra-op threads in this process and in the worker (1 by
@@ -46,7 +49,7 @@ script itself be killed). Worker logs and the stores go to a temporary directory
    (a job's start, the first tasks' enqueue and pickup, is a fixed cost: at 1 s it was 5 to
    10% of N=64), and polls the job's done set every 5 ms; achieved = M / (first enqueue to
    last done), ideal = N / sleep. Where N is in `--compare-at` three enqueue variants run
-   interleaved: "as is" (`workers.control.enqueue` cutting tasks for the workers on the
+   interleaved: "as is" (`workers.lifecycle.state.enqueue` cutting tasks for the workers on the
    roster, as the CLI and API send), "one per task" and "pre-filled" (the queue filled
    while the workers are told not to consume, the clock started when they resume: the
    submitter out of the loop). `--control-sleep` reruns the largest N with a longer sleep,
@@ -95,18 +98,18 @@ import torch  # noqa: E402
 from celery._state import _set_task_join_will_block  # noqa: E402
 from pydantic import SecretStr  # noqa: E402
 
-from workers.batches import Runtime, execute_batch  # noqa: E402
-from workers.celery_app import make_celery  # noqa: E402
-from workers.control import enqueue, wait  # noqa: E402
-from workers.counters import MemoryCounters, RedisCounters  # noqa: E402
-from workers.embedded import scan  # noqa: E402
+from tests.oracle import run_job  # noqa: E402
+from workers.execution.celery_app import make_celery  # noqa: E402
+from workers.execution.embedded import scan  # noqa: E402
+from workers.execution.launcher import command  # noqa: E402
+from workers.execution.roster import Roster  # noqa: E402
+from workers.execution.slots import Slot  # noqa: E402
 from workers.extraction.cache import ModelCache  # noqa: E402
-from workers.gpu import Slot  # noqa: E402
 from workers.jobs import ExtractionSpec  # noqa: E402
-from workers.launcher import command  # noqa: E402
+from workers.lifecycle.counters import MemoryCounters, RedisCounters  # noqa: E402
+from workers.lifecycle.delivery import Runtime, execute_batch  # noqa: E402
+from workers.lifecycle.state import enqueue, wait  # noqa: E402
 from workers.pipeline import plan  # noqa: E402
-from workers.roster import Roster  # noqa: E402
-from workers.runner import run_job  # noqa: E402
 from workers.settings import Settings  # noqa: E402
 from workers.storage.layout import attrs, open_job  # noqa: E402
 
@@ -434,8 +437,8 @@ Enqueue = Callable[[Any, str, str, Iterable[int]], int]
 
 
 def enqueue_sized(app: Any, store: str, job_id: str, batches: Iterable[int]) -> int:
-    """`workers.control.enqueue` as the CLI and the API call it: tasks of consecutive
-    batches cut by `workers.control.task_groups` for the workers on the roster (at most
+    """`workers.lifecycle.state.enqueue` as the CLI and the API call it: tasks of consecutive
+    batches cut by `workers.lifecycle.state.task_groups` for the workers on the roster (at most
     `ACTMAP_BATCHES_PER_TASK` to a task)."""
     workers = Roster(app.conf.broker_url).size("extract")
     return enqueue(app, store, job_id, batches, "extract", workers, Settings().batches_per_task)
@@ -622,7 +625,8 @@ def print_scaling(result: Scaling) -> None:
             f"{r.submit_cpu / r.batches * 1e3:>6.2f} | {cpu / r.batches * ideal:>9.2f} of {cores}"
         )
     print(
-        "  as is: workers.control.enqueue, tasks cut for the workers on the roster; one per\n"
+        "  as is: workers.lifecycle.state.enqueue, tasks cut for the workers on the roster; one "
+        "per\n"
         "  task: a task for each batch; pre-filled: as is, but the queue is filled while the\n"
         "  workers do not consume and the clock starts when they resume (the submitter out of\n"
         "  the loop).\n"
@@ -678,7 +682,9 @@ def main(argv: list[str] | None = None) -> int:
         help="where the stores live (default /dev/shm: a shared disk's writeback is noise "
         "that falls on every method unevenly)",
     )  # fmt: skip
-    p.add_argument("--no-embedded", action="store_true", help="skip workers.embedded.scan")
+    p.add_argument(
+        "--no-embedded", action="store_true", help="skip workers.execution.embedded.scan"
+    )
     p.add_argument("--skip-overhead", action="store_true")
     p.add_argument("--skip-scaling", action="store_true")
     args = p.parse_args(argv)

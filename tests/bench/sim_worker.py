@@ -6,10 +6,12 @@ Started by the benchmark, never by hand, from the repository root:
         .venv/bin/python -m celery -A tests.bench.sim_worker worker --pool threads \\
         --concurrency 16 --prefetch-multiplier 1 --queues extract ...
 
-The app is `workers.celery_app.make_celery(Settings())`, so acks late, prefetch 1, reject on
+The app is `workers.execution.celery_app.make_celery(Settings())`, so acks late, prefetch 1, reject
+on
 worker lost and the visibility timeout are the ones a real worker runs with, and the result
 backend too. It registers a task under the real name `TaskName.RUN_BATCH` with the real
-signature, whose body keeps the per-batch Redis pattern of `workers.batches.execute_batch`
+signature, whose body keeps the per-batch Redis pattern of
+`workers.lifecycle.delivery.execute_batch`
 (`RedisCounters.attempt`, the forward pass, `RedisCounters.done`, `claim_finalize` after the
 last batch) but replaces the store and torch with `time.sleep(ACTMAP_BENCH_SLEEP)`: a GPU
 that is busy for a fixed time and leaves the CPU idle. One pool thread is one simulated
@@ -26,10 +28,10 @@ from typing import Any
 from celery import Task
 from celery.signals import worker_ready, worker_shutdown
 
-from workers.celery_app import make_celery
-from workers.counters import RedisCounters
+from workers.execution.celery_app import make_celery
+from workers.execution.roster import Roster, member
 from workers.jobs import TaskName
-from workers.roster import Roster, member
+from workers.lifecycle.counters import RedisCounters
 from workers.settings import Settings
 
 __all__ = ["app"]

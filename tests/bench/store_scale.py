@@ -13,7 +13,7 @@ these are timed (the median of --repeats, interleaved round by round):
 - scan: a real scan of 4 digit images end to end in this process (plan, every batch, the
   finalize: conv1, conv3 and fc of the bundled model; the model loaded once beforehand);
 - list: `actmap jobs list --limit 50 --json`, through the CLI's own main();
-- status: `workers.control.status` of one job;
+- status: `workers.lifecycle.state.status` of one job;
 - open_zarr / open_datatree: xarray of one job, at its own location;
 - submit / GET jobs: an API submission (4 images) and `GET /v1/jobs?limit=50` through a
   running `actmap serve` (a private redis-server; local store only: the model registry is
@@ -55,7 +55,7 @@ from typing import Any  # noqa: E402
 
 import xarray as xr  # noqa: E402
 
-from api.cli import main as cli  # noqa: E402
+from api.cli.main import main as cli  # noqa: E402
 from api.client import Client  # noqa: E402
 from tests.bench.api import (  # noqa: E402
     TENANT,
@@ -66,11 +66,11 @@ from tests.bench.api import (  # noqa: E402
     start_redis,
     write_auth,
 )
-from workers.control import now, status  # noqa: E402
+from tests.oracle import run_job  # noqa: E402
 from workers.extraction.cache import ModelCache  # noqa: E402
 from workers.jobs import ExtractionSpec  # noqa: E402
-from workers.plan import new_job_id, plan  # noqa: E402
-from workers.runner import run_job  # noqa: E402
+from workers.lifecycle.plan import new_job_id, plan  # noqa: E402
+from workers.lifecycle.state import now, status  # noqa: E402
 from workers.storage.consolidate import publish  # noqa: E402
 from workers.storage.objects import filesystem, get_json, put_json  # noqa: E402
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-from workers.celery_app import make_celery
+from workers.execution.celery_app import make_celery
 from workers.settings import Settings
 
 BROKER = "redis://127.0.0.1:1/0"  # never connected to: only the configuration is read

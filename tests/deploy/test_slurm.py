@@ -22,8 +22,8 @@ import pytest
 from tests.deploy.manifests import ROOT
 from tests.deploy.test_worker_lifecycle import MODEL, _inputs, _submit
 from tests.integration.conftest import RedisServer, free_port, until
-from workers.control import status
 from workers.jobs import ExtractionSpec, JobState
+from workers.lifecycle.state import status
 from workers.storage.layout import open_job, read
 
 pytestmark = pytest.mark.integration

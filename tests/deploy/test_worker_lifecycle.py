@@ -12,13 +12,13 @@ import pytest
 from tests.deploy.conftest import Started, start_worker, stop
 from tests.deploy.manifests import Worker, compose_worker, k8s_worker, kubectl
 from tests.integration.conftest import RedisServer, assert_same_job, until
-from workers.celery_app import make_celery
-from workers.control import enqueue, status
-from workers.counters import RedisCounters
+from tests.oracle import run_job
+from workers.execution.celery_app import make_celery
 from workers.extraction.cache import ModelCache
 from workers.jobs import ExtractionSpec, JobState
+from workers.lifecycle.counters import RedisCounters
+from workers.lifecycle.state import enqueue, status
 from workers.pipeline import Plan, plan
-from workers.runner import run_job
 from workers.settings import Settings
 
 pytestmark = pytest.mark.integration

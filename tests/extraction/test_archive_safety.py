@@ -14,11 +14,11 @@ import pytest
 from tests.extraction.hostile import KINDS, TRICKS, genuine, hostile, trick
 from workers.demo.digits import WEIGHTS
 from workers.errors import ModelError
+from workers.execution.registration import register_model
 from workers.extraction.cache import ModelCache
 from workers.extraction.isolation import ChildLimits, Verdicts, load_in_child
 from workers.extraction.models import load_model
 from workers.jobs import ExtractionSpec
-from workers.registration import register_model
 from workers.storage.registry import ModelRecord, Registry
 
 ROOT = Path(__file__).parents[2]
@@ -73,7 +73,7 @@ def test_actmap_layers_refuses_a_hostile_archive_with_one_line_and_exit_code_2(
     path = hostile(kind, tmp_path / "evil.pt2", marker)
     env = {k: v for k, v in os.environ.items() if not k.startswith("ACTMAP_")}
     done = subprocess.run(
-        [sys.executable, "-m", "api.cli", "layers", "--model", str(path)],
+        [sys.executable, "-m", "api.cli.main", "layers", "--model", str(path)],
         cwd=tmp_path, env={**env, "PYTHONPATH": str(ROOT)},
         capture_output=True, text=True, timeout=300, check=False,
     )  # fmt: skip

@@ -25,10 +25,10 @@ import psutil
 import pytest
 import redis
 
-from workers.celery_app import make_celery
-from workers.control import Status, status
-from workers.counters import RedisCounters
+from workers.execution.celery_app import make_celery
 from workers.jobs import JobState
+from workers.lifecycle.counters import RedisCounters
+from workers.lifecycle.state import Status, status
 from workers.settings import Settings
 from workers.storage.layout import open_job, read
 
@@ -73,7 +73,7 @@ def start_api(
     port = port or free_port()
     with log.open("wb") if log is not None else nullcontext(subprocess.DEVNULL) as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "api.cli", "serve", "--port", str(port)],
+            [sys.executable, "-m", "api.cli.main", "serve", "--port", str(port)],
             env=env, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
         )  # fmt: skip
     url = f"http://127.0.0.1:{port}"
@@ -180,7 +180,7 @@ class Cluster:
         """Start `workers` CPU workers; `alive` others already answer on the same Redis."""
         argv = ["worker", "--cpu", str(workers), "--queues", "extract"]
         self.launcher = subprocess.Popen(
-            [sys.executable, "-m", "api.cli", *argv],
+            [sys.executable, "-m", "api.cli.main", *argv],
             env=self.env, cwd=ROOT, start_new_session=True,
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )  # fmt: skip
@@ -211,7 +211,7 @@ class Cluster:
     def cli(self, *argv: str, timeout: float = 180) -> subprocess.CompletedProcess[str]:
         """`actmap ARGV` with this cluster's environment."""
         return subprocess.run(
-            [sys.executable, "-m", "api.cli", *argv], env=self.env, cwd=ROOT,
+            [sys.executable, "-m", "api.cli.main", *argv], env=self.env, cwd=ROOT,
             capture_output=True, text=True, timeout=timeout, check=False,
         )  # fmt: skip
 

@@ -8,12 +8,12 @@ import subprocess
 import sys
 
 from tests.integration.conftest import ROOT, Cluster, until
+from tests.oracle import run_job
 from workers.analysis.requests import describe
-from workers.analysis.results import analysis_ids
 from workers.extraction.cache import ModelCache
 from workers.jobs import ExtractionSpec
 from workers.pipeline import plan
-from workers.runner import run_job
+from workers.storage.analyses import analysis_ids
 
 SAMPLES = ROOT / "workers" / "demo" / "samples"
 
@@ -31,7 +31,7 @@ def _finished_job(store: str) -> str:
 def _start_analysis_worker(cluster: Cluster) -> None:
     """`actmap worker --cpu 1 --queues analysis`; the cluster fixture stops it."""
     cluster.launcher = subprocess.Popen(
-        [sys.executable, "-m", "api.cli", "worker", "--cpu", "1", "--queues", "analysis"],
+        [sys.executable, "-m", "api.cli.main", "worker", "--cpu", "1", "--queues", "analysis"],
         env=cluster.env, cwd=ROOT, start_new_session=True,
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
@@ -45,7 +45,7 @@ def test_health_with_a_broker_url_waits_on_the_analysis_queue_for_a_worker_to_ru
     job_id = _finished_job(cluster.store)
     redis = cluster.redis.client()
     cli = subprocess.Popen(
-        [sys.executable, "-m", "api.cli", "health", job_id, "--json"],
+        [sys.executable, "-m", "api.cli.main", "health", job_id, "--json"],
         env=cluster.env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     try:

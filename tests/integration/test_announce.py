@@ -7,7 +7,7 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 
 from tests.integration.conftest import RedisServer, free_port
-from workers.counters import RedisCounters
+from workers.lifecycle.counters import RedisCounters
 
 DEADLINE_S = 30.0
 

@@ -17,11 +17,11 @@ import pytest
 
 from api.client import Client
 from tests.integration.conftest import ROOT, Cluster, free_port, serving, until
+from tests.oracle import run_job
 from workers.demo.digits import WEIGHTS
 from workers.extraction.cache import ModelCache
 from workers.jobs import ExtractionSpec
 from workers.pipeline import plan
-from workers.runner import run_job
 from workers.storage.layout import open_job, read
 
 FACTORY = "workers.demo.digits:digits_cnn"
@@ -78,7 +78,7 @@ def test_actmap_scan_through_the_api_has_the_same_output_and_exit_codes(
 
     def cli(*argv: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
-            [sys.executable, "-m", "api.cli", *argv], env=env, cwd=ROOT,
+            [sys.executable, "-m", "api.cli.main", *argv], env=env, cwd=ROOT,
             capture_output=True, text=True, timeout=180, check=False,
         )  # fmt: skip
 
@@ -105,7 +105,7 @@ def test_without_an_auth_file_serve_listens_on_loopback_only_and_says_so(cluster
     env = {k: v for k, v in cluster.env.items() if k != "ACTMAP_AUTH_FILE"}
     port = free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "api.cli", "serve", "--host", "0.0.0.0", "--port", str(port)],
+        [sys.executable, "-m", "api.cli.main", "serve", "--host", "0.0.0.0", "--port", str(port)],
         env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )  # fmt: skip
     try:

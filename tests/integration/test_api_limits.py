@@ -17,7 +17,7 @@ import pytest
 
 from tests.integration.conftest import ROOT, Cluster, start_api, until
 from workers.demo.digits import WEIGHTS
-from workers.registration import register_model
+from workers.execution.registration import register_model
 
 FACTORY = "workers.demo.digits:digits_cnn"
 SAMPLES = ROOT / "workers" / "demo" / "samples"

@@ -29,12 +29,12 @@ from tests.integration.conftest import (
     start_api,
     until,
 )
-from workers.control import status
+from tests.oracle import run_job
 from workers.demo.digits import WEIGHTS
 from workers.extraction.cache import ModelCache
 from workers.jobs import ExtractionSpec, JobState
+from workers.lifecycle.state import status
 from workers.pipeline import plan
-from workers.runner import run_job
 
 pytestmark = pytest.mark.integration
 

@@ -12,12 +12,12 @@ import pytest
 
 from tests.integration.conftest import ROOT, Cluster, RedisServer, assert_same_job, until
 from tests.integration.poison_model import POISON
-from workers.control import enqueue, prepare_resume, resume_batches, status
+from tests.oracle import run_job
 from workers.errors import SampleCode
 from workers.extraction.cache import ModelCache
 from workers.jobs import ExtractionSpec
+from workers.lifecycle.state import enqueue, prepare_resume, resume_batches, status
 from workers.pipeline import Plan, plan
-from workers.runner import run_job
 from workers.storage.layout import open_job, read
 
 MODEL = "tests.integration.poison_model:poison_net"
@@ -187,7 +187,7 @@ def test_cancel_stops_at_a_batch_boundary_and_resume_runs_exactly_the_missing_ba
     job = _submit(cluster, spec, models)
     until(lambda: _done(cluster, job.job_id) >= 5, 120, "5 batches")
     done = subprocess.run(
-        [sys.executable, "-m", "api.cli", "jobs", "cancel", job.job_id, "--json"],
+        [sys.executable, "-m", "api.cli.main", "jobs", "cancel", job.job_id, "--json"],
         env=cluster.env, cwd=ROOT, capture_output=True, text=True, check=False,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
@@ -236,7 +236,7 @@ def test_the_embedded_default_needs_no_redis_or_network(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("ACTMAP_")}
     samples = ROOT / "workers" / "demo" / "samples" / "4"
     done = subprocess.run(
-        ["unshare", "-n", sys.executable, "-m", "api.cli", "scan", str(samples),
+        ["unshare", "-n", sys.executable, "-m", "api.cli.main", "scan", str(samples),
          "--model", "digits-cnn", "--layers", "conv1,fc", "--out", str(tmp_path / "s"), "--json"],
         env=env, cwd=ROOT, capture_output=True, text=True, timeout=120, check=False,
     )  # fmt: skip

@@ -18,11 +18,11 @@ from safetensors.numpy import load_file, save_file
 
 from api.client import Client
 from tests.integration.conftest import ROOT, Cluster, serving
+from tests.oracle import run_job
 from workers.demo.digits import WEIGHTS
 from workers.extraction.cache import ModelCache
 from workers.jobs import ExtractionSpec
 from workers.pipeline import plan
-from workers.runner import run_job
 from workers.storage.layout import attrs, open_job, read
 
 pytestmark = pytest.mark.integration

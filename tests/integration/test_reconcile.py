@@ -16,8 +16,8 @@ import pytest
 
 from tests.integration.conftest import ROOT, Cluster, RedisServer, assert_same_job, until
 from tests.integration.test_cluster import LAYERS, MODEL, _inputs, _reference, _spec
-from workers.control import status
 from workers.extraction.cache import ModelCache
+from workers.lifecycle.state import status
 from workers.storage.index import unfinished
 
 # Short periods so that a test sees the reconciler act in seconds, not minutes.
@@ -103,7 +103,7 @@ def test_ctrl_c_of_an_embedded_scan_stops_resumably_and_says_how_to_resume(
     store = str(tmp_path / "store")
     env = {k: v for k, v in os.environ.items() if not k.startswith("ACTMAP_")}
     env["PYTHONPATH"] = str(ROOT)
-    argv = [sys.executable, "-m", "api.cli"]
+    argv = [sys.executable, "-m", "api.cli.main"]
     proc = subprocess.Popen(
         [*argv, "scan", str(inputs), "--model", MODEL, "--layers", ",".join(LAYERS),
          "--batch-size", str(BATCH), "--out", store, "--json"],

@@ -12,13 +12,13 @@ import pytest
 
 from tests.integration.conftest import RedisServer
 from tests.integration.test_cluster import _inputs, _spec
-from workers.celery_app import make_celery
-from workers.control import enqueue, status
-from workers.counters import RedisCounters
+from workers.execution.celery_app import make_celery
 from workers.extraction.cache import ModelCache
-from workers.reconciler import LEASE, Reconciler
+from workers.lifecycle.counters import RedisCounters
+from workers.lifecycle.reconciler import LEASE, Reconciler
+from workers.lifecycle.state import enqueue, status
+from workers.lifecycle.submit import submit
 from workers.settings import Settings
-from workers.submit import submit
 
 pytestmark = pytest.mark.integration
 

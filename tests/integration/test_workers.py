@@ -18,7 +18,7 @@ SAMPLES = ROOT / "workers" / "demo" / "samples"
 
 def _cli(cluster: Cluster, *argv: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "api.cli", *argv],
+        [sys.executable, "-m", "api.cli.main", *argv],
         env=cluster.env, cwd=ROOT, capture_output=True, text=True, timeout=300, check=False,
     )  # fmt: skip
 

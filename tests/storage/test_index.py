@@ -11,10 +11,10 @@ from typing import Any
 
 import pytest
 
-from workers.control import cancel, job_page, list_jobs
 from workers.errors import UserError
 from workers.extraction.cache import ModelCache
 from workers.jobs import ExtractionSpec
+from workers.lifecycle.state import cancel, job_page, list_jobs
 from workers.pipeline import finalize, plan
 from workers.storage.consolidate import reindex
 from workers.storage.index import IndexMissing, count, figures, page, record
@@ -132,7 +132,7 @@ def test_writers_in_several_processes_all_appear_in_the_index(tmp_path: Path) ->
 def test_cli_lists_a_page_with_whole_ids_and_the_command_for_the_next(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from api.cli import main
+    from api.cli.main import main
 
     store = str(tmp_path / "store")
     jobs = _plan_many(store, 3)

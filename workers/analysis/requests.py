@@ -18,9 +18,9 @@ from typing import Any
 
 import zarr
 
-from workers.analysis.results import Selection, new_analysis_id, open_analysis
 from workers.errors import ActmapError, JobError, UserError
 from workers.jobs import TaskName
+from workers.storage.analyses import Selection, new_analysis_id, open_analysis
 from workers.storage.consolidate import publish_path
 from workers.storage.layout import attrs
 

@@ -11,9 +11,9 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict
 
-from workers.control import now
 from workers.errors import JobError
 from workers.jobs import ModelInfo
+from workers.lifecycle.state import now
 
 __all__ = ["ModelRecord", "Registry"]
 

@@ -90,7 +90,7 @@ def install(app: Celery, directory: str, every_s: float) -> None:
     def child_up(**_: Any) -> None:
         # In a thread: the pool waits only seconds for a new child to report in.
         def warm() -> None:
-            from workers.gpu import device
+            from workers.execution.slots import device
 
             log.info("worker child ready on %s", device())
             _touch(where / _CHILD)

@@ -10,10 +10,10 @@ from typing import Any
 
 import numpy as np
 
-from workers.control import now
 from workers.errors import LayerError, SampleCode, SpecError
 from workers.extraction.inputs import Source, discover, labels_from_csv, labels_from_dirs
 from workers.jobs import ExtractionSpec, JobState, ModelInfo, close_matches, stored_shape
+from workers.lifecycle.state import now
 from workers.storage.chunks import put_rows
 from workers.storage.consolidate import publish
 from workers.storage.layout import LayerLayout, create_job, writable

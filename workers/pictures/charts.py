@@ -13,7 +13,8 @@ import numpy as np
 import numpy.typing as npt
 from PIL import ImageDraw
 
-from workers.analysis.render import (
+from workers.errors import SpecError
+from workers.pictures.render import (
     INK,
     LINE_H,
     MAX_SIDE,
@@ -30,7 +31,6 @@ from workers.analysis.render import (
     resized,
     text_width,
 )
-from workers.errors import SpecError
 
 __all__ = [
     "NEGATIVE",

@@ -1,4 +1,4 @@
-"""The Celery app of a worker process (`celery -A workers.worker_main worker`), built from
+"""The Celery app of a worker process (`celery -A workers.execution.worker_main worker`), built from
 the environment once, at this entry point."""
 
 from __future__ import annotations
@@ -13,17 +13,17 @@ from typing import Any
 import redis
 from celery.signals import worker_process_init, worker_process_shutdown
 
-from workers.batches import Runtime
-from workers.celery_app import make_celery
-from workers.control import enqueue
-from workers.counters import RedisCounters
+from workers.execution.celery_app import make_celery
+from workers.execution.roster import Roster, keep_checking_in, member
+from workers.execution.slots import device
+from workers.execution.tasks import register
 from workers.extraction.cache import ModelCache
 from workers.extraction.isolation import ChildLimits, Verdicts
-from workers.gpu import device
-from workers.reconciler import Reconciler
-from workers.roster import Roster, keep_checking_in, member
+from workers.lifecycle.counters import RedisCounters
+from workers.lifecycle.delivery import Runtime
+from workers.lifecycle.reconciler import Reconciler
+from workers.lifecycle.state import enqueue
 from workers.settings import Settings
-from workers.tasks import register
 
 settings = Settings()
 app = make_celery(settings)

@@ -16,9 +16,9 @@ from typing import Any
 import numpy as np
 from redis import RedisError
 
-from workers.counters import Counters
 from workers.errors import JobError, UserError
 from workers.jobs import JobState, TaskName
+from workers.lifecycle.counters import Counters
 from workers.storage.consolidate import publish
 from workers.storage.index import page as index_page
 from workers.storage.layout import attrs as attrs_of
@@ -103,7 +103,7 @@ def _seconds(iso: str) -> float:
 
 
 def _batch_ranges(batches: list[int]) -> str:
-    from workers.reconciler import ranges  # numpy and redis only
+    from workers.lifecycle.reconciler import ranges  # numpy and redis only
 
     return ranges(batches)
 

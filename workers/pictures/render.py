@@ -20,8 +20,8 @@ import numpy as np
 import numpy.typing as npt
 from PIL import Image, ImageDraw, ImageFont
 
-from workers.analysis.weights import normalise_filters
 from workers.errors import SpecError
+from workers.pictures.weights import normalise_filters
 
 __all__ = [
     "MAX_SIDE",

@@ -18,11 +18,11 @@ from typing import Any
 
 import zarr
 
-from workers.counters import Counters
 from workers.errors import SampleCode, UserError
+from workers.execution.slots import compute_fitting
 from workers.extraction.cache import ModelCache
-from workers.gpu import compute_fitting
 from workers.jobs import JobState
+from workers.lifecycle.counters import Counters
 from workers.pipeline import Decoded, decode_batch, finalize, spec_of, store_batch
 from workers.storage.layout import array, attrs, fresh_attrs, open_job, read
 from workers.storage.ledger import done_batches, is_done, mark_done

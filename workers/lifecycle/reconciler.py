@@ -25,10 +25,10 @@ from typing import Any
 
 import numpy as np
 
-from workers.control import finalize
-from workers.counters import Counters
 from workers.errors import JobError
 from workers.jobs import QUEUES, JobState, TaskName
+from workers.lifecycle.counters import Counters
+from workers.lifecycle.state import finalize
 from workers.storage.index import unfinished
 from workers.storage.layout import attrs, open_job
 from workers.storage.ledger import done_batches

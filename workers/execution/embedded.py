@@ -14,18 +14,25 @@ from celery._state import _set_task_join_will_block
 from celery.worker import state as worker_state
 from celery.worker.worker import WorkController
 
-from workers.batches import Runtime
-from workers.celery_app import MEMORY_BROKER, make_celery
-from workers.control import Status, enqueue, mark_interrupted, queue_of, resume_batches, wait
-from workers.counters import MemoryCounters
 from workers.errors import ActmapError
+from workers.execution.celery_app import MEMORY_BROKER, make_celery
+from workers.execution.tasks import register
 from workers.extraction.cache import ModelCache
 from workers.extraction.models import load_model
 from workers.jobs import QUEUES, ExtractionSpec, ModelInfo, Preprocessing
+from workers.lifecycle.counters import MemoryCounters
+from workers.lifecycle.delivery import Runtime
+from workers.lifecycle.state import (
+    Status,
+    enqueue,
+    mark_interrupted,
+    queue_of,
+    resume_batches,
+    wait,
+)
+from workers.lifecycle.submit import submit
 from workers.pipeline import Plan
 from workers.settings import Settings
-from workers.submit import submit
-from workers.tasks import register
 
 __all__ = ["Embedded", "Interrupted", "catalogue", "embedded", "resume", "scan"]
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, Protocol, Self
 
-from workers.roster import CHECK_IN_S, Roster
+from workers.execution.roster import CHECK_IN_S, Roster
 
 __all__ = ["Counters", "Listener", "MemoryCounters", "RedisCounters", "Stall"]
 

@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from api import output
+from api.cli import output
 from workers.analysis.requests import Analysis
 from workers.errors import ActmapError, UserError
 from workers.settings import Settings
@@ -121,7 +121,7 @@ def _spinner(show: bool) -> Iterator[Callable[[Analysis], None]]:
 def run(args: argparse.Namespace, settings: Settings) -> int:
     """Queue the analysis on the `analysis` queue through the backend a scan would use
     (embedded worker, broker, or API), wait for it and print it."""
-    from api.backends import backend_for
+    from api.cli.backends import backend_for
 
     if args.command == "screen" and args.screen_action == "run":
         return _screen_run(args, settings, args.store or settings.store)
@@ -163,10 +163,10 @@ def _print_weights(summary: dict[str, Any]) -> None:
 
 
 def _screen_run(args: argparse.Namespace, settings: Settings, store: str) -> int:
-    from api.backends import backend_for
+    from api.cli.backends import backend_for
     from workers.analysis.profiles import load_profile
-    from workers.analysis.results import open_analysis
     from workers.jobs import ExtractionSpec
+    from workers.storage.analyses import open_analysis
     from workers.storage.layout import attrs, open_job, read
 
     profile = load_profile(store, args.profile)

@@ -2,7 +2,7 @@
 
 Each runs scans and analyses; an analysis goes to the `analysis` queue and the backend
 waits for its result in the store (or the API). The worker side is imported inside the
-methods that need it, so that `import api.cli` stays free of torch and celery.
+methods that need it, so that `import api.cli.main` stays free of torch and celery.
 """
 
 from __future__ import annotations
@@ -11,10 +11,10 @@ from collections.abc import Callable, Iterable
 from typing import Any, Protocol
 
 from workers.analysis.requests import Analysis
-from workers.control import Status, can_progress, cancel, job_page, list_jobs, status
-from workers.counters import Counters
 from workers.errors import UserError
 from workers.jobs import ExtractionSpec
+from workers.lifecycle.counters import Counters
+from workers.lifecycle.state import Status, can_progress, cancel, job_page, list_jobs, status
 from workers.settings import Settings
 
 __all__ = ["ApiBackend", "Backend", "BrokerBackend", "EmbeddedBackend", "backend_for"]
@@ -71,23 +71,23 @@ class EmbeddedBackend(_StoreReads):
         self.store = store
 
     def scan(self, spec: ExtractionSpec, wait: bool, on_plan: OnPlan, progress: Progress) -> Status:
-        from workers import embedded
+        from workers.execution import embedded
 
         return embedded.scan(spec, self.store, self.settings, on_plan, progress)
 
     def wait(self, job_id: str, progress: Progress) -> Status:
-        from workers.control import wait
+        from workers.lifecycle.state import wait
 
         return wait(self.store, job_id, None, progress)
 
     def resume(self, job_id: str, wait: bool, progress: Progress) -> Status:
-        from workers import embedded
+        from workers.execution import embedded
 
         return embedded.resume(self.store, job_id, self.settings, progress)
 
     def analyse(self, kind: str, params: dict[str, Any], progress: AnalysisProgress) -> Analysis:
-        from workers import embedded
         from workers.analysis.requests import submit, wait
+        from workers.execution import embedded
 
         with embedded.embedded(self.settings) as local:
             analysis_id = submit(_sender(local.app), self.store, kind, params, _LOCAL)
@@ -105,19 +105,19 @@ class BrokerBackend(_StoreReads):
         self._url = settings.broker_url.get_secret_value()
 
     def _counters(self) -> Counters:
-        from workers.counters import RedisCounters
+        from workers.lifecycle.counters import RedisCounters
 
         return RedisCounters(self._url, self.settings.roster_period_s)
 
     def _app(self) -> Any:
-        from workers.celery_app import make_celery
+        from workers.execution.celery_app import make_celery
 
         return make_celery(self.settings)
 
     def _enqueue(self, job_id: str, batches: Iterable[int], queue: str) -> None:
         """Tasks sized for the workers on `queue` now."""
-        from workers.control import enqueue
-        from workers.roster import Roster
+        from workers.execution.roster import Roster
+        from workers.lifecycle.state import enqueue
 
         workers = Roster(self._url).size(queue)
         cap = self.settings.batches_per_task
@@ -125,8 +125,8 @@ class BrokerBackend(_StoreReads):
 
     def scan(self, spec: ExtractionSpec, wait: bool, on_plan: OnPlan, progress: Progress) -> Status:
         from api.broker import RedisBroker
-        from workers.embedded import catalogue
-        from workers.submit import submit
+        from workers.execution.embedded import catalogue
+        from workers.lifecycle.submit import submit
 
         info = catalogue(spec.model, spec.weights, spec.preprocessing, self.settings)
         keys = RedisBroker(self._url, self._app())
@@ -135,12 +135,12 @@ class BrokerBackend(_StoreReads):
         return self.wait(job.job_id, progress) if wait else self.status(job.job_id)
 
     def wait(self, job_id: str, progress: Progress) -> Status:
-        from workers.control import wait
+        from workers.lifecycle.state import wait
 
         return wait(self.store, job_id, self._counters(), progress)
 
     def resume(self, job_id: str, wait: bool, progress: Progress) -> Status:
-        from workers.control import queue_of, resume_batches
+        from workers.lifecycle.state import queue_of, resume_batches
 
         missing = resume_batches(self.store, job_id, self._counters())
         self._enqueue(job_id, missing, queue_of(self.store, job_id))

@@ -16,7 +16,7 @@ import time
 from types import FrameType
 
 from workers.errors import UserError
-from workers.gpu import Slot, list_gpus, slots
+from workers.execution.slots import Slot, list_gpus, slots
 from workers.jobs import QUEUES
 from workers.settings import Settings
 
@@ -27,7 +27,7 @@ log = logging.getLogger("actmap")
 
 def command(slot: Slot, queues: list[str]) -> list[str]:
     return [
-        sys.executable, "-m", "celery", "-A", "workers.worker_main", "worker",
+        sys.executable, "-m", "celery", "-A", "workers.execution.worker_main", "worker",
         "--pool", "prefork", "--concurrency", "1", "--prefetch-multiplier", "1",
         "--hostname", slot.name, "--queues", ",".join(queues),
         "--without-gossip", "--without-mingle", "--loglevel", "INFO",

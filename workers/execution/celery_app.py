@@ -8,7 +8,7 @@ from typing import Any
 from celery import Celery
 from kombu.entity import Queue
 
-from workers.heartbeat import install as install_heartbeat
+from workers.execution.heartbeat import install as install_heartbeat
 from workers.jobs import QUEUES
 from workers.settings import Settings
 

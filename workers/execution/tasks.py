@@ -1,4 +1,4 @@
-"""Celery tasks: thin adapters from a message to `workers.batches`, errors mapped to
+"""Celery tasks: thin adapters from a message to `workers.lifecycle.delivery`, errors mapped to
 retries. Nothing else lives here."""
 
 from __future__ import annotations
@@ -10,12 +10,12 @@ from typing import Any
 from celery import Celery, Task
 from celery.exceptions import SoftTimeLimitExceeded
 
-from workers import registration
-from workers.batches import Outcome, Runtime, execute_batches, give_up
-from workers.control import queue_of
 from workers.errors import TransientError
+from workers.execution import registration
 from workers.extraction.isolation import ChildLimits
 from workers.jobs import TaskName
+from workers.lifecycle.delivery import Outcome, Runtime, execute_batches, give_up
+from workers.lifecycle.state import queue_of
 
 __all__ = ["register"]
 

@@ -12,10 +12,10 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
-from workers.control import finalize, mark_started
 from workers.errors import ActmapError
 from workers.extraction.cache import ModelCache
 from workers.jobs import JobState
+from workers.lifecycle.state import finalize, mark_started
 from workers.pipeline import Decoded, compute_batch, decode_batch, spec_of, store_batch
 from workers.storage.layout import open_job
 from workers.storage.ledger import pending_batches

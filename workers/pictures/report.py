@@ -16,10 +16,10 @@ import numpy as np
 
 from workers.analysis.compare import Comparison
 from workers.analysis.health import FilterHealth, duplicate_filters
-from workers.analysis.render import activation_sheet, filter_sheet
-from workers.analysis.render_charts import bar_chart, difference_sheet, score_histogram
-from workers.analysis.report_html import Raw, Section, e, facts, figure, page, table
-from workers.analysis.report_job import Job, LayerData, Pick
+from workers.pictures.charts import bar_chart, difference_sheet, score_histogram
+from workers.pictures.html import Raw, Section, e, facts, figure, page, table
+from workers.pictures.render import activation_sheet, filter_sheet
+from workers.pictures.report_job import Job, LayerData, Pick
 
 __all__ = ["REPORT_TOP", "Section", "comparison_section", "write_report"]
 

@@ -12,11 +12,12 @@ from pathlib import Path
 from pydantic import ValidationError
 from rich.logging import RichHandler
 
-from api import analysis_cli, output
-from api.backends import Backend, backend_for
-from workers.control import Status, can_progress
+from api.cli import analyses as analysis_cli
+from api.cli import output
+from api.cli.backends import Backend, backend_for
 from workers.errors import ActmapError, UserError
 from workers.jobs import ExtractionSpec, JobState, Preprocessing
+from workers.lifecycle.state import Status, can_progress
 from workers.settings import Settings
 
 __all__ = ["main"]
@@ -127,14 +128,14 @@ def _preprocessing(args: argparse.Namespace, settings: Settings) -> Preprocessin
     given = {k: v for k, v in given.items() if v is not None}
     if not given:
         return None
-    from workers import embedded  # the model's own declaration is the base
+    from workers.execution import embedded  # the model's own declaration is the base
 
     base = embedded.catalogue(args.model, args.weights, None, settings).preprocessing
     return Preprocessing.model_validate({**base.model_dump(), **given})
 
 
 def _layers(args: argparse.Namespace, settings: Settings) -> int:
-    from workers import embedded
+    from workers.execution import embedded
 
     info = embedded.catalogue(args.model, args.weights, _preprocessing(args, settings), settings)
     if args.json:
@@ -167,7 +168,7 @@ def _spec(args: argparse.Namespace, settings: Settings) -> ExtractionSpec:
 
 
 def _report(args: argparse.Namespace, settings: Settings) -> int:
-    from api.report_cli import report
+    from api.cli.report import report
 
     page = report(args.store or settings.store, args.job_id, Path(args.out), settings.factories)
     if args.json:
@@ -190,7 +191,7 @@ def _scan(args: argparse.Namespace, settings: Settings, backend: Backend) -> int
         result = backend.scan(spec, not args.no_wait, on_plan, on_status)
     page = None
     if args.report and not remote and JobState(result.state).finished:
-        from api.report_cli import report
+        from api.cli.report import report
 
         page = report(backend.store, result.job_id, Path(args.report), settings.factories)
     if args.json:
@@ -292,7 +293,7 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _worker(args: argparse.Namespace, settings: Settings) -> int:
-    from workers.launcher import launch
+    from workers.execution.launcher import launch
 
     code: int = launch(settings, args.gpus, args.cpu, args.queues)
     return code

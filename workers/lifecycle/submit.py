@@ -23,7 +23,7 @@ import fsspec
 from workers.errors import ActmapError, JobError, UserError
 from workers.extraction.inputs import Source
 from workers.jobs import ExtractionSpec, JobState, ModelInfo
-from workers.plan import Plan, new_job_id, plan
+from workers.lifecycle.plan import Plan, new_job_id, plan
 from workers.storage.consolidate import publish
 from workers.storage.index import holds
 from workers.storage.layout import attrs, open_job

@@ -1,4 +1,4 @@
-"""`actmap report JOB --out DIR`: the job's HTML report (workers/analysis/report.py).
+"""`actmap report JOB --out DIR`: the job's HTML report (workers/pictures/report.py).
 
 The API side never imports torch, but this command may: when the worker extra is
 installed it loads the job's model, only inside `report`, to draw the first conv layer's
@@ -15,11 +15,11 @@ from typing import Any
 
 import numpy as np
 
-from workers.analysis.report import Section, comparison_section, write_report
-from workers.analysis.report_job import CONV_TYPES, store_filters
-from workers.analysis.results import analysis_ids, open_analysis
 from workers.errors import ActmapError
 from workers.jobs import Preprocessing
+from workers.pictures.report import Section, comparison_section, write_report
+from workers.pictures.report_job import CONV_TYPES, store_filters
+from workers.storage.analyses import analysis_ids, open_analysis
 from workers.storage.layout import attrs, open_job, read
 
 __all__ = ["first_conv_weights", "report"]

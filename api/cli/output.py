@@ -14,8 +14,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
 from rich.table import Table
 
-from workers.control import Status
 from workers.jobs import ModelInfo
+from workers.lifecycle.state import Status
 from workers.storage.layout import array, open_job, read
 
 __all__ = ["catalogue", "err", "job_table", "out", "print_json", "progress", "scan_report"]
