@@ -8,7 +8,11 @@
     │   ├── LayerError            Raised when a layer is unknown or unusable as asked.
     │   ├── ModelError            Raised when a model file, factory or weights cannot be used.
     │   ├── InputError            Raised when one sample cannot be decoded (a per-sample code).
-    │   └── JobError              Raised when a job id or its store does not exist.
+    │   ├── NotFound              Raised when a job, analysis, model or layer asked for does not
+    │   │                         exist for this caller (HTTP 404).
+    │   ├── Conflict              Raised when the request clashes with the object's state: a job
+    │   │                         already finished, a quota or lock held (HTTP 409).
+    │   └── JobError              Deprecated name of NotFound, kept while callers move.
     └── TransientError            Raised when a retry may succeed (connection, CUDA OOM).
 
 Every message is one line a person can act on. Tracebacks are for bugs.
@@ -20,10 +24,12 @@ from enum import IntEnum
 
 __all__ = [
     "ActmapError",
+    "Conflict",
     "InputError",
     "JobError",
     "LayerError",
     "ModelError",
+    "NotFound",
     "SampleCode",
     "SpecError",
     "TransientError",
@@ -51,8 +57,15 @@ class ModelError(UserError):
     """Raised when a model file, factory or weights file cannot be loaded safely."""
 
 
-class JobError(UserError):
-    """Raised when a job id, or the store holding it, does not exist."""
+class NotFound(UserError):
+    """Raised when a job, analysis, model, layer or store asked for does not exist here."""
+
+
+class Conflict(UserError):
+    """Raised when a request clashes with the state of what it names; retrying as is won't help."""
+
+
+JobError = NotFound
 
 
 class SampleCode(IntEnum):

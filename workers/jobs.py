@@ -6,13 +6,19 @@ Pydantic only; importing this never loads torch or celery.
 from __future__ import annotations
 
 import difflib
+import secrets
+from datetime import UTC, datetime
 from enum import StrEnum
+from importlib.metadata import PackageNotFoundError, version
 from typing import Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 __all__ = [
     "QUEUES",
+    "VERSION",
+    "AnalysisKind",
+    "AnalysisState",
     "ExtractionSpec",
     "JobState",
     "LayerInfo",
@@ -21,6 +27,8 @@ __all__ = [
     "TaskName",
     "cap_spatial",
     "close_matches",
+    "new_id",
+    "now",
     "stored_shape",
 ]
 
@@ -47,6 +55,46 @@ class JobState(StrEnum):
     @property
     def finished(self) -> bool:
         return self not in (JobState.QUEUED, JobState.RUNNING, JobState.STALLED)
+
+
+class AnalysisKind(StrEnum):
+    """What an analysis computes; the value is what the store records as its `kind`."""
+
+    HEALTH = "health"
+    COMPARE = "compare"
+    SIGNATURES = "signatures"
+    SCREENING_PROFILE = "screening-profile"
+
+
+class AnalysisState(StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+
+    @property
+    def finished(self) -> bool:
+        return self in (AnalysisState.SUCCEEDED, AnalysisState.FAILED)
+
+
+def _version() -> str:
+    try:
+        return version("actmap")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown"
+
+
+VERSION = _version()
+
+
+def now() -> str:
+    """The current moment as stored in attrs: UTC, ISO 8601, milliseconds."""
+    return datetime.now(UTC).isoformat(timespec="milliseconds")
+
+
+def new_id() -> str:
+    """A job or analysis id: sortable by creation time, unique by its random tail."""
+    return f"{datetime.now(UTC):%Y%m%d-%H%M%S}-{secrets.token_hex(3)}"
 
 
 class _Frozen(BaseModel):
