@@ -234,7 +234,7 @@ def test_the_openapi_schema_is_served(api: Api) -> None:
 def test_resume_finishes_a_job_whose_count_fell_short_on_the_jobs_own_queue(
     tmp_path: Path,
 ) -> None:
-    from tests.test_completion import LosesOneCount
+    from tests.lifecycle.test_completion import LosesOneCount
 
     api = make_api(tmp_path, counters=LosesOneCount(lost=1))
     with api.client:

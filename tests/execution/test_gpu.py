@@ -19,7 +19,7 @@ from workers.extraction.models import LoadedModel
 from workers.jobs import ExtractionSpec
 from workers.pipeline import Decoded, compute_batch
 
-ROOT = Path(__file__).parents[1]
+ROOT = Path(__file__).parents[2]
 
 
 def test_one_worker_per_gpu_each_seeing_only_its_own() -> None:

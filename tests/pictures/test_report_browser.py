@@ -29,7 +29,7 @@ from workers.pictures.report_job import read_filters
 from workers.settings import Settings
 from workers.storage.layout import attrs, open_job, read
 
-SAMPLES = Path(__file__).parents[1] / "workers" / "demo" / "samples"
+SAMPLES = Path(__file__).parents[2] / "workers" / "demo" / "samples"
 SCREENSHOT_COPY = Path("/tmp/actmap-report-screenshot.png")
 
 

@@ -19,7 +19,7 @@ from api.cli.main import main
 from tests.api.test_analyses import wide_api
 from workers.analysis import analyses, requests
 
-SAMPLES = Path(__file__).parents[1] / "workers" / "demo" / "samples"
+SAMPLES = Path(__file__).parents[3] / "workers" / "demo" / "samples"
 
 
 def _last(capsys: pytest.CaptureFixture[str]) -> dict[str, Any]:

@@ -11,7 +11,7 @@ import pytest
 
 from api.cli.main import main
 
-SAMPLES = Path(__file__).parents[1] / "workers" / "demo" / "samples"
+SAMPLES = Path(__file__).parents[3] / "workers" / "demo" / "samples"
 
 
 def test_scan_json_prints_one_object_with_where_the_results_are(
