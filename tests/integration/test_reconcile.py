@@ -12,9 +12,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 from tests.integration.conftest import ROOT, Cluster, RedisServer, assert_same_job, until
+from tests.integration.poison_model import HOLD
 from tests.integration.test_cluster import LAYERS, MODEL, _inputs, _reference, _spec
 from workers.extraction.cache import ModelCache
 from workers.lifecycle.state import status
@@ -143,3 +145,28 @@ def test_ctrl_c_of_an_embedded_scan_stops_resumably_and_says_how_to_resume(
     assert resumed.returncode == 0, resumed.stderr
     assert json.loads(resumed.stdout)["state"] == "succeeded"
     assert_same_job(store, job_id, str(tmp_path / "ref"), ref, LAYERS)
+
+
+def test_a_batch_running_through_a_redis_restart_costs_no_attempt(
+    durable_cluster: Cluster, durable_redis: RedisServer, models: ModelCache, tmp_path: Path
+) -> None:
+    """A Redis restart is no failure of the batch in flight: it is not started again at the
+    cost of an attempt. With a cap of one attempt, a batch running through a restart would
+    be given up (the job partial) if the restart cut it short; a poison batch still meets
+    the cap (test_cluster)."""
+    inputs = _inputs(tmp_path / "x", 40)
+    held = np.load(inputs / "00010.npy")
+    held[0, 0, 0] = HOLD  # batch 2 of 10: the model waits on it while the hold file exists
+    np.save(inputs / "00010.npy", held)
+    ref = _reference(tmp_path / "ref", _spec(inputs, BATCH), models)
+    hold = tmp_path / "hold"
+    hold.touch()
+    durable_cluster.env.update(FAST, ACTMAP_ATTEMPT_CAP="1", ACTMAP_TEST_HOLD=str(hold))
+    durable_cluster.start(workers=1)
+    job_id = scan(durable_cluster, inputs)
+    until(Path(f"{hold}.started").exists, 120, "the held batch to start")
+    durable_redis.restart()
+    hold.unlink()
+    result = durable_cluster.wait(job_id, timeout=180)
+    assert result.state == "succeeded", result.reason
+    assert_same_job(durable_cluster.store, job_id, str(tmp_path / "ref"), ref, LAYERS)

@@ -48,7 +48,11 @@ def make_celery(settings: Settings, broker: str | None = None) -> Celery:
         broker_transport_options=transport,
         result_backend_transport_options=transport,
         broker_connection_retry_on_startup=True,
-        worker_cancel_long_running_tasks_on_connection_loss=True,
+        # A task outlives a broker outage: cancelling it (SIGTERM to its child) cost each of
+        # its started batches an attempt for no fault of theirs, and two Redis restarts and
+        # a dead worker gave a batch up. Its ack is lost with the connection; the ledger
+        # skips the redelivery.
+        worker_cancel_long_running_tasks_on_connection_loss=False,
         # On SIGTERM a running batch gets this long to finish; an idle worker stops at once.
         worker_soft_shutdown_timeout=float(settings.shutdown_s),
         task_queues=[Queue(name) for name in QUEUES],  # type: ignore[no-untyped-call]

@@ -7,6 +7,7 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
+import redis
 from celery import Celery, Task
 from celery.exceptions import SoftTimeLimitExceeded
 
@@ -20,6 +21,9 @@ from workers.lifecycle.state import queue_of
 __all__ = ["register"]
 
 _RETRY_BACKOFF = 2.0  # seconds, doubled per retry
+# Redis away under a running task (a restart outlasting the client's retries): a retry,
+# not a bug that gives the task's batches up.
+_REDIS_LOST = (redis.ConnectionError, redis.TimeoutError)
 log = logging.getLogger("actmap")
 
 
@@ -46,7 +50,7 @@ def register(app: Celery, runtime: Callable[[], Runtime]) -> None:
                 "ACTMAP_TASK_TIME_LIMIT"
             )
             outcomes = [give_up(store, job_id, b, reason, runtime()) for b in batches]
-        except (TransientError, ConnectionError, TimeoutError) as exc:
+        except (TransientError, ConnectionError, TimeoutError, *_REDIS_LOST) as exc:
             if self.request.retries < self.max_retries:
                 delay = _RETRY_BACKOFF * 2**self.request.retries
                 raise self.retry(exc=exc, countdown=delay) from exc
