@@ -490,35 +490,44 @@ def main(argv: list[str] | None = None) -> int:
         print()
         print(_table([("store", "value"), *store_figures(Path(job["store"]), job["id"], n)]))
 
-        if not args.no_cli:
-            print()
-            try:
-                seconds = run_cli(tmp / "images", tmp / "store-cli", args.timeout)
-            except (RuntimeError, subprocess.TimeoutExpired) as exc:
-                print(f"`actmap scan` CLI FAILED: {str(exc).splitlines()[-1][:300]}")
-            else:
-                print(
-                    f"`actmap scan` CLI, one subprocess run (startup included): {seconds:.2f} s, "
-                    f"{n / seconds:,.1f} img/s"
-                )
-        if args.gpu_host_model:
-            print()
-            print(gpu_host_model(model, x, inputs, tmp, args))
-        if args.stages or args.profile:
-            profiler = cProfile.Profile() if args.profile else None
-            timed = stages(inputs, tmp / "store-stages", args.repeats, profiler)
-            rows = [("stage, alone and serial", "seconds", "img/s")]
-            rows += [(name, f"{s:.3f}", f"{n / s:,.1f}") for name, s in timed]
-            rows.append(("bare forward (best, above)", f"{n / bare_best:.3f}", f"{bare_best:,.1f}"))
-            print()
-            print(_table(rows))
-            if profiler is not None:
-                text = io.StringIO()
-                pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(25)
-                print()
-                print(text.getvalue())
+        _optional_lines(args, model, x, tmp, bare_best)
         print(f"load average at the end {_load()}")
     return 0
+
+
+def _optional_lines(
+    args: argparse.Namespace, model: nn.Module, x: torch.Tensor, tmp: Path, bare_best: float
+) -> None:
+    """The lines the command line asks for beyond the main table: the CLI run, the GPU-host
+    model, the stages alone."""
+    n, inputs = args.images, str(tmp / "images")
+    if not args.no_cli:
+        print()
+        try:
+            seconds = run_cli(tmp / "images", tmp / "store-cli", args.timeout)
+        except (RuntimeError, subprocess.TimeoutExpired) as exc:
+            print(f"`actmap scan` CLI FAILED: {str(exc).splitlines()[-1][:300]}")
+        else:
+            print(
+                f"`actmap scan` CLI, one subprocess run (startup included): {seconds:.2f} s, "
+                f"{n / seconds:,.1f} img/s"
+            )
+    if args.gpu_host_model:
+        print()
+        print(gpu_host_model(model, x, inputs, tmp, args))
+    if args.stages or args.profile:
+        profiler = cProfile.Profile() if args.profile else None
+        timed = stages(inputs, tmp / "store-stages", args.repeats, profiler)
+        rows: list[tuple[str, ...]] = [("stage, alone and serial", "seconds", "img/s")]
+        rows += [(name, f"{s:.3f}", f"{n / s:,.1f}") for name, s in timed]
+        rows.append(("bare forward (best, above)", f"{n / bare_best:.3f}", f"{bare_best:,.1f}"))
+        print()
+        print(_table(rows))
+        if profiler is not None:
+            text = io.StringIO()
+            pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(25)
+            print()
+            print(text.getvalue())
 
 
 if __name__ == "__main__":
