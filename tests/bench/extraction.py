@@ -1,4 +1,5 @@
-"""Extraction throughput: actmap end to end against the bare forward pass and the seed's way.
+"""Extraction throughput: actmap end to end against the bare forward pass and the naive
+per-image way.
 
 Run from the repository root:
 
@@ -8,11 +9,13 @@ On one set of seeded random 112 x 112 RGB PNGs and one ResNet-18-shaped model wi
 weights (tests/bench/resnet.py), it measures images per second, interleaved and repeated
 (A B C A B C ...) so that the noise of a shared machine falls on every method alike:
 
-- bare:   the bar (DESIGN.md, "Performance rules"): the model's forward pass at batch 32 under
-          torch.inference_mode on tensors decoded beforehand; no decode, no hooks, no storage.
-- seed:   the seed document's per-image way: decode the PNG with Pillow once, then for each of
-          layer1..layer4 register a forward hook on that layer, run the image alone (batch 1,
-          torch.no_grad), remove the hook and np.save the output (float32) to a .npy file.
+- bare:   the bar, which actmap should reach to 0.85x: the model's forward pass at batch 32
+          under torch.inference_mode on tensors decoded beforehand; no decode, no hooks, no
+          storage.
+- seed:   the naive per-image way, which actmap should beat 4x: decode the PNG with Pillow
+          once, then for each of layer1..layer4 register a forward hook on that layer, run
+          the image alone (batch 1, torch.no_grad), remove the hook and np.save the output
+          (float32) to a .npy file.
 - actmap: workers.execution.embedded.scan (`--actmap runner`: plan + tests.oracle.run_job instead)
           into a fresh Zarr store each repeat, float16, batch 32, layers layer1..layer4:
           decode, forward, reduction, compression and writes. Shown twice: the whole call
@@ -467,7 +470,7 @@ def main(argv: list[str] | None = None) -> int:
         ]
         labels = {
             "bare": "bare forward, pre-decoded, batch 32 (the bar)",
-            "seed": "seed: per image x layer hook + batch 1 + np.save",
+            "seed": "per image: a hook per image x layer + batch 1 + np.save",
             "actmap": f"actmap ({args.actmap}), whole call",
             "actmap run": f"actmap ({args.actmap}), run phase (after plan)",
         }

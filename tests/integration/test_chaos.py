@@ -89,7 +89,7 @@ def _retry(api: Api, body: dict[str, object], key: str) -> str:
 @pytest.mark.xfail(
     strict=False,
     reason="flaky after the merge: in 1 of 2 CI runs a job ended partial instead of succeeded "
-    "(issue 13 stays open until it passes every time)",
+    "(strict again once it passes every time)",
 )
 def test_every_acknowledged_job_survives_the_faults_bit_identical(
     durable_redis: RedisServer, tmp_path: Path
