@@ -163,6 +163,11 @@ KNOWN: set[str] = {
 }
 
 
+# The same for packages loaded at import: delivery imports the model cache (torch) until its
+# extractor is injected. Only shrinks.
+KNOWN_LOADS: dict[str, set[str]] = {"workers.lifecycle": {"torch"}}
+
+
 def test_imports_keep_to_the_layout(capsys: pytest.CaptureFixture[str]) -> None:
     found = check(ROOT, ["workers", "api"], LAYOUT)
     new = [str(v) for v in found if v.key not in KNOWN]
@@ -280,12 +285,21 @@ def _loaded_after_import(modules: list[str]) -> set[str]:
         ("workers.storage", {"torch", "celery"}),
         ("workers.analysis", {"torch", "celery"}),
         ("workers.extraction", {"celery", "zarr"}),
+        ("workers.lifecycle", {"torch"}),  # job control runs in the API process
     ],
 )
-def test_a_package_never_loads_what_the_layout_forbids(package: str, forbidden: set[str]) -> None:
+def test_a_package_never_loads_what_the_layout_forbids(
+    package: str, forbidden: set[str], capsys: pytest.CaptureFixture[str]
+) -> None:
     extra = ["workers.jobs", "workers.errors", "workers.settings"] if package == "api" else []
-    loaded = _loaded_after_import(_modules(package) + extra)
-    assert not loaded & forbidden, f"{package} loads {loaded & forbidden}"
+    loaded = _loaded_after_import(_modules(package) + extra) & forbidden
+    known = KNOWN_LOADS.get(package, set())
+    with capsys.disabled():
+        for name in sorted(loaded & known):
+            print(f"known: {package} loads {name}")
+        for name in sorted(known - loaded):
+            print(f"fixed, strike from KNOWN_LOADS: {package} loads {name}")
+    assert not loaded - known, f"{package} loads {loaded - known}"
 
 
 def test_the_worker_launcher_and_job_control_never_load_torch() -> None:
