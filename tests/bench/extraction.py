@@ -1,4 +1,5 @@
-"""Extraction throughput: actmap end to end against the bare forward pass and the seed's way.
+"""Extraction throughput: actmap end to end against the bare forward pass and the naive
+per-image way.
 
 Run from the repository root:
 
@@ -8,11 +9,13 @@ On one set of seeded random 112 x 112 RGB PNGs and one ResNet-18-shaped model wi
 weights (tests/bench/resnet.py), it measures images per second, interleaved and repeated
 (A B C A B C ...) so that the noise of a shared machine falls on every method alike:
 
-- bare:   the bar (DESIGN.md, "Performance rules"): the model's forward pass at batch 32 under
-          torch.inference_mode on tensors decoded beforehand; no decode, no hooks, no storage.
-- seed:   the seed document's per-image way: decode the PNG with Pillow once, then for each of
-          layer1..layer4 register a forward hook on that layer, run the image alone (batch 1,
-          torch.no_grad), remove the hook and np.save the output (float32) to a .npy file.
+- bare:   the bar, which actmap should reach to 0.85x: the model's forward pass at batch 32
+          under torch.inference_mode on tensors decoded beforehand; no decode, no hooks, no
+          storage.
+- seed:   the naive per-image way, which actmap should beat 4x: decode the PNG with Pillow
+          once, then for each of layer1..layer4 register a forward hook on that layer, run
+          the image alone (batch 1, torch.no_grad), remove the hook and np.save the output
+          (float32) to a .npy file.
 - actmap: workers.execution.embedded.scan (`--actmap runner`: plan + tests.oracle.run_job instead)
           into a fresh Zarr store each repeat, float16, batch 32, layers layer1..layer4:
           decode, forward, reduction, compression and writes. Shown twice: the whole call
@@ -467,7 +470,7 @@ def main(argv: list[str] | None = None) -> int:
         ]
         labels = {
             "bare": "bare forward, pre-decoded, batch 32 (the bar)",
-            "seed": "seed: per image x layer hook + batch 1 + np.save",
+            "seed": "per image: a hook per image x layer + batch 1 + np.save",
             "actmap": f"actmap ({args.actmap}), whole call",
             "actmap run": f"actmap ({args.actmap}), run phase (after plan)",
         }
@@ -490,35 +493,44 @@ def main(argv: list[str] | None = None) -> int:
         print()
         print(_table([("store", "value"), *store_figures(Path(job["store"]), job["id"], n)]))
 
-        if not args.no_cli:
-            print()
-            try:
-                seconds = run_cli(tmp / "images", tmp / "store-cli", args.timeout)
-            except (RuntimeError, subprocess.TimeoutExpired) as exc:
-                print(f"`actmap scan` CLI FAILED: {str(exc).splitlines()[-1][:300]}")
-            else:
-                print(
-                    f"`actmap scan` CLI, one subprocess run (startup included): {seconds:.2f} s, "
-                    f"{n / seconds:,.1f} img/s"
-                )
-        if args.gpu_host_model:
-            print()
-            print(gpu_host_model(model, x, inputs, tmp, args))
-        if args.stages or args.profile:
-            profiler = cProfile.Profile() if args.profile else None
-            timed = stages(inputs, tmp / "store-stages", args.repeats, profiler)
-            rows = [("stage, alone and serial", "seconds", "img/s")]
-            rows += [(name, f"{s:.3f}", f"{n / s:,.1f}") for name, s in timed]
-            rows.append(("bare forward (best, above)", f"{n / bare_best:.3f}", f"{bare_best:,.1f}"))
-            print()
-            print(_table(rows))
-            if profiler is not None:
-                text = io.StringIO()
-                pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(25)
-                print()
-                print(text.getvalue())
+        _optional_lines(args, model, x, tmp, bare_best)
         print(f"load average at the end {_load()}")
     return 0
+
+
+def _optional_lines(
+    args: argparse.Namespace, model: nn.Module, x: torch.Tensor, tmp: Path, bare_best: float
+) -> None:
+    """The lines the command line asks for beyond the main table: the CLI run, the GPU-host
+    model, the stages alone."""
+    n, inputs = args.images, str(tmp / "images")
+    if not args.no_cli:
+        print()
+        try:
+            seconds = run_cli(tmp / "images", tmp / "store-cli", args.timeout)
+        except (RuntimeError, subprocess.TimeoutExpired) as exc:
+            print(f"`actmap scan` CLI FAILED: {str(exc).splitlines()[-1][:300]}")
+        else:
+            print(
+                f"`actmap scan` CLI, one subprocess run (startup included): {seconds:.2f} s, "
+                f"{n / seconds:,.1f} img/s"
+            )
+    if args.gpu_host_model:
+        print()
+        print(gpu_host_model(model, x, inputs, tmp, args))
+    if args.stages or args.profile:
+        profiler = cProfile.Profile() if args.profile else None
+        timed = stages(inputs, tmp / "store-stages", args.repeats, profiler)
+        rows: list[tuple[str, ...]] = [("stage, alone and serial", "seconds", "img/s")]
+        rows += [(name, f"{s:.3f}", f"{n / s:,.1f}") for name, s in timed]
+        rows.append(("bare forward (best, above)", f"{n / bare_best:.3f}", f"{bare_best:,.1f}"))
+        print()
+        print(_table(rows))
+        if profiler is not None:
+            text = io.StringIO()
+            pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(25)
+            print()
+            print(text.getvalue())
 
 
 if __name__ == "__main__":

@@ -298,6 +298,11 @@ def check(state: str, method: str, job: Any) -> None:
         raise RuntimeError(f"{method}: job ended {state}: {job}")
 
 
+def alive(worker: subprocess.Popen[bytes]) -> None:
+    if worker.poll() is not None:
+        raise RuntimeError("the worker exited")
+
+
 def overhead(args: argparse.Namespace, tmp: Path, procs: Processes, url: str) -> Overhead:
     inputs = tmp / "inputs"
     make_inputs(inputs, args.images)
@@ -317,8 +322,7 @@ def overhead(args: argparse.Namespace, tmp: Path, procs: Processes, url: str) ->
     app = make_celery(Settings(broker_url=SecretStr(url)))
     counters = RedisCounters(url)
     wait_ready(app, ["bench-cpu0@localhost"], [worker], READY_TIMEOUT)
-    if worker.poll() is not None:
-        raise RuntimeError("the worker exited")
+    alive(worker)
 
     def in_process(store: Path) -> Run:
         cpu = self_cpu()
@@ -363,8 +367,7 @@ def overhead(args: argparse.Namespace, tmp: Path, procs: Processes, url: str) ->
         result = wait(str(store), job.job_id, counters, timeout=JOB_TIMEOUT)
         seconds, t_end = time.perf_counter() - start, time.time()
         check(result.state, "redis", result)
-        if worker.poll() is not None:
-            raise RuntimeError("the worker exited")
+        alive(worker)
         started = counters.started(job.job_id) or t_enqueue
         finished = _iso_seconds(str(attrs(open_job(str(store), job.job_id, mode="r"))["finished"]))
         stages = {

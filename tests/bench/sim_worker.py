@@ -72,7 +72,7 @@ def counters() -> RedisCounters:
 
 
 @app.task(name=TaskName.RUN_BATCH, bind=True, max_retries=5, shared=False)  # type: ignore[untyped-decorator]
-def run_batch(self: Task, store: str, job_id: str, batches: list[int]) -> dict[str, Any]:
+def run_batch(_task: Task, store: str, job_id: str, batches: list[int]) -> dict[str, Any]:
     """`execute_batches` without the store: per batch, count the attempt, "compute", record
     done."""
     redis = counters()

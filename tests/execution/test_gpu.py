@@ -65,7 +65,7 @@ def test_gpu_discovery_reads_nvidia_smi_without_touching_cuda() -> None:
     assert list_gpus(lambda _cmd: "") == []
 
 
-def test_actmap_worker_gpus_all_on_a_machine_without_gpus_says_so(tmp_path: Path) -> None:
+def test_actmap_worker_gpus_all_on_a_machine_without_gpus_says_so() -> None:
     if list_gpus():
         pytest.skip("this machine has GPUs")
     env = {"ACTMAP_BROKER_URL": "redis://127.0.0.1:1/0", "PATH": "/usr/bin:/bin"}

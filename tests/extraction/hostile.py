@@ -209,7 +209,7 @@ def _legacy_format(path: Path, marker: Path) -> None:
 
 
 def _rewrite(edit: Callable[[str, Entries, zipfile.ZipFile], None]) -> Callable[[Path, Path], None]:
-    def build(path: Path, marker: Path) -> None:
+    def build(path: Path, _marker: Path) -> None:  # the payload is in the edit, not a file
         root, entries = _read(genuine(path.with_suffix(".genuine.pt2")))
         with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as archive:
             edit(root, entries, archive)

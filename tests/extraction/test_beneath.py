@@ -44,15 +44,15 @@ def _read(path: Path | str, roots: tuple[str, ...]) -> bytes:
         return os.read(fd, 100)
 
 
-def test_a_file_beneath_a_root_is_opened_and_read(resolver: str, tree: Path) -> None:
+@pytest.mark.usefixtures("resolver")
+def test_a_file_beneath_a_root_is_opened_and_read(tree: Path) -> None:
     roots = (str(tree / "root"),)
     assert _read(tree / "root" / "a" / "b" / "file.bin", roots) == b"mine"
     assert _read(tree / "root" / "top.bin", roots) == b"top"
 
 
-def test_a_link_as_the_last_component_is_refused_even_pointing_inside(
-    resolver: str, tree: Path
-) -> None:
+@pytest.mark.usefixtures("resolver")
+def test_a_link_as_the_last_component_is_refused_even_pointing_inside(tree: Path) -> None:
     root = tree / "root"
     (root / "out.bin").symlink_to(tree / "other" / "secret.bin")
     (root / "in.bin").symlink_to(root / "top.bin")
@@ -61,7 +61,8 @@ def test_a_link_as_the_last_component_is_refused_even_pointing_inside(
             _read(root / link, (str(root),))
 
 
-def test_a_link_as_a_middle_component_is_refused(resolver: str, tree: Path) -> None:
+@pytest.mark.usefixtures("resolver")
+def test_a_link_as_a_middle_component_is_refused(tree: Path) -> None:
     root = tree / "root"
     (root / "out").symlink_to(tree / "other")
     (root / "in").symlink_to(root / "a")
@@ -73,7 +74,8 @@ def test_a_link_as_a_middle_component_is_refused(resolver: str, tree: Path) -> N
         _read(f"{root}/in/../top.bin", (str(root),))
 
 
-def test_dot_dot_may_move_inside_a_root_but_never_above_it(resolver: str, tree: Path) -> None:
+@pytest.mark.usefixtures("resolver")
+def test_dot_dot_may_move_inside_a_root_but_never_above_it(tree: Path) -> None:
     root = tree / "root"
     assert _read(f"{root}/a/b/../../top.bin", (str(root),)) == b"top"
     with pytest.raises(OutsideRoots, match="above its root"):
@@ -82,9 +84,8 @@ def test_dot_dot_may_move_inside_a_root_but_never_above_it(resolver: str, tree: 
         _read(f"{root}/a/../../other/secret.bin", (str(root),))
 
 
-def test_a_root_that_is_itself_a_link_is_followed_once_by_either_spelling(
-    resolver: str, tree: Path
-) -> None:
+@pytest.mark.usefixtures("resolver")
+def test_a_root_that_is_itself_a_link_is_followed_once_by_either_spelling(tree: Path) -> None:
     (tree / "alias").symlink_to(tree / "root")
     roots = (str(tree / "alias"),)
     assert _read(tree / "alias" / "top.bin", roots) == b"top"
@@ -93,9 +94,8 @@ def test_a_root_that_is_itself_a_link_is_followed_once_by_either_spelling(
         _read(tree / "other" / "secret.bin", roots)
 
 
-def test_a_path_under_no_root_is_refused_and_the_matching_root_is_found(
-    resolver: str, tree: Path
-) -> None:
+@pytest.mark.usefixtures("resolver")
+def test_a_path_under_no_root_is_refused_and_the_matching_root_is_found(tree: Path) -> None:
     roots = (str(tree / "root" / "a"), str(tree / "other"))
     assert _read(tree / "other" / "secret.bin", roots) == b"theirs"
     with pytest.raises(OutsideRoots, match="not inside"):
@@ -106,12 +106,14 @@ def test_a_path_under_no_root_is_refused_and_the_matching_root_is_found(
         _read("top.bin", (str(tree / "root"),))  # relative: under no root
 
 
-def test_a_missing_file_is_an_os_error_not_a_refusal(resolver: str, tree: Path) -> None:
+@pytest.mark.usefixtures("resolver")
+def test_a_missing_file_is_an_os_error_not_a_refusal(tree: Path) -> None:
     with pytest.raises(FileNotFoundError):
         _read(tree / "root" / "none.bin", (str(tree / "root"),))
 
 
-def test_a_fifo_opens_without_blocking(resolver: str, tree: Path) -> None:
+@pytest.mark.usefixtures("resolver")
+def test_a_fifo_opens_without_blocking(tree: Path) -> None:
     os.mkfifo(tree / "root" / "pipe.png")
     fd = open_beneath(str(tree / "root" / "pipe.png"), (str(tree / "root"),))
     os.close(fd)
@@ -120,7 +122,8 @@ def test_a_fifo_opens_without_blocking(resolver: str, tree: Path) -> None:
         decode(str(tree / "root" / "pipe.png"), prep, roots=(str(tree / "root"),))
 
 
-def test_what_was_opened_is_read_even_after_the_path_is_swapped(resolver: str, tree: Path) -> None:
+@pytest.mark.usefixtures("resolver")
+def test_what_was_opened_is_read_even_after_the_path_is_swapped(tree: Path) -> None:
     root = tree / "root"
     with opened(str(root / "top.bin"), (str(root),)) as fd:
         (root / "top.bin").unlink()
@@ -128,8 +131,9 @@ def test_what_was_opened_is_read_even_after_the_path_is_swapped(resolver: str, t
         assert Path(fd_path(fd)).read_bytes() == b"top"
 
 
+@pytest.mark.usefixtures("resolver")
 def test_a_folder_swapped_for_a_link_during_a_walk_is_not_listed(
-    resolver: str, tree: Path, monkeypatch: pytest.MonkeyPatch
+    tree: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     root = tree / "root"
     (root / "sub").mkdir()
@@ -151,9 +155,8 @@ def test_a_folder_swapped_for_a_link_during_a_walk_is_not_listed(
     assert "secret.bin" not in ids
 
 
-def test_discovery_beneath_roots_lists_links_to_refuse_and_skips_linked_folders(
-    resolver: str, tree: Path
-) -> None:
+@pytest.mark.usefixtures("resolver")
+def test_discovery_beneath_roots_lists_links_to_refuse_and_skips_linked_folders(tree: Path) -> None:
     root = tree / "root"
     (root / "link.bin").symlink_to(tree / "other" / "secret.bin")
     (root / "folder").symlink_to(tree / "other")
@@ -163,9 +166,8 @@ def test_discovery_beneath_roots_lists_links_to_refuse_and_skips_linked_folders(
         discover([str(root / "folder")], (str(root),))
 
 
-def test_decode_beneath_roots_reads_the_same_pixels_and_refuses_a_link(
-    resolver: str, tree: Path
-) -> None:
+@pytest.mark.usefixtures("resolver")
+def test_decode_beneath_roots_reads_the_same_pixels_and_refuses_a_link(tree: Path) -> None:
     root = tree / "root"
     pixels = np.arange(16, dtype=np.uint8).reshape(4, 4) * 10
     Image.fromarray(pixels).save(root / "a.png")
@@ -184,7 +186,8 @@ def test_decode_beneath_roots_reads_the_same_pixels_and_refuses_a_link(
     assert len(str(refused.value).splitlines()) == 1
 
 
-def test_a_labels_file_reached_through_a_link_is_refused(resolver: str, tree: Path) -> None:
+@pytest.mark.usefixtures("resolver")
+def test_a_labels_file_reached_through_a_link_is_refused(tree: Path) -> None:
     root = tree / "root"
     (tree / "other" / "labels.csv").write_text("top.bin,1\n")
     (root / "labels.csv").symlink_to(tree / "other" / "labels.csv")

@@ -1,4 +1,5 @@
-"""Input discovery, labels and decoders (workers/extraction/inputs.py) against the issue's spec.
+"""Input discovery, labels and decoders (workers/extraction/inputs.py): what each accepts, and
+the one-line error for what it refuses.
 
 Expected arrays are built independently here (numpy + Pillow) and compared with `decode`.
 """

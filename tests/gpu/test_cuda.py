@@ -1,5 +1,5 @@
 """Checks that need CUDA; skipped where no CUDA device exists. Run them on a GPU host with
-`pytest tests/gpu`."""
+`pytest -m gpu`."""
 
 from __future__ import annotations
 
@@ -15,7 +15,10 @@ from workers.jobs import ExtractionSpec
 from workers.pipeline import Decoded, compute_batch, plan
 from workers.storage.layout import open_job, read
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+]
 
 SAMPLES = Path(__file__).parents[2] / "workers" / "demo" / "samples"
 

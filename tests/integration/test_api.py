@@ -69,7 +69,7 @@ def test_a_client_submits_waits_and_fetches_what_an_in_process_run_stores(
 
 
 def test_actmap_scan_through_the_api_has_the_same_output_and_exit_codes(
-    server: str, tmp_path: Path, cluster: Cluster
+    server: str, cluster: Cluster
 ) -> None:
     with Client(server, TOKEN) as client:
         client.register_model("digits", weights=WEIGHTS, factory=FACTORY)

@@ -7,7 +7,6 @@ import json
 import signal
 import subprocess
 import sys
-from pathlib import Path
 
 import psutil
 
@@ -68,9 +67,7 @@ def test_the_launcher_restarts_a_worker_that_dies(cluster: Cluster) -> None:
     until(lambda: len(app.control.ping(timeout=0.5)) >= 2, 60, "both workers answering")
 
 
-def test_sigterm_to_the_launcher_stops_every_worker_softly(
-    cluster: Cluster, tmp_path: Path
-) -> None:
+def test_sigterm_to_the_launcher_stops_every_worker_softly(cluster: Cluster) -> None:
     cluster.start(workers=2)
     assert cluster.launcher is not None
     tree = psutil.Process(cluster.launcher.pid).children(recursive=True)

@@ -54,7 +54,9 @@ def test_wait_ends_with_the_finalize_of_the_task_that_claimed_it(
     seen: list[Status] = []
     first = threading.Event()
     own: list[str] = []
-    monkeypatch.setattr(workers.lifecycle.state, "finalize", lambda *a, **k: own.append("finalize"))
+    monkeypatch.setattr(
+        workers.lifecycle.state, "finalize", lambda *_a, **_k: own.append("finalize")
+    )
 
     def progress(status: Status) -> None:
         seen.append(status)

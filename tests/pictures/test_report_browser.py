@@ -171,7 +171,7 @@ class _Handler(http.server.SimpleHTTPRequestHandler):
 
     served: list[tuple[str, int]]
 
-    def log_request(self, code: Any = "-", size: Any = "-") -> None:
+    def log_request(self, code: Any = "-", size: Any = "-") -> None:  # noqa: ARG002 (the base's)
         self.served.append((self.path, int(code)))
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 (the base's name)

@@ -1,4 +1,5 @@
-"""Display normalisation of filter weights, as the seed document does it."""
+"""Display normalisation of filter weights: each filter to [0, 1] by its own min and max, so
+that filters of small and large weights are seen alike."""
 
 from __future__ import annotations
 

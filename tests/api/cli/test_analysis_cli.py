@@ -129,7 +129,7 @@ def test_through_the_api_health_and_compare_print_what_the_embedded_run_prints(
         # The CLI's HTTP client, answered by the app in this process.
         monkeypatch.setattr(
             "api.client.httpx.Client",
-            lambda base_url, headers, timeout: TestClient(
+            lambda base_url, headers, **_: TestClient(
                 api.client.app, base_url=base_url, headers=headers
             ),
         )

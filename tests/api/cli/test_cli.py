@@ -93,7 +93,7 @@ def test_layers_lists_the_catalogue_with_receptive_fields(
 
 
 def test_preprocessing_is_overridable_on_the_command_line(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     assert main(["layers", "--model", "digits-cnn", "--input-size", "32x32", "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
