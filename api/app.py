@@ -15,22 +15,15 @@ from api.deps import Services, known_query
 from api.gate import Gate
 from api.logs import redact_access_log
 from api.routes import analyses, health, inputs, jobs, models, pictures, results
-from workers.errors import UserError
 from workers.jobs import VERSION
 from workers.settings import Settings
 
 __all__ = ["create_app"]
 
 
-def create_app(settings: Settings, broker: Broker | None = None) -> FastAPI:
-    """The app for `settings`. Without `broker`, one is made from ACTMAP_BROKER_URL."""
-    if broker is None:
-        from api.broker import RedisBroker
-        from workers.execution.celery_app import make_celery
-
-        if settings.broker_url is None:
-            raise UserError("the API needs ACTMAP_BROKER_URL: it sends tasks to the workers")
-        broker = RedisBroker(settings.broker_url.get_secret_value(), make_celery(settings))
+def create_app(settings: Settings, broker: Broker) -> FastAPI:
+    """The app for `settings`, sending its tasks through `broker` (`actmap serve` makes a
+    RedisBroker from ACTMAP_BROKER_URL; the API's unit tests an in-memory one)."""
     services = Services(settings, broker, Tenants.from_file(settings.auth_file))
     app = FastAPI(title="actmap", version=VERSION, description=__doc__)
     app.state.services = services
