@@ -7,6 +7,7 @@ import time
 from collections.abc import Awaitable, Callable
 
 from fastapi import Depends, FastAPI, Request, Response
+from fastapi_offline import FastAPIOffline
 
 from api import problems
 from api.auth import Tenants
@@ -25,7 +26,15 @@ def create_app(settings: Settings, broker: Broker) -> FastAPI:
     """The app for `settings`, sending its tasks through `broker` (`actmap serve` makes a
     RedisBroker from ACTMAP_BROKER_URL; the API's unit tests an in-memory one)."""
     services = Services(settings, broker, Tenants.from_file(settings.auth_file))
-    app = FastAPI(title="actmap", version=VERSION, description=__doc__)
+    # /docs and /redoc load Swagger UI and ReDoc from files the package ships, served here:
+    # they work on a host with no way out. Swagger UI would also send the schema to an
+    # online validator for its badge; it is off.
+    app = FastAPIOffline(
+        title="actmap",
+        version=VERSION,
+        description=__doc__,
+        swagger_ui_parameters={"validatorUrl": None},
+    )
     app.state.services = services
     problems.install(app)
     max_body = settings.max_body_bytes or services.tenants.largest_upload() + (1 << 20)
