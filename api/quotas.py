@@ -18,7 +18,7 @@ from starlette.concurrency import run_in_threadpool
 
 from api.auth import Tenant
 from api.broker import Busy
-from api.deps import Services
+from api.deps import Services, uploads_of
 from workers.errors import UserError
 from workers.jobs import JobState
 from workers.storage.index import count
@@ -78,7 +78,7 @@ class UploadQuota:
 
     def __init__(self, services: Services, tenant: Tenant) -> None:
         root = Path(services.store.removeprefix("file://"))
-        self._held = (root / "uploads" / tenant.name, root / "registry" / tenant.name)
+        self._held = (uploads_of(services, tenant), root / "registry" / tenant.name)
         self._broker = services.broker
         self._key = f"actmap:quota:upload:{tenant.name}"
         self.limit = tenant.quotas.upload_bytes
