@@ -21,10 +21,17 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from workers.errors import SpecError
+from workers.errors import SpecError, UserError
 from workers.extraction.inputs import OutsideRoots, opened
 
-__all__ = ["LOCAL", "Quotas", "Tenant", "Tenants", "inside_roots"]
+__all__ = ["LOCAL", "Quotas", "Tenant", "Tenants", "Unauthorized", "inside_roots"]
+
+
+class Unauthorized(UserError):
+    """Raised when a request carries no bearer token, or one no tenant holds (HTTP 401)."""
+
+    def __init__(self) -> None:
+        super().__init__("missing or unknown bearer token; send Authorization: Bearer TOKEN")
 
 
 class Quotas(BaseModel):

@@ -10,7 +10,6 @@ from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, suppress
 from typing import Any, Protocol
 
-from workers.execution.roster import Roster
 from workers.jobs import QUEUES
 from workers.lifecycle.counters import Counters, RedisCounters
 
@@ -70,16 +69,24 @@ class Broker(Protocol):
         ...
 
 
-class RedisBroker:
-    """Tasks go through Celery (by name, no task code here); keys live in the same Redis."""
+class Roster(Protocol):
+    def size(self, queue: str) -> int:
+        """How many workers consume `queue` now (0: unknown)."""
+        ...
 
-    def __init__(self, url: str, app: Any) -> None:
+
+class RedisBroker:
+    """Tasks go through Celery (by name, no task code here); keys live in the same Redis.
+    The Celery app and the roster of workers are the caller's (the command line's), so that
+    the API itself loads no part of the workers' execution."""
+
+    def __init__(self, url: str, app: Any, roster: Roster | None = None) -> None:
         import redis
 
         self._redis = redis.Redis.from_url(url, socket_timeout=5)
         self._app = app
         self._counters = RedisCounters(url)
-        self._roster = Roster(url)
+        self._roster = roster
         self._add_under = self._redis.register_script(_ADD_UNDER)
 
     def send(self, task: str, args: list[Any], queue: str) -> None:
@@ -125,7 +132,7 @@ class RedisBroker:
         return self._counters
 
     def workers(self, queue: str) -> int:
-        return self._roster.size(queue)
+        return self._roster.size(queue) if self._roster is not None else 0
 
     def close(self) -> None:
         """Close this broker's own Redis connections (the quota keys and locks)."""

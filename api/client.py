@@ -23,7 +23,7 @@ from typing import Any
 import httpx
 import numpy as np
 
-from workers.errors import ActmapError, JobError, UserError
+from workers.errors import ActmapError, NotFound, UserError
 
 __all__ = ["ApiError", "Client", "Job", "Refused"]
 
@@ -228,7 +228,7 @@ def _checked(response: httpx.Response) -> httpx.Response:
     except ValueError:
         message = response.text
     if response.status_code == 404:
-        raise JobError(message)
+        raise NotFound(message)
     if response.status_code < 500:
         raise Refused(response.status_code, message)
     raise ApiError(response.status_code, message)

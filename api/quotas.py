@@ -13,17 +13,28 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from fastapi import UploadFile
 from starlette.concurrency import run_in_threadpool
 
-from api.app import Limit, Services
 from api.auth import Tenant
 from api.broker import Busy
+from api.deps import Services, uploads_of
+from workers.errors import UserError
 from workers.jobs import JobState
 from workers.storage.index import count
 
-__all__ = ["UploadQuota", "job_slot", "samples"]
+__all__ = ["TooLarge", "TooMany", "UploadQuota", "job_slot", "samples"]
 
 _ACTIVE = (JobState.QUEUED.value, JobState.RUNNING.value)
+
+
+class TooLarge(UserError):
+    """Raised when a job or an upload is over a size quota of the tenant (HTTP 413)."""
+
+
+class TooMany(UserError):
+    """Raised when the tenant has its quota of jobs queued, or too many submissions at
+    once (HTTP 429): waiting, not changing the request, lets it through."""
 
 
 def _active_jobs(services: Services, tenant: Tenant) -> int:
@@ -33,7 +44,7 @@ def _active_jobs(services: Services, tenant: Tenant) -> int:
 
 @contextmanager
 def job_slot(services: Services, tenant: Tenant) -> Iterator[None]:
-    """Hold this while the job is planned: raises Limit (429) when the tenant has its
+    """Hold this while the job is planned: raises TooMany when the tenant has its
     `queued_jobs` unfinished already."""
     limit = tenant.quotas.queued_jobs
     try:
@@ -41,21 +52,20 @@ def job_slot(services: Services, tenant: Tenant) -> Iterator[None]:
             f"actmap:quota:jobs:{tenant.name}", services.settings.quota_lock_s
         ):
             if _active_jobs(services, tenant) >= limit:
-                raise Limit(
+                raise TooMany(
                     f"you have {limit} jobs queued or running, your limit "
-                    "(quotas.queued_jobs); wait for one to finish",
-                    429,
+                    "(quotas.queued_jobs); wait for one to finish"
                 )
             yield
     except Busy:
-        raise Limit("too many of your submissions at once; retry in a few seconds", 429) from None
+        raise TooMany("too many of your submissions at once; retry in a few seconds") from None
 
 
 def samples(tenant: Tenant, n: int) -> None:
-    """Raises Limit (413) when a job of `n` samples is over the tenant's `samples_per_job`."""
+    """Raises TooLarge when a job of `n` samples is over the tenant's `samples_per_job`."""
     limit = tenant.quotas.samples_per_job
     if n > limit:
-        raise Limit(f"{n} samples is over your limit of {limit} (quotas.samples_per_job)", 413)
+        raise TooLarge(f"{n} samples is over your limit of {limit} (quotas.samples_per_job)")
 
 
 def _bytes_under(*folders: Path) -> int:
@@ -68,7 +78,7 @@ class UploadQuota:
 
     def __init__(self, services: Services, tenant: Tenant) -> None:
         root = Path(services.store.removeprefix("file://"))
-        self._held = (root / "uploads" / tenant.name, root / "registry" / tenant.name)
+        self._held = (uploads_of(services, tenant), root / "registry" / tenant.name)
         self._broker = services.broker
         self._key = f"actmap:quota:upload:{tenant.name}"
         self.limit = tenant.quotas.upload_bytes
@@ -79,12 +89,28 @@ class UploadQuota:
 
     async def charge(self, amount: int) -> None:
         if not await run_in_threadpool(self._add, amount):
-            raise Limit(
+            raise TooLarge(
                 f"upload over your limit of {self.limit} bytes in all (quotas.upload_bytes); "
-                "ask your operator for more",
-                413,
+                "ask your operator for more"
             )
         self.charged += amount
+
+    async def save(self, upload: UploadFile, target: Path) -> int:
+        """Stream an upload to `target`, each chunk charged first; returns its size. It is
+        written under a hidden temporary name and renamed once whole, so a failure part-way
+        leaves no file under `target`'s name (a temporary one only after a crash)."""
+        written = 0
+        partial = target.with_name(f".{target.name}.part")
+        try:
+            with partial.open("wb") as f:
+                while chunk := await upload.read(1 << 20):
+                    await self.charge(len(chunk))
+                    written += len(chunk)
+                    f.write(chunk)
+            partial.replace(target)
+        finally:
+            partial.unlink(missing_ok=True)
+        return written
 
     def refund(self) -> None:
         if self.charged:

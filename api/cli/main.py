@@ -277,8 +277,15 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
     import uvicorn
 
     from api.app import create_app
+    from api.broker import RedisBroker
     from api.logs import configure
+    from workers.execution.celery_app import make_celery
+    from workers.execution.roster import Roster
 
+    if settings.broker_url is None:
+        raise UserError("the API needs ACTMAP_BROKER_URL: it sends tasks to the workers")
+    url = settings.broker_url.get_secret_value()
+    broker = RedisBroker(url, make_celery(settings), Roster(url))
     configure()
     host = args.host
     if settings.auth_file is None:
@@ -288,7 +295,7 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
             "no ACTMAP_AUTH_FILE: no authentication, so listening on loopback only (%s:%d)",
             host, args.port,
         )  # fmt: skip
-    uvicorn.run(create_app(settings), host=host, port=args.port, log_config=None)
+    uvicorn.run(create_app(settings, broker), host=host, port=args.port, log_config=None)
     return 0
 
 

@@ -1,5 +1,5 @@
 """The `/v1` picture routes: PNGs of a job's activation maps, filter weights and
-screening scores, drawn by workers/analysis/render*.py, scoped to the caller's tenant
+screening scores, drawn by workers/pictures/, scoped to the caller's tenant
 like every other job route (another tenant's job answers 404).
 
 Filter weights come from the store (`actmap report` keeps the first conv layer's there)
@@ -16,10 +16,9 @@ import zarr
 from fastapi import APIRouter, Query
 from fastapi.responses import Response
 
-from api.app import Services
 from api.auth import Tenant
-from api.routes import ServicesDep, TenantDep, _job, _layer, _roots
-from workers.errors import JobError, SpecError
+from api.deps import OwnedJob, Services, ServicesDep, TenantDep, layer_of, roots_of
+from workers.errors import NotFound, SpecError
 from workers.extraction.inputs import OutsideRoots, fd_path, opened
 from workers.jobs import close_matches
 from workers.pictures.charts import score_histogram
@@ -46,7 +45,7 @@ def _png(content: bytes) -> Response:
 def _row(group: zarr.Group, sample: str) -> int:
     found = np.flatnonzero(read(group, "sample") == sample)
     if found.size == 0:
-        raise JobError(f"no sample {sample!r} in this job; see /samples")
+        raise NotFound(f"no sample {sample!r} in this job; see /samples")
     return int(found[0])
 
 
@@ -68,7 +67,7 @@ def _positions(stored: np.ndarray, wanted: str | None) -> list[int] | None:
 def activations_png(
     services: ServicesDep,
     tenant: TenantDep,
-    job_id: str,
+    group: OwnedJob,
     layer: str,
     sample: Annotated[str, Query(max_length=4096, description="the sample id")],
     top: Annotated[int | None, Query(ge=1, le=MAX_TILES, description="strongest N")] = None,
@@ -77,10 +76,9 @@ def activations_png(
 ) -> Response:
     """One sample's maps at one layer: a tile per channel, each min-max normalised on its
     own and labelled with its index, the input beside them; at most 256 tiles."""
-    group = _job(services, tenant, job_id)
     job = attrs(group)
     types = {r["name"]: r["type"] for r in job.get("catalogue", {}).get("layers", [])}
-    data = LayerData(layer, types.get(layer, ""), _layer(group, layer))
+    data = LayerData(layer, types.get(layer, ""), layer_of(group, layer))
     row = _row(group, sample)
     maps = data.maps(row)
     if maps is None:
@@ -95,7 +93,7 @@ def activations_png(
         try:
             picture = input_image(source, prep, _job_roots(services, tenant, job))
         except OutsideRoots:
-            raise JobError(
+            raise NotFound(
                 f"the input of sample {sample} is no longer a file inside your allowed roots; "
                 "ask with image=false for the maps alone"
             ) from None
@@ -109,7 +107,7 @@ def _job_roots(services: Services, tenant: Tenant, job: dict[str, Any]) -> tuple
     """The roots the job's inputs are opened beneath: those it stored, else (a job from
     before jobs stored them) the tenant's own; None only on the open local server."""
     stored = job.get("spec", {}).get("roots")
-    return tuple(stored) if stored is not None else _roots(services, tenant)
+    return tuple(stored) if stored is not None else roots_of(services, tenant)
 
 
 def _registry(services: Services, group: zarr.Group) -> tuple[str, ...] | None:
@@ -139,7 +137,7 @@ def _weights(services: Services, group: zarr.Group, layer: str) -> np.ndarray:
                     return np.asarray(f.get_tensor(f"{layer}.weight"), dtype=np.float32)
         except (OSError, SafetensorError, OutsideRoots):  # answer the 404 below
             pass
-    raise JobError(
+    raise NotFound(
         "weights of this model are not readable without torch; "
         "`actmap report JOB` keeps the first conv layer's in the store"
     )
@@ -148,19 +146,17 @@ def _weights(services: Services, group: zarr.Group, layer: str) -> np.ndarray:
 @router.get("/jobs/{job_id}/weights/{layer}.png", responses=_PNG, response_class=Response)
 def weights_png(
     services: ServicesDep,
-    tenant: TenantDep,
-    job_id: str,
+    group: OwnedJob,
     layer: str,
     over: Annotated[Literal["filter", "layer"], Query(description="normalise per")] = "filter",
     input_channel: Annotated[int | None, Query(ge=0)] = None,
 ) -> Response:
     """A conv layer's filters, normalised to [0, 1] per filter or over the layer; RGB for a
     first layer of 3 input channels, else the mean over inputs or `input_channel`."""
-    group = _job(services, tenant, job_id)
     rows = attrs(group).get("catalogue", {}).get("layers", [])
     convs = [r["name"] for r in rows if r.get("type") in CONV_TYPES]
     if layer not in convs:
-        raise JobError(f"no conv layer {layer!r} in this model; {close_matches(layer, convs)}")
+        raise NotFound(f"no conv layer {layer!r} in this model; {close_matches(layer, convs)}")
     png = filter_grid(
         _weights(services, group, layer), over, input_channel, f"{layer}: filter weights"
     )
@@ -168,11 +164,11 @@ def weights_png(
 
 
 @router.get("/jobs/{job_id}/screen/scores.png", responses=_PNG, response_class=Response)
-def screen_scores_png(services: ServicesDep, tenant: TenantDep, job_id: str) -> Response:
+def screen_scores_png(group: OwnedJob, job_id: str) -> Response:
     """The histogram of a screening job's scores, flagged samples in red, the threshold
     dashed."""
-    found = screening(_job(services, tenant, job_id))
+    found = screening(group)
     if found is None:
-        raise JobError(f"job {job_id} is not a screening job: it has no scores")
+        raise NotFound(f"job {job_id} is not a screening job: it has no scores")
     scores, flags, threshold = found
     return _png(score_histogram(scores, threshold, flags))

@@ -1,0 +1,114 @@
+"""A job's stored results: sample ids, activations, pooled values, logits, predictions as
+`.npy` bytes, and where to open the job directly."""
+
+from __future__ import annotations
+
+import io
+from typing import Annotated, Any
+
+import numpy as np
+import zarr
+from fastapi import APIRouter, Depends, Query
+from fastapi.responses import Response
+
+from api.deps import OwnedJob, ServicesDep, layer_of, owned_job
+from api.problems import PROBLEMS
+from api.schemas import SamplesPage, StoreLocation
+from workers.errors import NotFound, SpecError
+from workers.storage.layout import array, read
+
+__all__ = ["router"]
+
+router = APIRouter(prefix="/v1", responses=PROBLEMS)
+_MAX_ROWS = 1000
+_NPY: dict[int | str, dict[str, Any]] = {
+    200: {"content": {"application/octet-stream": {}}, "description": "a .npy array"}
+}
+Rows = Annotated[str | None, Query(max_length=100_000, description="comma-separated sample ids")]
+Offset = Annotated[int, Query(ge=0)]
+RowLimit = Annotated[int, Query(ge=1, le=_MAX_ROWS)]
+
+
+@router.get("/jobs/{job_id}/samples", response_model=SamplesPage)
+def samples(
+    job: OwnedJob,
+    offset: Annotated[int, Query(ge=0)] = 0,
+    limit: Annotated[int, Query(ge=1, le=_MAX_ROWS)] = 100,
+) -> SamplesPage:
+    ids = array(job, "sample")
+    page = np.asarray(ids[offset : offset + limit]) if offset < ids.shape[0] else np.array([])
+    return SamplesPage(samples=[str(s) for s in page], offset=offset, total=int(ids.shape[0]))
+
+
+def _rows(group: zarr.Group, wanted: str | None, offset: int, limit: int) -> np.ndarray:
+    """Row indices for `samples=id,id,...`, else the page [offset, offset+limit)."""
+    n = array(group, "sample").shape[0]
+    if not wanted:
+        return np.arange(min(offset, n), min(offset + limit, n))
+    ids = [w for w in wanted.split(",") if w]
+    if len(ids) > _MAX_ROWS:
+        raise SpecError(f"at most {_MAX_ROWS} samples per request")
+    index = {str(s): i for i, s in enumerate(read(group, "sample"))}
+    unknown = [w for w in ids if w not in index]
+    if unknown:
+        raise NotFound(f"no sample {unknown[0]!r} in this job; see /samples")
+    return np.asarray([index[w] for w in ids], dtype=np.int64)
+
+
+def _npy(values: np.ndarray) -> Response:
+    buffer = io.BytesIO()
+    np.save(buffer, values, allow_pickle=False)
+    return Response(buffer.getvalue(), media_type="application/octet-stream")
+
+
+@router.get("/jobs/{job_id}/layers/{layer}/activations", responses=_NPY, response_class=Response)
+def activations(
+    job: OwnedJob,
+    layer: str,
+    samples: Rows = None,
+    channels: Annotated[str | None, Query(max_length=20_000, pattern=r"^[0-9,]*$")] = None,
+    offset: Offset = 0,
+    limit: RowLimit = 16,
+) -> Response:
+    """`acts` of the chosen samples (and channels), as `.npy` bytes."""
+    acts = array(layer_of(job, layer), "acts")
+    rows = _rows(job, samples, offset, limit)
+    chosen = [int(c) for c in channels.split(",") if c] if channels else None
+    if chosen and max(chosen) >= acts.shape[1]:
+        raise SpecError(f"channel {max(chosen)} asked of a layer with {acts.shape[1]} stored")
+    if rows.size == 0:
+        return _npy(np.zeros((0, *acts.shape[1:]), dtype=acts.dtype))
+    selection: tuple[Any, ...] = (rows, chosen if chosen else slice(None))
+    return _npy(np.asarray(acts.get_orthogonal_selection(selection)))
+
+
+@router.get("/jobs/{job_id}/layers/{layer}/pooled", responses=_NPY, response_class=Response)
+def pooled(
+    job: OwnedJob, layer: str, samples: Rows = None, offset: Offset = 0, limit: RowLimit = _MAX_ROWS
+) -> Response:
+    values = array(layer_of(job, layer), "pooled")
+    return _npy(np.asarray(values.get_orthogonal_selection((_rows(job, samples, offset, limit),))))
+
+
+def _table(group: zarr.Group, name: str, rows: np.ndarray) -> Response:
+    return _npy(np.asarray(array(group, name).get_orthogonal_selection((rows,))))
+
+
+@router.get("/jobs/{job_id}/logits", responses=_NPY, response_class=Response)
+def logits(
+    job: OwnedJob, samples: Rows = None, offset: Offset = 0, limit: RowLimit = _MAX_ROWS
+) -> Response:
+    return _table(job, "logits", _rows(job, samples, offset, limit))
+
+
+@router.get("/jobs/{job_id}/predictions", responses=_NPY, response_class=Response)
+def predictions(
+    job: OwnedJob, samples: Rows = None, offset: Offset = 0, limit: RowLimit = _MAX_ROWS
+) -> Response:
+    return _table(job, "pred", _rows(job, samples, offset, limit))
+
+
+@router.get("/jobs/{job_id}/store", response_model=StoreLocation, dependencies=[Depends(owned_job)])
+def store_location(services: ServicesDep, job_id: str) -> StoreLocation:
+    """Where to open the job directly: `xarray.open_datatree(f"{store}/{group}", engine="zarr")`."""
+    return StoreLocation(store=services.store, group=f"jobs/{job_id}")
