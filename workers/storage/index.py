@@ -34,16 +34,16 @@ from typing import Any
 from urllib.parse import quote
 
 from workers.errors import UserError
+from workers.storage.layout import INDEX, INDEX_COMPLETE, JOBS
 from workers.storage.objects import filesystem, get_json, list_after, put_json, remove
 
 __all__ = [
-    "MARKER", "Entry", "Figures", "IndexMissing", "count", "figures", "holds", "page", "rebuild",
+    "Entry", "Figures", "IndexMissing", "count", "figures", "holds", "page", "rebuild",
     "record", "state_counts", "unfinished",
 ]  # fmt: skip
 
 # Written in a new store, and by a rebuild: a store with jobs and without it was written
 # before the index, and a listing of it would silently miss every older job.
-MARKER = "index/complete.json"
 
 
 class IndexMissing(UserError):
@@ -51,7 +51,7 @@ class IndexMissing(UserError):
 
 
 def _checked(fs: Any, root: str, store: str) -> None:
-    if fs.exists(f"{root}/{MARKER}") or not fs.exists(f"{root}/jobs"):
+    if fs.exists(f"{root}/{INDEX_COMPLETE}") or not fs.exists(f"{root}/{JOBS}"):
         return
     raise IndexMissing(
         f"store {store} was written before the job index: run `actmap store reindex "
@@ -95,10 +95,10 @@ def _tenant(tenant: str) -> str:
 def _places(root: str, key: str, tenant: str, state: str) -> list[str]:
     t = _tenant(tenant)
     return [
-        f"{root}/index/all/{key}",
-        f"{root}/index/tenant/{t}/{key}",
-        f"{root}/index/state/{state}/{key}",
-        f"{root}/index/tenant-state/{t}/{state}/{key}",
+        f"{root}/{INDEX}/all/{key}",
+        f"{root}/{INDEX}/tenant/{t}/{key}",
+        f"{root}/{INDEX}/state/{state}/{key}",
+        f"{root}/{INDEX}/tenant-state/{t}/{state}/{key}",
     ]
 
 
@@ -117,8 +117,8 @@ def record(store: str, job_id: str, attrs: dict[str, Any]) -> None:
         for other in STATES
         if other != state
         for path in (
-            f"{root}/index/state/{other}/{key}",
-            f"{root}/index/tenant-state/{t}/{other}/{key}",
+            f"{root}/{INDEX}/state/{other}/{key}",
+            f"{root}/{INDEX}/tenant-state/{t}/{other}/{key}",
         )
     ]
     remove(fs, stale)
@@ -126,10 +126,11 @@ def record(store: str, job_id: str, attrs: dict[str, Any]) -> None:
 
 def _prefixes(root: str, tenant: str | None, states: Iterable[str] | None) -> list[str]:
     if states is None:
-        return [f"{root}/index/all" if tenant is None else f"{root}/index/tenant/{_tenant(tenant)}"]
+        top = "all" if tenant is None else f"tenant/{_tenant(tenant)}"
+        return [f"{root}/{INDEX}/{top}"]
     if tenant is None:
-        return [f"{root}/index/state/{s}" for s in states]
-    return [f"{root}/index/tenant-state/{_tenant(tenant)}/{s}" for s in states]
+        return [f"{root}/{INDEX}/state/{s}" for s in states]
+    return [f"{root}/{INDEX}/tenant-state/{_tenant(tenant)}/{s}" for s in states]
 
 
 def page(
@@ -169,7 +170,7 @@ def holds(store: str, job_id: str, created: str) -> bool:
     """Whether the index has the job's record, which its plan writes last: a job it does
     not hold was cut short while planned (or predates the index)."""
     fs, root = filesystem(store)
-    return bool(fs.exists(f"{root}/index/all/{_key(job_id, created)}"))
+    return bool(fs.exists(f"{root}/{INDEX}/all/{_key(job_id, created)}"))
 
 
 def unfinished(store: str) -> list[str]:
@@ -220,13 +221,13 @@ def rebuild(store: str, jobs: dict[str, dict[str, Any]]) -> int:
             record(store, job_id, attrs)
             present.add(_key(job_id, str(attrs["created"])))
     gone: list[str] = []
-    for name in list_after(fs, f"{root}/index/all", None, None):
+    for name in list_after(fs, f"{root}/{INDEX}/all", None, None):
         if name not in present:
-            doc = get_json(fs, f"{root}/index/all/{name}")
+            doc = get_json(fs, f"{root}/{INDEX}/all/{name}")
             tenant = str((doc or {}).get("tenant") or "local")
             for state in STATES:
                 gone.extend(_places(root, name, tenant, state)[2:])
             gone.extend(_places(root, name, tenant, STATES[0])[:2])
     remove(fs, gone)
-    put_json(fs, f"{root}/{MARKER}", {"version": 1})
+    put_json(fs, f"{root}/{INDEX_COMPLETE}", {"version": 1})
     return len(present)
