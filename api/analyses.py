@@ -30,7 +30,7 @@ from api.schemas import (
 )
 from workers.analysis.requests import describe, submit
 from workers.errors import JobError, SpecError
-from workers.jobs import ExtractionSpec
+from workers.jobs import AnalysisKind, ExtractionSpec
 from workers.lifecycle.plan import new_job_id, plan
 from workers.storage.layout import attrs
 
@@ -39,7 +39,7 @@ __all__ = ["router"]
 router = APIRouter(prefix="/v1", responses=_PROBLEMS)
 
 
-def _queue(services: Any, tenant: Any, kind: str, params: dict[str, Any]) -> AnalysisOut:
+def _queue(services: Any, tenant: Any, kind: AnalysisKind, params: dict[str, Any]) -> AnalysisOut:
     analysis_id = submit(services.broker.send, services.store, kind, params, tenant.name)
     return _analysis(services, tenant, analysis_id)
 
@@ -64,14 +64,14 @@ def _analysis(services: Any, tenant: Any, analysis_id: str) -> AnalysisOut:
 def health(services: ServicesDep, tenant: TenantDep, body: JobAnalysisRequest) -> AnalysisOut:
     """Filter health of a job: dead, always-on, saturated and sparse filters per layer."""
     _job(services, tenant, body.job_id)
-    return _queue(services, tenant, "health", body.model_dump())
+    return _queue(services, tenant, AnalysisKind.HEALTH, body.model_dump())
 
 
 @router.post("/analyses/signatures", status_code=202, response_model=AnalysisOut)
 def signatures(services: ServicesDep, tenant: TenantDep, body: JobAnalysisRequest) -> AnalysisOut:
     """Per class or family, the channels consistently active."""
     _job(services, tenant, body.job_id)
-    return _queue(services, tenant, "signatures", body.model_dump())
+    return _queue(services, tenant, AnalysisKind.SIGNATURES, body.model_dump())
 
 
 @router.post("/analyses/comparisons", status_code=202, response_model=AnalysisOut)
@@ -79,7 +79,7 @@ def comparisons(services: ServicesDep, tenant: TenantDep, body: ComparisonReques
     """Two populations, channel by channel: Cohen's d, Welch's t with BH, AUROC."""
     _job(services, tenant, body.a.job_id)
     _job(services, tenant, body.b.job_id)
-    return _queue(services, tenant, "comparison", body.model_dump())
+    return _queue(services, tenant, AnalysisKind.COMPARE, body.model_dump())
 
 
 @router.post("/analyses/profiles", status_code=202, response_model=AnalysisOut)
@@ -88,7 +88,7 @@ def profiles(services: ServicesDep, tenant: TenantDep, body: ProfileRequest) -> 
     _job(services, tenant, body.reference_job)
     if body.adversarial_job:
         _job(services, tenant, body.adversarial_job)
-    return _queue(services, tenant, "profile", body.model_dump())
+    return _queue(services, tenant, AnalysisKind.SCREENING_PROFILE, body.model_dump())
 
 
 @router.get("/analyses/{analysis_id}", response_model=AnalysisOut)

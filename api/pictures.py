@@ -18,15 +18,16 @@ from fastapi.responses import Response
 
 from api.app import Services
 from api.auth import Tenant
-from api.routes import ServicesDep, TenantDep, _job, _layer, _roots
+from api.routes import ServicesDep, TenantDep, _job, _roots
 from workers.errors import JobError, SpecError
 from workers.extraction.inputs import OutsideRoots, fd_path, opened
 from workers.jobs import close_matches
 from workers.pictures.charts import score_histogram
 from workers.pictures.render import MAX_TILES, activation_grid, filter_grid
-from workers.pictures.report_job import CONV_TYPES, LayerData, input_image, read_filters, screening
+from workers.pictures.report_job import CONV_TYPES, input_image
 from workers.storage.layout import attrs, read
 from workers.storage.registry import Registry
+from workers.storage.stored_job import StoredLayer, layer_group, read_filters, screening
 
 __all__ = ["router"]
 
@@ -80,7 +81,7 @@ def activations_png(
     group = _job(services, tenant, job_id)
     job = attrs(group)
     types = {r["name"]: r["type"] for r in job.get("catalogue", {}).get("layers", [])}
-    data = LayerData(layer, types.get(layer, ""), _layer(group, layer))
+    data = StoredLayer(layer, types.get(layer, ""), layer_group(group, layer))
     row = _row(group, sample)
     maps = data.maps(row)
     if maps is None:

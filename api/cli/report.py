@@ -18,8 +18,9 @@ import numpy as np
 from workers.errors import ActmapError
 from workers.jobs import Preprocessing
 from workers.pictures.report import Section, comparison_section, write_report
-from workers.pictures.report_job import CONV_TYPES, store_filters
+from workers.pictures.report_job import CONV_TYPES
 from workers.storage.analyses import analysis_ids, open_analysis
+from workers.storage.filters import store_filters
 from workers.storage.layout import attrs, open_job, read
 
 __all__ = ["first_conv_weights", "report"]
