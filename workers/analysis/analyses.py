@@ -20,7 +20,7 @@ from workers.analysis.stats import DEFAULT_BLOCK, channel_quantiles
 from workers.errors import SpecError
 from workers.jobs import AnalysisKind
 from workers.storage.analyses import Arrays, save
-from workers.storage.layout import ACTS, KEPT_CHANNEL, POOLED, layer_path
+from workers.storage.layout import ACTS, KEPT_CHANNEL, LABEL, POOLED, layer_path
 from workers.storage.stored_job import Picked, Selection, StoredJob
 
 __all__ = ["run_compare", "run_health", "run_signatures"]
@@ -209,7 +209,7 @@ def run_signatures(
     job = StoredJob.finished(store, job_id)
     rows = job.rows()
     names = job.layers(layers)
-    labels = job.labels[rows]
+    labels = job.column(LABEL)[rows]
     classes = job.attrs.get("classes")
     results: Arrays = {}
     summary: dict[str, Any] = {}

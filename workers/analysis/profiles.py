@@ -16,7 +16,7 @@ from workers.analysis.stats import DEFAULT_BLOCK, iter_rows
 from workers.errors import SpecError
 from workers.jobs import AnalysisKind
 from workers.storage.analyses import Arrays, open_analysis, save
-from workers.storage.layout import LAYERS, POOLED, attrs
+from workers.storage.layout import ERROR_CODE, LABEL, LAYERS, POOLED, attrs
 from workers.storage.screen import write_screen
 from workers.storage.stored_job import Picked, StoredJob, subgroup
 
@@ -59,7 +59,7 @@ def fit_profile(
     rows = ref.rows()
     x = {layer: _load(Picked(ref.layer(layer, POOLED), rows), block) for layer in names}
     x[LOGITS] = _logits(ref, rows)
-    labels = ref.labels[rows]
+    labels = ref.column(LABEL)[rows]
     known = bool((labels >= 0).all())
     adversarial = None
     if adversarial_job is not None:
@@ -156,7 +156,7 @@ def score_job(store: str, job_id: str, profile_id: str) -> tuple[np.ndarray, np.
             f"(sha256 {job.sha256[:12]}); fit a profile on a reference job of this model"
         )
     names = job.layers(list(profile.channels))
-    ok = job.codes == 0
+    ok = job.column(ERROR_CODE) == 0
     n = ok.size
     scores = np.full(n, np.nan, dtype=np.float32)
     for start in range(0, n, _SCORE_BLOCK):

@@ -25,6 +25,7 @@ from workers.analysis.stats import Rows, iter_rows
 from workers.errors import ActmapError, InputError, SampleCode, SpecError
 from workers.extraction.inputs import IMAGE_SUFFIXES, OutsideRoots, decode, fd_path, opened
 from workers.jobs import Preprocessing
+from workers.storage.layout import ERROR_CODE, ERROR_MESSAGE, LABEL, PRED
 from workers.storage.stored_job import Picked, StoredJob, StoredLayer
 
 __all__ = ["CONV_TYPES", "Pick", "ReportJob", "health", "input_image"]
@@ -139,7 +140,17 @@ class ReportJob(StoredJob):
 
     @cached_property
     def ok(self) -> np.ndarray:
-        return np.asarray((self.codes == 0) & np.isfinite(self.confidence))
+        return np.asarray((self.column(ERROR_CODE) == 0) & np.isfinite(self.confidence))
+
+    @cached_property
+    def known(self) -> np.ndarray:
+        """Samples that ran and have a label."""
+        return np.asarray(self.ok & (self.column(LABEL) >= 0))
+
+    @cached_property
+    def hit(self) -> np.ndarray:
+        """Samples predicted as their label."""
+        return np.asarray(self.column(PRED) == self.column(LABEL))
 
     @cached_property
     def layers_stored(self) -> list[StoredLayer]:
@@ -147,7 +158,7 @@ class ReportJob(StoredJob):
 
     @property
     def n_failed(self) -> int:
-        return int(np.count_nonzero(self.codes))
+        return int(np.count_nonzero(self.column(ERROR_CODE)))
 
     @property
     def state(self) -> str:
@@ -188,10 +199,10 @@ class ReportJob(StoredJob):
 
     @property
     def accuracy(self) -> str | None:
-        known = self.ok & (self.labels >= 0)
+        known = self.known
         if not known.any():
             return None
-        right = int(np.count_nonzero(self.preds[known] == self.labels[known]))
+        right = int(np.count_nonzero(self.hit[known]))
         return f"{right}/{int(known.sum())} ({100 * right / int(known.sum()):.1f}%)"
 
     def sample(self, row: int) -> str:
@@ -202,9 +213,9 @@ class ReportJob(StoredJob):
         return str(names[index]) if 0 <= index < len(names) else str(index)
 
     def verdict(self, row: int) -> str:
-        said = f"predicted {self.class_name(int(self.preds[row]))}"
+        said = f"predicted {self.class_name(int(self.column(PRED)[row]))}"
         said += f" with probability {self.confidence[row]:.2f}"
-        label = int(self.labels[row])
+        label = int(self.column(LABEL)[row])
         return said + (f", labelled {self.class_name(label)}" if label >= 0 else ", label unknown")
 
     def stored_shape(self, name: str) -> str:
@@ -224,16 +235,15 @@ class ReportJob(StoredJob):
 
     def failures_by_code(self) -> dict[str, int]:
         names = self.attrs.get("error_codes", {})
-        counted = Counter(int(c) for c in self.codes[self.codes != 0])
+        codes = self.column(ERROR_CODE)
+        counted = Counter(int(c) for c in codes[codes != 0])
         return {names.get(str(c), str(c)): k for c, k in sorted(counted.items())}
 
     def failures(self, limit: int) -> list[tuple[str, str, str]]:
         names = self.attrs.get("error_codes", {})
-        rows = np.flatnonzero(self.codes)[:limit]
-        return [
-            (self.sample(r), names.get(str(int(self.codes[r])), ""), str(self.messages[r]))
-            for r in rows
-        ]
+        codes, messages = self.column(ERROR_CODE), self.column(ERROR_MESSAGE)
+        rows = np.flatnonzero(codes)[:limit]
+        return [(self.sample(r), names.get(str(int(codes[r])), ""), str(messages[r])) for r in rows]
 
     def representatives(self) -> tuple[list[Pick], str]:
         """A correct, a misclassified and a low-confidence sample;
@@ -244,10 +254,10 @@ class ReportJob(StoredJob):
         def best(mask: np.ndarray, sign: float) -> int:
             return int(np.flatnonzero(mask)[np.argmax(sign * conf[mask])])
 
-        known = self.ok & (self.labels >= 0)
+        known = self.known
         note = ""
         if known.any():
-            right, wrong = known & (self.preds == self.labels), known & (self.preds != self.labels)
+            right, wrong = known & self.hit, known & ~self.hit
             if right.any():
                 picks.append(Pick("correct", best(right, 1.0), "the most confident correct one"))
             if wrong.any():

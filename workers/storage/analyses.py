@@ -19,7 +19,7 @@ import zarr
 from workers.errors import JobError
 from workers.jobs import VERSION, AnalysisKind, AnalysisState, new_id, now
 from workers.storage.consolidate import publish_path
-from workers.storage.layout import ANALYSES, COMPRESSOR, analysis_path
+from workers.storage.layout import ANALYSES, COMPRESSOR, analysis_path, group_names
 from workers.storage.objects import location
 from workers.storage.stored_job import StoredJob
 
@@ -30,11 +30,7 @@ Arrays = dict[str, tuple[np.ndarray, list[str]]]
 
 
 def analysis_ids(store: str) -> list[str]:
-    try:
-        found = zarr.open_group(location(store), path=ANALYSES, mode="r", use_consolidated=False)
-    except FileNotFoundError:
-        return []
-    return sorted(name for name, _ in found.groups())
+    return group_names(store, ANALYSES)
 
 
 def open_analysis(store: str, analysis_id: str) -> zarr.Group:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
@@ -59,6 +60,7 @@ __all__ = [
     "create_job",
     "ensure_root",
     "fresh_attrs",
+    "group_names",
     "job_ids",
     "open_job",
     "sample_chunk",
@@ -196,12 +198,17 @@ def layer_path(layer: str, name: str | None = None) -> str:
     return f"{LAYERS}/{layer}" if name is None else f"{LAYERS}/{layer}/{name}"
 
 
-def job_ids(store: str) -> list[str]:
+def group_names(store: str, path: str) -> list[str]:
+    """The names of the groups under `path` (JOBS, ANALYSES), sorted; none when it is absent."""
     try:
-        jobs = zarr.open_group(location(store), path=JOBS, mode="r", use_consolidated=False)
+        found = zarr.open_group(location(store), path=path, mode="r", use_consolidated=False)
     except FileNotFoundError:
         return []
-    return sorted(name for name, _ in jobs.groups())
+    return sorted(name for name, _ in found.groups())
+
+
+def job_ids(store: str) -> list[str]:
+    return group_names(store, JOBS)
 
 
 def open_job(store: str, job_id: str, mode: Literal["r", "r+"] = "r+") -> zarr.Group:
@@ -297,49 +304,23 @@ def create_job(
         _array(DONE, (n_batches,), (1,), "bool", ["batch"], False),
     ]
     for layer in layers:
+        path = partial(layer_path, layer.name)
         dims = ["sample", layer.channel_dim, *spatial_dims(len(layer.shape) - 1)]
         row = int(np.prod(layer.shape)) * np.dtype(layer.dtype).itemsize
         chunk = (sample_chunk(b, row), *layer.shape)
-        arrays.append(
-            _array(
-                layer_path(layer.name, ACTS), (n, *layer.shape), chunk, layer.dtype, dims, np.nan
-            )
-        )
+        arrays.append(_array(path(ACTS), (n, *layer.shape), chunk, layer.dtype, dims, np.nan))
         pooled = (n, layer.channels)
         arrays.append(
-            _array(
-                layer_path(layer.name, POOLED),
-                pooled,
-                (b, pooled[1]),
-                "float32",
-                ["sample", "channel"],
-                np.nan,
-            )
+            _array(path(POOLED), pooled, (b, pooled[1]), "float32", ["sample", "channel"], np.nan)
         )
         if layer.channel_dim == "rank":
             top = (n, layer.shape[0])
             arrays.append(
-                _array(
-                    layer_path(layer.name, TOP_CHANNEL),
-                    top,
-                    (b, top[1]),
-                    "int32",
-                    ["sample", "rank"],
-                    -1,
-                )
+                _array(path(TOP_CHANNEL), top, (b, top[1]), "int32", ["sample", "rank"], -1)
             )
         if layer.kept is not None:
             width = (len(layer.kept),)
-            arrays.append(
-                _array(
-                    layer_path(layer.name, KEPT_CHANNEL),
-                    width,
-                    width,
-                    "int32",
-                    ["kept_channel"],
-                    -1,
-                )
-            )
+            arrays.append(_array(path(KEPT_CHANNEL), width, width, "int32", ["kept_channel"], -1))
     sync(_create_nodes(at, [layer_path(layer.name) for layer in layers], arrays))
     for layer in layers:
         if layer.kept is not None:

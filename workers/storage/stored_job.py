@@ -23,7 +23,6 @@ from workers.jobs import JobState, close_matches
 from workers.storage.layout import (
     ACTS,
     ERROR_CODE,
-    ERROR_MESSAGE,
     FILTERS,
     FLAG,
     KEPT_CHANNEL,
@@ -266,6 +265,7 @@ class StoredJob:
         self.store, self.id = store, job_id
         self.group = open_job(store, job_id, mode="r")
         self.attrs = attrs(self.group)
+        self._columns: dict[str, np.ndarray] = {}
 
     @classmethod
     def finished(cls, store: str, job_id: str) -> StoredJob:
@@ -285,25 +285,15 @@ class StoredJob:
         # Plain Python strings: numpy's StringDType (as Zarr returns them) casts to little.
         return np.asarray(read(self.group, SAMPLE).tolist(), dtype=object)
 
-    @cached_property
+    def column(self, name: str) -> np.ndarray:
+        """A per-sample column (LABEL, PRED, ERROR_CODE, ...), read whole once."""
+        if name not in self._columns:
+            self._columns[name] = read(self.group, name)
+        return self._columns[name]
+
+    @property
     def sources(self) -> np.ndarray | None:
-        return read(self.group, SOURCE) if SOURCE in self.group else None
-
-    @cached_property
-    def labels(self) -> np.ndarray:
-        return read(self.group, LABEL)
-
-    @cached_property
-    def preds(self) -> np.ndarray:
-        return read(self.group, PRED)
-
-    @cached_property
-    def codes(self) -> np.ndarray:
-        return read(self.group, ERROR_CODE)
-
-    @cached_property
-    def messages(self) -> np.ndarray:
-        return read(self.group, ERROR_MESSAGE)
+        return self.column(SOURCE) if SOURCE in self.group else None
 
     @property
     def logits(self) -> zarr.Array[Any]:
@@ -323,7 +313,7 @@ class StoredJob:
 
     def rows(self, selection: Selection | None = None, name: str = "") -> np.ndarray:
         s = selection or Selection(self.id)
-        table = {LABEL: self.labels, PRED: self.preds, ERROR_CODE: self.codes}
+        table = {n: self.column(n) for n in (LABEL, PRED, ERROR_CODE)}
         if s.ids is not None:
             table[SAMPLE] = self.samples
         try:
