@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from workers.errors import ActmapError, JobError, UserError
+from workers.errors import ActmapError, NotFound, UserError
 from workers.jobs import AnalysisKind, AnalysisState, TaskName, new_id
 from workers.storage.analyses import open_analysis, placeholder
 from workers.storage.layout import attrs
@@ -54,7 +54,7 @@ class Analysis:
 
 
 def describe(store: str, analysis_id: str) -> Analysis:
-    """The analysis as stored now; JobError when there is none."""
+    """The analysis as stored now; NotFound when there is none."""
     found = attrs(open_analysis(store, analysis_id))
     summary = {k: v for k, v in found.items() if k not in ("kind", "state", "tenant", "reason")}
     return Analysis(
@@ -84,7 +84,7 @@ def wait(
     while True:
         try:
             current = describe(store, analysis_id)
-        except JobError:
+        except NotFound:
             missing_since = missing_since or time.monotonic()
             if time.monotonic() - missing_since > _MISSING_S:
                 raise

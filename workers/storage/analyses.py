@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import zarr
 
-from workers.errors import JobError
+from workers.errors import NotFound
 from workers.jobs import VERSION, AnalysisKind, AnalysisState, new_id, now
 from workers.storage.consolidate import publish_path
 from workers.storage.layout import ANALYSES, COMPRESSOR, analysis_path, group_names
@@ -40,7 +40,7 @@ def open_analysis(store: str, analysis_id: str) -> zarr.Group:
             location(store), path=analysis_path(analysis_id), mode="r", use_consolidated=False
         )
     except FileNotFoundError:
-        raise JobError(f"no analysis {analysis_id!r} in store {store}") from None
+        raise NotFound(f"no analysis {analysis_id!r} in store {store}") from None
 
 
 def save(

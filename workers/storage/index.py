@@ -34,6 +34,7 @@ from typing import Any
 from urllib.parse import quote
 
 from workers.errors import UserError
+from workers.jobs import JobState
 from workers.storage.layout import INDEX, INDEX_COMPLETE, JOBS
 from workers.storage.objects import filesystem, get_json, list_after, put_json, remove
 
@@ -60,7 +61,8 @@ def _checked(fs: Any, root: str, store: str) -> None:
 
 
 CURSOR = re.compile(r"[0-9]{17}_[A-Za-z0-9_-]{1,64}\.json")
-STATES = ("queued", "running", "succeeded", "partial", "failed", "cancelled")
+# The states a job is stored in (STALLED is derived, never stored), unfinished ones first.
+STATES = tuple(s for s in JobState if s is not JobState.STALLED)
 _FIELDS = (
     "job_id", "tenant", "state", "kind", "created", "finished", "n_samples", "n_batches",
     "n_failed", "elapsed_s", "samples_per_s", "reason",
@@ -200,7 +202,9 @@ def figures(store: str, recent: int = 50) -> Figures:
     """From names alone, then the records of the unfinished jobs and of the `recent` latest
     finished ones: a gauge of the recent past, not an average over the store's life."""
     counts = state_counts(store)
-    active, _ = page(store, max(1, counts["queued"] + counts["running"]), None, None, STATES[:2])
+    active, _ = page(
+        store, max(1, counts[JobState.QUEUED] + counts[JobState.RUNNING]), None, None, STATES[:2]
+    )
     rate = sum(float(e.record.get("samples_per_s") or 0) for e in active)
     done, _ = page(store, recent, None, None, STATES[2:])
     per_task = [

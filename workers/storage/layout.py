@@ -20,7 +20,7 @@ from zarr.codecs import ZstdCodec
 from zarr.core.sync import sync
 from zarr.storage import LocalStore
 
-from workers.errors import JobError
+from workers.errors import NotFound
 from workers.storage.chunks import get_all
 from workers.storage.objects import filesystem, get_json, location, put_json
 
@@ -65,6 +65,7 @@ __all__ = [
     "open_job",
     "sample_chunk",
     "spatial_dims",
+    "uploads_folder",
     "writable",
 ]
 
@@ -159,7 +160,7 @@ def fresh_attrs(group: zarr.Group) -> dict[str, Any]:
             return dict(seen[1])
         meta = json.loads(file.read_bytes())
     except FileNotFoundError:
-        raise JobError(f"{path} is no longer in store {store.root}") from None
+        raise NotFound(f"{path} is no longer in store {store.root}") from None
     found = dict(meta.get("attributes", {}))
     if len(_SEEN) > 64:  # a worker runs a few jobs at a time, not thousands
         _SEEN.clear()
@@ -183,6 +184,11 @@ def sample_chunk(batch_size: int, row_bytes: int) -> int:
         if batch_size % d == 0 and d * row_bytes <= CHUNK_BYTES:
             return d
     return 1
+
+
+def uploads_folder(store: str, tenant: str) -> Path:
+    """Where a tenant's uploaded inputs are kept: plain files under the store's folder."""
+    return Path(location(store)) / UPLOADS / tenant
 
 
 def job_path(job_id: str) -> str:
@@ -221,7 +227,7 @@ def open_job(store: str, job_id: str, mode: Literal["r", "r+"] = "r+") -> zarr.G
             use_consolidated=False,
         )
     except FileNotFoundError:
-        raise JobError(
+        raise NotFound(
             f"no job {job_id!r} in store {store}; `actmap jobs list` shows them"
         ) from None
 

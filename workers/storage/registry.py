@@ -11,7 +11,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict
 
-from workers.errors import JobError
+from workers.errors import NotFound
 from workers.jobs import ModelInfo, now
 from workers.storage.objects import location
 
@@ -75,7 +75,7 @@ class Registry:
     def get(self, tenant: str, model_id: str) -> ModelRecord:
         path = self._record(tenant, model_id)
         if "/" in model_id or not path.is_file():
-            raise JobError(f"no model {model_id!r}; `GET /v1/models` lists yours")
+            raise NotFound(f"no model {model_id!r}; `GET /v1/models` lists yours")
         return ModelRecord.model_validate(json.loads(path.read_text()))
 
     def list(self, tenant: str) -> list[ModelRecord]:
