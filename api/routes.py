@@ -51,6 +51,7 @@ from workers.lifecycle.state import cancel as cancel_job
 from workers.lifecycle.submit import Busy, Unavailable, submit
 from workers.storage.layout import array, attrs, open_job, read
 from workers.storage.registry import ModelRecord, Registry
+from workers.storage.stored_job import layer_group, sample_rows
 
 __all__ = ["router"]
 
@@ -423,17 +424,10 @@ def samples(
 
 def _rows(group: zarr.Group, wanted: str | None, offset: int, limit: int) -> np.ndarray:
     """Row indices for `samples=id,id,...`, else the page [offset, offset+limit)."""
-    n = array(group, "sample").shape[0]
-    if not wanted:
-        return np.arange(min(offset, n), min(offset + limit, n))
-    ids = [w for w in wanted.split(",") if w]
-    if len(ids) > _MAX_ROWS:
+    ids = [w for w in wanted.split(",") if w] if wanted else None
+    if ids is not None and len(ids) > _MAX_ROWS:
         raise SpecError(f"at most {_MAX_ROWS} samples per request")
-    index = {str(s): i for i, s in enumerate(read(group, "sample"))}
-    unknown = [w for w in ids if w not in index]
-    if unknown:
-        raise JobError(f"no sample {unknown[0]!r} in this job; see /samples")
-    return np.asarray([index[w] for w in ids], dtype=np.int64)
+    return sample_rows(group, ids, offset, limit)
 
 
 def _npy(values: np.ndarray) -> Response:
@@ -450,16 +444,6 @@ Offset = Annotated[int, Query(ge=0)]
 Limit_ = Annotated[int, Query(ge=1, le=_MAX_ROWS)]
 
 
-def _layer(group: zarr.Group, layer: str) -> zarr.Group:
-    layers = group.get("layers")
-    names = [n for n, _ in layers.groups()] if isinstance(layers, zarr.Group) else []
-    if layer not in names or not isinstance(layers, zarr.Group):
-        raise JobError(f"this job has no layer {layer!r}; {close_matches(layer, names)}")
-    found = layers[layer]
-    assert isinstance(found, zarr.Group)
-    return found
-
-
 @router.get("/jobs/{job_id}/layers/{layer}/activations", responses=_NPY, response_class=Response)
 def activations(
     services: ServicesDep,
@@ -473,7 +457,7 @@ def activations(
 ) -> Response:
     """`acts` of the chosen samples (and channels), as `.npy` bytes."""
     group = _job(services, tenant, job_id)
-    acts = array(_layer(group, layer), "acts")
+    acts = array(layer_group(group, layer), "acts")
     rows = _rows(group, samples, offset, limit)
     chosen = [int(c) for c in channels.split(",") if c] if channels else None
     if chosen and max(chosen) >= acts.shape[1]:
@@ -490,7 +474,7 @@ def pooled(
     samples: Rows = None, offset: Offset = 0, limit: Limit_ = _MAX_ROWS,
 ) -> Response:  # fmt: skip
     group = _job(services, tenant, job_id)
-    values = array(_layer(group, layer), "pooled")
+    values = array(layer_group(group, layer), "pooled")
     return _npy(
         np.asarray(values.get_orthogonal_selection((_rows(group, samples, offset, limit),)))
     )

@@ -187,7 +187,7 @@ def layer_group(job: zarr.Group, layer: str) -> zarr.Group:
 def sample_rows(job: zarr.Group, ids: Sequence[str] | None, offset: int, limit: int) -> np.ndarray:
     """Row indices of the sample `ids`, in their order, else the page [offset, offset+limit)."""
     n = array(job, SAMPLE).shape[0]
-    if not ids:
+    if ids is None:
         return np.arange(min(offset, n), min(offset + limit, n))
     index = {str(s): i for i, s in enumerate(read(job, SAMPLE))}
     unknown = [w for w in ids if w not in index]
