@@ -1,4 +1,11 @@
-"""The Zarr layout of a job (DESIGN.md, "Zarr layout"). Never imports torch.
+"""The Zarr layout of the store: every group path and array name, and `create_job`.
+Never imports torch.
+
+    jobs/{job_id}/         sample source label logits pred error_code error_message done
+      layers/{layer}/      acts pooled (top_channel for top-k, kept_channel for a subset)
+      screen/              score flag (a screening job), filters/{layer} (a report's weights)
+    analyses/{id}/         a health, comparison, signatures or screening-profile result
+    uploads/{tenant}/      uploaded inputs (plain files); index/ the job index (index.py)
 
 Every array is created at plan time with its final shape, chunked so that batch i owns
 whole chunks of rows [i*B, (i+1)*B): no two tasks ever write the same chunk.
