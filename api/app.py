@@ -34,6 +34,7 @@ from api.logs import redact_access_log
 from workers.errors import JobError, SpecError, UserError
 from workers.settings import Settings
 from workers.storage.index import figures
+from workers.storage.objects import location
 
 __all__ = ["Limit", "Services", "create_app"]
 
@@ -263,7 +264,7 @@ def _document_problems(app: FastAPI) -> None:
 
 
 def _writable(store: str) -> bool:
-    root = Path(store.removeprefix("file://"))
+    root = Path(location(store))
     try:
         root.mkdir(parents=True, exist_ok=True)
         probe = root / f".ready-{os.getpid()}-{secrets.token_hex(4)}"

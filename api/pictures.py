@@ -25,7 +25,7 @@ from workers.jobs import close_matches
 from workers.pictures.charts import score_histogram
 from workers.pictures.render import MAX_TILES, activation_grid, filter_grid
 from workers.pictures.report_job import CONV_TYPES, input_image
-from workers.storage.layout import attrs, read
+from workers.storage.layout import SAMPLE, SOURCE, attrs, read
 from workers.storage.registry import Registry
 from workers.storage.stored_job import StoredLayer, layer_group, read_filters, screening
 
@@ -45,7 +45,7 @@ def _png(content: bytes) -> Response:
 
 
 def _row(group: zarr.Group, sample: str) -> int:
-    found = np.flatnonzero(read(group, "sample") == sample)
+    found = np.flatnonzero(read(group, SAMPLE) == sample)
     if found.size == 0:
         raise JobError(f"no sample {sample!r} in this job; see /samples")
     return int(found[0])
@@ -88,11 +88,11 @@ def activations_png(
         raise SpecError(f"layer {layer} has no spatial maps; GET its /pooled values instead")
     ids = data.ids(row)
     picture = None
-    if image and "source" in group:
+    if image and SOURCE in group:
         prep = job.get("spec", {}).get("preprocessing") or job.get("catalogue", {}).get(
             "preprocessing"
         )
-        source = str(read(group, "source", slice(row, row + 1))[0])
+        source = str(read(group, SOURCE, slice(row, row + 1))[0])
         try:
             picture = input_image(source, prep, _job_roots(services, tenant, job))
         except OutsideRoots:

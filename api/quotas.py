@@ -20,6 +20,9 @@ from api.auth import Tenant
 from api.broker import Busy
 from workers.jobs import JobState
 from workers.storage.index import count
+from workers.storage.layout import UPLOADS
+from workers.storage.objects import location
+from workers.storage.registry import REGISTRY
 
 __all__ = ["UploadQuota", "job_slot", "samples"]
 
@@ -67,8 +70,8 @@ class UploadQuota:
     written, `refund` what this request charged when its files are removed."""
 
     def __init__(self, services: Services, tenant: Tenant) -> None:
-        root = Path(services.store.removeprefix("file://"))
-        self._held = (root / "uploads" / tenant.name, root / "registry" / tenant.name)
+        root = Path(location(services.store))
+        self._held = (root / UPLOADS / tenant.name, root / REGISTRY / tenant.name)
         self._broker = services.broker
         self._key = f"actmap:quota:upload:{tenant.name}"
         self.limit = tenant.quotas.upload_bytes

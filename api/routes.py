@@ -49,7 +49,21 @@ from workers.lifecycle.state import (
 )
 from workers.lifecycle.state import cancel as cancel_job
 from workers.lifecycle.submit import Busy, Unavailable, submit
-from workers.storage.layout import array, attrs, open_job, read
+from workers.storage.layout import (
+    ACTS,
+    ERROR_CODE,
+    ERROR_MESSAGE,
+    LOGITS,
+    POOLED,
+    PRED,
+    SAMPLE,
+    array,
+    attrs,
+    job_path,
+    open_job,
+    read,
+    uploads_folder,
+)
 from workers.storage.registry import ModelRecord, Registry
 from workers.storage.stored_job import layer_group, sample_rows
 
@@ -109,7 +123,7 @@ async def _save(upload: UploadFile, target: Path, quota: UploadQuota) -> int:
 
 
 def _uploads(services: Services, tenant: Tenant) -> Path:
-    return Path(services.store.removeprefix("file://")) / "uploads" / tenant.name
+    return uploads_folder(services.store, tenant.name)
 
 
 def _roots(services: Services, tenant: Tenant) -> tuple[str, ...] | None:
@@ -343,9 +357,9 @@ def _send_batches(services: Services, job_id: str, batches: Iterable[int], queue
 def _job_out(services: Services, group: zarr.Group, s: Status) -> JobOut:
     a = attrs(group)
     codes, messages, samples = (
-        read(group, "error_code"),
-        read(group, "error_message"),
-        read(group, "sample"),
+        read(group, ERROR_CODE),
+        read(group, ERROR_MESSAGE),
+        read(group, SAMPLE),
     )
     failed = np.flatnonzero(codes)
     names = {str(int(c)): c.name.lower() for c in SampleCode}
@@ -417,7 +431,7 @@ def samples(
     offset: Annotated[int, Query(ge=0)] = 0,
     limit: Annotated[int, Query(ge=1, le=_MAX_ROWS)] = 100,
 ) -> SamplesPage:
-    ids = array(_job(services, tenant, job_id), "sample")
+    ids = array(_job(services, tenant, job_id), SAMPLE)
     page = np.asarray(ids[offset : offset + limit]) if offset < ids.shape[0] else np.array([])
     return SamplesPage(samples=[str(s) for s in page], offset=offset, total=int(ids.shape[0]))
 
@@ -457,7 +471,7 @@ def activations(
 ) -> Response:
     """`acts` of the chosen samples (and channels), as `.npy` bytes."""
     group = _job(services, tenant, job_id)
-    acts = array(layer_group(group, layer), "acts")
+    acts = array(layer_group(group, layer), ACTS)
     rows = _rows(group, samples, offset, limit)
     chosen = [int(c) for c in channels.split(",") if c] if channels else None
     if chosen and max(chosen) >= acts.shape[1]:
@@ -474,7 +488,7 @@ def pooled(
     samples: Rows = None, offset: Offset = 0, limit: Limit_ = _MAX_ROWS,
 ) -> Response:  # fmt: skip
     group = _job(services, tenant, job_id)
-    values = array(layer_group(group, layer), "pooled")
+    values = array(layer_group(group, layer), POOLED)
     return _npy(
         np.asarray(values.get_orthogonal_selection((_rows(group, samples, offset, limit),)))
     )
@@ -493,7 +507,7 @@ def logits(
     services: ServicesDep, tenant: TenantDep, job_id: str,
     samples: Rows = None, offset: Offset = 0, limit: Limit_ = _MAX_ROWS,
 ) -> Response:  # fmt: skip
-    return _table(services, tenant, job_id, "logits", (samples, offset, limit))
+    return _table(services, tenant, job_id, LOGITS, (samples, offset, limit))
 
 
 @router.get("/jobs/{job_id}/predictions", responses=_NPY, response_class=Response)
@@ -501,11 +515,11 @@ def predictions(
     services: ServicesDep, tenant: TenantDep, job_id: str,
     samples: Rows = None, offset: Offset = 0, limit: Limit_ = _MAX_ROWS,
 ) -> Response:  # fmt: skip
-    return _table(services, tenant, job_id, "pred", (samples, offset, limit))
+    return _table(services, tenant, job_id, PRED, (samples, offset, limit))
 
 
 @router.get("/jobs/{job_id}/store", response_model=StoreLocation)
 def store_location(services: ServicesDep, tenant: TenantDep, job_id: str) -> StoreLocation:
     """Where to open the job directly: `xarray.open_datatree(f"{store}/{group}", engine="zarr")`."""
     _job(services, tenant, job_id)
-    return StoreLocation(store=services.store, group=f"jobs/{job_id}")
+    return StoreLocation(store=services.store, group=job_path(job_id))

@@ -20,6 +20,7 @@ from workers.analysis.requests import Analysis
 from workers.errors import ActmapError, UserError
 from workers.jobs import AnalysisKind
 from workers.settings import Settings
+from workers.storage.layout import SAMPLE, SCORE, SCREEN
 
 __all__ = ["add_parsers", "run"]
 
@@ -197,7 +198,7 @@ def _screen_run(args: argparse.Namespace, settings: Settings, store: str) -> int
                 f"{profile.threshold:.4g}, fpr {profile.fpr})",
                 highlight=False,
             )
-            scores, ids = read(group, "screen/score"), read(group, "sample")
+            scores, ids = read(group, f"{SCREEN}/{SCORE}"), read(group, SAMPLE)
             for i in flags.nonzero()[0][:20]:
                 output.out.print(
                     f"  [red]flagged[/] {ids[i]}: score {scores[i]:.2f}", highlight=False
