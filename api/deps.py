@@ -22,9 +22,8 @@ from api.schemas import ExtractionRequest
 from workers.analysis.requests import Analysis, describe
 from workers.errors import NotFound, SpecError
 from workers.extraction.inputs import Source, discover
-from workers.jobs import close_matches
 from workers.settings import Settings
-from workers.storage.layout import attrs, open_job
+from workers.storage.layout import attrs, open_job, uploads_folder
 
 __all__ = [
     "OwnedAnalysis",
@@ -37,7 +36,6 @@ __all__ = [
     "inputs_of",
     "job_of",
     "known_query",
-    "layer_of",
     "roots_of",
     "safe_name",
     "uploads_of",
@@ -157,20 +155,9 @@ def owned_analysis(services: ServicesDep, tenant: TenantDep, analysis_id: str) -
 OwnedAnalysis = Annotated[Analysis, Depends(owned_analysis)]
 
 
-def layer_of(group: zarr.Group, layer: str) -> zarr.Group:
-    """The stored group of one layer of a job; NotFound names the close matches."""
-    layers = group.get("layers")
-    names = [n for n, _ in layers.groups()] if isinstance(layers, zarr.Group) else []
-    if layer not in names or not isinstance(layers, zarr.Group):
-        raise NotFound(f"this job has no layer {layer!r}; {close_matches(layer, names)}")
-    found = layers[layer]
-    assert isinstance(found, zarr.Group)
-    return found
-
-
 def uploads_of(services: Services, tenant: Tenant) -> Path:
     """The folder of the tenant's uploaded input sets."""
-    return Path(services.store.removeprefix("file://")) / "uploads" / tenant.name
+    return uploads_folder(services.store, tenant.name)
 
 
 def safe_name(name: str) -> str:

@@ -22,6 +22,8 @@ from api.deps import Services, uploads_of
 from workers.errors import UserError
 from workers.jobs import JobState
 from workers.storage.index import count
+from workers.storage.objects import location
+from workers.storage.registry import REGISTRY
 
 __all__ = ["TooLarge", "TooMany", "UploadQuota", "job_slot", "samples"]
 
@@ -77,8 +79,8 @@ class UploadQuota:
     written, `refund` what this request charged when its files are removed."""
 
     def __init__(self, services: Services, tenant: Tenant) -> None:
-        root = Path(services.store.removeprefix("file://"))
-        self._held = (uploads_of(services, tenant), root / "registry" / tenant.name)
+        root = Path(location(services.store))
+        self._held = (uploads_of(services, tenant), root / REGISTRY / tenant.name)
         self._broker = services.broker
         self._key = f"actmap:quota:upload:{tenant.name}"
         self.limit = tenant.quotas.upload_bytes

@@ -23,7 +23,7 @@ from workers.extraction.reduce import Reduction
 from workers.jobs import ExtractionSpec, ModelInfo
 from workers.lifecycle.plan import Plan, layouts, new_job_id, plan
 from workers.lifecycle.state import finalize, summary
-from workers.storage.layout import open_job, read
+from workers.storage.layout import SOURCE, open_job, read
 from workers.storage.ledger import is_done, mark_done
 from workers.storage.rows import BatchRows, LayerRows, write_rows
 
@@ -67,7 +67,7 @@ def decode_batch(
 ) -> Decoded:
     """Decode rows [batch*B, (batch+1)*B); a bad sample gets its code, the rest go on."""
     start = batch * spec.batch_size
-    paths = list(read(group, "source", slice(start, start + spec.batch_size)))
+    paths = list(read(group, SOURCE, slice(start, start + spec.batch_size)))
     prep = info.preprocessing
     x = np.zeros((len(paths), *prep.input_shape), dtype=np.float32)
     codes = np.zeros(len(paths), dtype=np.int16)

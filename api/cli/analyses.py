@@ -18,7 +18,9 @@ from typing import Any
 from api.cli import output
 from workers.analysis.requests import Analysis
 from workers.errors import ActmapError, UserError
+from workers.jobs import AnalysisKind
 from workers.settings import Settings
+from workers.storage.layout import SAMPLE, SCORE, SCREEN
 
 __all__ = ["add_parsers", "run"]
 
@@ -94,18 +96,18 @@ def _selection(job_id: str, text: str) -> dict[str, Any]:
     return found
 
 
-def _request(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
+def _request(args: argparse.Namespace) -> tuple[AnalysisKind, dict[str, Any]]:
     """The analysis kind and its parameters: the body of the API's route for it."""
     layers = _layers(args.layers)
     if args.command == "health":
-        return "health", {"job_id": args.job_id, "layers": layers}
+        return AnalysisKind.HEALTH, {"job_id": args.job_id, "layers": layers}
     if args.command == "compare":
         a = _selection(args.job_a, args.select_a)
         b = _selection(args.job_b or args.job_a, args.select_b)
-        return "comparison", {"a": a, "b": b, "layers": layers, "paired": args.paired}
+        return AnalysisKind.COMPARE, {"a": a, "b": b, "layers": layers, "paired": args.paired}
     fit = {"reference_job": args.reference, "layers": layers, "fpr": args.fpr}
     tuning = {"detectors": _layers(args.detectors), "combine": args.combine}
-    return "profile", {**fit, "adversarial_job": args.adversarial, **tuning}
+    return AnalysisKind.SCREENING_PROFILE, {**fit, "adversarial_job": args.adversarial, **tuning}
 
 
 @contextmanager
@@ -134,14 +136,14 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         if found.summary.get("error") == "internal":
             raise ActmapError(f"analysis {found.analysis_id} failed: {reason}")
         raise UserError(reason)
-    key = "profile_id" if kind == "profile" else "analysis_id"
+    key = "profile_id" if kind == AnalysisKind.SCREENING_PROFILE else "analysis_id"
     shown = {k: v for k, v in found.summary.items() if k not in ("inputs", "model")}
     summary = {"kind": found.kind, "state": found.state, **shown}
     if args.json:
         output.print_json({key: found.analysis_id, "store": backend.store, **summary})
     else:
         output.out.print(f"{found.kind} {found.analysis_id} in {backend.store}", highlight=False)
-        if kind == "profile":
+        if kind == AnalysisKind.SCREENING_PROFILE:
             _print_weights(found.summary)
         output.out.print_json(data=summary)
     return 0
@@ -196,7 +198,7 @@ def _screen_run(args: argparse.Namespace, settings: Settings, store: str) -> int
                 f"{profile.threshold:.4g}, fpr {profile.fpr})",
                 highlight=False,
             )
-            scores, ids = read(group, "screen/score"), read(group, "sample")
+            scores, ids = read(group, f"{SCREEN}/{SCORE}"), read(group, SAMPLE)
             for i in flags.nonzero()[0][:20]:
                 output.out.print(
                     f"  [red]flagged[/] {ids[i]}: score {scores[i]:.2f}", highlight=False

@@ -12,7 +12,7 @@ from typing import Any, Protocol
 
 from workers.analysis.requests import Analysis
 from workers.errors import UserError
-from workers.jobs import ExtractionSpec
+from workers.jobs import AnalysisKind, ExtractionSpec
 from workers.lifecycle.counters import Counters
 from workers.lifecycle.state import Status, can_progress, cancel, job_page, list_jobs, status
 from workers.settings import Settings
@@ -40,7 +40,7 @@ class Backend(Protocol):
     def cancel(self, job_id: str) -> Status: ...
     def resume(self, job_id: str, wait: bool, progress: Progress) -> Status: ...
     def analyse(
-        self, kind: str, params: dict[str, Any], progress: AnalysisProgress
+        self, kind: AnalysisKind, params: dict[str, Any], progress: AnalysisProgress
     ) -> Analysis: ...
 
 
@@ -85,7 +85,9 @@ class EmbeddedBackend(_StoreReads):
 
         return embedded.resume(self.store, job_id, self.settings, progress)
 
-    def analyse(self, kind: str, params: dict[str, Any], progress: AnalysisProgress) -> Analysis:
+    def analyse(
+        self, kind: AnalysisKind, params: dict[str, Any], progress: AnalysisProgress
+    ) -> Analysis:
         from workers.analysis.requests import submit, wait
         from workers.execution import embedded
 
@@ -146,7 +148,9 @@ class BrokerBackend(_StoreReads):
         self._enqueue(job_id, missing, queue_of(self.store, job_id))
         return self.wait(job_id, progress) if wait else self.status(job_id)
 
-    def analyse(self, kind: str, params: dict[str, Any], progress: AnalysisProgress) -> Analysis:
+    def analyse(
+        self, kind: AnalysisKind, params: dict[str, Any], progress: AnalysisProgress
+    ) -> Analysis:
         from workers.analysis.requests import submit, wait
 
         analysis_id = submit(_sender(self._app()), self.store, kind, params, _LOCAL)
@@ -235,7 +239,9 @@ class ApiBackend:
         current = self._status(self.client.job(job_id).resume())
         return self.wait(job_id, progress) if wait else current
 
-    def analyse(self, kind: str, params: dict[str, Any], progress: AnalysisProgress) -> Analysis:
+    def analyse(
+        self, kind: AnalysisKind, params: dict[str, Any], progress: AnalysisProgress
+    ) -> Analysis:
         import time
 
         found = self.client.request("POST", f"/v1/analyses/{_ROUTES[kind]}", json=params).json()
@@ -253,10 +259,10 @@ class ApiBackend:
 
 # The API's route for each analysis kind.
 _ROUTES = {
-    "health": "health",
-    "signatures": "signatures",
-    "comparison": "comparisons",
-    "profile": "profiles",
+    AnalysisKind.HEALTH: "health",
+    AnalysisKind.SIGNATURES: "signatures",
+    AnalysisKind.COMPARE: "comparisons",
+    AnalysisKind.SCREENING_PROFILE: "profiles",
 }
 
 

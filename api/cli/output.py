@@ -16,7 +16,19 @@ from rich.table import Table
 
 from workers.jobs import ModelInfo
 from workers.lifecycle.state import Status
-from workers.storage.layout import array, open_job, read
+from workers.storage.layout import (
+    ACTS,
+    ERROR_CODE,
+    ERROR_MESSAGE,
+    LABEL,
+    LAYERS,
+    POOLED,
+    PRED,
+    SAMPLE,
+    array,
+    open_job,
+    read,
+)
 
 __all__ = ["catalogue", "err", "job_table", "out", "print_json", "progress", "scan_report"]
 
@@ -98,17 +110,17 @@ def scan_report(store: str, s: Status) -> None:
     """Where the results are, and what they hold."""
     group = open_job(store, s.job_id, mode="r")
     out.print(status_line(s), highlight=False)
-    labels, preds = read(group, "label"), read(group, "pred")
+    labels, preds = read(group, LABEL), read(group, PRED)
     known = (labels >= 0) & (preds >= 0)
     if known.any():
         correct, total = int((labels[known] == preds[known]).sum()), int(known.sum())
         out.print(f"accuracy on labelled samples: {correct}/{total} ({correct / total:.1%})")
-    layers = group["layers"]
+    layers = group[LAYERS]
     for name, layer in sorted(layers.groups()) if isinstance(layers, zarr.Group) else []:
-        acts, pooled = array(layer, "acts"), array(layer, "pooled")
+        acts, pooled = array(layer, ACTS), array(layer, POOLED)
         out.print(f"  {name}: acts {acts.shape} {acts.dtype}, pooled {pooled.shape}")
-    codes, messages = read(group, "error_code"), read(group, "error_message")
-    samples = read(group, "sample")
+    codes, messages = read(group, ERROR_CODE), read(group, ERROR_MESSAGE)
+    samples = read(group, SAMPLE)
     for i in codes.nonzero()[0][:5]:
         out.print(f"  [yellow]failed[/] {samples[i]}: {messages[i]}", highlight=False)
     where = str(Path(store).absolute()) if "://" not in store else store

@@ -18,9 +18,10 @@ import numpy as np
 from workers.errors import ActmapError
 from workers.jobs import Preprocessing
 from workers.pictures.report import Section, comparison_section, write_report
-from workers.pictures.report_job import CONV_TYPES, store_filters
+from workers.pictures.report_job import CONV_TYPES
 from workers.storage.analyses import analysis_ids, open_analysis
-from workers.storage.layout import attrs, open_job, read
+from workers.storage.filters import store_filters
+from workers.storage.layout import attrs, layer_path, open_job, read
 
 __all__ = ["first_conv_weights", "report"]
 
@@ -76,7 +77,7 @@ def comparisons(store: str, job_id: str) -> list[Section]:
             continue
         for layer in meta.get("layers", {}):
             names = ("mean_a", "mean_b", "cohen_d", "t", "df", "p", "q", "auroc")
-            v = {name: read(group, f"layers/{layer}/{name}") for name in names}
+            v = {name: read(group, layer_path(layer, name)) for name in names}
             found = Comparison(int(inputs["n_a"]), int(inputs["n_b"]), **v)
             title = f"Comparison {analysis_id}: A {sides[0]} against B {sides[1]}"
             sections.append(comparison_section(found, layer, title))

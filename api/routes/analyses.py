@@ -17,14 +17,6 @@ from workers.jobs import AnalysisKind
 __all__ = ["router"]
 
 router = APIRouter(prefix="/v1", responses=PROBLEMS)
-# The kind a task carries is still the request's name in workers/analysis/requests.py
-# (KINDS); the store records the AnalysisKind.
-_REQUESTED = {
-    AnalysisKind.HEALTH: "health",
-    AnalysisKind.SIGNATURES: "signatures",
-    AnalysisKind.COMPARE: "comparison",
-    AnalysisKind.SCREENING_PROFILE: "profile",
-}
 
 
 def _out(found: Analysis) -> AnalysisOut:
@@ -37,9 +29,7 @@ def _out(found: Analysis) -> AnalysisOut:
 def _queue(
     services: Services, tenant: Tenant, kind: AnalysisKind, params: dict[str, Any]
 ) -> AnalysisOut:
-    analysis_id = submit(
-        services.broker.send, services.store, _REQUESTED[kind], params, tenant.name
-    )
+    analysis_id = submit(services.broker.send, services.store, kind, params, tenant.name)
     return _out(analysis_of(services, tenant, analysis_id))
 
 

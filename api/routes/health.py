@@ -16,6 +16,7 @@ from workers.errors import NotFound
 from workers.jobs import JobState
 from workers.settings import Settings
 from workers.storage.index import figures
+from workers.storage.objects import location
 
 __all__ = ["metrics", "router"]
 
@@ -68,7 +69,7 @@ def _refresh(services: Services) -> None:
 
 
 def _writable(store: str) -> bool:
-    root = Path(store.removeprefix("file://"))
+    root = Path(location(store))
     try:
         root.mkdir(parents=True, exist_ok=True)
         probe = root / f".ready-{os.getpid()}-{secrets.token_hex(4)}"

@@ -42,7 +42,7 @@ from workers.lifecycle.plan import new_job_id, plan
 from workers.lifecycle.state import Status, job_page, queue_of, resume_batches, status, task_groups
 from workers.lifecycle.state import cancel as cancel_job
 from workers.lifecycle.submit import submit
-from workers.storage.layout import attrs, open_job, read
+from workers.storage.layout import ERROR_CODE, ERROR_MESSAGE, SAMPLE, attrs, open_job, read
 from workers.storage.registry import Registry
 
 __all__ = ["router"]
@@ -159,9 +159,9 @@ def _spec_layers(summary: dict[str, object]) -> list[dict[str, Any]]:
 def _job_out(group: zarr.Group, s: Status) -> JobOut:
     a = attrs(group)
     codes, messages, samples = (
-        read(group, "error_code"),
-        read(group, "error_message"),
-        read(group, "sample"),
+        read(group, ERROR_CODE),
+        read(group, ERROR_MESSAGE),
+        read(group, SAMPLE),
     )
     failed = np.flatnonzero(codes)
     names = {str(int(c)): c.name.lower() for c in SampleCode}

@@ -17,15 +17,16 @@ from fastapi import APIRouter, Query
 from fastapi.responses import Response
 
 from api.auth import Tenant
-from api.deps import OwnedJob, Services, ServicesDep, TenantDep, layer_of, roots_of
+from api.deps import OwnedJob, Services, ServicesDep, TenantDep, roots_of
 from workers.errors import NotFound, SpecError
 from workers.extraction.inputs import OutsideRoots, fd_path, opened
 from workers.jobs import close_matches
 from workers.pictures.charts import score_histogram
 from workers.pictures.render import MAX_TILES, activation_grid, filter_grid
-from workers.pictures.report_job import CONV_TYPES, LayerData, input_image, read_filters, screening
-from workers.storage.layout import attrs, read
+from workers.pictures.report_job import CONV_TYPES, input_image
+from workers.storage.layout import SAMPLE, SOURCE, attrs, read
 from workers.storage.registry import Registry
+from workers.storage.stored_job import StoredLayer, layer_group, read_filters, screening
 
 __all__ = ["router"]
 
@@ -43,7 +44,7 @@ def _png(content: bytes) -> Response:
 
 
 def _row(group: zarr.Group, sample: str) -> int:
-    found = np.flatnonzero(read(group, "sample") == sample)
+    found = np.flatnonzero(read(group, SAMPLE) == sample)
     if found.size == 0:
         raise NotFound(f"no sample {sample!r} in this job; see /samples")
     return int(found[0])
@@ -78,18 +79,18 @@ def activations_png(
     own and labelled with its index, the input beside them; at most 256 tiles."""
     job = attrs(group)
     types = {r["name"]: r["type"] for r in job.get("catalogue", {}).get("layers", [])}
-    data = LayerData(layer, types.get(layer, ""), layer_of(group, layer))
+    data = StoredLayer(layer, types.get(layer, ""), layer_group(group, layer))
     row = _row(group, sample)
     maps = data.maps(row)
     if maps is None:
         raise SpecError(f"layer {layer} has no spatial maps; GET its /pooled values instead")
     ids = data.ids(row)
     picture = None
-    if image and "source" in group:
+    if image and SOURCE in group:
         prep = job.get("spec", {}).get("preprocessing") or job.get("catalogue", {}).get(
             "preprocessing"
         )
-        source = str(read(group, "source", slice(row, row + 1))[0])
+        source = str(read(group, SOURCE, slice(row, row + 1))[0])
         try:
             picture = input_image(source, prep, _job_roots(services, tenant, job))
         except OutsideRoots:

@@ -11,11 +11,12 @@ import zarr
 from fastapi import APIRouter, Depends, Query
 from fastapi.responses import Response
 
-from api.deps import OwnedJob, ServicesDep, layer_of, owned_job
+from api.deps import OwnedJob, ServicesDep, owned_job
 from api.problems import PROBLEMS
 from api.schemas import SamplesPage, StoreLocation
-from workers.errors import NotFound, SpecError
-from workers.storage.layout import array, read
+from workers.errors import SpecError
+from workers.storage.layout import ACTS, LOGITS, POOLED, PRED, SAMPLE, array
+from workers.storage.stored_job import layer_group, sample_rows
 
 __all__ = ["router"]
 
@@ -35,24 +36,17 @@ def samples(
     offset: Annotated[int, Query(ge=0)] = 0,
     limit: Annotated[int, Query(ge=1, le=_MAX_ROWS)] = 100,
 ) -> SamplesPage:
-    ids = array(job, "sample")
+    ids = array(job, SAMPLE)
     page = np.asarray(ids[offset : offset + limit]) if offset < ids.shape[0] else np.array([])
     return SamplesPage(samples=[str(s) for s in page], offset=offset, total=int(ids.shape[0]))
 
 
 def _rows(group: zarr.Group, wanted: str | None, offset: int, limit: int) -> np.ndarray:
     """Row indices for `samples=id,id,...`, else the page [offset, offset+limit)."""
-    n = array(group, "sample").shape[0]
-    if not wanted:
-        return np.arange(min(offset, n), min(offset + limit, n))
-    ids = [w for w in wanted.split(",") if w]
-    if len(ids) > _MAX_ROWS:
+    ids = [w for w in wanted.split(",") if w] if wanted else None
+    if ids is not None and len(ids) > _MAX_ROWS:
         raise SpecError(f"at most {_MAX_ROWS} samples per request")
-    index = {str(s): i for i, s in enumerate(read(group, "sample"))}
-    unknown = [w for w in ids if w not in index]
-    if unknown:
-        raise NotFound(f"no sample {unknown[0]!r} in this job; see /samples")
-    return np.asarray([index[w] for w in ids], dtype=np.int64)
+    return sample_rows(group, ids, offset, limit)
 
 
 def _npy(values: np.ndarray) -> Response:
@@ -71,7 +65,7 @@ def activations(
     limit: RowLimit = 16,
 ) -> Response:
     """`acts` of the chosen samples (and channels), as `.npy` bytes."""
-    acts = array(layer_of(job, layer), "acts")
+    acts = array(layer_group(job, layer), ACTS)
     rows = _rows(job, samples, offset, limit)
     chosen = [int(c) for c in channels.split(",") if c] if channels else None
     if chosen and max(chosen) >= acts.shape[1]:
@@ -86,7 +80,7 @@ def activations(
 def pooled(
     job: OwnedJob, layer: str, samples: Rows = None, offset: Offset = 0, limit: RowLimit = _MAX_ROWS
 ) -> Response:
-    values = array(layer_of(job, layer), "pooled")
+    values = array(layer_group(job, layer), POOLED)
     return _npy(np.asarray(values.get_orthogonal_selection((_rows(job, samples, offset, limit),))))
 
 
@@ -98,14 +92,14 @@ def _table(group: zarr.Group, name: str, rows: np.ndarray) -> Response:
 def logits(
     job: OwnedJob, samples: Rows = None, offset: Offset = 0, limit: RowLimit = _MAX_ROWS
 ) -> Response:
-    return _table(job, "logits", _rows(job, samples, offset, limit))
+    return _table(job, LOGITS, _rows(job, samples, offset, limit))
 
 
 @router.get("/jobs/{job_id}/predictions", responses=_NPY, response_class=Response)
 def predictions(
     job: OwnedJob, samples: Rows = None, offset: Offset = 0, limit: RowLimit = _MAX_ROWS
 ) -> Response:
-    return _table(job, "pred", _rows(job, samples, offset, limit))
+    return _table(job, PRED, _rows(job, samples, offset, limit))
 
 
 @router.get("/jobs/{job_id}/store", response_model=StoreLocation, dependencies=[Depends(owned_job)])

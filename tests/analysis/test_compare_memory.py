@@ -16,8 +16,9 @@ import pytest
 
 from workers.analysis.analyses import run_compare
 from workers.analysis.compare import compare
-from workers.storage.analyses import Selection, StoredJob, open_analysis
+from workers.storage.analyses import open_analysis
 from workers.storage.layout import LayerLayout, array, attrs, create_job, open_job, read
+from workers.storage.stored_job import Selection, StoredJob
 
 N, C, BATCH = 80_000, 128, 1_000
 POOLED_BYTES = 2 * N * C * 4  # both jobs' pooled float32 arrays: 82 MB

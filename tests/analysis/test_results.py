@@ -31,8 +31,9 @@ from workers.errors import JobError, LayerError, SpecError
 from workers.extraction.cache import ModelCache
 from workers.jobs import ExtractionSpec
 from workers.pipeline import plan
-from workers.storage.analyses import Selection, open_analysis
+from workers.storage.analyses import open_analysis
 from workers.storage.layout import attrs, open_job, read
+from workers.storage.stored_job import Selection
 
 DIGITS = "workers.demo.digits:digits_cnn"
 SAMPLES = Path(__file__).parents[2] / "workers" / "demo" / "samples"

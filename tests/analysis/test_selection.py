@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from workers.analysis.selection import select
 from workers.errors import SpecError
+from workers.storage.stored_job import select
 
 TABLE = {
     "sample": np.array(["a.png", "b.png", "c.png", "d.png", "e.png", "f.png"]),

@@ -25,9 +25,9 @@ from workers.analysis.compare import compare
 from workers.execution.embedded import scan
 from workers.jobs import ExtractionSpec
 from workers.pictures.report import comparison_section, write_report
-from workers.pictures.report_job import read_filters
 from workers.settings import Settings
 from workers.storage.layout import attrs, open_job, read
+from workers.storage.stored_job import read_filters
 
 SAMPLES = Path(__file__).parents[2] / "workers" / "demo" / "samples"
 SCREENSHOT_COPY = Path("/tmp/actmap-report-screenshot.png")

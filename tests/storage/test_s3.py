@@ -69,13 +69,13 @@ def test_a_cancelled_job_resumes_and_finishes_on_s3(s3_store: str) -> None:
 
 def test_an_analysis_and_the_report_read_a_job_on_s3(s3_store: str, tmp_path: Path) -> None:
     from workers.analysis.requests import run_analysis
+    from workers.jobs import new_id
     from workers.pictures.report import write_report
-    from workers.storage.analyses import new_analysis_id
 
     models = ModelCache()
     job = plan(s3_store, _spec(), models.get(_spec()).info)
     run_job(s3_store, job.job_id, models)
-    analysis_id = new_analysis_id()
+    analysis_id = new_id()
     state = run_analysis(s3_store, "health", {"job_id": job.job_id}, analysis_id, "local")
     assert state == "succeeded"
     tree = xr.open_datatree(f"{s3_store}/analyses/{analysis_id}", engine="zarr")

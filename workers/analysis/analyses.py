@@ -1,8 +1,8 @@
 """Analyses of stored jobs: filter health, two populations compared, family signatures.
 
 Owns running health.py, compare.py and signatures.py over a job's stored arrays, read a
-block of rows at a time, and saving each result under `analyses/{analysis_id}` (see
-results.py for the layout). Numpy and Zarr only.
+block of rows at a time (storage/stored_job.py), and saving each result under
+`analyses/{analysis_id}` (storage/analyses.py).
 """
 
 from __future__ import annotations
@@ -18,8 +18,10 @@ from workers.analysis.health import layer_health
 from workers.analysis.signatures import family_signatures
 from workers.analysis.stats import DEFAULT_BLOCK, channel_quantiles
 from workers.errors import SpecError
-from workers.storage.analyses import Arrays, Picked, Selection, StoredJob, save
-from workers.storage.layout import read
+from workers.jobs import AnalysisKind
+from workers.storage.analyses import Arrays, save
+from workers.storage.layout import ACTS, KEPT_CHANNEL, LABEL, POOLED, layer_path
+from workers.storage.stored_job import Picked, Selection, StoredJob
 
 __all__ = ["run_compare", "run_health", "run_signatures"]
 
@@ -53,16 +55,16 @@ def run_health(
     above the per-channel 99th percentile of `reference_job`'s activations; without either,
     `extreme_rate` is NaN and nothing is saturated. Returns the analysis id.
     """
-    job = StoredJob(store, job_id)
+    job = StoredJob.finished(store, job_id)
     if selection is not None and selection.job_id != job_id:
         raise SpecError(f"the selection is of job {selection.job_id}, not {job_id}")
     rows = job.rows(selection)
     names = job.layers(layers)
-    ref = StoredJob(store, reference_job) if reference_job else None
+    ref = StoredJob.finished(store, reference_job) if reference_job else None
     results: Arrays = {}
     summary: dict[str, Any] = {}
     for layer in names:
-        acts = job.layer(layer, "acts")
+        acts = job.layer(layer, ACTS)
         dim = _dims(acts)[1]
         if dim == "rank":
             raise SpecError(
@@ -71,7 +73,7 @@ def run_health(
             )
         p99 = None
         if ref is not None:
-            ref_acts = ref.layer(ref.layers([layer])[0], "acts")
+            ref_acts = ref.layer(ref.layers([layer])[0], ACTS)
             if _dims(ref_acts)[1] != dim or ref_acts.shape[1] != acts.shape[1]:
                 raise SpecError(
                     f"layer {layer!r} has {acts.shape[1]} stored channels in job {job_id} and "
@@ -80,14 +82,14 @@ def run_health(
             p99 = channel_quantiles(Picked(ref_acts, ref.rows()), 0.99, block=block)
         health = layer_health(Picked(acts, rows), reference_p99=p99, clip=clip, block=block)
         for name in _HEALTH:
-            results[f"layers/{layer}/{name}"] = (np.asarray(getattr(health, name)), [dim])
+            results[layer_path(layer, name)] = (np.asarray(getattr(health, name)), [dim])
         extreme = health.extreme_rate  # None: neither clip nor a reference was given
         blank = np.full(health.mean.shape, np.nan)
-        results[f"layers/{layer}/extreme_rate"] = (blank if extreme is None else extreme, [dim])
+        results[layer_path(layer, "extreme_rate")] = (blank if extreme is None else extreme, [dim])
         channel_ids = np.arange(acts.shape[1])
         if dim == "kept_channel":
-            channel_ids = np.asarray(job.layer(layer, "kept_channel")[:])
-            results[f"layers/{layer}/kept_channel"] = (channel_ids.astype(np.int32), [dim])
+            channel_ids = np.asarray(job.layer(layer, KEPT_CHANNEL)[:])
+            results[layer_path(layer, KEPT_CHANNEL)] = (channel_ids.astype(np.int32), [dim])
         found = {k: _listing(channel_ids[v]) for k, v in health.summary().items()}
         summary[layer] = {
             "channels": int(acts.shape[1]),
@@ -103,7 +105,7 @@ def run_health(
         "clip": clip,
         "reference_job": reference_job,
     }
-    return save(store, "health", job, inputs, {"layers": summary}, results, analysis_id)
+    return save(store, AnalysisKind.HEALTH, job, inputs, {"layers": summary}, results, analysis_id)
 
 
 def run_compare(
@@ -130,13 +132,13 @@ def run_compare(
     the full activations `block` pairs at a time."""
     if not 0.0 < alpha < 1.0:
         raise SpecError(f"alpha is a false discovery rate in (0, 1), got {alpha}")
-    job_a = StoredJob(store, a.job_id)
-    job_b = job_a if b.job_id == a.job_id else StoredJob(store, b.job_id)
+    job_a = StoredJob.finished(store, a.job_id)
+    job_b = job_a if b.job_id == a.job_id else StoredJob.finished(store, b.job_id)
     rows_a, rows_b = job_a.rows(a, "selection A"), job_b.rows(b, "selection B")
     names = job_a.layers(layers)
     job_b.layers(names)
     for layer in names:
-        ca, cb = job_a.layer(layer, "pooled").shape[1], job_b.layer(layer, "pooled").shape[1]
+        ca, cb = job_a.layer(layer, POOLED).shape[1], job_b.layer(layer, POOLED).shape[1]
         if ca != cb:
             raise SpecError(
                 f"layer {layer!r} has {ca} channels in job {job_a.id} and {cb} in job "
@@ -150,16 +152,16 @@ def run_compare(
         results["pair"] = (job_a.samples[rows_a][pair[0]], ["pair"])
     summary: dict[str, Any] = {}
     for layer in names:
-        pooled_a = Picked(job_a.layer(layer, "pooled"), rows_a)
-        pooled_b = Picked(job_b.layer(layer, "pooled"), rows_b)
+        pooled_a = Picked(job_a.layer(layer, POOLED), rows_a)
+        pooled_b = Picked(job_b.layer(layer, POOLED), rows_b)
         c = compare_rows(pooled_a, pooled_b, budget=budget)
         order = np.lexsort((-np.abs(c.cohen_d), -np.abs(c.auroc - 0.5)))
         rank = np.empty(order.size, dtype=np.int32)
         rank[order] = np.arange(order.size, dtype=np.int32)
         for name in _COMPARE:
-            results[f"layers/{layer}/{name}"] = (np.asarray(getattr(c, name)), ["channel"])
-        results[f"layers/{layer}/rank"] = (rank, ["channel"])
-        results[f"layers/{layer}/discriminative"] = (c.q <= alpha, ["channel"])
+            results[layer_path(layer, name)] = (np.asarray(getattr(c, name)), ["channel"])
+        results[layer_path(layer, "rank")] = (rank, ["channel"])
+        results[layer_path(layer, "discriminative")] = (c.q <= alpha, ["channel"])
         ranked = c.ranked(alpha)
         summary[layer] = {
             "channels": int(c.mean_a.size),
@@ -170,12 +172,12 @@ def run_compare(
         }
         if pair is not None:
             d = paired_distances(
-                Picked(job_a.layer(layer, "acts"), rows_a[pair[0]]),
-                Picked(job_b.layer(layer, "acts"), rows_b[pair[1]]),
+                Picked(job_a.layer(layer, ACTS), rows_a[pair[0]]),
+                Picked(job_b.layer(layer, ACTS), rows_b[pair[1]]),
                 block=block,
             )
-            results[f"layers/{layer}/cosine"] = (d.cosine, ["pair"])
-            results[f"layers/{layer}/l2"] = (d.l2, ["pair"])
+            results[layer_path(layer, "cosine")] = (d.cosine, ["pair"])
+            results[layer_path(layer, "l2")] = (d.l2, ["pair"])
             summary[layer].update(mean_cosine=float(d.cosine.mean()), mean_l2=float(d.l2.mean()))
     inputs = {
         "a": a.as_json(),
@@ -187,7 +189,9 @@ def run_compare(
         "n_pairs": 0 if pair is None else int(pair[0].size),
         "alpha": alpha,
     }
-    return save(store, "compare", job_a, inputs, {"layers": summary}, results, analysis_id)
+    return save(
+        store, AnalysisKind.COMPARE, job_a, inputs, {"layers": summary}, results, analysis_id
+    )
 
 
 def run_signatures(
@@ -202,23 +206,23 @@ def run_signatures(
 ) -> str:
     """Each label's signature channels per layer (signatures.family_signatures, labels as
     families, the job's own samples as the reference population). Returns the analysis id."""
-    job = StoredJob(store, job_id)
+    job = StoredJob.finished(store, job_id)
     rows = job.rows()
     names = job.layers(layers)
-    labels = read(job.group, "label")[rows]
+    labels = job.column(LABEL)[rows]
     classes = job.attrs.get("classes")
     results: Arrays = {}
     summary: dict[str, Any] = {}
     for layer in names:
         s = family_signatures(
-            Picked(job.layer(layer, "pooled"), rows), labels, q=q, min_share=min_share, block=block
+            Picked(job.layer(layer, POOLED), rows), labels, q=q, min_share=min_share, block=block
         )
         results["family"] = (s.families, ["family"])
         results["n_samples"] = (s.n_samples, ["family"])
-        results[f"layers/{layer}/share"] = (s.share, ["family", "channel"])
-        results[f"layers/{layer}/consistent"] = (s.consistent, ["family", "channel"])
-        results[f"layers/{layer}/threshold"] = (s.threshold, ["channel"])
+        results[layer_path(layer, "share")] = (s.share, ["family", "channel"])
+        results[layer_path(layer, "consistent")] = (s.consistent, ["family", "channel"])
+        results[layer_path(layer, "threshold")] = (s.threshold, ["channel"])
         summary[layer] = {str(int(f)): _listing(s.channels(int(f))) for f in s.families}
     inputs = {"job_id": job_id, "layers": names, "n_samples": int(rows.size), "q": q}
     headline = {"min_share": min_share, "classes": classes, "layers": summary}
-    return save(store, "signatures", job, inputs, headline, results, analysis_id)
+    return save(store, AnalysisKind.SIGNATURES, job, inputs, headline, results, analysis_id)

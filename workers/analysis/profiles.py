@@ -1,8 +1,8 @@
 """Screening profiles in the store: fitted on a reference job, loaded, and scoring a job.
 
 Owns `fit_profile` (a `ScreeningProfile` fitted on a job's pooled activations, saved as the
-analysis kind `screening-profile`), `load_profile`, and `score_job`, which writes a job's
-`screen/score` and `screen/flag`. Numpy and Zarr only.
+analysis kind `screening-profile`), `load_profile`, and `score_job`, which scores a job and
+stores its `screen/score` and `screen/flag` (storage/screen.py).
 """
 
 from __future__ import annotations
@@ -14,21 +14,14 @@ import numpy as np
 from workers.analysis.screening import LOGITS, ScreeningProfile
 from workers.analysis.stats import DEFAULT_BLOCK, iter_rows
 from workers.errors import SpecError
-from workers.storage.analyses import (
-    Arrays,
-    Picked,
-    StoredJob,
-    now,
-    open_analysis,
-    save,
-    subgroup,
-)
-from workers.storage.consolidate import publish
-from workers.storage.layout import COMPRESSOR, array, attrs, open_job, read
+from workers.jobs import AnalysisKind
+from workers.storage.analyses import Arrays, open_analysis, save
+from workers.storage.layout import ERROR_CODE, LABEL, LAYERS, POOLED, attrs
+from workers.storage.screen import write_screen
+from workers.storage.stored_job import Picked, StoredJob, subgroup
 
-__all__ = ["PROFILE", "fit_profile", "load_profile", "score_job"]
+__all__ = ["fit_profile", "load_profile", "score_job"]
 
-PROFILE = "screening-profile"
 # Rows scored at a time: a screening job is read in blocks of this many samples.
 _SCORE_BLOCK = 4096
 
@@ -40,7 +33,7 @@ def _load(picked: Picked, block: int) -> np.ndarray:
 
 def _logits(job: StoredJob, rows: np.ndarray) -> np.ndarray:
     """The job's logits (n, classes) of `rows`, for the output-score detectors."""
-    logits: np.ndarray = np.asarray(read(job.group, "logits")[rows], dtype=np.float64)
+    logits: np.ndarray = np.asarray(job.logits[rows], dtype=np.float64)
     return logits
 
 
@@ -61,16 +54,16 @@ def fit_profile(
     """Fit a `ScreeningProfile` on the reference job's pooled activations and logits (with
     its labels when every sample has one) and store it; `adversarial_job`, of the same
     model, tunes the combination. Returns the profile id, which `score_job` takes."""
-    ref = StoredJob(store, reference_job)
+    ref = StoredJob.finished(store, reference_job)
     names = ref.layers(layers)
     rows = ref.rows()
-    x = {layer: _load(Picked(ref.layer(layer, "pooled"), rows), block) for layer in names}
+    x = {layer: _load(Picked(ref.layer(layer, POOLED), rows), block) for layer in names}
     x[LOGITS] = _logits(ref, rows)
-    labels = read(ref.group, "label")[rows]
+    labels = ref.column(LABEL)[rows]
     known = bool((labels >= 0).all())
     adversarial = None
     if adversarial_job is not None:
-        adv = StoredJob(store, adversarial_job)
+        adv = StoredJob.finished(store, adversarial_job)
         if adv.sha256 != ref.sha256:
             raise SpecError(
                 f"adversarial job {adv.id} ran another model than reference job {ref.id}; "
@@ -78,7 +71,7 @@ def fit_profile(
             )
         adv_rows = adv.rows()
         adversarial = {
-            layer: _load(Picked(adv.layer(layer, "pooled"), adv_rows), block)
+            layer: _load(Picked(adv.layer(layer, POOLED), adv_rows), block)
             for layer in adv.layers(names)
         }
         adversarial[LOGITS] = _logits(adv, adv_rows)
@@ -97,7 +90,7 @@ def fit_profile(
     }
     for name, values in profile.to_arrays().items():
         layer, _, part = name.rpartition("/")
-        path = f"layers/{layer}/{part}" if layer else name
+        path = f"{LAYERS}/{layer}/{part}" if layer else name
         results[path] = (
             values,
             _PROFILE_DIMS.get(part, [f"{part}_{i}" for i in range(values.ndim)]),
@@ -119,7 +112,7 @@ def fit_profile(
         "n_reference": int(rows.size),
         "labels": known,
     }
-    return save(store, PROFILE, ref, inputs, headline, results, analysis_id)
+    return save(store, AnalysisKind.SCREENING_PROFILE, ref, inputs, headline, results, analysis_id)
 
 
 _PROFILE_DIMS = {
@@ -137,13 +130,13 @@ def load_profile(store: str, profile_id: str) -> ScreeningProfile:
     """The stored profile, ready to score; its `meta["model"]` is the model it was fitted on."""
     group = open_analysis(store, profile_id)
     meta = attrs(group)
-    if meta.get("kind") != PROFILE:
+    if meta.get("kind") != AnalysisKind.SCREENING_PROFILE:
         raise SpecError(f"analysis {profile_id} is a {meta.get('kind')}, not a screening profile")
     arrays: dict[str, np.ndarray] = {
         name: np.asarray(node[:]) for name, node in group.arrays() if name != "column"
     }
-    if "layers" in group:
-        for layer, sub in subgroup(group, "layers").groups():
+    if LAYERS in group:
+        for layer, sub in subgroup(group, LAYERS).groups():
             arrays.update({f"{layer}/{n}": np.asarray(node[:]) for n, node in sub.arrays()})
     described = {**meta["profile"], "model": meta["model"], "profile_id": profile_id}
     return ScreeningProfile.from_arrays(arrays, described)
@@ -154,7 +147,7 @@ def score_job(store: str, job_id: str, profile_id: str) -> tuple[np.ndarray, np.
     `jobs/{job_id}/screen/score` (N,) float32 and `screen/flag` (N,) bool; failed samples
     get NaN and False. Refuses a job of another model than the profile's."""
     profile = load_profile(store, profile_id)
-    job = StoredJob(store, job_id)
+    job = StoredJob.finished(store, job_id)
     model = profile.meta.get("model", {})
     if job.sha256 != model.get("sha256"):
         raise SpecError(
@@ -163,7 +156,7 @@ def score_job(store: str, job_id: str, profile_id: str) -> tuple[np.ndarray, np.
             f"(sha256 {job.sha256[:12]}); fit a profile on a reference job of this model"
         )
     names = job.layers(list(profile.channels))
-    ok = read(job.group, "error_code") == 0
+    ok = job.column(ERROR_CODE) == 0
     n = ok.size
     scores = np.full(n, np.nan, dtype=np.float32)
     for start in range(0, n, _SCORE_BLOCK):
@@ -171,35 +164,12 @@ def score_job(store: str, job_id: str, profile_id: str) -> tuple[np.ndarray, np.
         if not keep.any():
             continue
         part = {
-            layer: np.asarray(job.layer(layer, "pooled")[start : start + keep.size])[keep]
+            layer: np.asarray(job.layer(layer, POOLED)[start : start + keep.size])[keep]
             for layer in names
         }
         if profile.logits:
-            part[LOGITS] = read(job.group, "logits", slice(start, start + keep.size))[keep]
+            part[LOGITS] = np.asarray(job.logits[start : start + keep.size])[keep]
         scores[start : start + keep.size][keep] = profile.score(part)
     flags = np.asarray(ok & (scores > profile.threshold), dtype=bool)
-    writable = open_job(store, job_id)
-    screen = writable.require_group("screen")
-    screen.update_attributes(
-        {
-            "profile_id": profile_id,
-            "threshold": float(profile.threshold),
-            "fpr": profile.fpr,
-            "n_flagged": int(flags.sum()),
-            "scored": now(),
-        }
-    )
-    chunk = array(writable, "label").chunks
-    for name, values in (("score", scores), ("flag", flags)):
-        screen.create_array(
-            name,
-            shape=values.shape,
-            chunks=chunk,
-            dtype=values.dtype,
-            dimension_names=["sample"],
-            fill_value=False if values.dtype == bool else np.nan,
-            compressors=COMPRESSOR,
-            overwrite=True,
-        )[:] = values
-    publish(store, job_id)
+    write_screen(store, job_id, profile_id, float(profile.threshold), profile.fpr, scores, flags)
     return scores, flags

@@ -16,20 +16,15 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import zarr
-
-from workers.errors import ActmapError, JobError, UserError
-from workers.jobs import TaskName
-from workers.storage.analyses import Selection, new_analysis_id, open_analysis
-from workers.storage.consolidate import publish_path
+from workers.errors import ActmapError, NotFound, UserError
+from workers.jobs import AnalysisKind, AnalysisState, TaskName, new_id
+from workers.storage.analyses import open_analysis, placeholder
 from workers.storage.layout import attrs
+from workers.storage.stored_job import Selection
 
-__all__ = ["KINDS", "Analysis", "describe", "placeholder", "run_analysis", "submit", "wait"]
+__all__ = ["Analysis", "describe", "run_analysis", "submit", "wait"]
 
-KINDS = ("health", "comparison", "signatures", "profile")
 QUEUE = "analysis"
-# Analyses whose answer is still to come.
-_PENDING = ("queued", "running")
 # Longest pause between two reads of a pending analysis: short ones answer at once.
 _MAX_POLL_S = 0.5
 # How long an analysis may be missing while it is polled: its worker replaces the group,
@@ -55,11 +50,11 @@ class Analysis:
 
     @property
     def pending(self) -> bool:
-        return self.state in _PENDING
+        return self.state in (AnalysisState.QUEUED, AnalysisState.RUNNING)
 
 
 def describe(store: str, analysis_id: str) -> Analysis:
-    """The analysis as stored now; JobError when there is none."""
+    """The analysis as stored now; NotFound when there is none."""
     found = attrs(open_analysis(store, analysis_id))
     summary = {k: v for k, v in found.items() if k not in ("kind", "state", "tenant", "reason")}
     return Analysis(
@@ -68,10 +63,10 @@ def describe(store: str, analysis_id: str) -> Analysis:
     )  # fmt: skip
 
 
-def submit(send: Send, store: str, kind: str, params: dict[str, Any], tenant: str) -> str:
+def submit(send: Send, store: str, kind: AnalysisKind, params: dict[str, Any], tenant: str) -> str:
     """Queue an analysis on the `analysis` queue; returns its id at once."""
-    analysis_id = new_analysis_id()
-    placeholder(store, analysis_id, kind, tenant, "queued")
+    analysis_id = new_id()
+    placeholder(store, analysis_id, kind, tenant, AnalysisState.QUEUED)
     send(TaskName.ANALYSE, [store, kind, params, analysis_id, tenant], QUEUE)
     return analysis_id
 
@@ -89,7 +84,7 @@ def wait(
     while True:
         try:
             current = describe(store, analysis_id)
-        except JobError:
+        except NotFound:
             missing_since = missing_since or time.monotonic()
             if time.monotonic() - missing_since > _MISSING_S:
                 raise
@@ -116,31 +111,9 @@ def _selection(raw: dict[str, Any]) -> Selection:
     )  # fmt: skip
 
 
-def placeholder(
-    store: str,
-    analysis_id: str,
-    kind: str,
-    tenant: str,
-    state: str,
-    reason: str = "",
-    error: str = "",
-) -> None:
-    """The analysis group before (or instead of) its results: kind, tenant and state."""
-    root = zarr.open_group(store.removeprefix("file://"), mode="a", use_consolidated=False)
-    meta = {
-        "kind": kind,
-        "state": state,
-        "tenant": tenant,
-        **({"reason": reason} if reason else {}),
-        **({"error": error} if error else {}),
-    }
-    root.require_group("analyses").create_group(analysis_id, attributes=meta, overwrite=True)
-    publish_path(store, f"analyses/{analysis_id}")
-
-
 def run_analysis(
     store: str, kind: str, params: dict[str, Any], analysis_id: str, tenant: str
-) -> str:
+) -> AnalysisState:
     """Run one queued analysis; returns its final state."""
     # The numerics load here, in the worker, not where requests are only sent.
     from workers.analysis.analyses import run_compare, run_health, run_signatures
@@ -148,14 +121,15 @@ def run_analysis(
 
     layers = params.get("layers")
     try:
-        if kind not in KINDS:
-            raise UserError(f"unknown analysis kind {kind!r}; use one of {', '.join(KINDS)}")
-        placeholder(store, analysis_id, kind, tenant, "running")
-        if kind == "health":
+        if kind not in set(AnalysisKind):
+            known = ", ".join(AnalysisKind)
+            raise UserError(f"unknown analysis kind {kind!r}; use one of {known}")
+        placeholder(store, analysis_id, kind, tenant, AnalysisState.RUNNING)
+        if kind == AnalysisKind.HEALTH:
             run_health(store, params["job_id"], layers, analysis_id=analysis_id)
-        elif kind == "signatures":
+        elif kind == AnalysisKind.SIGNATURES:
             run_signatures(store, params["job_id"], layers, analysis_id=analysis_id)
-        elif kind == "comparison":
+        elif kind == AnalysisKind.COMPARE:
             a, b = _selection(params["a"]), _selection(params["b"])
             paired = bool(params.get("paired"))
             run_compare(store, a, b, layers, paired, analysis_id=analysis_id)
@@ -166,12 +140,11 @@ def run_analysis(
                 combine=params.get("combine") or "weighted", analysis_id=analysis_id,
             )  # fmt: skip
     except UserError as exc:
-        placeholder(store, analysis_id, kind, tenant, "failed", str(exc), "user")
-        return "failed"
+        placeholder(store, analysis_id, kind, tenant, AnalysisState.FAILED, str(exc), "user")
+        return AnalysisState.FAILED
     except Exception as exc:  # a bug: keep the traceback, and end the requester's wait
         log.exception("analysis %s (%s) failed unexpectedly", analysis_id, kind)
-        placeholder(
-            store, analysis_id, kind, tenant, "failed", f"internal error: {exc!r}", "internal"
-        )
-        return "failed"
-    return "succeeded"
+        reason = f"internal error: {exc!r}"
+        placeholder(store, analysis_id, kind, tenant, AnalysisState.FAILED, reason, "internal")
+        return AnalysisState.FAILED
+    return AnalysisState.SUCCEEDED

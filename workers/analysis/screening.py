@@ -32,6 +32,7 @@ from workers.analysis.auroc import rank_auroc
 from workers.analysis.detectors import Mahalanobis, Neighbours
 from workers.analysis.output_scores import OUTPUT_SCORES, output_scores
 from workers.errors import SpecError
+from workers.jobs import AnalysisKind
 
 __all__ = ["COMBINE", "DETECTORS", "LOGITS", "SQUEEZE", "ScreeningProfile"]
 
@@ -45,7 +46,7 @@ LOGITS, SQUEEZE = ":logits", ":squeeze"
 BENIGN_QUANTILE = 0.99
 # A column known attacks must separate from clean and benign samples this well to be kept.
 SELECTED_AUROC = 0.75
-KIND, VERSION = "screening-profile", 2
+KIND, VERSION = AnalysisKind.SCREENING_PROFILE.value, 2
 # JSON keys the profile itself reads back; the rest is descriptive metadata.
 _CORE = {
     "kind",

@@ -59,7 +59,7 @@ def read_blocks(
     about `nbytes` each as read and reduced in float64; None: one block of everything.
 
     A source that tells how many rows its stored chunks hold (`chunk_rows`, as a Zarr
-    array picked by `results.Picked` does) is read whole chunks at a time, as many as fit
+    array picked by `stored_job.Picked` does) is read whole chunks at a time, as many as fit
     `nbytes` at its full width and at least one, and the blocks are cut from those:
     decoding a chunk costs the same for one row as for all, so each is decoded once."""
     cols = slice(None) if cols is None else cols

@@ -24,7 +24,15 @@ from workers.extraction.cache import ModelCache
 from workers.jobs import JobState
 from workers.lifecycle.counters import Counters
 from workers.pipeline import Decoded, decode_batch, finalize, spec_of, store_batch
-from workers.storage.layout import array, attrs, fresh_attrs, open_job, read
+from workers.storage.layout import (
+    ERROR_CODE,
+    ERROR_MESSAGE,
+    array,
+    attrs,
+    fresh_attrs,
+    open_job,
+    read,
+)
 from workers.storage.ledger import done_batches, is_done, mark_done
 from workers.storage.rows import BatchRows
 from workers.writer import WriteBehind
@@ -122,13 +130,13 @@ def _fail_batch(store: str, job_id: str, batch: int, reason: str) -> None:
     group = open_job(store, job_id)
     size, n = attrs(group)["batch_size"], attrs(group)["n_samples"]
     rows = slice(batch * size, min((batch + 1) * size, n))
-    codes = read(group, "error_code", rows)
-    messages = read(group, "error_message", rows).astype(object)
+    codes = read(group, ERROR_CODE, rows)
+    messages = read(group, ERROR_MESSAGE, rows).astype(object)
     fresh = codes == 0
     codes[fresh] = SampleCode.BATCH_FAILED
     messages[fresh] = reason
-    array(group, "error_code")[rows] = codes
-    array(group, "error_message")[rows] = messages
+    array(group, ERROR_CODE)[rows] = codes
+    array(group, ERROR_MESSAGE)[rows] = messages
     mark_done(group, batch)
 
 

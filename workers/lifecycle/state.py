@@ -21,8 +21,8 @@ from workers.jobs import JobState, TaskName
 from workers.lifecycle.counters import Counters
 from workers.storage.consolidate import publish
 from workers.storage.index import page as index_page
+from workers.storage.layout import ERROR_CODE, open_job, read
 from workers.storage.layout import attrs as attrs_of
-from workers.storage.layout import open_job, read
 from workers.storage.ledger import done_batches
 
 __all__ = [
@@ -178,7 +178,7 @@ def status(store: str, job_id: str, counters: Counters | None = None) -> Status:
             eta = (n - samples_done) / rate
     if stalled is not None:
         state, reason = JobState.STALLED, stalled
-    n_failed = int(np.count_nonzero(read(group, "error_code")))
+    n_failed = int(np.count_nonzero(read(group, ERROR_CODE)))
     return Status(
         job_id, state.value, str(attrs.get("tenant", "local")), n, len(done), int(done.sum()),
         samples_done, n_failed, rate, eta, str(attrs["created"]),
@@ -365,7 +365,7 @@ def finalize(
     group = open_job(store, job_id)
     attrs = attrs_of(group)
     done = done_batches(group)
-    codes = read(group, "error_code")
+    codes = read(group, ERROR_CODE)
     n = int(attrs["n_samples"])
     n_failed = int(np.count_nonzero(codes))
     if state is None:

@@ -2,9 +2,9 @@
 linked relatively, so the folder can be zipped, mailed or served as it is.
 
 Owns the page: which sections there are and in what order, the representative samples
-(a correct, a misclassified and a low-confidence one, as the seed's workflow asks) and the
-place comparisons plug in (`sections`, see `comparison_section`). The job is read through
-report_job.py; the pictures come from render.py and render_charts.py.
+(a correct, a misclassified and a low-confidence one) and the place comparisons plug in
+(`sections`, see `comparison_section`). The job is read through report_job.py; the
+pictures come from render.py and charts.py.
 """
 
 from __future__ import annotations
@@ -19,7 +19,8 @@ from workers.analysis.health import FilterHealth, duplicate_filters
 from workers.pictures.charts import bar_chart, difference_sheet, score_histogram
 from workers.pictures.html import Raw, Section, e, facts, figure, page, table
 from workers.pictures.render import activation_sheet, filter_sheet
-from workers.pictures.report_job import Job, LayerData, Pick
+from workers.pictures.report_job import Pick, ReportJob, health
+from workers.storage.stored_job import StoredLayer
 
 __all__ = ["REPORT_TOP", "Section", "comparison_section", "write_report"]
 
@@ -34,20 +35,20 @@ def _listed(ids: np.ndarray, limit: int = 12) -> str:
     return shown + (f" (+{ids.size - limit} more)" if ids.size > limit else "")
 
 
-def _overview(job: Job) -> Section:
+def _overview(job: ReportJob) -> Section:
     rows = [
         ("state", job.state + (f": {job.reason}" if job.reason else "")),
         ("samples", f"{job.n} ({job.n_failed} failed)"),
         ("accuracy on labelled samples", job.accuracy or "labels unknown"),
-        ("layers stored", ", ".join(layer.name for layer in job.layers) or "none"),
-        ("store", Raw(f"<code>{e(job.store)}</code>, group <code>jobs/{e(job.job_id)}</code>")),
+        ("layers stored", ", ".join(layer.name for layer in job.layers_stored) or "none"),
+        ("store", Raw(f"<code>{e(job.store)}</code>, group <code>jobs/{e(job.id)}</code>")),
     ]
     body = facts(rows) + Raw(
         "<p>How to read the pictures: each tile is one filter's response map, scaled on its "
         "own from black (its lowest value) to white (its highest), so bright regions are where "
         "that filter responds most strongly; a black tile responded the same everywhere. Early "
         "layers pick up edges and strokes, deeper ones larger patterns. Open the numbers with "
-        f"<code>xarray.open_datatree({e(repr(f'{job.store}/jobs/{job.job_id}'))}, "
+        f"<code>xarray.open_datatree({e(repr(f'{job.store}/jobs/{job.id}'))}, "
         "engine='zarr')</code>.</p>"
     )
     return Section("Overview", body)
@@ -61,7 +62,7 @@ def _input_shape(prep: Mapping[str, object] | None) -> str:
     return f"{prep.get('channels', '?')} channel(s), {shape}"
 
 
-def _model(job: Job) -> Section:
+def _model(job: ReportJob) -> Section:
     m = job.model
     rows = [
         ("name", m.get("name", "?")),
@@ -95,7 +96,7 @@ def _model(job: Job) -> Section:
     return Section("Model", body)
 
 
-def _timings(job: Job) -> Section:
+def _timings(job: ReportJob) -> Section:
     size = job.attrs.get("batch_size", "-")
     rows = [
         ("created", job.attrs.get("created", "-")),
@@ -115,7 +116,7 @@ def _timings(job: Job) -> Section:
     return Section("Timings and errors", body)
 
 
-def _health_rows(layer: LayerData, h: FilterHealth) -> Raw:
+def _health_rows(layer: StoredLayer, h: FilterHealth) -> Raw:
     ids = layer.stored_ids()
     flags = [
         ", ".join(
@@ -138,11 +139,11 @@ def _health_rows(layer: LayerData, h: FilterHealth) -> Raw:
     )
 
 
-def _health(job: Job) -> Section:
+def _health(job: ReportJob) -> Section:
     summary: list[tuple[object, ...]] = []
     details: list[str] = []
-    for layer in job.layers:
-        h, source = layer.health(job.ok)
+    for layer in job.layers_stored:
+        h, source = health(layer, job.ok)
         if h is None:
             summary.append((layer.name, source, "-", "-", "-", "-", "-"))
             continue
@@ -170,7 +171,7 @@ def _health(job: Job) -> Section:
     return Section("Filter health", body + "".join(details))
 
 
-def _sample(job: Job, pick: Pick, images: dict[str, bytes]) -> str:
+def _sample(job: ReportJob, pick: Pick, images: dict[str, bytes]) -> str:
     image = job.input_image(pick.row)
     head = (
         f"<h3>{e(pick.role)}: <code>{e(job.sample(pick.row))}</code></h3><p>{e(pick.why)}; "
@@ -200,7 +201,7 @@ def _sample(job: Job, pick: Pick, images: dict[str, bytes]) -> str:
     return head + '<div class="figures">' + "".join(parts) + "</div>"
 
 
-def _samples(job: Job) -> Section:
+def _samples(job: ReportJob) -> Section:
     images: dict[str, bytes] = {}
     picks, note = job.representatives()
     body = f"<p>{e(note)}</p>" if note else ""
@@ -210,9 +211,9 @@ def _samples(job: Job) -> Section:
     return Section("Representative samples", body, images)
 
 
-def _filters(job: Job, weights: np.ndarray | None) -> Section:
+def _filters(job: ReportJob, weights: np.ndarray | None) -> Section:
     layer = job.first_conv()
-    found = weights if weights is not None else job.stored_filters(layer)
+    found = weights if weights is not None else job.filters(layer)
     if layer is None or found is None:
         why = "the model has no conv layer" if layer is None else "the weights were not given"
         return Section(
@@ -230,7 +231,7 @@ def _filters(job: Job, weights: np.ndarray | None) -> Section:
     return Section("Filter weights", body, images)
 
 
-def _screening(job: Job) -> Section | None:
+def _screening(job: ReportJob) -> Section | None:
     found = job.screening()
     if found is None:
         return None
@@ -291,7 +292,7 @@ def write_report(
 
     `weights` are the first conv layer's (out, in, *kernel), else the ones the store keeps;
     `sections` (comparisons, see `comparison_section`) follow the job's own."""
-    job = Job(store, job_id)
+    job = ReportJob(store, job_id)
     # Pictures first: what a reader opens the report for; the tables that explain them after.
     screening = _screening(job)
     parts = [
@@ -308,7 +309,7 @@ def write_report(
             old.unlink()
     for name, png in written.items():
         (folder / name).write_bytes(png)
-    title = f"actmap report: job {job.job_id}"
+    title = f"actmap report: job {job.id}"
     subtitle = f"{job.model.get('name', '')}, {job.n} samples, {job.state}"
     footer = f"written by actmap {job.attrs.get('actmap_version', '')}"
     index = Path(out_dir) / "index.html"

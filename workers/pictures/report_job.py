@@ -1,10 +1,8 @@
-"""What a report reads of one job: the per-sample table, the stored layers, the
-representative samples, the inputs as pictures, screening scores and filter weights.
+"""What a report tells of one job, read through storage/stored_job.py: confidences, the
+representative samples, accuracy and failures, the inputs as pictures, each layer's health.
 
-Owns the `filters/{layer}` arrays of a job group: a conv layer's weights (out, in, *kernel),
-float32, kept by `actmap report` (which can load the model) so that the API, which never
-imports torch, can draw them too. Reads are bounded: per-sample columns and logits in
-blocks of rows, activations one sample at a time, health in one streaming pass per layer.
+Reads are bounded: per-sample columns and logits in blocks of rows, activations one
+sample at a time, health in one streaming pass per layer.
 """
 
 from __future__ import annotations
@@ -14,6 +12,7 @@ import stat
 from collections import Counter
 from dataclasses import dataclass
 from datetime import datetime
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -26,34 +25,15 @@ from workers.analysis.stats import Rows, iter_rows
 from workers.errors import ActmapError, InputError, SampleCode, SpecError
 from workers.extraction.inputs import IMAGE_SUFFIXES, OutsideRoots, decode, fd_path, opened
 from workers.jobs import Preprocessing
-from workers.storage.layout import array, attrs, open_job, read
+from workers.storage.layout import ERROR_CODE, ERROR_MESSAGE, LABEL, PRED
+from workers.storage.stored_job import Picked, StoredJob, StoredLayer
 
-__all__ = [
-    "FILTERS", "Job", "LayerData", "Pick", "Screening", "input_image", "read_filters",
-    "screening", "store_filters",
-]  # fmt: skip
+__all__ = ["CONV_TYPES", "Pick", "ReportJob", "health", "input_image"]
 
-FILTERS = "filters"
 CONV_TYPES = ("Conv1d", "Conv2d")
 # Activations with a ceiling, where "saturated" (at the ceiling) can be judged.
 CLIPS = {"ReLU6": 6.0, "Sigmoid": 1.0, "Hardsigmoid": 1.0, "Hardtanh": 1.0, "Tanh": 1.0}
 MAX_INPUT_SIDE = 512  # an input is shrunk to this before it is drawn
-
-
-def store_filters(store: str, job_id: str, layer: str, weights: np.ndarray) -> None:
-    """Keep a conv layer's weights in the job group (replacing earlier ones)."""
-    group = open_job(store, job_id, mode="r+")
-    values = np.asarray(weights, dtype=np.float32)
-    group.require_group(FILTERS).create_array(
-        layer, shape=values.shape, dtype="float32", overwrite=True
-    )[...] = values
-
-
-def read_filters(group: zarr.Group, layer: str) -> np.ndarray | None:
-    """The weights `store_filters` kept for `layer`, or None."""
-    found = group.get(FILTERS)
-    node = found.get(layer) if isinstance(found, zarr.Group) else None
-    return np.asarray(node[...], dtype=np.float32) if isinstance(node, zarr.Array) else None
 
 
 class TooManyPixels(SpecError):
@@ -110,80 +90,14 @@ def input_image(
         return None
 
 
-Screening = tuple[np.ndarray, np.ndarray | None, float | None]
-
-
-def screening(group: zarr.Group) -> Screening | None:
-    """Scores, flags and threshold of a screening job; None for other jobs. The threshold
-    is read from the `screen` group's attrs, else from the job's attrs `screen.threshold`."""
-    found = group.get("screen")
-    if not isinstance(found, zarr.Group) or "score" not in found:
-        return None
-    scores = read(found, "score").astype(np.float64)
-    flags = read(found, "flag").astype(bool) if "flag" in found else None
-    job = attrs(group).get("screen") or {}
-    threshold = found.attrs.get("threshold", job.get("threshold"))
-    return scores, flags, float(threshold) if isinstance(threshold, int | float) else None
-
-
-class _Subset:
-    """The rows `keep` of an array, read a block at a time (health skips failed samples)."""
-
-    def __init__(self, rows: zarr.Array[Any], keep: np.ndarray) -> None:
-        self.rows, self.keep = rows, keep
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        return (int(self.keep.size), *self.rows.shape[1:])
-
-    def __getitem__(self, key: Any, /) -> Any:
-        return self.rows.get_orthogonal_selection((self.keep[key],))
-
-
-@dataclass(frozen=True)
-class LayerData:
-    """One stored layer: its acts, how its channels were kept, and its catalogue type."""
-
-    name: str
-    type: str
-    group: zarr.Group
-
-    @property
-    def acts(self) -> zarr.Array[Any]:
-        return array(self.group, "acts")
-
-    @property
-    def top_k(self) -> bool:
-        return "top_channel" in self.group
-
-    def stored_ids(self) -> np.ndarray:
-        """The channel index of each column health reports (pooled for top-k storage)."""
-        if "kept_channel" in self.group:
-            return read(self.group, "kept_channel").astype(np.int64)
-        width = array(self.group, "pooled").shape[1] if self.top_k else self.acts.shape[1]
-        return np.arange(width)
-
-    def ids(self, row: int) -> np.ndarray:
-        """The channel index of each stored map of sample `row`."""
-        if self.top_k:
-            return np.asarray(array(self.group, "top_channel")[row], dtype=np.int64)
-        return self.stored_ids()
-
-    def maps(self, row: int) -> np.ndarray | None:
-        """Sample `row`'s maps as (C, H, W) (a Conv1d's (C, L) as (C, 1, L)), else None."""
-        acts = np.asarray(self.acts[row])
-        if acts.ndim == 2:
-            return acts[:, None, :]
-        return acts if acts.ndim == 3 else None
-
-    def health(self, ok: np.ndarray) -> tuple[FilterHealth | None, str]:
-        """Health over the samples that ran, and what it was computed from."""
-        if not ok.any():
-            return None, "no sample ran"
-        source = array(self.group, "pooled") if self.top_k else self.acts
-        rows: Rows = source if ok.all() else _Subset(source, np.flatnonzero(ok))
-        how = "pooled (top-k storage)" if self.top_k else "acts"
-        return layer_health(rows, clip=CLIPS.get(self.type)), how
+def health(layer: StoredLayer, ok: np.ndarray) -> tuple[FilterHealth | None, str]:
+    """The layer's health over the samples that ran, and what it was computed from."""
+    if not ok.any():
+        return None, "no sample ran"
+    source = layer.pooled if layer.top_k else layer.acts
+    rows: Rows = source if ok.all() else Picked(source, np.flatnonzero(ok))
+    how = "pooled (top-k storage)" if layer.top_k else "acts"
+    return layer_health(rows, clip=CLIPS.get(layer.type)), how
 
 
 @dataclass(frozen=True)
@@ -217,35 +131,34 @@ def _seconds(start: object, end: object) -> float | None:
         return None
 
 
-class Job:
-    """The job's attrs and per-sample columns, read once."""
+class ReportJob(StoredJob):
+    """A stored job as its report tells it."""
 
-    def __init__(self, store: str, job_id: str) -> None:
-        group = open_job(store, job_id, mode="r")
-        self.store, self.job_id, self.group, self.attrs = store, job_id, group, attrs(group)
-        self.samples = read(group, "sample")
-        self.sources = read(group, "source") if "source" in group else None
-        self.labels, self.preds = read(group, "label"), read(group, "pred")
-        self.codes, self.messages = read(group, "error_code"), read(group, "error_message")
-        self.confidence = _confidence(array(group, "logits"))
-        self.ok = (self.codes == 0) & np.isfinite(self.confidence)
-        self.catalogue: list[dict[str, Any]] = list(
-            self.attrs.get("catalogue", {}).get("layers", [])
-        )
-        types = {r["name"]: r["type"] for r in self.catalogue}
-        found = group.get("layers")
-        stored = dict(found.groups()) if isinstance(found, zarr.Group) else {}
-        order = [n for n in self.attrs.get("spec", {}).get("layers", []) if n in stored]
-        order += sorted(set(stored) - set(order))
-        self.layers = [LayerData(n, types.get(n, ""), stored[n]) for n in order]
+    @cached_property
+    def confidence(self) -> np.ndarray:
+        return _confidence(self.logits)
 
-    @property
-    def n(self) -> int:
-        return int(self.samples.shape[0])
+    @cached_property
+    def ok(self) -> np.ndarray:
+        return np.asarray((self.column(ERROR_CODE) == 0) & np.isfinite(self.confidence))
+
+    @cached_property
+    def known(self) -> np.ndarray:
+        """Samples that ran and have a label."""
+        return np.asarray(self.ok & (self.column(LABEL) >= 0))
+
+    @cached_property
+    def hit(self) -> np.ndarray:
+        """Samples predicted as their label."""
+        return np.asarray(self.column(PRED) == self.column(LABEL))
+
+    @cached_property
+    def layers_stored(self) -> list[StoredLayer]:
+        return self.stored()
 
     @property
     def n_failed(self) -> int:
-        return int(np.count_nonzero(self.codes))
+        return int(np.count_nonzero(self.column(ERROR_CODE)))
 
     @property
     def state(self) -> str:
@@ -261,7 +174,7 @@ class Job:
 
     @property
     def n_classes(self) -> int:
-        return int(array(self.group, "logits").shape[1])
+        return int(self.logits.shape[1])
 
     @property
     def preprocessing(self) -> dict[str, Any] | None:
@@ -286,10 +199,10 @@ class Job:
 
     @property
     def accuracy(self) -> str | None:
-        known = self.ok & (self.labels >= 0)
+        known = self.known
         if not known.any():
             return None
-        right = int(np.count_nonzero(self.preds[known] == self.labels[known]))
+        right = int(np.count_nonzero(self.hit[known]))
         return f"{right}/{int(known.sum())} ({100 * right / int(known.sum()):.1f}%)"
 
     def sample(self, row: int) -> str:
@@ -300,13 +213,13 @@ class Job:
         return str(names[index]) if 0 <= index < len(names) else str(index)
 
     def verdict(self, row: int) -> str:
-        said = f"predicted {self.class_name(int(self.preds[row]))}"
+        said = f"predicted {self.class_name(int(self.column(PRED)[row]))}"
         said += f" with probability {self.confidence[row]:.2f}"
-        label = int(self.labels[row])
+        label = int(self.column(LABEL)[row])
         return said + (f", labelled {self.class_name(label)}" if label >= 0 else ", label unknown")
 
     def stored_shape(self, name: str) -> str:
-        for layer in self.layers:
+        for layer in self.layers_stored:
             if layer.name == name:
                 return f"{tuple(layer.acts.shape)} {layer.acts.dtype}"
         return ""
@@ -322,19 +235,18 @@ class Job:
 
     def failures_by_code(self) -> dict[str, int]:
         names = self.attrs.get("error_codes", {})
-        counted = Counter(int(c) for c in self.codes[self.codes != 0])
+        codes = self.column(ERROR_CODE)
+        counted = Counter(int(c) for c in codes[codes != 0])
         return {names.get(str(c), str(c)): k for c, k in sorted(counted.items())}
 
     def failures(self, limit: int) -> list[tuple[str, str, str]]:
         names = self.attrs.get("error_codes", {})
-        rows = np.flatnonzero(self.codes)[:limit]
-        return [
-            (self.sample(r), names.get(str(int(self.codes[r])), ""), str(self.messages[r]))
-            for r in rows
-        ]
+        codes, messages = self.column(ERROR_CODE), self.column(ERROR_MESSAGE)
+        rows = np.flatnonzero(codes)[:limit]
+        return [(self.sample(r), names.get(str(int(codes[r])), ""), str(messages[r])) for r in rows]
 
     def representatives(self) -> tuple[list[Pick], str]:
-        """A correct, a misclassified and a low-confidence sample (the seed's workflow);
+        """A correct, a misclassified and a low-confidence sample;
         with no labels, the most and the least confident instead."""
         picks: list[Pick] = []
         conf = np.where(self.ok, self.confidence, np.nan)
@@ -342,10 +254,10 @@ class Job:
         def best(mask: np.ndarray, sign: float) -> int:
             return int(np.flatnonzero(mask)[np.argmax(sign * conf[mask])])
 
-        known = self.ok & (self.labels >= 0)
+        known = self.known
         note = ""
         if known.any():
-            right, wrong = known & (self.preds == self.labels), known & (self.preds != self.labels)
+            right, wrong = known & self.hit, known & ~self.hit
             if right.any():
                 picks.append(Pick("correct", best(right, 1.0), "the most confident correct one"))
             if wrong.any():
@@ -362,16 +274,16 @@ class Job:
         return picks, note
 
     def probabilities(self, row: int) -> np.ndarray | None:
-        z = np.asarray(array(self.group, "logits")[row], dtype=np.float64)
+        z = np.asarray(self.logits[row], dtype=np.float64)
         if z.size == 0 or not np.isfinite(z).all():
             return None
         p = np.exp(z - z.max())
         probs: np.ndarray = p / p.sum()
         return probs
 
-    def grid_layers(self) -> list[LayerData]:
-        """Layers with maps, at most three: an early, a middle and the last (the seed's)."""
-        spatial = [layer for layer in self.layers if layer.acts.ndim in (3, 4)]
+    def grid_layers(self) -> list[StoredLayer]:
+        """Layers with maps, at most three: an early, a middle and the last."""
+        spatial = [layer for layer in self.layers_stored if layer.acts.ndim in (3, 4)]
         if len(spatial) <= 3:
             return spatial
         return [spatial[0], spatial[len(spatial) // 2], spatial[-1]]
@@ -389,9 +301,3 @@ class Job:
 
     def first_conv(self) -> str | None:
         return next((r["name"] for r in self.catalogue if r["type"] in CONV_TYPES), None)
-
-    def stored_filters(self, layer: str | None) -> np.ndarray | None:
-        return None if layer is None else read_filters(self.group, layer)
-
-    def screening(self) -> Screening | None:
-        return screening(self.group)

@@ -23,12 +23,13 @@ from __future__ import annotations
 
 from typing import Any
 
+from workers.storage.index import rebuild, record
+from workers.storage.layout import ANALYSES, JOBS, analysis_path, ensure_root, job_path
 from workers.storage.objects import filesystem, get_json, put_json
 
-__all__ = ["ensure_root", "publish", "publish_path", "reindex"]
+__all__ = ["publish", "publish_path", "reindex"]
 
 _EMPTY: dict[str, Any] = {"kind": "inline", "must_understand": False, "metadata": {}}
-_GROUP: dict[str, Any] = {"zarr_format": 3, "node_type": "group", "attributes": {}}
 
 
 def _node(doc: dict[str, Any]) -> dict[str, Any]:
@@ -76,27 +77,7 @@ def publish_path(store: str, prefix: str) -> dict[str, Any]:
 
 def publish(store: str, job_id: str) -> None:
     """Consolidate `jobs/{job_id}` and record it in the job index."""
-    from workers.storage.index import record
-
-    record(store, job_id, publish_path(store, f"jobs/{job_id}"))
-
-
-def ensure_root(store: str) -> None:
-    """The root group and `jobs` below it, both small; a root consolidated map left by a
-    store written before each group carried its own is dropped (it lists old jobs only, and
-    zarr takes a group missing from it for one that does not exist)."""
-    fs, root = filesystem(store)
-    top = get_json(fs, f"{root}/zarr.json")
-    if top is None or top.get("consolidated_metadata") is not None:
-        top = {**(top or _GROUP)}
-        top.pop("consolidated_metadata", None)
-        put_json(fs, f"{root}/zarr.json", top)
-    if get_json(fs, f"{root}/jobs/zarr.json") is None:
-        from workers.storage.index import MARKER
-
-        # No job yet: the index is complete from the first one on.
-        put_json(fs, f"{root}/{MARKER}", {"version": 1})
-        put_json(fs, f"{root}/jobs/zarr.json", dict(_GROUP))
+    record(store, job_id, publish_path(store, job_path(job_id)))
 
 
 def _children(fs: Any, folder: str) -> list[str]:
@@ -113,15 +94,13 @@ def reindex(store: str) -> int:
     own consolidated map, and the job index written again from the job groups. Reads every
     job once; safe to run while jobs run (it writes what their attrs say). Returns the
     number of jobs indexed."""
-    from workers.storage.index import rebuild
-
     ensure_root(store)
     fs, root = filesystem(store)
     found = {}
-    for job_id in _children(fs, f"{root}/jobs"):
-        if get_json(fs, f"{root}/jobs/{job_id}/zarr.json") is not None:
-            found[job_id] = publish_path(store, f"jobs/{job_id}")
-    for analysis_id in _children(fs, f"{root}/analyses"):
-        if get_json(fs, f"{root}/analyses/{analysis_id}/zarr.json") is not None:
-            publish_path(store, f"analyses/{analysis_id}")
+    for job_id in _children(fs, f"{root}/{JOBS}"):
+        if get_json(fs, f"{root}/{job_path(job_id)}/zarr.json") is not None:
+            found[job_id] = publish_path(store, job_path(job_id))
+    for analysis_id in _children(fs, f"{root}/{ANALYSES}"):
+        if get_json(fs, f"{root}/{analysis_path(analysis_id)}/zarr.json") is not None:
+            publish_path(store, analysis_path(analysis_id))
     return rebuild(store, found)

@@ -34,16 +34,17 @@ from typing import Any
 from urllib.parse import quote
 
 from workers.errors import UserError
+from workers.jobs import JobState
+from workers.storage.layout import INDEX, INDEX_COMPLETE, JOBS
 from workers.storage.objects import filesystem, get_json, list_after, put_json, remove
 
 __all__ = [
-    "MARKER", "Entry", "Figures", "IndexMissing", "count", "figures", "holds", "page", "rebuild",
+    "Entry", "Figures", "IndexMissing", "count", "figures", "holds", "page", "rebuild",
     "record", "state_counts", "unfinished",
 ]  # fmt: skip
 
 # Written in a new store, and by a rebuild: a store with jobs and without it was written
 # before the index, and a listing of it would silently miss every older job.
-MARKER = "index/complete.json"
 
 
 class IndexMissing(UserError):
@@ -51,7 +52,7 @@ class IndexMissing(UserError):
 
 
 def _checked(fs: Any, root: str, store: str) -> None:
-    if fs.exists(f"{root}/{MARKER}") or not fs.exists(f"{root}/jobs"):
+    if fs.exists(f"{root}/{INDEX_COMPLETE}") or not fs.exists(f"{root}/{JOBS}"):
         return
     raise IndexMissing(
         f"store {store} was written before the job index: run `actmap store reindex "
@@ -60,7 +61,8 @@ def _checked(fs: Any, root: str, store: str) -> None:
 
 
 CURSOR = re.compile(r"[0-9]{17}_[A-Za-z0-9_-]{1,64}\.json")
-STATES = ("queued", "running", "succeeded", "partial", "failed", "cancelled")
+# The states a job is stored in (STALLED is derived, never stored), unfinished ones first.
+STATES = tuple(s for s in JobState if s is not JobState.STALLED)
 _FIELDS = (
     "job_id", "tenant", "state", "kind", "created", "finished", "n_samples", "n_batches",
     "n_failed", "elapsed_s", "samples_per_s", "reason",
@@ -95,10 +97,10 @@ def _tenant(tenant: str) -> str:
 def _places(root: str, key: str, tenant: str, state: str) -> list[str]:
     t = _tenant(tenant)
     return [
-        f"{root}/index/all/{key}",
-        f"{root}/index/tenant/{t}/{key}",
-        f"{root}/index/state/{state}/{key}",
-        f"{root}/index/tenant-state/{t}/{state}/{key}",
+        f"{root}/{INDEX}/all/{key}",
+        f"{root}/{INDEX}/tenant/{t}/{key}",
+        f"{root}/{INDEX}/state/{state}/{key}",
+        f"{root}/{INDEX}/tenant-state/{t}/{state}/{key}",
     ]
 
 
@@ -117,8 +119,8 @@ def record(store: str, job_id: str, attrs: dict[str, Any]) -> None:
         for other in STATES
         if other != state
         for path in (
-            f"{root}/index/state/{other}/{key}",
-            f"{root}/index/tenant-state/{t}/{other}/{key}",
+            f"{root}/{INDEX}/state/{other}/{key}",
+            f"{root}/{INDEX}/tenant-state/{t}/{other}/{key}",
         )
     ]
     remove(fs, stale)
@@ -126,10 +128,11 @@ def record(store: str, job_id: str, attrs: dict[str, Any]) -> None:
 
 def _prefixes(root: str, tenant: str | None, states: Iterable[str] | None) -> list[str]:
     if states is None:
-        return [f"{root}/index/all" if tenant is None else f"{root}/index/tenant/{_tenant(tenant)}"]
+        top = "all" if tenant is None else f"tenant/{_tenant(tenant)}"
+        return [f"{root}/{INDEX}/{top}"]
     if tenant is None:
-        return [f"{root}/index/state/{s}" for s in states]
-    return [f"{root}/index/tenant-state/{_tenant(tenant)}/{s}" for s in states]
+        return [f"{root}/{INDEX}/state/{s}" for s in states]
+    return [f"{root}/{INDEX}/tenant-state/{_tenant(tenant)}/{s}" for s in states]
 
 
 def page(
@@ -169,7 +172,7 @@ def holds(store: str, job_id: str, created: str) -> bool:
     """Whether the index has the job's record, which its plan writes last: a job it does
     not hold was cut short while planned (or predates the index)."""
     fs, root = filesystem(store)
-    return bool(fs.exists(f"{root}/index/all/{_key(job_id, created)}"))
+    return bool(fs.exists(f"{root}/{INDEX}/all/{_key(job_id, created)}"))
 
 
 def unfinished(store: str) -> list[str]:
@@ -199,7 +202,9 @@ def figures(store: str, recent: int = 50) -> Figures:
     """From names alone, then the records of the unfinished jobs and of the `recent` latest
     finished ones: a gauge of the recent past, not an average over the store's life."""
     counts = state_counts(store)
-    active, _ = page(store, max(1, counts["queued"] + counts["running"]), None, None, STATES[:2])
+    active, _ = page(
+        store, max(1, counts[JobState.QUEUED] + counts[JobState.RUNNING]), None, None, STATES[:2]
+    )
     rate = sum(float(e.record.get("samples_per_s") or 0) for e in active)
     done, _ = page(store, recent, None, None, STATES[2:])
     per_task = [
@@ -220,13 +225,13 @@ def rebuild(store: str, jobs: dict[str, dict[str, Any]]) -> int:
             record(store, job_id, attrs)
             present.add(_key(job_id, str(attrs["created"])))
     gone: list[str] = []
-    for name in list_after(fs, f"{root}/index/all", None, None):
+    for name in list_after(fs, f"{root}/{INDEX}/all", None, None):
         if name not in present:
-            doc = get_json(fs, f"{root}/index/all/{name}")
+            doc = get_json(fs, f"{root}/{INDEX}/all/{name}")
             tenant = str((doc or {}).get("tenant") or "local")
             for state in STATES:
                 gone.extend(_places(root, name, tenant, state)[2:])
             gone.extend(_places(root, name, tenant, STATES[0])[:2])
     remove(fs, gone)
-    put_json(fs, f"{root}/{MARKER}", {"version": 1})
+    put_json(fs, f"{root}/{INDEX_COMPLETE}", {"version": 1})
     return len(present)

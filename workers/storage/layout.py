@@ -1,4 +1,11 @@
-"""The Zarr layout of a job (DESIGN.md, "Zarr layout"). Never imports torch.
+"""The Zarr layout of the store: every group path and array name, and `create_job`.
+Never imports torch.
+
+    jobs/{job_id}/         sample source label logits pred error_code error_message done
+      layers/{layer}/      acts pooled (top_channel for top-k, kept_channel for a subset)
+      screen/              score flag (a screening job), filters/{layer} (a report's weights)
+    analyses/{id}/         a health, comparison, signatures or screening-profile result
+    uploads/{tenant}/      uploaded inputs (plain files); index/ the job index (index.py)
 
 Every array is created at plan time with its final shape, chunked so that batch i owns
 whole chunks of rows [i*B, (i+1)*B): no two tasks ever write the same chunk.
@@ -9,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import json
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
@@ -19,25 +27,83 @@ from zarr.codecs import ZstdCodec
 from zarr.core.sync import sync
 from zarr.storage import LocalStore
 
-from workers.errors import JobError
+from workers.errors import NotFound
 from workers.storage.chunks import get_all
-from workers.storage.consolidate import ensure_root
+from workers.storage.objects import filesystem, get_json, location, put_json
 
 __all__ = [
+    "ACTS",
+    "ANALYSES",
     "CHUNK_BYTES",
+    "DONE",
+    "ERROR_CODE",
+    "ERROR_MESSAGE",
+    "FILTERS",
+    "FLAG",
+    "INDEX",
+    "INDEX_COMPLETE",
+    "JOBS",
+    "KEPT_CHANNEL",
+    "LABEL",
+    "LAYERS",
+    "LOGITS",
+    "POOLED",
+    "PRED",
+    "SAMPLE",
+    "SCORE",
+    "SCREEN",
+    "SOURCE",
+    "TOP_CHANNEL",
+    "UPLOADS",
+    "analysis_path",
+    "job_path",
+    "layer_path",
+    "location",
     "attrs",
     "array",
     "read",
     "COMPRESSOR",
     "LayerLayout",
     "create_job",
+    "ensure_root",
     "fresh_attrs",
+    "group_names",
     "job_ids",
     "open_job",
     "sample_chunk",
     "spatial_dims",
+    "uploads_folder",
     "writable",
 ]
+
+# Groups under the store's root: one per job, one per analysis, each tenant's uploads.
+JOBS = "jobs"
+ANALYSES = "analyses"
+UPLOADS = "uploads"
+# The job index (index.py), and the marker that says it lists every job of the store.
+INDEX = "index"
+INDEX_COMPLETE = f"{INDEX}/complete.json"
+# Groups under a job: one per stored layer, a screening job's scores, a report's weights.
+LAYERS = "layers"
+SCREEN = "screen"
+FILTERS = "filters"
+# A job's per-sample arrays (dimension `sample`) and its completion ledger (`batch`).
+SAMPLE = "sample"
+SOURCE = "source"
+LABEL = "label"
+LOGITS = "logits"
+PRED = "pred"
+ERROR_CODE = "error_code"
+ERROR_MESSAGE = "error_message"
+DONE = "done"
+# A layer's arrays.
+ACTS = "acts"
+POOLED = "pooled"
+TOP_CHANNEL = "top_channel"
+KEPT_CHANNEL = "kept_channel"
+# A screening job's arrays, under SCREEN.
+SCORE = "score"
+FLAG = "flag"
 
 # Aim for chunks of up to this size; a batch smaller than that owns one chunk per array.
 CHUNK_BYTES = 8 << 20
@@ -45,6 +111,7 @@ CHUNK_BYTES = 8 << 20
 # maps 1.92x at 276 raw MB per CPU-second, where Blosc zstd-1 with bitshuffle gave 1.44x
 # at 202 MB/s and lz4 1.49x at 343 MB/s.
 COMPRESSOR = ZstdCodec(level=1)
+_GROUP: dict[str, Any] = {"zarr_format": 3, "node_type": "group", "attributes": {}}
 
 
 @dataclass(frozen=True)
@@ -100,7 +167,7 @@ def fresh_attrs(group: zarr.Group) -> dict[str, Any]:
             return dict(seen[1])
         meta = json.loads(file.read_bytes())
     except FileNotFoundError:
-        raise JobError(f"{path} is no longer in store {store.root}") from None
+        raise NotFound(f"{path} is no longer in store {store.root}") from None
     found = dict(meta.get("attributes", {}))
     if len(_SEEN) > 64:  # a worker runs a few jobs at a time, not thousands
         _SEEN.clear()
@@ -126,32 +193,66 @@ def sample_chunk(batch_size: int, row_bytes: int) -> int:
     return 1
 
 
-def _location(store: str) -> str:
-    # zarr's fsspec store does not create local directories; a file:// URL is a plain path.
-    return store.removeprefix("file://")
+def uploads_folder(store: str, tenant: str) -> Path:
+    """Where a tenant's uploaded inputs are kept: plain files under the store's folder."""
+    return Path(location(store)) / UPLOADS / tenant
+
+
+def job_path(job_id: str) -> str:
+    return f"{JOBS}/{job_id}"
+
+
+def analysis_path(analysis_id: str) -> str:
+    return f"{ANALYSES}/{analysis_id}"
+
+
+def layer_path(layer: str, name: str | None = None) -> str:
+    """A layer's group under its job, or its array `name`."""
+    return f"{LAYERS}/{layer}" if name is None else f"{LAYERS}/{layer}/{name}"
+
+
+def group_names(store: str, path: str) -> list[str]:
+    """The names of the groups under `path` (JOBS, ANALYSES), sorted; none when it is absent."""
+    try:
+        found = zarr.open_group(location(store), path=path, mode="r", use_consolidated=False)
+    except FileNotFoundError:
+        return []
+    return sorted(name for name, _ in found.groups())
 
 
 def job_ids(store: str) -> list[str]:
-    try:
-        jobs = zarr.open_group(_location(store), path="jobs", mode="r", use_consolidated=False)
-    except FileNotFoundError:
-        return []
-    return sorted(name for name, _ in jobs.groups())
+    return group_names(store, JOBS)
 
 
 def open_job(store: str, job_id: str, mode: Literal["r", "r+"] = "r+") -> zarr.Group:
     """The job's group, read fresh from the store (never from consolidated metadata)."""
     try:
         return zarr.open_group(
-            _location(store),
-            path=f"jobs/{job_id}",
+            location(store),
+            path=job_path(job_id),
             mode=mode,
             use_consolidated=False,
         )
     except FileNotFoundError:
-        raise JobError(
+        raise NotFound(
             f"no job {job_id!r} in store {store}; `actmap jobs list` shows them"
         ) from None
+
+
+def ensure_root(store: str) -> None:
+    """The root group and `jobs` below it, both small; a root consolidated map left by a
+    store written before each group carried its own is dropped (it lists old jobs only, and
+    zarr takes a group missing from it for one that does not exist)."""
+    fs, root = filesystem(store)
+    top = get_json(fs, f"{root}/zarr.json")
+    if top is None or top.get("consolidated_metadata") is not None:
+        top = {**(top or _GROUP)}
+        top.pop("consolidated_metadata", None)
+        put_json(fs, f"{root}/zarr.json", top)
+    if get_json(fs, f"{root}/{JOBS}/zarr.json") is None:
+        # No job yet: the index is complete from the first one on.
+        put_json(fs, f"{root}/{INDEX_COMPLETE}", {"version": 1})
+        put_json(fs, f"{root}/{JOBS}/zarr.json", dict(_GROUP))
 
 
 def _array(
@@ -177,13 +278,13 @@ def _array(
 
 
 async def _create_nodes(
-    location: str, groups: list[str], arrays: list[tuple[str, dict[str, Any]]]
+    at: str, groups: list[str], arrays: list[tuple[str, dict[str, Any]]]
 ) -> None:
     """The job's groups, then all of its arrays at once: created one after another, each
     waited on a round trip to zarr's event loop (16 arrays, 0.065 s of a 0.1 s plan)."""
-    job = await zarr.api.asynchronous.open_group(location, mode="r+", use_consolidated=False)
+    job = await zarr.api.asynchronous.open_group(at, mode="r+", use_consolidated=False)
     if groups:
-        await job.require_group("layers")
+        await job.require_group(LAYERS)
         await asyncio.gather(*(job.require_group(path) for path in groups))
     await asyncio.gather(*(job.create_array(name, **kwargs) for name, kwargs in arrays))
 
@@ -201,41 +302,41 @@ def create_job(
     ensure_root(store)
     # Opened at its own folder: zarr checks every parent for an existing node when it adds
     # an array, and the job's arrays need nothing from above it.
-    location = f"{_location(store).rstrip('/')}/jobs/{job_id}"
-    group = zarr.open_group(location, mode="w-", attributes=attrs, use_consolidated=False)
+    at = f"{location(store).rstrip('/')}/{job_path(job_id)}"
+    group = zarr.open_group(at, mode="w-", attributes=attrs, use_consolidated=False)
     b = min(batch_size, max(n, 1))
     n_batches = -(-n // batch_size)
     arrays = [
-        _array("sample", (n,), (b,), str, ["sample"], ""),
-        _array("source", (n,), (b,), str, ["sample"], ""),
-        _array("label", (n,), (b,), "int32", ["sample"], -1),
-        _array("logits", (n, n_classes), (b, n_classes), "float32", ["sample", "class"], np.nan),
-        _array("pred", (n,), (b,), "int32", ["sample"], -1),
-        _array("error_code", (n,), (b,), "int16", ["sample"], 0),
-        _array("error_message", (n,), (b,), str, ["sample"], ""),
-        _array("done", (n_batches,), (1,), "bool", ["batch"], False),
+        _array(SAMPLE, (n,), (b,), str, ["sample"], ""),
+        _array(SOURCE, (n,), (b,), str, ["sample"], ""),
+        _array(LABEL, (n,), (b,), "int32", ["sample"], -1),
+        _array(LOGITS, (n, n_classes), (b, n_classes), "float32", ["sample", "class"], np.nan),
+        _array(PRED, (n,), (b,), "int32", ["sample"], -1),
+        _array(ERROR_CODE, (n,), (b,), "int16", ["sample"], 0),
+        _array(ERROR_MESSAGE, (n,), (b,), str, ["sample"], ""),
+        _array(DONE, (n_batches,), (1,), "bool", ["batch"], False),
     ]
     for layer in layers:
-        at = f"layers/{layer.name}"
+        path = partial(layer_path, layer.name)
         dims = ["sample", layer.channel_dim, *spatial_dims(len(layer.shape) - 1)]
         row = int(np.prod(layer.shape)) * np.dtype(layer.dtype).itemsize
         chunk = (sample_chunk(b, row), *layer.shape)
-        arrays.append(_array(f"{at}/acts", (n, *layer.shape), chunk, layer.dtype, dims, np.nan))
+        arrays.append(_array(path(ACTS), (n, *layer.shape), chunk, layer.dtype, dims, np.nan))
         pooled = (n, layer.channels)
         arrays.append(
-            _array(f"{at}/pooled", pooled, (b, pooled[1]), "float32", ["sample", "channel"], np.nan)
+            _array(path(POOLED), pooled, (b, pooled[1]), "float32", ["sample", "channel"], np.nan)
         )
         if layer.channel_dim == "rank":
             top = (n, layer.shape[0])
             arrays.append(
-                _array(f"{at}/top_channel", top, (b, top[1]), "int32", ["sample", "rank"], -1)
+                _array(path(TOP_CHANNEL), top, (b, top[1]), "int32", ["sample", "rank"], -1)
             )
         if layer.kept is not None:
             width = (len(layer.kept),)
-            arrays.append(_array(f"{at}/kept_channel", width, width, "int32", ["kept_channel"], -1))
-    sync(_create_nodes(location, [f"layers/{layer.name}" for layer in layers], arrays))
+            arrays.append(_array(path(KEPT_CHANNEL), width, width, "int32", ["kept_channel"], -1))
+    sync(_create_nodes(at, [layer_path(layer.name) for layer in layers], arrays))
     for layer in layers:
         if layer.kept is not None:
-            kept = array(group, f"layers/{layer.name}/kept_channel")
+            kept = array(group, layer_path(layer.name, KEPT_CHANNEL))
             kept[:] = np.asarray(layer.kept, dtype=np.int32)
     return group

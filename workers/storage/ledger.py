@@ -11,7 +11,7 @@ import numpy as np
 import zarr
 
 from workers.storage.chunks import get_row, put_rows
-from workers.storage.layout import read, writable
+from workers.storage.layout import DONE, read, writable
 
 __all__ = ["done_batches", "is_done", "mark_done", "pending_batches"]
 
@@ -19,10 +19,10 @@ __all__ = ["done_batches", "is_done", "mark_done", "pending_batches"]
 def _ledger(group: zarr.Group, opened: dict[str, Any] | None) -> zarr.Array[Any]:
     """The `done` array; `opened` keeps it open between batches (opening reads metadata)."""
     if opened is None:
-        return writable(group, "done")
-    if "done" not in opened:
-        opened["done"] = writable(group, "done")
-    done: zarr.Array[Any] = opened["done"]
+        return writable(group, DONE)
+    if DONE not in opened:
+        opened[DONE] = writable(group, DONE)
+    done: zarr.Array[Any] = opened[DONE]
     return done
 
 
@@ -37,7 +37,7 @@ def is_done(group: zarr.Group, batch: int, opened: dict[str, Any] | None = None)
 
 
 def done_batches(group: zarr.Group) -> np.ndarray:
-    return read(group, "done").astype(bool)
+    return read(group, DONE).astype(bool)
 
 
 def pending_batches(group: zarr.Group) -> list[int]:

@@ -19,7 +19,13 @@ from typing import Any
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
-__all__ = ["filesystem", "get_json", "list_after", "put_json", "remove"]
+__all__ = ["filesystem", "get_json", "list_after", "location", "put_json", "remove"]
+
+
+def location(store: str) -> str:
+    """The store as zarr opens it, and as a local folder: zarr's fsspec store does not
+    create local directories, so a file:// URL becomes a plain path."""
+    return store.removeprefix("file://")
 
 
 def filesystem(store: str) -> tuple[Any, str]:

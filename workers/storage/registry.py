@@ -11,11 +11,14 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict
 
-from workers.errors import JobError
-from workers.jobs import ModelInfo
-from workers.lifecycle.state import now
+from workers.errors import NotFound
+from workers.jobs import ModelInfo, now
+from workers.storage.objects import location
 
-__all__ = ["ModelRecord", "Registry"]
+__all__ = ["REGISTRY", "ModelRecord", "Registry"]
+
+# The registry's folder under the store: plain files, not Zarr.
+REGISTRY = "registry"
 
 
 class ModelRecord(BaseModel):
@@ -36,7 +39,7 @@ class Registry:
     """A local-directory registry (the store must be a shared directory for the API)."""
 
     def __init__(self, store: str) -> None:
-        self.root = Path(store.removeprefix("file://")) / "registry"
+        self.root = Path(location(store)) / REGISTRY
 
     def folder(self, tenant: str, model_id: str) -> Path:
         path = self.root / tenant / model_id
@@ -72,7 +75,7 @@ class Registry:
     def get(self, tenant: str, model_id: str) -> ModelRecord:
         path = self._record(tenant, model_id)
         if "/" in model_id or not path.is_file():
-            raise JobError(f"no model {model_id!r}; `GET /v1/models` lists yours")
+            raise NotFound(f"no model {model_id!r}; `GET /v1/models` lists yours")
         return ModelRecord.model_validate(json.loads(path.read_text()))
 
     def list(self, tenant: str) -> list[ModelRecord]:

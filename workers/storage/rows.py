@@ -10,7 +10,17 @@ import numpy as np
 import zarr
 
 from workers.storage.chunks import put_rows
-from workers.storage.layout import writable
+from workers.storage.layout import (
+    ACTS,
+    ERROR_CODE,
+    ERROR_MESSAGE,
+    LOGITS,
+    POOLED,
+    PRED,
+    TOP_CHANNEL,
+    layer_path,
+    writable,
+)
 
 __all__ = ["BatchRows", "LayerRows", "concat_rows", "write_rows"]
 
@@ -52,15 +62,15 @@ def write_rows(
         pending.extend(put_rows(cache[name], start, values, pool))
 
     start = rows.start
-    _set("error_code", start, rows.error_code)
-    _set("error_message", start, np.asarray(rows.error_message, dtype=object))
-    _set("logits", start, rows.logits)
-    _set("pred", start, rows.pred)
+    _set(ERROR_CODE, start, rows.error_code)
+    _set(ERROR_MESSAGE, start, np.asarray(rows.error_message, dtype=object))
+    _set(LOGITS, start, rows.logits)
+    _set(PRED, start, rows.pred)
     for name, layer in rows.layers.items():
-        _set(f"layers/{name}/acts", start, layer.acts)
-        _set(f"layers/{name}/pooled", start, layer.pooled)
+        _set(layer_path(name, ACTS), start, layer.acts)
+        _set(layer_path(name, POOLED), start, layer.pooled)
         if layer.top_channel is not None:
-            _set(f"layers/{name}/top_channel", start, layer.top_channel)
+            _set(layer_path(name, TOP_CHANNEL), start, layer.top_channel)
     for future in pending:  # every one, so that no write outlives the call; then errors
         future.exception()
     for future in pending:
