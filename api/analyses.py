@@ -15,7 +15,6 @@ from api.routes import (
     TenantDep,
     _job,
     _roots,
-    _send_batches,
     _sources,
     checked_sources,
 )
@@ -31,7 +30,7 @@ from api.schemas import (
 from workers.analysis.requests import describe, submit
 from workers.errors import JobError, SpecError
 from workers.jobs import ExtractionSpec
-from workers.lifecycle.plan import new_job_id, plan
+from workers.lifecycle.submit import submit as submit_job
 from workers.storage.layout import attrs
 
 __all__ = ["router"]
@@ -122,13 +121,14 @@ def screenings(services: ServicesDep, tenant: TenantDep, body: ScreeningRequest)
     catalogue = Registry(services.store).get(tenant.name, str(spec.get("model_id"))).catalogue
     if catalogue is None:
         raise SpecError("the profile's model is no longer registered")
-    job_id = new_job_id()
     sources = checked_sources(services, tenant, screening.inputs)
     samples(tenant, len(sources))
-    with job_slot(services, tenant):
-        job = plan(services.store, screening, catalogue, job_id, sources)
-    _send_batches(services, job_id, range(job.n_batches), "screen")
-    return Accepted(job_id=job_id, state="queued", n_samples=job.n_samples, queue="screen")
+    job = submit_job(
+        services.store, screening, catalogue, services.broker,
+        cap=services.settings.batches_per_task, sources=sources,
+        admit=lambda: job_slot(services, tenant),
+    )  # fmt: skip
+    return Accepted(job_id=job.job_id, state="queued", n_samples=job.n_samples, queue="screen")
 
 
 def spec_layers(summary: dict[str, object]) -> list[dict[str, Any]]:

@@ -10,9 +10,8 @@ from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, suppress
 from typing import Any, Protocol
 
-from workers.execution.roster import Roster
 from workers.jobs import QUEUES
-from workers.lifecycle.counters import Counters, RedisCounters
+from workers.lifecycle.counters import Counters, RedisCounters, Roster
 
 __all__ = ["Broker", "Busy", "MemoryBroker", "RedisBroker"]
 

@@ -39,16 +39,10 @@ from api.schemas import (
 from workers.errors import JobError, SampleCode, SpecError
 from workers.extraction.inputs import OutsideRoots, Source, discover, fd_path, opened
 from workers.jobs import ExtractionSpec, JobState, TaskName, close_matches
-from workers.lifecycle.state import (
-    Status,
-    job_page,
-    queue_of,
-    resume_batches,
-    status,
-    task_groups,
-)
+from workers.lifecycle.state import Status, job_page, status
 from workers.lifecycle.state import cancel as cancel_job
 from workers.lifecycle.submit import Busy, Unavailable, submit
+from workers.lifecycle.submit import resume as resume_job
 from workers.storage.layout import array, attrs, open_job, read
 from workers.storage.registry import ModelRecord, Registry
 
@@ -313,12 +307,10 @@ def submit_extraction(
         already acknowledged (or half-done) is not a new job and skips it."""
         return job_slot(services, tenant)
 
-    def send(job_id: str, batches: list[int], queue: str) -> None:
-        _send_batches(services, job_id, batches, queue)
-
     try:
         job = submit(
-            services.store, spec, record.catalogue, send,
+            services.store, spec, record.catalogue, services.broker,
+            cap=services.settings.batches_per_task,
             sources=sources, keys=services.broker, key=key, admit=admit,
         )  # fmt: skip
     except (Unavailable, Busy) as exc:
@@ -331,12 +323,6 @@ def submit_extraction(
     return Accepted(
         job_id=job.job_id, state=current.state, n_samples=job.n_samples, queue=body.queue
     )
-
-
-def _send_batches(services: Services, job_id: str, batches: Iterable[int], queue: str) -> None:
-    cap = services.settings.batches_per_task
-    for group in task_groups(batches, services.broker.workers(queue), cap):
-        services.broker.send(TaskName.RUN_BATCH, [services.store, job_id, group], queue)
 
 
 def _job_out(services: Services, group: zarr.Group, s: Status) -> JobOut:
@@ -401,8 +387,8 @@ def cancel(services: ServicesDep, tenant: TenantDep, job_id: str) -> JobOut:
 @router.post("/jobs/{job_id}/resume", response_model=JobOut)
 def resume(services: ServicesDep, tenant: TenantDep, job_id: str) -> JobOut:
     _job(services, tenant, job_id)
-    missing = resume_batches(services.store, job_id, services.broker.counters())
-    _send_batches(services, job_id, missing, queue_of(services.store, job_id))
+    cap, counters = services.settings.batches_per_task, services.broker.counters()
+    missing = resume_job(services.broker, services.store, job_id, cap, counters)
     log.info("resumed %d batches", len(missing), extra={"job_id": job_id, "tenant": tenant.name})
     group = open_job(services.store, job_id, mode="r")
     return _job_out(services, group, status(services.store, job_id))

@@ -12,8 +12,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict
 
 from workers.errors import JobError
-from workers.jobs import ModelInfo
-from workers.lifecycle.state import now
+from workers.jobs import ModelInfo, now
 
 __all__ = ["ModelRecord", "Registry"]
 
