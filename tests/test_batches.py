@@ -85,13 +85,13 @@ class DecodesAhead(Extraction):
     """Computes batch 0 only once batches 1 and 2 have started decoding: without the decode
     two ahead, batch 0 would wait out the deadline."""
 
-    def __init__(self, models: ModelCache, n_batches: int) -> None:
-        super().__init__(models)
+    def __init__(self, models: ModelCache, n_batches: int, pool: Any) -> None:
+        super().__init__(models, pool)
         self.decoding = {b: threading.Event() for b in range(n_batches)}
 
-    def decode(self, group: Any, spec: ExtractionSpec, batch: int, pool: Any) -> Decoded:
+    def decode(self, group: Any, spec: ExtractionSpec, batch: int) -> Decoded:
         self.decoding[batch].set()
-        return super().decode(group, spec, batch, pool)
+        return super().decode(group, spec, batch)
 
     def compute(self, spec: ExtractionSpec, decoded: Decoded) -> BatchRows:
         if decoded.batch == 0:
@@ -119,7 +119,7 @@ def test_tasks_of_several_batches_store_what_the_in_process_runner_stores(
     reference = plan(str(tmp_path / "ref"), spec, models.get(spec).info)
     run_job(str(tmp_path / "ref"), reference.job_id, models)
     job = plan(str(tmp_path / "task"), spec, models.get(spec).info)
-    runtime = Runtime(Extraction(models), MemoryCounters(), decoders=decoders)
+    runtime = Runtime(Extraction(models, decoders), MemoryCounters())
 
     outcomes = [
         outcome
@@ -155,7 +155,7 @@ def test_the_next_two_batches_are_decoded_while_the_current_one_computes(
 ) -> None:
     spec, models = _spec(arrays, random_weights), ModelCache()
     job = plan(str(tmp_path / "store"), spec, models.get(spec).info)
-    runtime = Runtime(DecodesAhead(models, job.n_batches), MemoryCounters(), decoders=decoders)
+    runtime = Runtime(DecodesAhead(models, job.n_batches, decoders), MemoryCounters())
     outcomes = execute_batches(str(tmp_path / "store"), job.job_id, [0, 1, 2], runtime)
     assert outcomes == [Outcome.RAN] * 3
 
@@ -178,7 +178,7 @@ def test_a_batch_decoded_ahead_is_not_run_once_its_job_is_cancelled(
 ) -> None:
     spec, models, store = _spec(arrays, random_weights), ModelCache(), str(tmp_path / "store")
     job = plan(store, spec, models.get(spec).info)
-    runtime = Runtime(Extraction(models), CancelsAtFirstStart(store), decoders=decoders)
+    runtime = Runtime(Extraction(models, decoders), CancelsAtFirstStart(store))
 
     outcomes = execute_batches(store, job.job_id, [0, 1, 2], runtime)
 
@@ -191,7 +191,7 @@ def test_a_batch_the_ledger_has_is_skipped_between_two_that_run(
 ) -> None:
     spec, models, store = _spec(arrays, random_weights), ModelCache(), tmp_path / "store"
     job = plan(str(store), spec, models.get(spec).info)
-    runtime = Runtime(Extraction(models), MemoryCounters(), decoders=decoders)
+    runtime = Runtime(Extraction(models, decoders), MemoryCounters())
     assert execute_batches(str(store), job.job_id, [1], runtime) == [Outcome.RAN]
     before = _files(store, job.job_id)
 
@@ -215,7 +215,7 @@ def test_a_task_that_fails_part_way_keeps_the_batches_it_wrote(
     spec, models = _spec(arrays, random_weights), ModelCache()
     store = str(tmp_path / "store")
     job = plan(store, spec, models.get(spec).info)
-    runtime = Runtime(BreaksAtBatch2(models), MemoryCounters(), decoders=decoders)
+    runtime = Runtime(BreaksAtBatch2(models, decoders), MemoryCounters())
     app, _ = _task_app(runtime, monkeypatch)
     result = app.tasks[TaskName.RUN_BATCH].run(store, job.job_id, [0, 1, 2, 3])
 
@@ -238,7 +238,7 @@ def test_a_task_whose_time_is_up_sends_the_batches_it_did_not_start_on(
     store = str(tmp_path / "task")
     job = plan(store, spec, models.get(spec).info)
     # No time at all: each task runs one batch, then sends the rest to a new task.
-    runtime = Runtime(Extraction(models), MemoryCounters(), decoders=decoders, budget_s=0.0)
+    runtime = Runtime(Extraction(models, decoders), MemoryCounters(), budget_s=0.0)
     app, sent = _task_app(runtime, monkeypatch)
 
     result = app.tasks[TaskName.RUN_BATCH].run(store, job.job_id, [0, 1, 2, 3, 4])
@@ -262,7 +262,7 @@ def test_a_batch_past_the_soft_time_limit_fails_with_what_to_do(
     spec, models = _spec(arrays, random_weights), ModelCache()
     store = str(tmp_path / "store")
     job = plan(store, spec, models.get(spec).info)
-    app, _ = _task_app(Runtime(TooSlow(models), MemoryCounters(), decoders=decoders), monkeypatch)
+    app, _ = _task_app(Runtime(TooSlow(models, decoders), MemoryCounters()), monkeypatch)
     result = app.tasks[TaskName.RUN_BATCH].run(store, job.job_id, [0, 1])
 
     assert result["outcomes"] == ["failed", "failed"]
@@ -284,7 +284,7 @@ def test_a_cancelled_job_sends_no_batches_on_when_a_task_is_out_of_time(
     store = str(tmp_path / "store")
     job = plan(store, spec, models.get(spec).info)
     cancel(store, job.job_id)
-    runtime = Runtime(Extraction(models), MemoryCounters(), decoders=decoders, budget_s=0.0)
+    runtime = Runtime(Extraction(models, decoders), MemoryCounters(), budget_s=0.0)
     app, sent = _task_app(runtime, monkeypatch)
 
     result = app.tasks[TaskName.RUN_BATCH].run(store, job.job_id, [0, 1, 2])

@@ -24,8 +24,7 @@ from workers.extraction.hooks import capture
 from workers.extraction.inputs import decode
 from workers.extraction.models import LoadedModel
 from workers.extraction.reduce import Reduction
-from workers.jobs import ExtractionSpec, ModelInfo
-from workers.lifecycle.plan import layouts
+from workers.jobs import ExtractionSpec, ModelInfo, stored_shape
 from workers.storage.layout import read
 from workers.storage.ledger import mark_done
 from workers.storage.rows import BatchRows, LayerRows, concat_rows, write_rows
@@ -156,11 +155,13 @@ def _fill(rows: np.ndarray, ok: np.ndarray, value: float) -> np.ndarray:
 
 def _empty_layers(info: ModelInfo, spec: ExtractionSpec, n: int) -> dict[str, LayerRows]:
     rows = {}
-    for layout in layouts(spec, info):
-        top = np.full((n, layout.shape[0]), -1, np.int32) if spec.top_k else None
-        rows[layout.name] = LayerRows(
-            np.full((n, *layout.shape), np.nan, dtype=spec.dtype),
-            np.full((n, layout.channels), np.nan, dtype=np.float32),
+    for name in spec.layers:
+        out = info.layer(name).output_shape  # checked against the catalogue at plan time
+        shape = stored_shape(out, spec)
+        top = np.full((n, shape[0]), -1, np.int32) if spec.top_k else None
+        rows[name] = LayerRows(
+            np.full((n, *shape), np.nan, dtype=spec.dtype),
+            np.full((n, out[0]), np.nan, dtype=np.float32),
             top,
         )
     return rows
@@ -259,27 +260,20 @@ class WriteBehind:
 @dataclass
 class Extraction:
     """The extractor that `workers.lifecycle.delivery.Runtime` is given in a worker: models
-    from `models`, loaded once per process. Tests override a stage in a subclass."""
+    from `models`, loaded once per process; samples decoded and chunks encoded in `pool`'s
+    threads. Tests override a stage in a subclass."""
 
     models: ModelCache
+    pool: Executor | None = None
 
-    def decode(
-        self, group: zarr.Group, spec: ExtractionSpec, batch: int, pool: Executor | None
-    ) -> Decoded:
-        return decode_batch(group, spec, self.models.get(spec).info, batch, pool)
+    def decode(self, group: zarr.Group, spec: ExtractionSpec, batch: int) -> Decoded:
+        return decode_batch(group, spec, self.models.get(spec).info, batch, self.pool)
 
     def compute(self, spec: ExtractionSpec, decoded: Decoded) -> BatchRows:
         return compute_fitting(self.models.get(spec), spec, decoded)
 
-    def store(
-        self,
-        group: zarr.Group,
-        batch: int,
-        rows: BatchRows,
-        opened: dict[str, Any] | None,
-        pool: Executor | None,
-    ) -> None:
-        store_batch(group, batch, rows, opened, pool)
+    def store(self, group: zarr.Group, batch: int, rows: BatchRows, opened: dict[str, Any]) -> None:
+        store_batch(group, batch, rows, opened, self.pool)
 
     def write_behind(self, write: Callable[[int, BatchRows], None], depth: int) -> WriteBehind:
         return WriteBehind(write, depth)

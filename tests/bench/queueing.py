@@ -337,7 +337,7 @@ def overhead(args: argparse.Namespace, tmp: Path, procs: Processes, url: str) ->
         cpu = self_cpu()
         start = time.perf_counter()
         job = plan(str(store), spec, info)
-        runtime = Runtime(Extraction(models), MemoryCounters(), local.attempt_cap, decoders)
+        runtime = Runtime(Extraction(models, decoders), MemoryCounters(), local.attempt_cap)
         for batch in range(job.n_batches):
             execute_batch(str(store), job.job_id, batch, runtime)
         seconds = time.perf_counter() - start

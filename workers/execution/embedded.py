@@ -82,7 +82,7 @@ def embedded(settings: Settings) -> Iterator[Embedded]:
     with ThreadPoolExecutor(settings.decode_threads) as pool:
         models = ModelCache(settings.device, factories=settings.factories)
         runtime = Runtime(
-            Extraction(models), MemoryCounters(), settings.attempt_cap, pool, settings.budget_s
+            Extraction(models, pool), MemoryCounters(), settings.attempt_cap, settings.budget_s
         )
         register(app, lambda: runtime, lambda: models)
 

@@ -49,10 +49,12 @@ def runtime() -> Runtime:
     # Built on the first task, in the child: Redis connections never cross a fork.
     assert settings.broker_url is not None
     return Runtime(
-        Extraction(models()),
+        Extraction(
+            models(),
+            ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="actmap-decode"),
+        ),
         RedisCounters(settings.broker_url.get_secret_value()),
         settings.attempt_cap,
-        ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="actmap-decode"),
         settings.budget_s,
         lease_s=LEASE_S,
     )

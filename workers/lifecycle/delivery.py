@@ -12,7 +12,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from concurrent.futures import Executor, Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from enum import StrEnum
 from types import TracebackType
@@ -59,13 +59,14 @@ class OpenJob:
     n_batches: int
 
 
+Opened = dict[str, Any]  # a job's arrays by name, opened once
+
+
 class Extractor(Protocol):
     """The stages of a batch, injected so that delivery needs no torch: a worker passes
     `workers.pipeline.Extraction`, a test its own."""
 
-    def decode(
-        self, group: zarr.Group, spec: ExtractionSpec, batch: int, pool: Executor | None
-    ) -> Decoded:
+    def decode(self, group: zarr.Group, spec: ExtractionSpec, batch: int) -> Decoded:
         """The batch's inputs; a bad sample gets its code, the rest go on."""
         ...
 
@@ -73,15 +74,9 @@ class Extractor(Protocol):
         """The forward pass; a `UserError` fails the batch, anything else is retried."""
         ...
 
-    def store(
-        self,
-        group: zarr.Group,
-        batch: int,
-        rows: BatchRows,
-        opened: dict[str, Any] | None,
-        pool: Executor | None,
-    ) -> None:
-        """Write the rows, then mark the batch done in the ledger."""
+    def store(self, group: zarr.Group, batch: int, rows: BatchRows, opened: Opened) -> None:
+        """Write the rows, then mark the batch done in the ledger; `opened` keeps the job's
+        arrays between batches."""
         ...
 
     def write_behind(self, write: Callable[[int, BatchRows], None], depth: int) -> WriteBehind: ...
@@ -109,7 +104,6 @@ class Runtime:
     extractor: Extractor
     counters: Counters
     attempt_cap: int = 3
-    decoders: Executor | None = None  # threads decoding a batch's samples, encoding its chunks
     # Seconds after which a task starts no batch it does not expect to finish in time; the
     # rest go to a new task, so a big task never meets its time limit.
     budget_s: float | None = None
@@ -248,11 +242,11 @@ def execute_batches(store: str, job_id: str, batches: list[int], runtime: Runtim
     extractor = runtime.extractor
 
     def write(batch: int, rows: BatchRows) -> None:
-        extractor.store(job.group, batch, rows, job.arrays, runtime.decoders)
+        extractor.store(job.group, batch, rows, job.arrays)
         complete(store, job_id, batch, runtime, n_batches=job.n_batches)
 
     def decode(batch: int) -> Decoded:
-        return extractor.decode(job.group, spec, batch, runtime.decoders)
+        return extractor.decode(job.group, spec, batch)
 
     outcomes: list[Outcome] = []
     with (
