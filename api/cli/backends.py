@@ -8,7 +8,7 @@ methods that need it, so that `import api.cli.main` stays free of torch and cele
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from workers.analysis.requests import Analysis
 from workers.errors import UserError
@@ -16,6 +16,9 @@ from workers.jobs import ExtractionSpec, poll
 from workers.lifecycle.counters import Counters
 from workers.lifecycle.state import Status, can_progress, cancel, job_page, list_jobs, status
 from workers.settings import Settings
+
+if TYPE_CHECKING:
+    from workers.lifecycle.submit import JobQueue
 
 __all__ = ["ApiBackend", "Backend", "BrokerBackend", "EmbeddedBackend", "backend_for"]
 
@@ -115,7 +118,7 @@ class BrokerBackend(_StoreReads):
 
         return make_celery(self.settings)
 
-    def _jobs(self) -> Any:
+    def _jobs(self) -> JobQueue:
         """Tasks sized for the workers on the roster now."""
         from workers.execution.celery_app import CeleryQueue
         from workers.lifecycle.counters import Roster

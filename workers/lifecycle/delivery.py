@@ -49,17 +49,17 @@ OPEN_JOBS = 4  # jobs whose arrays a worker process keeps open between tasks
 DECODE_AHEAD = 2  # batches a task decodes ahead of the one it computes
 
 
+Opened = dict[str, Any]  # a job's arrays by name, opened once
+
+
 @dataclass(frozen=True)
 class OpenJob:
     """A job's group and arrays, opened for writing once per process, not once per task:
     their metadata is fixed at plan time, and opening each is a round trip to the store."""
 
     group: zarr.Group
-    arrays: dict[str, Any]
+    arrays: Opened
     n_batches: int
-
-
-Opened = dict[str, Any]  # a job's arrays by name, opened once
 
 
 class Extractor(Protocol):
