@@ -16,11 +16,17 @@ from workers.errors import ActmapError
 from workers.extraction.cache import ModelCache
 from workers.jobs import JobState
 from workers.lifecycle.state import finalize, mark_started
-from workers.pipeline import Decoded, compute_batch, decode_batch, spec_of, store_batch
+from workers.pipeline import (
+    Decoded,
+    WriteBehind,
+    compute_batch,
+    decode_batch,
+    spec_of,
+    store_batch,
+)
 from workers.storage.layout import open_job
 from workers.storage.ledger import pending_batches
 from workers.storage.rows import BatchRows
-from workers.writer import WriteBehind
 
 __all__ = ["run_job"]
 

@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import difflib
 import secrets
+import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from enum import StrEnum
 from importlib.metadata import PackageNotFoundError, version
-from typing import Literal, Self
+from typing import Literal, Self, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -29,6 +31,7 @@ __all__ = [
     "close_matches",
     "new_id",
     "now",
+    "poll",
     "stored_shape",
 ]
 
@@ -95,6 +98,34 @@ def now() -> str:
 def new_id() -> str:
     """A job or analysis id: sortable by creation time, unique by its random tail."""
     return f"{datetime.now(UTC):%Y%m%d-%H%M%S}-{secrets.token_hex(3)}"
+
+
+T = TypeVar("T")
+
+
+def poll(
+    read: Callable[[], T],
+    done: Callable[[T], bool],
+    every: float,
+    timeout: float | None = None,
+    grow: float = 1.0,
+    most: float | None = None,
+    pause: Callable[[float], object] = time.sleep,
+) -> T:
+    """Read until `done` says so of what was read, or until `timeout` seconds have passed;
+    returns what was read last. The pause between reads is `every` seconds, multiplied by
+    `grow` after each up to `most`; `pause` may end one early (a listener woken by the
+    event waited for)."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while True:
+        found = read()
+        if done(found):
+            return found
+        left = every if deadline is None else min(every, deadline - time.monotonic())
+        if left <= 0:
+            return found
+        pause(left)
+        every = every * grow if most is None else min(every * grow, most)
 
 
 class _Frozen(BaseModel):

@@ -1,45 +1,44 @@
-"""Plan a job, run one batch, finalize: the three calls a task (or the embedded runner) makes.
-
-`run_batch` = `decode_batch` (threads) -> `compute_batch` (torch) -> `store_batch` (Zarr,
-ledger last). The stages are separate so that the runner can overlap them.
+"""Where extraction meets storage: a batch is `decode_batch` (threads) -> `compute_fitting`
+(torch, the batch halved on CUDA out-of-memory) -> `store_batch` (Zarr, ledger last),
+through a `WriteBehind` thread. The stages are separate so that delivery overlaps them;
+`Extraction` hands them to `workers.lifecycle.delivery`, which stays torch-free.
 """
 
 from __future__ import annotations
 
+import queue
+import threading
+from collections.abc import Callable
 from concurrent.futures import Executor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from types import TracebackType
 from typing import Any
 
 import numpy as np
 import torch
 import zarr
 
-from workers.errors import InputError
+from workers.errors import InputError, SampleCode
 from workers.extraction.cache import ModelCache
 from workers.extraction.hooks import capture
 from workers.extraction.inputs import decode
 from workers.extraction.models import LoadedModel
 from workers.extraction.reduce import Reduction
-from workers.jobs import ExtractionSpec, ModelInfo
-from workers.lifecycle.plan import Plan, layouts, new_job_id, plan
-from workers.lifecycle.state import finalize, summary
-from workers.storage.layout import SOURCE, open_job, read
-from workers.storage.ledger import is_done, mark_done
-from workers.storage.rows import BatchRows, LayerRows, write_rows
+from workers.jobs import ExtractionSpec, ModelInfo, stored_shape
+from workers.storage.layout import SOURCE, read
+from workers.storage.ledger import mark_done
+from workers.storage.rows import BatchRows, LayerRows, concat_rows, write_rows
 
 __all__ = [
     "Decoded",
-    "Plan",
+    "Extraction",
+    "WriteBehind",
     "compute_batch",
+    "compute_fitting",
     "decode_batch",
-    "finalize",
-    "new_job_id",
-    "plan",
-    "run_batch",
     "spec_of",
     "split_decoded",
     "store_batch",
-    "summary",
 ]
 
 
@@ -156,11 +155,13 @@ def _fill(rows: np.ndarray, ok: np.ndarray, value: float) -> np.ndarray:
 
 def _empty_layers(info: ModelInfo, spec: ExtractionSpec, n: int) -> dict[str, LayerRows]:
     rows = {}
-    for layout in layouts(spec, info):
-        top = np.full((n, layout.shape[0]), -1, np.int32) if spec.top_k else None
-        rows[layout.name] = LayerRows(
-            np.full((n, *layout.shape), np.nan, dtype=spec.dtype),
-            np.full((n, layout.channels), np.nan, dtype=np.float32),
+    for name in spec.layers:
+        out = info.layer(name).output_shape  # checked against the catalogue at plan time
+        shape = stored_shape(out, spec)
+        top = np.full((n, shape[0]), -1, np.int32) if spec.top_k else None
+        rows[name] = LayerRows(
+            np.full((n, *shape), np.nan, dtype=spec.dtype),
+            np.full((n, out[0]), np.nan, dtype=np.float32),
             top,
         )
     return rows
@@ -181,13 +182,98 @@ def store_batch(
     mark_done(group, batch, opened)
 
 
-def run_batch(store: str, job_id: str, batch: int, models: ModelCache) -> bool:
-    """Run batch `batch` of the job unless the ledger has it. Returns whether it ran."""
-    group = open_job(store, job_id)
-    if is_done(group, batch):
-        return False
-    spec = spec_of(group)
-    model = models.get(spec)
-    decoded = decode_batch(group, spec, model.info, batch)
-    store_batch(group, batch, compute_batch(model, spec, decoded))
-    return True
+def compute_fitting(model: LoadedModel, spec: ExtractionSpec, decoded: Decoded) -> BatchRows:
+    """compute_batch, halving the batch on CUDA out-of-memory down to one sample; a sample
+    that alone does not fit becomes a sample error."""
+    try:
+        return compute_batch(model, spec, decoded)
+    except torch.OutOfMemoryError:
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        n = len(decoded.codes)
+        if n == 1:  # recorded as a sample error; compute_batch skips the forward for it
+            alone = replace(
+                decoded,
+                codes=np.full(1, SampleCode.COMPUTE, np.int16),
+                messages=["out of GPU memory even alone; lower --batch-size or --max-size"],
+            )
+            return compute_batch(model, spec, alone)
+        first, second = split_decoded(decoded, n // 2)
+        return concat_rows(
+            compute_fitting(model, spec, first), compute_fitting(model, spec, second)
+        )
+
+
+class WriteBehind:
+    """`put` hands a batch to the writer thread, blocking while `depth` wait. Leaving the
+    block waits for every write and re-raises the first error the writer met."""
+
+    def __init__(self, write: Callable[[int, BatchRows], None], depth: int = 2) -> None:
+        self._write = write
+        self._queue: queue.Queue[tuple[int, BatchRows] | None] = queue.Queue(maxsize=depth)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._loop, name="actmap-writer", daemon=True)
+
+    def __enter__(self) -> WriteBehind:
+        self._thread.start()
+        return self
+
+    def _loop(self) -> None:
+        while (item := self._queue.get()) is not None:
+            try:
+                if self._error is None:  # after a failure, drain without writing
+                    self._write(*item)
+            except BaseException as exc:  # re-raised in the caller's thread
+                self._error = exc
+            finally:
+                self._queue.task_done()
+
+    def put(self, batch: int, rows: BatchRows) -> None:
+        if self._error is not None:
+            raise self._error
+        self._queue.put((batch, rows))
+
+    def flush(self) -> None:
+        """Wait until every batch put so far is written."""
+        self._queue.join()
+        if self._error is not None:
+            raise self._error
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        trace: TracebackType | None,
+    ) -> None:
+        self._queue.put(None)
+        try:
+            self._thread.join()
+        except BaseException:
+            # Raised into this thread while it waits (Celery's soft time limit): the caller
+            # may give up these batches next, so no write may still be going on behind it.
+            self._thread.join()
+            raise
+        if self._error is not None and error is None:
+            raise self._error
+
+
+@dataclass
+class Extraction:
+    """The extractor that `workers.lifecycle.delivery.Runtime` is given in a worker: models
+    from `models`, loaded once per process; samples decoded and chunks encoded in `pool`'s
+    threads. Tests override a stage in a subclass."""
+
+    models: ModelCache
+    pool: Executor | None = None
+
+    def decode(self, group: zarr.Group, spec: ExtractionSpec, batch: int) -> Decoded:
+        return decode_batch(group, spec, self.models.get(spec).info, batch, self.pool)
+
+    def compute(self, spec: ExtractionSpec, decoded: Decoded) -> BatchRows:
+        return compute_fitting(self.models.get(spec), spec, decoded)
+
+    def store(self, group: zarr.Group, batch: int, rows: BatchRows, opened: dict[str, Any]) -> None:
+        store_batch(group, batch, rows, opened, self.pool)
+
+    def write_behind(self, write: Callable[[int, BatchRows], None], depth: int) -> WriteBehind:
+        return WriteBehind(write, depth)

@@ -7,15 +7,18 @@ methods that need it, so that `import api.cli.main` stays free of torch and cele
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
-from typing import Any, Protocol
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Protocol
 
 from workers.analysis.requests import Analysis
 from workers.errors import UserError
-from workers.jobs import AnalysisKind, ExtractionSpec
+from workers.jobs import AnalysisKind, ExtractionSpec, poll
 from workers.lifecycle.counters import Counters
 from workers.lifecycle.state import Status, can_progress, cancel, job_page, list_jobs, status
 from workers.settings import Settings
+
+if TYPE_CHECKING:
+    from workers.lifecycle.submit import JobQueue
 
 __all__ = ["ApiBackend", "Backend", "BrokerBackend", "EmbeddedBackend", "backend_for"]
 
@@ -25,6 +28,7 @@ AnalysisProgress = Callable[[Analysis], None]
 Page = tuple[list[Status], str | None]  # a page of jobs and the next page's cursor
 # The tenant of analyses sent straight to the store (embedded, broker): a trusted caller.
 _LOCAL = "local"
+_POLL_S = 0.2  # how often a wait through the API asks again
 
 
 class Backend(Protocol):
@@ -70,7 +74,7 @@ class EmbeddedBackend(_StoreReads):
         self.settings = settings
         self.store = store
 
-    def scan(self, spec: ExtractionSpec, wait: bool, on_plan: OnPlan, progress: Progress) -> Status:
+    def scan(self, spec: ExtractionSpec, wait: bool, on_plan: OnPlan, progress: Progress) -> Status:  # noqa: ARG002 (the signature the caller requires)
         from workers.execution import embedded
 
         return embedded.scan(spec, self.store, self.settings, on_plan, progress)
@@ -80,7 +84,7 @@ class EmbeddedBackend(_StoreReads):
 
         return wait(self.store, job_id, None, progress)
 
-    def resume(self, job_id: str, wait: bool, progress: Progress) -> Status:
+    def resume(self, job_id: str, wait: bool, progress: Progress) -> Status:  # noqa: ARG002 (the signature the caller requires)
         from workers.execution import embedded
 
         return embedded.resume(self.store, job_id, self.settings, progress)
@@ -92,7 +96,7 @@ class EmbeddedBackend(_StoreReads):
         from workers.execution import embedded
 
         with embedded.embedded(self.settings) as local:
-            analysis_id = submit(_sender(local.app), self.store, kind, params, _LOCAL)
+            analysis_id = submit(local.jobs.send, self.store, kind, params, _LOCAL)
             return wait(self.store, analysis_id, progress, local.thread.is_alive)
 
 
@@ -116,14 +120,12 @@ class BrokerBackend(_StoreReads):
 
         return make_celery(self.settings)
 
-    def _enqueue(self, job_id: str, batches: Iterable[int], queue: str) -> None:
-        """Tasks sized for the workers on `queue` now."""
-        from workers.execution.roster import Roster
-        from workers.lifecycle.state import enqueue
+    def _jobs(self) -> JobQueue:
+        """Tasks sized for the workers on the roster now."""
+        from workers.execution.celery_app import CeleryQueue
+        from workers.lifecycle.counters import Roster
 
-        workers = Roster(self._url).size(queue)
-        cap = self.settings.batches_per_task
-        enqueue(self._app(), self.store, job_id, batches, queue, workers=workers, cap=cap)
+        return CeleryQueue(self._app(), Roster(self._url).size)
 
     def scan(self, spec: ExtractionSpec, wait: bool, on_plan: OnPlan, progress: Progress) -> Status:
         from api.broker import RedisBroker
@@ -132,7 +134,8 @@ class BrokerBackend(_StoreReads):
 
         info = catalogue(spec.model, spec.weights, spec.preprocessing, self.settings)
         keys = RedisBroker(self._url, self._app())
-        job = submit(self.store, spec, info, self._enqueue, keys=keys)
+        cap = self.settings.batches_per_task
+        job = submit(self.store, spec, info, self._jobs(), cap=cap, keys=keys)
         on_plan(job)
         return self.wait(job.job_id, progress) if wait else self.status(job.job_id)
 
@@ -142,10 +145,10 @@ class BrokerBackend(_StoreReads):
         return wait(self.store, job_id, self._counters(), progress)
 
     def resume(self, job_id: str, wait: bool, progress: Progress) -> Status:
-        from workers.lifecycle.state import queue_of, resume_batches
+        from workers.lifecycle.submit import resume
 
-        missing = resume_batches(self.store, job_id, self._counters())
-        self._enqueue(job_id, missing, queue_of(self.store, job_id))
+        cap = self.settings.batches_per_task
+        resume(self._jobs(), self.store, job_id, cap, self._counters())
         return self.wait(job_id, progress) if wait else self.status(job_id)
 
     def analyse(
@@ -153,17 +156,8 @@ class BrokerBackend(_StoreReads):
     ) -> Analysis:
         from workers.analysis.requests import submit, wait
 
-        analysis_id = submit(_sender(self._app()), self.store, kind, params, _LOCAL)
+        analysis_id = submit(self._jobs().send, self.store, kind, params, _LOCAL)
         return wait(self.store, analysis_id, progress)
-
-
-def _sender(app: Any) -> Callable[[str, list[Any], str], None]:
-    """Send by task name, as the API's broker does; the result is read from the store."""
-
-    def send(task: str, args: list[Any], queue: str) -> None:
-        app.send_task(task, args=args, queue=queue, ignore_result=True)
-
-    return send
 
 
 class ApiBackend:
@@ -223,14 +217,12 @@ class ApiBackend:
         return [self._status(j) for j in found], after
 
     def wait(self, job_id: str, progress: Progress) -> Status:
-        import time
-
-        while True:
+        def read() -> Status:
             current = self.status(job_id)
             progress(current)
-            if not can_progress(current):
-                return current
-            time.sleep(0.2)
+            return current
+
+        return poll(read, lambda s: not can_progress(s), _POLL_S)
 
     def cancel(self, job_id: str) -> Status:
         return self._status(self.client.job(job_id).cancel())
@@ -242,19 +234,21 @@ class ApiBackend:
     def analyse(
         self, kind: AnalysisKind, params: dict[str, Any], progress: AnalysisProgress
     ) -> Analysis:
-        import time
+        found = [self.client.request("POST", f"/v1/analyses/{_ROUTES[kind]}", json=params).json()]
 
-        found = self.client.request("POST", f"/v1/analyses/{_ROUTES[kind]}", json=params).json()
-        while True:
+        def read() -> Analysis:
+            if not found:  # after the answer to the POST, the analysis as it is now
+                found.append(self.client.request("GET", f"/v1/analyses/{analysis_id}").json())
+            got = found.pop()
             current = Analysis(
-                found["analysis_id"], found["kind"], found["state"], reason=found.get("reason"),
-                summary=found.get("summary") or {},
+                got["analysis_id"], got["kind"], got["state"], reason=got.get("reason"),
+                summary=got.get("summary") or {},
             )  # fmt: skip
             progress(current)
-            if not current.pending:
-                return current
-            time.sleep(0.2)
-            found = self.client.request("GET", f"/v1/analyses/{current.analysis_id}").json()
+            return current
+
+        analysis_id = found[0]["analysis_id"]
+        return poll(read, lambda a: not a.pending, _POLL_S)
 
 
 # The API's route for each analysis kind.

@@ -280,7 +280,7 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
     from api.broker import RedisBroker
     from api.logs import configure
     from workers.execution.celery_app import make_celery
-    from workers.execution.roster import Roster
+    from workers.lifecycle.counters import Roster
 
     if settings.broker_url is None:
         raise UserError("the API needs ACTMAP_BROKER_URL: it sends tasks to the workers")

@@ -4,7 +4,6 @@ one place here where a job's batches are sent as tasks."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
 from contextlib import AbstractContextManager
 from typing import Annotated, Any
 
@@ -15,7 +14,6 @@ from fastapi.responses import Response
 
 from api.deps import (
     OwnedJob,
-    Services,
     ServicesDep,
     TenantDep,
     analysis_of,
@@ -35,12 +33,11 @@ from workers.jobs import (
     AnalysisState,
     ExtractionSpec,
     JobState,
-    TaskName,
     close_matches,
 )
-from workers.lifecycle.plan import new_job_id, plan
-from workers.lifecycle.state import Status, job_page, queue_of, resume_batches, status, task_groups
+from workers.lifecycle.state import Status, job_page, status
 from workers.lifecycle.state import cancel as cancel_job
+from workers.lifecycle.submit import resume as resume_job
 from workers.lifecycle.submit import submit
 from workers.storage.layout import ERROR_CODE, ERROR_MESSAGE, SAMPLE, attrs, open_job, read
 from workers.storage.registry import Registry
@@ -49,12 +46,6 @@ __all__ = ["router"]
 
 router = APIRouter(prefix="/v1", responses=PROBLEMS)
 log = logging.getLogger("actmap.api")
-
-
-def _send_batches(services: Services, job_id: str, batches: Iterable[int], queue: str) -> None:
-    cap = services.settings.batches_per_task
-    for group in task_groups(batches, services.broker.workers(queue), cap):
-        services.broker.send(TaskName.RUN_BATCH, [services.store, job_id, group], queue)
 
 
 @router.post("/jobs/extractions", status_code=202, response_model=Accepted)
@@ -95,13 +86,11 @@ def submit_extraction(
         already acknowledged (or half-done) is not a new job and skips it."""
         return job_slot(services, tenant)
 
-    def send(job_id: str, batches: list[int], queue: str) -> None:
-        _send_batches(services, job_id, batches, queue)
-
     # Unavailable and Busy (the broker, an idempotency key held) answer 503: api/problems.py.
     job = submit(
-        services.store, spec, record.catalogue, send,
-        sources=sources, keys=services.broker, key=key, admit=admit,
+        services.store, spec, record.catalogue, services.broker,
+        cap=services.settings.batches_per_task, sources=sources, keys=services.broker, key=key,
+        admit=admit,
     )  # fmt: skip
     current = status(services.store, job.job_id)
     log.info(
@@ -138,13 +127,16 @@ def screenings(services: ServicesDep, tenant: TenantDep, body: ScreeningRequest)
     catalogue = Registry(services.store).get(tenant.name, str(spec.get("model_id"))).catalogue
     if catalogue is None:
         raise SpecError("the profile's model is no longer registered")
-    job_id = new_job_id()
     sources = checked_sources(services, tenant, screening.inputs)
     samples_quota(tenant, len(sources))
-    with job_slot(services, tenant):
-        job = plan(services.store, screening, catalogue, job_id, sources)
-    _send_batches(services, job_id, range(job.n_batches), "screen")
-    return Accepted(job_id=job_id, state=JobState.QUEUED, n_samples=job.n_samples, queue="screen")
+    job = submit(
+        services.store, screening, catalogue, services.broker,
+        cap=services.settings.batches_per_task, sources=sources,
+        admit=lambda: job_slot(services, tenant),
+    )  # fmt: skip
+    return Accepted(
+        job_id=job.job_id, state=JobState.QUEUED, n_samples=job.n_samples, queue="screen"
+    )
 
 
 def _spec_layers(summary: dict[str, object]) -> list[dict[str, Any]]:
@@ -215,8 +207,8 @@ def cancel(services: ServicesDep, tenant: TenantDep, job_id: str) -> JobOut:
 
 @router.post("/jobs/{job_id}/resume", response_model=JobOut, dependencies=[Depends(owned_job)])
 def resume(services: ServicesDep, tenant: TenantDep, job_id: str) -> JobOut:
-    missing = resume_batches(services.store, job_id, services.broker.counters())
-    _send_batches(services, job_id, missing, queue_of(services.store, job_id))
+    cap, counters = services.settings.batches_per_task, services.broker.counters()
+    missing = resume_job(services.broker, services.store, job_id, cap, counters)
     log.info("resumed %d batches", len(missing), extra={"job_id": job_id, "tenant": tenant.name})
     group = open_job(services.store, job_id, mode="r")
     return _job_out(group, status(services.store, job_id))

@@ -30,7 +30,7 @@ from workers.demo.digits import PREPROCESSING, WEIGHTS, DigitsNet
 from workers.errors import JobError, LayerError, SpecError
 from workers.extraction.cache import ModelCache
 from workers.jobs import ExtractionSpec
-from workers.pipeline import plan
+from workers.lifecycle.plan import plan
 from workers.storage.analyses import open_analysis
 from workers.storage.layout import attrs, open_job, read
 from workers.storage.stored_job import Selection

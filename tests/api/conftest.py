@@ -21,6 +21,7 @@ from workers.extraction.cache import ModelCache
 from workers.jobs import TaskName
 from workers.lifecycle.counters import Counters, MemoryCounters
 from workers.lifecycle.delivery import Runtime, execute_batches
+from workers.pipeline import Extraction
 from workers.settings import Settings
 
 FACTORY = "workers.demo.digits:digits_cnn"
@@ -57,7 +58,9 @@ class Api:
 
 
 def _inline(settings: Settings, counters: Counters | None = None) -> Any:
-    runtime = Runtime(ModelCache(factories=settings.factories), counters or MemoryCounters())
+    runtime = Runtime(
+        Extraction(ModelCache(factories=settings.factories)), counters or MemoryCounters()
+    )
 
     def run(task: str, args: list[Any]) -> None:
         if task == TaskName.REGISTER_MODEL:

@@ -82,7 +82,8 @@ from workers.execution.embedded import scan  # noqa: E402
 from workers.extraction.cache import ModelCache  # noqa: E402
 from workers.extraction.inputs import decode  # noqa: E402
 from workers.jobs import ExtractionSpec, Preprocessing  # noqa: E402
-from workers.pipeline import compute_batch, decode_batch, plan, spec_of, store_batch  # noqa: E402
+from workers.lifecycle.plan import plan  # noqa: E402
+from workers.pipeline import compute_batch, decode_batch, spec_of, store_batch  # noqa: E402
 from workers.settings import Settings  # noqa: E402
 from workers.storage.layout import open_job  # noqa: E402
 

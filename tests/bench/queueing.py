@@ -19,9 +19,8 @@ script itself be killed). Worker logs and the stores go to a temporary directory
    worker child's model load), then the methods interleaved A B C D A B C D ...:
    - in-process: `workers.pipeline.plan` + `tests.oracle.run_job`, the pipelined runner
                  (decode ahead, writes behind);
-   - redis:      plan + `workers.lifecycle.state.enqueue` + `workers.lifecycle.state.wait` (the
-   store read
-                 once a second; the finalizing task's announcement, a Redis pub/sub
+   - redis:      plan + `workers.lifecycle.submit.send_batches` + `workers.lifecycle.state.wait`
+                 (the store read once a second; the finalizing task's announcement, a Redis pub/sub
                  message, ends the wait) against one real worker process started with the
                  command `actmap worker --cpu 1` runs (`workers.execution.launcher.command`:
                  prefork,
@@ -49,8 +48,8 @@ script itself be killed). Worker logs and the stores go to a temporary directory
    (a job's start, the first tasks' enqueue and pickup, is a fixed cost: at 1 s it was 5 to
    10% of N=64), and polls the job's done set every 5 ms; achieved = M / (first enqueue to
    last done), ideal = N / sleep. Where N is in `--compare-at` three enqueue variants run
-   interleaved: "as is" (`workers.lifecycle.state.enqueue` cutting tasks for the workers on the
-   roster, as the CLI and API send), "one per task" and "pre-filled" (the queue filled
+   interleaved: "as is" (`workers.lifecycle.submit.send_batches` cutting tasks for the workers
+   on the roster, as the CLI and API send), "one per task" and "pre-filled" (the queue filled
    while the workers are told not to consume, the clock started when they resume: the
    submitter out of the loop). `--control-sleep` reruns the largest N with a longer sleep,
    so that the workers' own CPU stays well inside this machine's. Redis commands per batch
@@ -99,17 +98,22 @@ from celery._state import _set_task_join_will_block  # noqa: E402
 from pydantic import SecretStr  # noqa: E402
 
 from tests.oracle import run_job  # noqa: E402
-from workers.execution.celery_app import make_celery  # noqa: E402
+from workers.execution.celery_app import CeleryQueue, make_celery  # noqa: E402
 from workers.execution.embedded import scan  # noqa: E402
 from workers.execution.launcher import command  # noqa: E402
-from workers.execution.roster import Roster  # noqa: E402
 from workers.execution.slots import Slot  # noqa: E402
 from workers.extraction.cache import ModelCache  # noqa: E402
 from workers.jobs import ExtractionSpec  # noqa: E402
-from workers.lifecycle.counters import MemoryCounters, RedisCounters  # noqa: E402
+from workers.lifecycle.counters import (  # noqa: E402
+    MemoryCounters,
+    RedisCounters,
+    Roster,
+)
 from workers.lifecycle.delivery import Runtime, execute_batch  # noqa: E402
-from workers.lifecycle.state import enqueue, wait  # noqa: E402
-from workers.pipeline import plan  # noqa: E402
+from workers.lifecycle.plan import plan  # noqa: E402
+from workers.lifecycle.state import wait  # noqa: E402
+from workers.lifecycle.submit import send_batches  # noqa: E402
+from workers.pipeline import Extraction  # noqa: E402
 from workers.settings import Settings  # noqa: E402
 from workers.storage.layout import attrs, open_job  # noqa: E402
 
@@ -337,7 +341,7 @@ def overhead(args: argparse.Namespace, tmp: Path, procs: Processes, url: str) ->
         cpu = self_cpu()
         start = time.perf_counter()
         job = plan(str(store), spec, info)
-        runtime = Runtime(models, MemoryCounters(), local.attempt_cap, decoders)
+        runtime = Runtime(Extraction(models, decoders), MemoryCounters(), local.attempt_cap)
         for batch in range(job.n_batches):
             execute_batch(str(store), job.job_id, batch, runtime)
         seconds = time.perf_counter() - start
@@ -440,11 +444,16 @@ Enqueue = Callable[[Any, str, str, Iterable[int]], int]
 
 
 def enqueue_sized(app: Any, store: str, job_id: str, batches: Iterable[int]) -> int:
-    """`workers.lifecycle.state.enqueue` as the CLI and the API call it: tasks of consecutive
-    batches cut by `workers.lifecycle.state.task_groups` for the workers on the roster (at most
-    `ACTMAP_BATCHES_PER_TASK` to a task)."""
-    workers = Roster(app.conf.broker_url).size("extract")
-    return enqueue(app, store, job_id, batches, "extract", workers, Settings().batches_per_task)
+    """`workers.lifecycle.submit.send_batches` as the CLI and the API call it: tasks of
+    consecutive batches cut by `workers.lifecycle.submit.task_groups` for the workers on the
+    roster (at most `ACTMAP_BATCHES_PER_TASK` to a task)."""
+    jobs = CeleryQueue(app, Roster(app.conf.broker_url).size)
+    return send_batches(jobs, store, job_id, batches, "extract", Settings().batches_per_task)
+
+
+def enqueue(app: Any, store: str, job_id: str, batches: Iterable[int]) -> int:
+    """One batch to a task."""
+    return send_batches(CeleryQueue(app), store, job_id, batches, "extract", 1)
 
 
 @dataclass(frozen=True)
@@ -628,8 +637,8 @@ def print_scaling(result: Scaling) -> None:
             f"{r.submit_cpu / r.batches * 1e3:>6.2f} | {cpu / r.batches * ideal:>9.2f} of {cores}"
         )
     print(
-        "  as is: workers.lifecycle.state.enqueue, tasks cut for the workers on the roster; one "
-        "per\n"
+        "  as is: workers.lifecycle.submit.send_batches, tasks cut for the workers on the roster; "
+        "one per\n"
         "  task: a task for each batch; pre-filled: as is, but the queue is filled while the\n"
         "  workers do not consume and the clock starts when they resume (the submitter out of\n"
         "  the loop).\n"

@@ -29,9 +29,9 @@ from celery import Task
 from celery.signals import worker_ready, worker_shutdown
 
 from workers.execution.celery_app import make_celery
-from workers.execution.roster import Roster, member
+from workers.execution.roster import member
 from workers.jobs import TaskName
-from workers.lifecycle.counters import RedisCounters
+from workers.lifecycle.counters import RedisCounters, Roster
 from workers.settings import Settings
 
 __all__ = ["app"]

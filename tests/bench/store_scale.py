@@ -68,9 +68,13 @@ from tests.bench.api import (  # noqa: E402
 )
 from tests.oracle import run_job  # noqa: E402
 from workers.extraction.cache import ModelCache  # noqa: E402
-from workers.jobs import ExtractionSpec  # noqa: E402
-from workers.lifecycle.plan import new_job_id, plan  # noqa: E402
-from workers.lifecycle.state import now, status  # noqa: E402
+from workers.jobs import (  # noqa: E402
+    ExtractionSpec,  # noqa: E402
+    new_id,
+    now,
+)
+from workers.lifecycle.plan import plan  # noqa: E402
+from workers.lifecycle.state import status  # noqa: E402
 from workers.storage.consolidate import publish  # noqa: E402
 from workers.storage.objects import filesystem, get_json, put_json  # noqa: E402
 
@@ -92,7 +96,7 @@ class Filler:
 
     def add(self, n: int) -> None:
         for _ in range(n):
-            job_id = new_job_id()
+            job_id = new_id()
             src, dst = f"{self.root}/jobs/{self.template}", f"{self.root}/jobs/{job_id}"
             if self.fs.exists(dst):
                 continue  # the same second and random suffix: draw again next round

@@ -11,9 +11,8 @@ from dataclasses import dataclass
 
 import pytest
 
-from workers.execution.roster import Roster
 from workers.jobs import new_id
-from workers.lifecycle.counters import Counters, MemoryCounters, RedisCounters, Stall
+from workers.lifecycle.counters import Counters, MemoryCounters, RedisCounters, Roster, Stall
 
 
 @dataclass

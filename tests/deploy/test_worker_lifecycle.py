@@ -13,12 +13,13 @@ from tests.deploy.conftest import Started, start_worker, stop
 from tests.deploy.manifests import Worker, compose_worker, k8s_worker, kubectl
 from tests.integration.conftest import RedisServer, assert_same_job, until
 from tests.oracle import run_job
-from workers.execution.celery_app import make_celery
+from workers.execution.celery_app import CeleryQueue, make_celery
 from workers.extraction.cache import ModelCache
 from workers.jobs import ExtractionSpec, JobState
 from workers.lifecycle.counters import RedisCounters
-from workers.lifecycle.state import enqueue, status
-from workers.pipeline import Plan, plan
+from workers.lifecycle.plan import Plan, plan
+from workers.lifecycle.state import status
+from workers.lifecycle.submit import send_batches
 from workers.settings import Settings
 
 pytestmark = pytest.mark.integration
@@ -54,7 +55,8 @@ def _submit(redis: RedisServer, store: Path, spec: ExtractionSpec) -> Plan:
     models = ModelCache()
     job = plan(str(store), spec, models.get(spec).info)
     settings = Settings(broker_url=redis.url, store=str(store))  # type: ignore[arg-type]
-    enqueue(make_celery(settings), str(store), job.job_id, range(job.n_batches), cap=PER_TASK)
+    jobs = CeleryQueue(make_celery(settings))
+    send_batches(jobs, str(store), job.job_id, range(job.n_batches), "extract", PER_TASK)
     return job
 
 

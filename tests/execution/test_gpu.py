@@ -14,10 +14,10 @@ import torch
 from tests.conftest import write_arrays
 from workers.errors import SampleCode, UserError
 from workers.execution.launcher import command
-from workers.execution.slots import Slot, compute_fitting, list_gpus, slots
+from workers.execution.slots import Slot, list_gpus, slots
 from workers.extraction.models import LoadedModel
 from workers.jobs import ExtractionSpec
-from workers.pipeline import Decoded, compute_batch
+from workers.pipeline import Decoded, compute_batch, compute_fitting
 
 ROOT = Path(__file__).parents[2]
 

@@ -12,7 +12,8 @@ import torch
 from tests.oracle import run_job
 from workers.extraction.cache import ModelCache
 from workers.jobs import ExtractionSpec
-from workers.pipeline import Decoded, compute_batch, plan
+from workers.lifecycle.plan import plan
+from workers.pipeline import Decoded, compute_batch
 from workers.storage.layout import open_job, read
 
 pytestmark = [
@@ -57,7 +58,7 @@ def test_device_results_reach_the_host_through_pinned_buffers() -> None:
 
 
 def test_a_batch_too_large_for_the_gpu_is_split_not_lost() -> None:
-    from workers.execution.slots import compute_fitting
+    from workers.pipeline import compute_fitting
 
     models = ModelCache("cuda:0")
     spec = _spec(max_size=None)

@@ -12,7 +12,7 @@ from tests.oracle import run_job
 from workers.analysis.requests import describe
 from workers.extraction.cache import ModelCache
 from workers.jobs import ExtractionSpec
-from workers.pipeline import plan
+from workers.lifecycle.plan import plan
 from workers.storage.analyses import analysis_ids
 
 SAMPLES = ROOT / "workers" / "demo" / "samples"

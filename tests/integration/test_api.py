@@ -21,7 +21,7 @@ from tests.oracle import run_job
 from workers.demo.digits import WEIGHTS
 from workers.extraction.cache import ModelCache
 from workers.jobs import ExtractionSpec
-from workers.pipeline import plan
+from workers.lifecycle.plan import plan
 from workers.storage.layout import open_job, read
 
 FACTORY = "workers.demo.digits:digits_cnn"

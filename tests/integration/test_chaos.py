@@ -33,8 +33,8 @@ from tests.oracle import run_job
 from workers.demo.digits import WEIGHTS
 from workers.extraction.cache import ModelCache
 from workers.jobs import ExtractionSpec, JobState
+from workers.lifecycle.plan import plan
 from workers.lifecycle.state import status
-from workers.pipeline import plan
 from workers.storage.layout import open_job, read
 
 pytestmark = pytest.mark.integration

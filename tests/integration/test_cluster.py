@@ -14,10 +14,12 @@ from tests.integration.conftest import ROOT, Cluster, RedisServer, assert_same_j
 from tests.integration.poison_model import POISON
 from tests.oracle import run_job
 from workers.errors import SampleCode
+from workers.execution.celery_app import CeleryQueue
 from workers.extraction.cache import ModelCache
 from workers.jobs import ExtractionSpec
-from workers.lifecycle.state import enqueue, prepare_resume, resume_batches, status
-from workers.pipeline import Plan, plan
+from workers.lifecycle.plan import Plan, plan
+from workers.lifecycle.state import prepare_resume, resume_batches, status
+from workers.lifecycle.submit import send_batches
 from workers.storage.layout import open_job, read
 
 MODEL = "tests.integration.poison_model:poison_net"
@@ -59,7 +61,8 @@ def _reference(store: Path, spec: ExtractionSpec, models: ModelCache) -> str:
 
 def _submit(cluster: Cluster, spec: ExtractionSpec, models: ModelCache, per_task: int = 1) -> Plan:
     job = plan(cluster.store, spec, models.get(spec).info)
-    enqueue(cluster.app(), cluster.store, job.job_id, range(job.n_batches), cap=per_task)
+    jobs = CeleryQueue(cluster.app())
+    send_batches(jobs, cluster.store, job.job_id, range(job.n_batches), "extract", per_task)
     return job
 
 
@@ -167,7 +170,8 @@ def test_redis_restarted_mid_job_loses_nothing(
     client = durable_redis.client()
     until(lambda: client.llen("extract") == 0, 180, "the queue to drain after the restart")
     missing = resume_batches(durable_cluster.store, job.job_id, durable_cluster.counters())
-    enqueue(durable_cluster.app(), durable_cluster.store, job.job_id, missing)
+    jobs = CeleryQueue(durable_cluster.app())
+    send_batches(jobs, durable_cluster.store, job.job_id, missing, "extract", 1)
     result = durable_cluster.wait(job.job_id)
     assert result.state == "succeeded"
     assert_same_job(durable_cluster.store, job.job_id, str(tmp_path / "ref"), ref, LAYERS)
@@ -204,7 +208,7 @@ def test_cancel_stops_at_a_batch_boundary_and_resume_runs_exactly_the_missing_ba
 
     missing = prepare_resume(cluster.store, job.job_id, cluster.counters())
     assert missing == [int(b) for b in np.flatnonzero(~ledger)]
-    enqueue(cluster.app(), cluster.store, job.job_id, missing)
+    send_batches(CeleryQueue(cluster.app()), cluster.store, job.job_id, missing, "extract", 1)
     result = cluster.wait(job.job_id)
     assert result.state == "succeeded"
     after = _chunk_times(cluster.store, job.job_id)
@@ -219,9 +223,9 @@ def test_the_same_batch_delivered_twice_at_once_leaves_identical_bytes(
     ref = _reference(tmp_path / "ref", spec, models)
     cluster.start(workers=2)
     job = plan(cluster.store, spec, models.get(spec).info)
-    app = cluster.app()
+    jobs = CeleryQueue(cluster.app())
     for batch in range(job.n_batches):  # each batch twice, back to back: both workers take one
-        enqueue(app, cluster.store, job.job_id, [batch, batch])
+        send_batches(jobs, cluster.store, job.job_id, [batch, batch], "extract", 1)
     result = cluster.wait(job.job_id)
     assert result.state == "succeeded"
     until(lambda: _drained(cluster), 120, "every task to be taken and acknowledged")

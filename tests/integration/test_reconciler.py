@@ -12,15 +12,25 @@ import pytest
 
 from tests.integration.conftest import RedisServer
 from tests.integration.test_cluster import _inputs, _spec
-from workers.execution.celery_app import make_celery
+from workers.execution.celery_app import CeleryQueue, make_celery
 from workers.extraction.cache import ModelCache
 from workers.lifecycle.counters import RedisCounters
 from workers.lifecycle.reconciler import LEASE, Reconciler
-from workers.lifecycle.state import enqueue, status
-from workers.lifecycle.submit import submit
+from workers.lifecycle.state import status
+from workers.lifecycle.submit import send_batches, submit
 from workers.settings import Settings
 
 pytestmark = pytest.mark.integration
+
+
+class _Lost:
+    """A broker that loses every task it is sent (a restart before a worker took them)."""
+
+    def send(self, task: str, args: list[Any], queue: str) -> None:
+        pass
+
+    def workers(self, queue: str) -> int:  # noqa: ARG002 (the signature the caller requires)
+        return 1
 
 
 def test_a_pass_resends_only_uncovered_batches_after_the_bound(
@@ -30,9 +40,8 @@ def test_a_pass_resends_only_uncovered_batches_after_the_bound(
     spec = _spec(_inputs(tmp_path / "x", 40), 4)  # 10 batches
     info = ModelCache().get(spec).info
     app = make_celery(Settings(broker_url=redis_server.url, store=store))  # type: ignore[arg-type]
-    lost: list[Any] = []
-    job = submit(store, spec, info, lambda *sent: lost.append(sent))  # the broker lost them
-    enqueue(app, store, job.job_id, [0, 1, 2])  # these are queued after all
+    job = submit(store, spec, info, _Lost(), cap=1)  # the broker lost them
+    send_batches(CeleryQueue(app), store, job.job_id, [0, 1, 2], "extract", 1)  # queued after all
     counters = RedisCounters(redis_server.url, period=1)
     counters.hold(job.job_id, [3, 4], time.time() + 60)  # a live worker runs these
     counters.hold(job.job_id, [5], time.time() - 1)  # a dead one held this

@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 
 from tests.integration.conftest import Cluster, RedisServer, until
-from workers.execution.roster import FRESH_S, Roster
+from workers.lifecycle.counters import FRESH_S, Roster
 
 
 def test_worker_children_check_in_on_their_queues_and_out_when_stopped(

@@ -14,21 +14,20 @@ import pytest
 from celery import Celery
 from celery.exceptions import SoftTimeLimitExceeded
 
-import workers.lifecycle.delivery
 from tests.conftest import FACTORY
 from tests.oracle import run_job
-from workers import pipeline
 from workers.errors import SampleCode
-from workers.execution import slots as gpu
 from workers.execution.tasks import register
 from workers.extraction.cache import ModelCache
 from workers.jobs import ExtractionSpec, TaskName
 from workers.lifecycle.counters import MemoryCounters
 from workers.lifecycle.delivery import OPEN_JOBS, Outcome, Runtime, execute_batches
+from workers.lifecycle.plan import plan
 from workers.lifecycle.state import cancel
-from workers.pipeline import Decoded, plan
+from workers.pipeline import Decoded, Extraction
 from workers.storage.layout import open_job, read
 from workers.storage.ledger import done_batches
+from workers.storage.rows import BatchRows
 
 LAYERS = ("conv1", "block2.conv2", "fc")
 DEADLINE_S = 30.0
@@ -69,12 +68,48 @@ def _task_app(runtime: Runtime, monkeypatch: pytest.MonkeyPatch) -> tuple[Celery
     on is recorded, not published."""
     app = Celery("test", set_as_current=False)
     app.conf.task_soft_time_limit = 540
-    register(app, lambda: runtime)
+    register(app, lambda: runtime, lambda: runtime_models(runtime))
     sent: Sent = []
     monkeypatch.setattr(
         app, "send_task", lambda name, args, queue, **_: sent.append((name, args, queue))
     )
     return app, sent
+
+
+def runtime_models(runtime: Runtime) -> ModelCache:
+    assert isinstance(runtime.extractor, Extraction)
+    return runtime.extractor.models
+
+
+class DecodesAhead(Extraction):
+    """Computes batch 0 only once batches 1 and 2 have started decoding: without the decode
+    two ahead, batch 0 would wait out the deadline."""
+
+    def __init__(self, models: ModelCache, n_batches: int, pool: Any) -> None:
+        super().__init__(models, pool)
+        self.decoding = {b: threading.Event() for b in range(n_batches)}
+
+    def decode(self, group: Any, spec: ExtractionSpec, batch: int) -> Decoded:
+        self.decoding[batch].set()
+        return super().decode(group, spec, batch)
+
+    def compute(self, spec: ExtractionSpec, decoded: Decoded) -> BatchRows:
+        if decoded.batch == 0:
+            assert self.decoding[1].wait(DEADLINE_S), "batch 1 was not decoded during batch 0"
+            assert self.decoding[2].wait(DEADLINE_S), "batch 2 was not decoded during batch 0"
+        return super().compute(spec, decoded)
+
+
+class BreaksAtBatch2(Extraction):
+    def compute(self, spec: ExtractionSpec, decoded: Decoded) -> BatchRows:
+        if decoded.batch == 2:
+            raise RuntimeError("a bug in a layer")  # not a user error: the task's catch-all
+        return super().compute(spec, decoded)
+
+
+class TooSlow(Extraction):
+    def compute(self, spec: ExtractionSpec, decoded: Decoded) -> BatchRows:  # noqa: ARG002 (the signature the caller requires)
+        raise SoftTimeLimitExceeded()  # what Celery raises in the task when the limit hits
 
 
 def test_tasks_of_several_batches_store_what_the_in_process_runner_stores(
@@ -84,7 +119,7 @@ def test_tasks_of_several_batches_store_what_the_in_process_runner_stores(
     reference = plan(str(tmp_path / "ref"), spec, models.get(spec).info)
     run_job(str(tmp_path / "ref"), reference.job_id, models)
     job = plan(str(tmp_path / "task"), spec, models.get(spec).info)
-    runtime = Runtime(models, MemoryCounters(), decoders=decoders)
+    runtime = Runtime(Extraction(models, decoders), MemoryCounters())
 
     outcomes = [
         outcome
@@ -103,7 +138,7 @@ def test_a_process_keeps_the_arrays_of_its_last_few_jobs_open(
     tmp_path: Path, arrays: list[Path], random_weights: Path
 ) -> None:
     spec, models = _spec(arrays[:5], random_weights), ModelCache()
-    runtime = Runtime(models, MemoryCounters())
+    runtime = Runtime(Extraction(models), MemoryCounters())
     jobs = [plan(str(tmp_path / "store"), spec, models.get(spec).info) for _ in range(6)]
     for job in jobs:
         execute_batches(str(tmp_path / "store"), job.job_id, [0], runtime)
@@ -117,28 +152,10 @@ def test_the_next_two_batches_are_decoded_while_the_current_one_computes(
     arrays: list[Path],
     random_weights: Path,
     decoders: ThreadPoolExecutor,
-    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     spec, models = _spec(arrays, random_weights), ModelCache()
     job = plan(str(tmp_path / "store"), spec, models.get(spec).info)
-    decoding: dict[int, threading.Event] = {b: threading.Event() for b in range(job.n_batches)}
-    decode, compute = pipeline.decode_batch, gpu.compute_fitting
-
-    def watched_decode(*args: Any) -> Decoded:
-        decoding[args[3]].set()
-        return decode(*args)
-
-    def waiting_compute(model: Any, spec: ExtractionSpec, decoded: Decoded) -> Any:
-        # Batch 0 computes only once batches 1 and 2 have started decoding: without the
-        # decode two ahead this would wait out the deadline.
-        if decoded.batch == 0:
-            assert decoding[1].wait(DEADLINE_S), "batch 1 was not decoded during batch 0"
-            assert decoding[2].wait(DEADLINE_S), "batch 2 was not decoded during batch 0"
-        return compute(model, spec, decoded)
-
-    monkeypatch.setattr(workers.lifecycle.delivery, "decode_batch", watched_decode)
-    monkeypatch.setattr(workers.lifecycle.delivery, "compute_fitting", waiting_compute)
-    runtime = Runtime(models, MemoryCounters(), decoders=decoders)
+    runtime = Runtime(DecodesAhead(models, job.n_batches, decoders), MemoryCounters())
     outcomes = execute_batches(str(tmp_path / "store"), job.job_id, [0, 1, 2], runtime)
     assert outcomes == [Outcome.RAN] * 3
 
@@ -161,7 +178,7 @@ def test_a_batch_decoded_ahead_is_not_run_once_its_job_is_cancelled(
 ) -> None:
     spec, models, store = _spec(arrays, random_weights), ModelCache(), str(tmp_path / "store")
     job = plan(store, spec, models.get(spec).info)
-    runtime = Runtime(models, CancelsAtFirstStart(store), decoders=decoders)
+    runtime = Runtime(Extraction(models, decoders), CancelsAtFirstStart(store))
 
     outcomes = execute_batches(store, job.job_id, [0, 1, 2], runtime)
 
@@ -174,7 +191,7 @@ def test_a_batch_the_ledger_has_is_skipped_between_two_that_run(
 ) -> None:
     spec, models, store = _spec(arrays, random_weights), ModelCache(), tmp_path / "store"
     job = plan(str(store), spec, models.get(spec).info)
-    runtime = Runtime(models, MemoryCounters(), decoders=decoders)
+    runtime = Runtime(Extraction(models, decoders), MemoryCounters())
     assert execute_batches(str(store), job.job_id, [1], runtime) == [Outcome.RAN]
     before = _files(store, job.job_id)
 
@@ -198,15 +215,8 @@ def test_a_task_that_fails_part_way_keeps_the_batches_it_wrote(
     spec, models = _spec(arrays, random_weights), ModelCache()
     store = str(tmp_path / "store")
     job = plan(store, spec, models.get(spec).info)
-    compute = gpu.compute_fitting
-
-    def breaks_at_batch_2(model: Any, spec: ExtractionSpec, decoded: Decoded) -> Any:
-        if decoded.batch == 2:
-            raise RuntimeError("a bug in a layer")  # not a user error: the task's catch-all
-        return compute(model, spec, decoded)
-
-    monkeypatch.setattr(workers.lifecycle.delivery, "compute_fitting", breaks_at_batch_2)
-    app, _ = _task_app(Runtime(models, MemoryCounters(), decoders=decoders), monkeypatch)
+    runtime = Runtime(BreaksAtBatch2(models, decoders), MemoryCounters())
+    app, _ = _task_app(runtime, monkeypatch)
     result = app.tasks[TaskName.RUN_BATCH].run(store, job.job_id, [0, 1, 2, 3])
 
     assert result["outcomes"] == ["skipped", "skipped", "failed", "failed"]
@@ -228,7 +238,7 @@ def test_a_task_whose_time_is_up_sends_the_batches_it_did_not_start_on(
     store = str(tmp_path / "task")
     job = plan(store, spec, models.get(spec).info)
     # No time at all: each task runs one batch, then sends the rest to a new task.
-    runtime = Runtime(models, MemoryCounters(), decoders=decoders, budget_s=0.0)
+    runtime = Runtime(Extraction(models, decoders), MemoryCounters(), budget_s=0.0)
     app, sent = _task_app(runtime, monkeypatch)
 
     result = app.tasks[TaskName.RUN_BATCH].run(store, job.job_id, [0, 1, 2, 3, 4])
@@ -252,12 +262,7 @@ def test_a_batch_past_the_soft_time_limit_fails_with_what_to_do(
     spec, models = _spec(arrays, random_weights), ModelCache()
     store = str(tmp_path / "store")
     job = plan(store, spec, models.get(spec).info)
-
-    def too_slow(*_: Any) -> Any:
-        raise SoftTimeLimitExceeded()  # what Celery raises in the task when the limit hits
-
-    monkeypatch.setattr(workers.lifecycle.delivery, "compute_fitting", too_slow)
-    app, _ = _task_app(Runtime(models, MemoryCounters(), decoders=decoders), monkeypatch)
+    app, _ = _task_app(Runtime(TooSlow(models, decoders), MemoryCounters()), monkeypatch)
     result = app.tasks[TaskName.RUN_BATCH].run(store, job.job_id, [0, 1])
 
     assert result["outcomes"] == ["failed", "failed"]
@@ -279,7 +284,7 @@ def test_a_cancelled_job_sends_no_batches_on_when_a_task_is_out_of_time(
     store = str(tmp_path / "store")
     job = plan(store, spec, models.get(spec).info)
     cancel(store, job.job_id)
-    runtime = Runtime(models, MemoryCounters(), decoders=decoders, budget_s=0.0)
+    runtime = Runtime(Extraction(models, decoders), MemoryCounters(), budget_s=0.0)
     app, sent = _task_app(runtime, monkeypatch)
 
     result = app.tasks[TaskName.RUN_BATCH].run(store, job.job_id, [0, 1, 2])

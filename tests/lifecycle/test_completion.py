@@ -12,8 +12,9 @@ from workers.extraction.cache import ModelCache
 from workers.jobs import ExtractionSpec
 from workers.lifecycle.counters import MemoryCounters
 from workers.lifecycle.delivery import Runtime, execute_batches
+from workers.lifecycle.plan import Plan, plan
 from workers.lifecycle.state import prepare_resume, resume_batches, status
-from workers.pipeline import Plan, plan
+from workers.pipeline import Extraction
 
 
 class LosesOneCount(MemoryCounters):
@@ -42,7 +43,7 @@ def job(tmp_path: Path, arrays: list[Path], random_weights: Path) -> tuple[str, 
     models = ModelCache()
     store = str(tmp_path / "store")
     planned = plan(store, spec, models.get(spec).info)
-    return store, planned, Runtime(models, LosesOneCount(lost=1))
+    return store, planned, Runtime(Extraction(models), LosesOneCount(lost=1))
 
 
 def test_resume_finishes_a_job_whose_count_fell_short_of_the_ledger(

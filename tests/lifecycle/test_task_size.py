@@ -7,7 +7,7 @@ import heapq
 
 import pytest
 
-from workers.lifecycle.state import TASKS_PER_WORKER, task_groups
+from workers.lifecycle.submit import TASKS_PER_WORKER, task_groups
 
 
 def _sizes(n_batches: int, workers: int, cap: int = 16) -> list[int]:

@@ -9,24 +9,33 @@ from typing import Any
 
 import pytest
 
-import workers.lifecycle.state
 from tests.conftest import FACTORY
 from workers.extraction.cache import ModelCache
 from workers.jobs import ExtractionSpec
 from workers.lifecycle.counters import MemoryCounters
 from workers.lifecycle.delivery import Runtime, execute_batches
+from workers.lifecycle.plan import plan
 from workers.lifecycle.state import Status, finalize, mark_started, wait
-from workers.pipeline import plan
+from workers.pipeline import Extraction
 
 DEADLINE_S = 30.0
 
 
 class NeverFinalizes(MemoryCounters):
-    """Counts like Redis would, but no task may claim the finalize: it is the test's."""
+    """Counts like Redis would, but no task may claim the finalize: it is the test's. Whoever
+    finalizes after a claim announces it, which is recorded."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.announced: list[str] = []
 
     def claim_finalize(self, job_id: str) -> bool:
         super().claim_finalize(job_id)
         return False
+
+    def announce(self, job_id: str) -> None:
+        self.announced.append(job_id)
+        super().announce(job_id)
 
 
 @pytest.fixture
@@ -43,20 +52,18 @@ def written(tmp_path: Path, arrays: list[Path], random_weights: Path) -> tuple[s
     job = plan(store, spec, models.get(spec).info)
     mark_started(store, job.job_id)
     counters = NeverFinalizes()
-    execute_batches(store, job.job_id, list(range(job.n_batches)), Runtime(models, counters))
+    execute_batches(
+        store, job.job_id, list(range(job.n_batches)), Runtime(Extraction(models), counters)
+    )
     return store, job.job_id, counters
 
 
 def test_wait_ends_with_the_finalize_of_the_task_that_claimed_it(
-    written: tuple[str, str, Any], monkeypatch: pytest.MonkeyPatch
+    written: tuple[str, str, Any],
 ) -> None:
     store, job_id, counters = written
     seen: list[Status] = []
     first = threading.Event()
-    own: list[str] = []
-    monkeypatch.setattr(
-        workers.lifecycle.state, "finalize", lambda *_a, **_k: own.append("finalize")
-    )
 
     def progress(status: Status) -> None:
         seen.append(status)
@@ -72,7 +79,7 @@ def test_wait_ends_with_the_finalize_of_the_task_that_claimed_it(
 
     assert final.state == "succeeded"
     assert final.finished is not None
-    assert own == []  # the claim was taken: the waiter left the finalize to its owner
+    assert counters.announced == []  # the claim was taken: the waiter left the finalize
 
 
 def test_wait_finalizes_itself_when_nobody_claimed_it(written: tuple[str, str, Any]) -> None:

@@ -16,7 +16,7 @@ from zarr.storage import LocalStore
 from tests.oracle import run_job
 from workers.extraction.cache import ModelCache
 from workers.jobs import ExtractionSpec
-from workers.pipeline import plan
+from workers.lifecycle.plan import plan
 from workers.storage.consolidate import reindex
 from workers.storage.index import IndexMissing, page
 

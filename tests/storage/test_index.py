@@ -14,8 +14,8 @@ import pytest
 from workers.errors import UserError
 from workers.extraction.cache import ModelCache
 from workers.jobs import ExtractionSpec
-from workers.lifecycle.state import cancel, job_page, list_jobs
-from workers.pipeline import finalize, plan
+from workers.lifecycle.plan import plan
+from workers.lifecycle.state import cancel, finalize, job_page, list_jobs
 from workers.storage.consolidate import reindex
 from workers.storage.index import IndexMissing, count, figures, page, record
 

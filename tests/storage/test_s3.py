@@ -17,8 +17,8 @@ from tests.storage.conftest import CREDENTIALS
 from workers.errors import ActmapError
 from workers.extraction.cache import ModelCache
 from workers.jobs import ExtractionSpec
+from workers.lifecycle.plan import plan
 from workers.lifecycle.state import cancel, finalize, list_jobs, prepare_resume
-from workers.pipeline import plan
 from workers.storage.index import page
 from workers.storage.layout import open_job
 

@@ -15,7 +15,8 @@ from tests.oracle import run_job
 from workers.errors import JobError
 from workers.extraction.cache import ModelCache
 from workers.jobs import ExtractionSpec
-from workers.pipeline import finalize, plan
+from workers.lifecycle.plan import plan
+from workers.lifecycle.state import finalize
 from workers.storage.layout import (
     CHUNK_BYTES,
     attrs,

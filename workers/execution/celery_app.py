@@ -1,8 +1,10 @@
-"""`make_celery(settings)`: queues, routes and the reliability settings; no task bodies."""
+"""`make_celery(settings)`: queues, routes and the reliability settings; no task bodies.
+`CeleryQueue`: the app as the `JobQueue` that `workers.lifecycle.submit` sends through."""
 
 from __future__ import annotations
 
 import ssl
+from collections.abc import Callable
 from typing import Any
 
 from celery import Celery
@@ -12,7 +14,7 @@ from workers.execution.heartbeat import install as install_heartbeat
 from workers.jobs import QUEUES
 from workers.settings import Settings
 
-__all__ = ["MEMORY_BROKER", "make_celery"]
+__all__ = ["MEMORY_BROKER", "CeleryQueue", "make_celery"]
 
 MEMORY_BROKER = "memory://localhost/"
 
@@ -69,3 +71,20 @@ def make_celery(settings: Settings, broker: str | None = None) -> Celery:
     if settings.health_dir is not None:
         install_heartbeat(app, settings.health_dir, settings.heartbeat_s)
     return app
+
+
+class CeleryQueue:
+    """Tasks sent by name through `app` (no task code needed to send), sized to the
+    workers that `workers(queue)` counts: the roster's on a cluster, 1 by default (the
+    embedded worker thread, or a task handing on its batches)."""
+
+    def __init__(self, app: Celery, workers: Callable[[str], int] | None = None) -> None:
+        self._app = app
+        self._workers = workers
+
+    def send(self, task: str, args: list[Any], queue: str) -> None:
+        # Results are never read; without this Celery subscribes to a result channel per send.
+        self._app.send_task(task, args=args, queue=queue, ignore_result=True)
+
+    def workers(self, queue: str) -> int:
+        return 1 if self._workers is None else self._workers(queue)

@@ -15,23 +15,18 @@ from celery.worker import state as worker_state
 from celery.worker.worker import WorkController
 
 from workers.errors import ActmapError
-from workers.execution.celery_app import MEMORY_BROKER, make_celery
+from workers.execution.celery_app import MEMORY_BROKER, CeleryQueue, make_celery
 from workers.execution.tasks import register
 from workers.extraction.cache import ModelCache
 from workers.extraction.models import load_model
 from workers.jobs import QUEUES, ExtractionSpec, ModelInfo, Preprocessing
 from workers.lifecycle.counters import MemoryCounters
 from workers.lifecycle.delivery import Runtime
-from workers.lifecycle.state import (
-    Status,
-    enqueue,
-    mark_interrupted,
-    queue_of,
-    resume_batches,
-    wait,
-)
+from workers.lifecycle.plan import Plan
+from workers.lifecycle.state import Status, mark_interrupted, wait
+from workers.lifecycle.submit import resume as resume_job
 from workers.lifecycle.submit import submit
-from workers.pipeline import Plan
+from workers.pipeline import Extraction
 from workers.settings import Settings
 
 __all__ = ["Embedded", "Interrupted", "catalogue", "embedded", "resume", "scan"]
@@ -58,8 +53,14 @@ def catalogue(
 @dataclass
 class Embedded:
     app: Celery
+    models: ModelCache
     runtime: Runtime
     thread: threading.Thread
+
+    @property
+    def jobs(self) -> CeleryQueue:
+        """Tasks for the one worker thread."""
+        return CeleryQueue(self.app)
 
     def watch(self, progress: Progress | None) -> Progress:
         """Progress that also notices a worker thread that stopped (a bug): fail loudly
@@ -79,14 +80,11 @@ def embedded(settings: Settings) -> Iterator[Embedded]:
     """A Celery app on the memory transport and a worker thread draining it."""
     app = make_celery(settings, MEMORY_BROKER)
     with ThreadPoolExecutor(settings.decode_threads) as pool:
+        models = ModelCache(settings.device, factories=settings.factories)
         runtime = Runtime(
-            ModelCache(settings.device, factories=settings.factories),
-            MemoryCounters(),
-            settings.attempt_cap,
-            pool,
-            settings.budget_s,
+            Extraction(models, pool), MemoryCounters(), settings.attempt_cap, settings.budget_s
         )
-        register(app, lambda: runtime)
+        register(app, lambda: runtime, lambda: models)
 
         @app.task(name="actmap.wake", shared=False)  # type: ignore[untyped-decorator]
         def wake() -> None:
@@ -112,7 +110,7 @@ def embedded(settings: Settings) -> Iterator[Embedded]:
         thread = threading.Thread(target=worker.start, name="actmap-worker", daemon=True)
         thread.start()
         try:
-            yield Embedded(app, runtime, thread)
+            yield Embedded(app, models, runtime, thread)
         finally:
             worker_state.should_terminate = 0  # the worker loop's own stop flag
             # The loop checks the flag, then drains once more: two messages wake it twice
@@ -124,16 +122,6 @@ def embedded(settings: Settings) -> Iterator[Embedded]:
             # The solo worker marks the process as one where joining results would block;
             # later senders in this process should not inherit that.
             _set_task_join_will_block(False)
-
-
-def _sender(
-    local: Embedded, store: str, settings: Settings
-) -> Callable[[str, list[int], str], None]:
-    def send(job_id: str, batches: list[int], queue: str) -> None:
-        cap = settings.batches_per_task
-        enqueue(local.app, store, job_id, batches, queue, workers=1, cap=cap)
-
-    return send
 
 
 def _until_done(local: Embedded, store: str, job_id: str, progress: Progress | None) -> Status:
@@ -163,8 +151,8 @@ def scan(
     job_id: str | None = None
     try:
         with embedded(settings) as local:
-            info = local.runtime.models.get(spec).info
-            job = submit(store, spec, info, _sender(local, store, settings))
+            info = local.models.get(spec).info
+            job = submit(store, spec, info, local.jobs, cap=settings.batches_per_task)
             job_id = job.job_id
             if on_plan is not None:
                 on_plan(job)
@@ -178,8 +166,8 @@ def resume(store: str, job_id: str, settings: Settings, progress: Progress | Non
     """Run exactly the batches the ledger lacks."""
     try:
         with embedded(settings) as local:
-            missing = resume_batches(store, job_id, local.runtime.counters)
-            _sender(local, store, settings)(job_id, missing, queue_of(store, job_id))
+            counters = local.runtime.counters
+            resume_job(local.jobs, store, job_id, settings.batches_per_task, counters)
             return _until_done(local, store, job_id, progress)
     except Interrupted:
         _interrupted(store, job_id)

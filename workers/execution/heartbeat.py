@@ -50,7 +50,7 @@ def install(app: Celery, directory: str, every_s: float) -> None:
     class Heartbeat(bootsteps.StartStopStep):  # type: ignore[misc]
         requires = {"celery.worker.components:Timer", "celery.worker.components:Pool"}
 
-        def __init__(self, worker: Any, **kwargs: Any) -> None:
+        def __init__(self, worker: Any, **kwargs: Any) -> None:  # noqa: ARG002 (the signature the caller requires)
             # Before the pool forks: files a previous run left (a scratch volume outlives a
             # restarted container) must not pass the probes for this one.
             self.entry: Any = None
@@ -69,7 +69,7 @@ def install(app: Celery, directory: str, every_s: float) -> None:
             else:
                 _remove(where / READY)
 
-        def stop(self, worker: Any) -> None:
+        def stop(self, worker: Any) -> None:  # noqa: ARG002 (the signature the caller requires)
             # Not ready from now on; the heartbeat goes stale by itself once the loop stops.
             if self.entry is not None:
                 self.entry.cancel()
@@ -78,10 +78,10 @@ def install(app: Celery, directory: str, every_s: float) -> None:
     class Connected(bootsteps.StartStopStep):  # type: ignore[misc]
         requires = {"celery.worker.consumer.tasks:Tasks"}
 
-        def start(self, consumer: Any) -> None:
+        def start(self, consumer: Any) -> None:  # noqa: ARG002 (the signature the caller requires)
             connected.set()
 
-        def stop(self, consumer: Any) -> None:  # also on a lost connection, before a retry
+        def stop(self, consumer: Any) -> None:  # noqa: ARG002 (the signature the caller requires); also on a lost connection, before a retry
             connected.clear()
             _remove(where / READY)
 

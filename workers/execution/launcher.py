@@ -51,7 +51,7 @@ class Supervisor:
         self.started[i] = time.monotonic()
         log.warning("started %s (pid %d)", self.slots[i].name, self.procs[i].pid)
 
-    def stop(self, signum: int = signal.SIGTERM, _frame: FrameType | None = None) -> None:
+    def stop(self, signum: int = signal.SIGTERM, _frame: FrameType | None = None) -> None:  # noqa: ARG002 (the signature the caller requires)
         self.stopping = True
         for proc in self.procs.values():
             if proc.poll() is None:

@@ -1,4 +1,4 @@
-"""One worker process per GPU: discovery, pinning, device choice, out-of-memory handling.
+"""One worker process per GPU: discovery, pinning, device choice.
 
 The launcher imports this module and must never initialise CUDA, so torch is imported only
 inside the functions that run in a worker child.
@@ -11,20 +11,11 @@ import shutil
 import socket
 import subprocess
 from collections.abc import Callable
-from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
 
-import numpy as np
+from workers.errors import UserError
 
-from workers.errors import SampleCode, UserError
-
-if TYPE_CHECKING:
-    from workers.extraction.models import LoadedModel
-    from workers.jobs import ExtractionSpec
-    from workers.pipeline import Decoded
-    from workers.storage.rows import BatchRows
-
-__all__ = ["Slot", "compute_fitting", "device", "list_gpus", "slots"]
+__all__ = ["Slot", "device", "list_gpus", "slots"]
 
 
 @dataclass(frozen=True)
@@ -90,30 +81,3 @@ def device() -> str:
     import torch
 
     return "cuda:0" if torch.cuda.is_available() else "cpu"
-
-
-def compute_fitting(model: LoadedModel, spec: ExtractionSpec, decoded: Decoded) -> BatchRows:
-    """compute_batch, halving the batch on CUDA out-of-memory down to one sample; a sample
-    that alone does not fit becomes a sample error."""
-    import torch
-
-    from workers.pipeline import compute_batch, split_decoded
-    from workers.storage.rows import concat_rows
-
-    try:
-        return compute_batch(model, spec, decoded)
-    except torch.OutOfMemoryError:
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-        n = len(decoded.codes)
-        if n == 1:  # recorded as a sample error; compute_batch skips the forward for it
-            alone = replace(
-                decoded,
-                codes=np.full(1, SampleCode.COMPUTE, np.int16),
-                messages=["out of GPU memory even alone; lower --batch-size or --max-size"],
-            )
-            return compute_batch(model, spec, alone)
-        first, second = split_decoded(decoded, n // 2)
-        return concat_rows(
-            compute_fitting(model, spec, first), compute_fitting(model, spec, second)
-        )

@@ -13,10 +13,12 @@ from celery.exceptions import SoftTimeLimitExceeded
 
 from workers.errors import TransientError
 from workers.execution import registration
+from workers.execution.celery_app import CeleryQueue
+from workers.extraction.cache import ModelCache
 from workers.extraction.isolation import ChildLimits
 from workers.jobs import TaskName
 from workers.lifecycle.delivery import Outcome, Runtime, execute_batches, give_up
-from workers.lifecycle.state import queue_of
+from workers.lifecycle.submit import hand_on
 
 __all__ = ["register"]
 
@@ -27,9 +29,10 @@ _REDIS_LOST = (redis.ConnectionError, redis.TimeoutError)
 log = logging.getLogger("actmap")
 
 
-def register(app: Celery, runtime: Callable[[], Runtime]) -> None:
+def register(app: Celery, runtime: Callable[[], Runtime], models: Callable[[], ModelCache]) -> None:
     """Register the tasks on `app`. `runtime()` builds or returns the per-process state,
-    so that models and connections are made in the worker child, after the fork."""
+    and `models()` the models it extracts with, so that models and connections are made in
+    the worker child, after the fork."""
 
     @app.task(name=TaskName.RUN_BATCH, bind=True, max_retries=5, shared=False)  # type: ignore[untyped-decorator]
     def run_batch(self: Task, store: str, job_id: str, batches: list[int]) -> dict[str, Any]:
@@ -63,10 +66,7 @@ def register(app: Celery, runtime: Callable[[], Runtime]) -> None:
         left = [b for b, o in zip(batches, outcomes, strict=True) if o is Outcome.DEFERRED]
         if left:  # sent before this task is acknowledged: a crash between runs them twice
             try:
-                self.app.send_task(
-                    TaskName.RUN_BATCH, args=[store, job_id, left],
-                    queue=queue_of(store, job_id), ignore_result=True,
-                )  # fmt: skip
+                hand_on(CeleryQueue(self.app), store, job_id, left)
             except Exception as exc:  # the broker is away: this task again later, done skipped
                 raise self.retry(exc=exc, countdown=_RETRY_BACKOFF) from exc
         return {"job_id": job_id, "batches": batches, "outcomes": [o.value for o in outcomes]}
@@ -82,7 +82,7 @@ def register(app: Celery, runtime: Callable[[], Runtime]) -> None:
 
     @app.task(name=TaskName.REGISTER_MODEL, shared=False)  # type: ignore[untyped-decorator]
     def register_model(store: str, tenant: str, model_id: str) -> dict[str, Any]:
-        models = runtime().models
-        limits = models.verdicts.limits if models.verdicts else ChildLimits()
-        state = registration.register_model(store, tenant, model_id, models.factories, limits)
+        cache = models()
+        limits = cache.verdicts.limits if cache.verdicts else ChildLimits()
+        state = registration.register_model(store, tenant, model_id, cache.factories, limits)
         return {"model_id": model_id, "state": state}

@@ -13,16 +13,17 @@ from typing import Any
 import redis
 from celery.signals import worker_process_init, worker_process_shutdown
 
-from workers.execution.celery_app import make_celery
-from workers.execution.roster import Roster, keep_checking_in, member
+from workers.execution.celery_app import CeleryQueue, make_celery
+from workers.execution.roster import keep_checking_in, member
 from workers.execution.slots import device
 from workers.execution.tasks import register
 from workers.extraction.cache import ModelCache
 from workers.extraction.isolation import ChildLimits, Verdicts
-from workers.lifecycle.counters import RedisCounters
+from workers.lifecycle.counters import RedisCounters, Roster
 from workers.lifecycle.delivery import Runtime
 from workers.lifecycle.reconciler import Reconciler
-from workers.lifecycle.state import enqueue
+from workers.lifecycle.submit import send_batches
+from workers.pipeline import Extraction
 from workers.settings import Settings
 
 settings = Settings()
@@ -32,26 +33,34 @@ LEASE_S = 2 * settings.roster_period_s
 
 
 @functools.cache
+def models() -> ModelCache:
+    # Built on the first task, in the child: CUDA never crosses a fork.
+    return ModelCache(
+        device(),
+        factories=settings.factories,
+        verdicts=Verdicts(
+            ChildLimits(settings.model_check_memory_mb, settings.model_check_deadline_s)
+        ),
+    )
+
+
+@functools.cache
 def runtime() -> Runtime:
-    # Built on the first task, in the child: CUDA and Redis connections never cross a fork.
+    # Built on the first task, in the child: Redis connections never cross a fork.
     assert settings.broker_url is not None
     return Runtime(
-        ModelCache(
-            device(),
-            factories=settings.factories,
-            verdicts=Verdicts(
-                ChildLimits(settings.model_check_memory_mb, settings.model_check_deadline_s)
-            ),
+        Extraction(
+            models(),
+            ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="actmap-decode"),
         ),
         RedisCounters(settings.broker_url.get_secret_value()),
         settings.attempt_cap,
-        ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="actmap-decode"),
         settings.budget_s,
         lease_s=LEASE_S,
     )
 
 
-register(app, runtime)
+register(app, runtime, models)
 
 
 def _queues() -> list[str]:
@@ -75,9 +84,10 @@ def _duties(url: str, roster: Roster) -> Callable[[], None]:
     """What the child does each roster period after checking in: renew the holds of its
     running task, then reconcile (one child of the cluster per period)."""
 
+    jobs = CeleryQueue(app, roster.size)
+
     def send(job_id: str, batches: list[int], queue: str) -> None:
-        workers, cap = roster.size(queue), settings.batches_per_task
-        enqueue(app, settings.store, job_id, batches, queue, workers=workers, cap=cap)
+        send_batches(jobs, settings.store, job_id, batches, queue, settings.batches_per_task)
 
     counters = RedisCounters(url, settings.roster_period_s)
     reconciler = Reconciler(

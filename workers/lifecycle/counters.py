@@ -9,16 +9,29 @@ from __future__ import annotations
 import json
 import threading
 import time
+from collections.abc import Iterable
 from contextlib import suppress
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, Protocol, Self
 
-from workers.execution.roster import CHECK_IN_S, Roster
-
-__all__ = ["Counters", "Listener", "MemoryCounters", "RedisCounters", "Stall"]
+__all__ = [
+    "CHECK_IN_S",
+    "FRESH_S",
+    "Counters",
+    "Listener",
+    "MemoryCounters",
+    "RedisCounters",
+    "Roster",
+    "Stall",
+]
 
 _TTL = 7 * 24 * 3600
+# A worker child checks in on the roster every CHECK_IN_S (its period) and counts for
+# FRESH_S, three periods: one that died drops out on its own.
+CHECK_IN_S = 60.0
+FRESH_S = 180.0
+_ROSTER_TTL = 24 * 3600
 
 
 class Listener(Protocol):
@@ -178,7 +191,7 @@ class MemoryCounters:
     def stall(self, job_id: str) -> Stall:
         return self._stalls.get(job_id, Stall())
 
-    def last_check_in(self, queue: str) -> tuple[float | None, float]:
+    def last_check_in(self, queue: str) -> tuple[float | None, float]:  # noqa: ARG002 (the signature the caller requires)
         return time.time(), float("inf")  # the embedded worker lives in this process
 
     def done_count(self, job_id: str) -> int:
@@ -229,6 +242,58 @@ class _MemoryListener:
 
     def __exit__(self, *_: object) -> None:
         pass
+
+
+class Roster:
+    """Who consumes each queue, so that a submitter sizes its tasks to the workers there
+    are (`workers.lifecycle.submit.task_groups`) and status can say that none is there. A
+    sorted set per queue, `actmap:roster:{queue}`: members scored by their last
+    check-in, every `period` seconds; a member counts for three periods."""
+
+    def __init__(self, url: str, period: float = CHECK_IN_S) -> None:
+        import redis  # the worker and submitting side; the API passes its own URL
+
+        self._redis = redis.Redis.from_url(url, socket_timeout=5)
+        self.period = period
+        self.fresh = period * FRESH_S / CHECK_IN_S
+
+    @staticmethod
+    def _key(queue: str) -> str:
+        return f"actmap:roster:{queue}"
+
+    def check_in(self, name: str, queues: Iterable[str], at: float | None = None) -> None:
+        """Also records the period, so that readers with other settings judge freshness
+        by the workers' own."""
+        now = time.time() if at is None else at
+        pipe = self._redis.pipeline(transaction=False)
+        for queue in queues:
+            pipe.zadd(self._key(queue), {name: now})
+            pipe.expire(self._key(queue), _ROSTER_TTL)
+            pipe.set(f"{self._key(queue)}:period", self.period, ex=_ROSTER_TTL)
+        pipe.execute()
+
+    def check_out(self, name: str, queues: Iterable[str]) -> None:
+        pipe = self._redis.pipeline(transaction=False)
+        for queue in queues:
+            pipe.zrem(self._key(queue), name)
+        pipe.execute()
+
+    def size(self, queue: str) -> int:
+        """The workers on `queue` that checked in within the last three periods."""
+        pipe = self._redis.pipeline(transaction=False)
+        pipe.zremrangebyscore(self._key(queue), "-inf", time.time() - self.fresh)
+        pipe.zcard(self._key(queue))
+        return int(pipe.execute()[-1])
+
+    def last_seen(self, queue: str) -> tuple[float | None, float]:
+        """When a worker on `queue` last checked in (within the key's day), if ever, and
+        how long after a check-in a worker counts as gone, by the workers' period."""
+        pipe = self._redis.pipeline(transaction=False)
+        pipe.zrange(self._key(queue), -1, -1, withscores=True)
+        pipe.get(f"{self._key(queue)}:period")
+        found, period = pipe.execute()
+        fresh = self.fresh if period is None else float(period) * FRESH_S / CHECK_IN_S
+        return (float(found[0][1]) if found else None), fresh
 
 
 class RedisCounters:

@@ -11,19 +11,19 @@ import logging
 import threading
 import time
 from collections import OrderedDict
-from concurrent.futures import Executor, Future, ThreadPoolExecutor
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, Protocol, Self
 
 import zarr
 
 from workers.errors import SampleCode, UserError
-from workers.execution.slots import compute_fitting
-from workers.extraction.cache import ModelCache
-from workers.jobs import JobState
+from workers.jobs import ExtractionSpec, JobState
 from workers.lifecycle.counters import Counters
-from workers.pipeline import Decoded, decode_batch, finalize, spec_of, store_batch
+from workers.lifecycle.state import finalize
 from workers.storage.layout import (
     ERROR_CODE,
     ERROR_MESSAGE,
@@ -34,10 +34,12 @@ from workers.storage.layout import (
     read,
 )
 from workers.storage.ledger import done_batches, is_done, mark_done
-from workers.storage.rows import BatchRows
-from workers.writer import WriteBehind
 
-__all__ = ["Outcome", "Runtime", "execute_batch", "execute_batches", "give_up"]
+if TYPE_CHECKING:  # torch lives behind the extractor; delivery only names its types
+    from workers.pipeline import Decoded
+    from workers.storage.rows import BatchRows
+
+__all__ = ["Extractor", "Outcome", "Runtime", "execute_batch", "execute_batches", "give_up"]
 
 log = logging.getLogger("actmap")
 
@@ -55,24 +57,61 @@ OPEN_JOBS = 4  # jobs whose arrays a worker process keeps open between tasks
 DECODE_AHEAD = 2  # batches a task decodes ahead of the one it computes
 
 
+Opened = dict[str, Any]  # a job's arrays by name, opened once
+
+
 @dataclass(frozen=True)
 class OpenJob:
     """A job's group and arrays, opened for writing once per process, not once per task:
     their metadata is fixed at plan time, and opening each is a round trip to the store."""
 
     group: zarr.Group
-    arrays: dict[str, Any]
+    arrays: Opened
     n_batches: int
+
+
+class Extractor(Protocol):
+    """The stages of a batch, injected so that delivery needs no torch: a worker passes
+    `workers.pipeline.Extraction`, a test its own."""
+
+    def decode(self, group: zarr.Group, spec: ExtractionSpec, batch: int) -> Decoded:
+        """The batch's inputs; a bad sample gets its code, the rest go on."""
+        ...
+
+    def compute(self, spec: ExtractionSpec, decoded: Decoded) -> BatchRows:
+        """The forward pass; a `UserError` fails the batch, anything else is retried."""
+        ...
+
+    def store(self, group: zarr.Group, batch: int, rows: BatchRows, opened: Opened) -> None:
+        """Write the rows, then mark the batch done in the ledger; `opened` keeps the job's
+        arrays between batches."""
+        ...
+
+    def write_behind(self, write: Callable[[int, BatchRows], None], depth: int) -> WriteBehind: ...
+
+
+class WriteBehind(Protocol):
+    """Writes handed to a background thread (`workers.pipeline.WriteBehind`); leaving the
+    block waits for them all and raises the first error."""
+
+    def __enter__(self) -> Self: ...
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        trace: TracebackType | None,
+    ) -> None: ...
+    def put(self, batch: int, rows: BatchRows) -> None: ...
+    def flush(self) -> None: ...
 
 
 @dataclass
 class Runtime:
     """What a worker process keeps between tasks; built lazily in the child."""
 
-    models: ModelCache
+    extractor: Extractor
     counters: Counters
     attempt_cap: int = 3
-    decoders: Executor | None = None  # threads decoding a batch's samples, encoding its chunks
     # Seconds after which a task starts no batch it does not expect to finish in time; the
     # rest go to a new task, so a big task never meets its time limit.
     budget_s: float | None = None
@@ -197,6 +236,18 @@ def _start(store: str, job_id: str, batch: int, runtime: Runtime) -> tuple[Outco
     return None, attempt
 
 
+def _cut_short(group: zarr.Group, runtime: Runtime, projected: float) -> Outcome | None:
+    """Why the batches left are not started now, if they are not: the worker is stopping, or
+    the next batch would end past the task's budget (`projected`: elapsed plus the slowest
+    batch so far; 0 before the first, which always runs)."""
+    if runtime.stopping.is_set():
+        return Outcome.STOPPED
+    if runtime.budget_s is not None and projected and projected > runtime.budget_s:
+        cancelled = fresh_attrs(group)["state"] == JobState.CANCELLED
+        return Outcome.CANCELLED if cancelled else Outcome.DEFERRED
+    return None
+
+
 def execute_batches(store: str, job_id: str, batches: list[int], runtime: Runtime) -> list[Outcome]:
     """Run batches the way a task must: skip what the ledger has or a cancelled job, give
     up past the attempt cap, turn user errors into a failed batch, let transient errors
@@ -206,18 +257,20 @@ def execute_batches(store: str, job_id: str, batches: list[int], runtime: Runtim
     start after `runtime.budget_s` (by the slowest batch so far) are left DEFERRED."""
 
     job = runtime.open(store, job_id)
-    spec = spec_of(job.group)  # fixed at plan time, like the sources it decodes
+    # Fixed at plan time, like the sources it decodes.
+    spec = ExtractionSpec.model_validate(job.group.attrs["spec"])
+    extractor = runtime.extractor
 
     def write(batch: int, rows: BatchRows) -> None:
-        store_batch(job.group, batch, rows, job.arrays, runtime.decoders)
+        extractor.store(job.group, batch, rows, job.arrays)
         complete(store, job_id, batch, runtime, n_batches=job.n_batches)
 
     def decode(batch: int) -> Decoded:
-        return decode_batch(job.group, spec, runtime.models.get(spec).info, batch, runtime.decoders)
+        return extractor.decode(job.group, spec, batch)
 
     outcomes: list[Outcome] = []
     with (
-        WriteBehind(write, depth=2) as writer,
+        extractor.write_behind(write, 2) as writer,
         ThreadPoolExecutor(1, thread_name_prefix="actmap-ahead") as reader,
     ):
         # Batches are decoded ahead: the first while its checks run, the next DECODE_AHEAD
@@ -230,16 +283,10 @@ def execute_batches(store: str, job_id: str, batches: list[int], runtime: Runtim
         began, slowest = time.monotonic(), 0.0
         for i, batch in enumerate(batches):
             now = time.monotonic()
-            if runtime.stopping.is_set():
-                for future in ahead.values():
-                    future.cancel()
-                outcomes.extend([Outcome.STOPPED] * (len(batches) - i))
-                break
-            if runtime.budget_s is not None and i and now - began + slowest > runtime.budget_s:
+            left = _cut_short(job.group, runtime, i and now - began + slowest)
+            if left is not None:
                 for future in ahead.values():
                     future.cancel()  # if its decode has not begun
-                cancelled = fresh_attrs(job.group)["state"] == JobState.CANCELLED
-                left = Outcome.CANCELLED if cancelled else Outcome.DEFERRED
                 outcomes.extend([left] * (len(batches) - i))
                 break
             stopped, attempt = _start(store, job_id, batch, runtime)
@@ -255,12 +302,11 @@ def execute_batches(store: str, job_id: str, batches: list[int], runtime: Runtim
                 # unwritten, until the attempt cap failed them too.
                 writer.flush()
             try:
-                model = runtime.models.get(spec)
                 decoded = decode(batch) if early is None else early.result()
                 for j in range(i + 1, min(i + 1 + DECODE_AHEAD, len(batches))):
                     if j not in ahead:
                         ahead[j] = reader.submit(decode, batches[j])
-                rows = compute_fitting(model, spec, decoded)
+                rows = extractor.compute(spec, decoded)
             except UserError as exc:  # the same on every attempt: never retried
                 outcomes.append(give_up(store, job_id, batch, str(exc), runtime))
                 continue

@@ -3,28 +3,28 @@ every array with its final shape. Torch-free, so the API can plan without a work
 
 from __future__ import annotations
 
-import secrets
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any
 
 import numpy as np
 
 from workers.errors import LayerError, SampleCode, SpecError
 from workers.extraction.inputs import Source, discover, labels_from_csv, labels_from_dirs
-from workers.jobs import ExtractionSpec, JobState, ModelInfo, close_matches, stored_shape
-from workers.lifecycle.state import now
+from workers.jobs import (
+    VERSION,
+    ExtractionSpec,
+    JobState,
+    ModelInfo,
+    close_matches,
+    new_id,
+    now,
+    stored_shape,
+)
 from workers.storage.chunks import put_rows
 from workers.storage.consolidate import publish
 from workers.storage.layout import LABEL, SAMPLE, SOURCE, LayerLayout, create_job, writable
 
-__all__ = ["VERSION", "Plan", "layouts", "new_job_id", "plan"]
-
-VERSION = "0.1.0"
-
-
-def new_job_id() -> str:
-    return f"{datetime.now(UTC):%Y%m%d-%H%M%S}-{secrets.token_hex(3)}"
+__all__ = ["Plan", "layouts", "plan"]
 
 
 @dataclass(frozen=True)
@@ -77,7 +77,7 @@ def plan(
         labels, classes = labels_from_csv(spec.labels_csv, sources, spec.roots)
     else:
         labels = [-1] * len(sources)
-    job_id = job_id or new_job_id()
+    job_id = job_id or new_id()
     attrs: dict[str, Any] = {
         "kind": "extraction",
         "spec": spec.model_dump(mode="json"),

@@ -1,4 +1,6 @@
-"""Jobs as a user drives them: list, status with progress, wait, cancel, resume, enqueue.
+"""Jobs as a user drives them: list, status with progress, wait, cancel, resume, and the
+state every job ends in (`finalize`: succeeded, partial or failed). Every write of a job's
+state is here, but its first (`queued`, by `workers.lifecycle.plan`).
 
 Everything here reads the store (the truth) and, when given, the counters (cheap hints
 for progress). It needs no torch.
@@ -6,18 +8,19 @@ for progress). It needs no torch.
 
 from __future__ import annotations
 
+import pkgutil
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 from redis import RedisError
 
 from workers.errors import JobError, UserError
-from workers.jobs import JobState, TaskName
+from workers.jobs import JobState, now, poll
 from workers.lifecycle.counters import Counters
 from workers.storage.consolidate import publish
 from workers.storage.index import page as index_page
@@ -30,30 +33,21 @@ __all__ = [
     "Status",
     "can_progress",
     "cancel",
-    "enqueue",
     "job_page",
     "finalize",
     "list_jobs",
     "mark_interrupted",
     "mark_started",
-    "now",
     "prepare_resume",
     "queue_of",
     "resume_batches",
     "status",
     "summary",
-    "task_groups",
     "wait",
 ]
 
 
 FINALIZE_GRACE_S = 30.0
-# Each worker gets this many tasks of a job, split evenly, so none idles while another has
-# a queue (tests/bench/queueing.py, 4 simulated GPUs, 200 batches: 17 tasks of 12 reached
-# 0.86 of ideal, 20 tasks of 10 reached 0.97).
-TASKS_PER_WORKER = 5
-# Batches to a task when nobody says how many workers there are.
-UNKNOWN_WORKERS_PER_TASK = 4
 
 
 # The reason of a job that Ctrl-C stopped: nothing runs it until it is resumed.
@@ -63,9 +57,12 @@ INTERRUPTED = "interrupted"
 PROGRESS_INTERVALS = 10
 PROGRESS_MIN_S = 30.0
 
-
-def now() -> str:
-    return datetime.now(UTC).isoformat(timespec="milliseconds")
+# The lifecycle's one edge into analysis, declared here: a screening job (its spec names a
+# profile) is scored as it finalizes, writing screen/score and screen/flag. Named, and
+# resolved when such a job finalizes, because importing it loads scipy and scikit-learn:
+# seconds that the API and the CLI would spend at every start.
+SCORE_SCREENING = "workers.analysis.profiles:score_job"
+Score = Callable[[str, str, str], None]  # store, job id, profile id
 
 
 def _clock(at: float | str) -> str:
@@ -269,92 +266,42 @@ def queue_of(store: str, job_id: str) -> str:
     return str(spec.get("queue", "extract"))
 
 
-def task_groups(batches: Iterable[int], workers: int, cap: int) -> list[list[int]]:
-    """The batches cut into tasks of consecutive batches, so that a task runs for seconds
-    and its writes overlap its next forward: at most `cap` to a task, since each task's
-    first decode and last write go unoverlapped. Sizes differ by one at most (larger
-    first), and with several `workers` the task count is TASKS_PER_WORKER or more for each,
-    a multiple of theirs where the job has batches enough: tasks of 16 filling 6.25 rounds
-    of 16 workers left a quarter of them a seventh task while the rest idled, 0.86 of ideal
-    (tests/bench/queueing.py). `workers` 0 (none checked in, or nobody asked) gives the
-    cautious size."""
-    found = [int(b) for b in batches]
-    if not found:
-        return []
-    cap = max(1, min(cap, UNKNOWN_WORKERS_PER_TASK) if workers <= 0 else cap)
-    tasks = -(-len(found) // cap)
-    if workers > 1:
-        rounds = max(TASKS_PER_WORKER, -(-tasks // workers))
-        tasks = min(len(found), rounds * workers)
-    size, larger = divmod(len(found), tasks)
-    groups, start = [], 0
-    for i in range(tasks):
-        end = start + size + (i < larger)
-        groups.append(found[start:end])
-        start = end
-    return groups
-
-
-def enqueue(
-    app: Any,
-    store: str,
-    job_id: str,
-    batches: Iterable[int],
-    queue: str = "extract",
-    workers: int = 1,
-    cap: int = 1,
-) -> int:
-    """Tasks for these batches (`task_groups`), sent by name so the sender needs no task
-    code; the defaults send one batch to a task."""
-    groups = task_groups(batches, workers, cap)
-    for group in groups:
-        # Results are never read; without this Celery subscribes to a result channel per send.
-        app.send_task(
-            TaskName.RUN_BATCH, args=[store, job_id, group], queue=queue, ignore_result=True
-        )
-    return len(groups)
-
-
 def wait(
     store: str,
     job_id: str,
     counters: Counters | None = None,
     progress: Callable[[Status], None] | None = None,
     timeout: float | None = None,
-    poll: float = 1.0,
+    poll_s: float = 1.0,
 ) -> Status:
     """Wait until the job is finished, cancelled or interrupted (`can_progress`), reading
-    the store (the truth) every
-    `poll` seconds for progress. With counters, the task that finalizes announces it, so
-    the wait ends right after the finalize, not a poll later, and spends no CPU between
-    reads. If the ledger is complete but nobody finalized (a finalizer died, Redis lost
-    its counters), finalize here, after claiming it like a task would."""
-    deadline = None if timeout is None else time.monotonic() + timeout
+    the store (the truth) every `poll_s` seconds for progress. With counters, the task that
+    finalizes announces it, so the wait ends right after the finalize, not a poll later,
+    and spends no CPU between reads. If the ledger is complete but nobody finalized (a
+    finalizer died, Redis lost its counters), finalize here, after claiming it like a task
+    would."""
     complete_since: float | None = None
+
+    def read() -> Status:
+        nonlocal complete_since
+        current = status(store, job_id, counters)
+        if progress:
+            progress(current)
+        if can_progress(current) and current.batches_done == current.n_batches:
+            complete_since = complete_since or time.monotonic()
+            # The last task normally finalizes; take over if it has not within a grace
+            # period (it died after claiming), or claim it ourselves when nobody did.
+            late = time.monotonic() - complete_since > FINALIZE_GRACE_S
+            if counters is None or late or counters.claim_finalize(job_id):
+                finalize(store, job_id)
+                if counters is not None:
+                    counters.announce(job_id)
+                return read()
+        return current
+
     with counters.listen(job_id) if counters is not None else nullcontext() as listener:
-        while True:
-            current = status(store, job_id, counters)
-            if progress:
-                progress(current)
-            if not can_progress(current):
-                return current
-            if current.batches_done == current.n_batches:
-                complete_since = complete_since or time.monotonic()
-                # The last task normally finalizes; take over if it has not within a grace
-                # period (it died after claiming), or claim it ourselves when nobody did.
-                late = time.monotonic() - complete_since > FINALIZE_GRACE_S
-                if counters is None or late or counters.claim_finalize(job_id):
-                    finalize(store, job_id)
-                    if counters is not None:
-                        counters.announce(job_id)
-                    continue
-            left = poll if deadline is None else min(poll, deadline - time.monotonic())
-            if left <= 0:
-                return current
-            if listener is None:
-                time.sleep(left)
-            else:
-                listener.wait(left)
+        pause = time.sleep if listener is None else listener.wait
+        return poll(read, lambda s: not can_progress(s), poll_s, timeout, pause=pause)
 
 
 def finalize(
@@ -391,10 +338,9 @@ def finalize(
     group.update_attributes(update)
     profile = attrs_of(group)["spec"].get("profile_id")
     if profile and state in (JobState.SUCCEEDED, JobState.PARTIAL):
-        from workers.analysis.profiles import score_job  # numpy only; loaded when screening
-
+        score = cast(Score, pkgutil.resolve_name(SCORE_SCREENING))
         try:
-            score_job(store, job_id, profile)  # writes screen/score and screen/flag
+            score(store, job_id, profile)
         except UserError as exc:
             group.update_attributes({"state": JobState.FAILED.value, "reason": str(exc)})
     publish(store, job_id)

@@ -14,10 +14,10 @@ import pytest
 import xarray as xr
 from fastapi.testclient import TestClient
 
-from api.cli import backends
 from api.cli.main import main
 from tests.api.test_analyses import wide_api
 from workers.analysis import analyses, requests
+from workers.execution.celery_app import CeleryQueue
 
 SAMPLES = Path(__file__).parents[3] / "workers" / "demo" / "samples"
 
@@ -66,20 +66,17 @@ def test_an_analysis_is_sent_to_the_analysis_queue_and_run_by_the_worker_thread(
     store, job_id = scanned
     sent: list[tuple[str, str]] = []
     ran_in: list[str] = []
-    sender, run = backends._sender, requests.run_analysis
+    send, run = CeleryQueue.send, requests.run_analysis
 
-    def recording_sender(app: Any) -> Any:
-        def send(task: str, args: list[Any], queue: str) -> None:
-            sent.append((task, queue))
-            sender(app)(task, args, queue)
-
-        return send
+    def recording_send(self: CeleryQueue, task: str, args: list[Any], queue: str) -> None:
+        sent.append((task, queue))
+        send(self, task, args, queue)
 
     def recording_run(*args: Any) -> str:
         ran_in.append(threading.current_thread().name)
         return run(*args)
 
-    monkeypatch.setattr(backends, "_sender", recording_sender)
+    monkeypatch.setattr(CeleryQueue, "send", recording_send)
     monkeypatch.setattr(requests, "run_analysis", recording_run)
     assert main(["health", job_id, "--layers", "fc", "--store", store, "--json"]) == 0
     assert _last(capsys)["state"] == "succeeded"
