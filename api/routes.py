@@ -72,6 +72,7 @@ TenantDep = Annotated[Tenant, Depends(tenant_of)]
 _SAFE_NAME = re.compile(r"[^A-Za-z0-9._-]+")
 _MAX_ROWS = 1000
 _MAX_NAME = 200  # an uploaded file's name, well inside the filesystem's 255 bytes
+_MAX_DEPTH = 16  # folders in an uploaded file's path
 
 
 def _services(request: Request) -> Services:
@@ -105,6 +106,25 @@ async def _save(upload: UploadFile, target: Path, quota: UploadQuota) -> int:
     finally:
         partial.unlink(missing_ok=True)
     return written
+
+
+def _upload_path(given: str) -> str:
+    """An uploaded file's relative path (`3/a.png`: folder labels need the folder), each
+    part made safe; a path that is absolute or climbs is refused. The client's name is
+    hostile: parts are sanitised, never resolved, and the folders are made here."""
+    parts = given.replace("\\", "/").split("/")
+    if given.startswith(("/", "\\")) or any(p in ("", ".", "..") for p in parts):
+        raise SpecError(
+            f"file name {given[:60]!r} is not a relative path without '.', '..' or empty "
+            "parts; upload files named by their path below one folder, like 3/a.png"
+        )
+    safe = [_SAFE_NAME.sub("_", p).lstrip(".") or "file" for p in parts]
+    if len(parts) > _MAX_DEPTH or any(len(p) > _MAX_NAME for p in safe):
+        raise SpecError(
+            f"file name {given[:40]}... has a part over {_MAX_NAME} characters or over "
+            f"{_MAX_DEPTH} folders; shorten it"
+        )
+    return "/".join(safe)
 
 
 def _uploads(services: Services, tenant: Tenant) -> Path:
@@ -217,12 +237,17 @@ async def upload_inputs(
     total = 0
     try:
         for i, upload in enumerate(files):
-            name = _SAFE_NAME.sub("_", Path(upload.filename or f"file{i}").name).lstrip(".")
-            if len(name) > _MAX_NAME:
-                raise SpecError(
-                    f"file name {name[:40]}... is over {_MAX_NAME} characters; shorten it"
-                )
-            target = folder / f"{i:05d}-{name or 'file'}"
+            relative = _upload_path(upload.filename or f"file{i}")
+            target = folder / relative
+            try:
+                target.parent.mkdir(parents=True, exist_ok=True)
+            except (FileExistsError, NotADirectoryError):
+                raise SpecError(f"file {relative} lies below a file of the same upload") from None
+            # Only this request writes in the new folder; a link there would be someone's.
+            if os.path.lexists(target) or not target.parent.resolve().is_relative_to(
+                folder.resolve()
+            ):
+                raise SpecError(f"file {relative} is uploaded twice")
             total += await _save(upload, target, quota)
         folder.rename(folder.with_name(set_id))
     except BaseException:  # refused or cut off: the whole set goes, nothing counts
