@@ -31,8 +31,9 @@ from workers.lifecycle.state import (
     wait,
 )
 from workers.lifecycle.submit import submit
-from workers.pipeline import Plan
+from workers.pipeline import Plan, spec_of
 from workers.settings import Settings
+from workers.storage.layout import open_job
 
 __all__ = ["Embedded", "Interrupted", "catalogue", "embedded", "resume", "scan"]
 
@@ -178,6 +179,9 @@ def resume(store: str, job_id: str, settings: Settings, progress: Progress | Non
     """Run exactly the batches the ledger lacks."""
     try:
         with embedded(settings) as local:
+            # Loaded here, before any task, as `scan` does: a model that no longer loads is
+            # one error now rather than one per batch, and no task's batches pay the load.
+            local.runtime.models.get(spec_of(open_job(store, job_id, mode="r")))
             missing = resume_batches(store, job_id, local.runtime.counters)
             _sender(local, store, settings)(job_id, missing, queue_of(store, job_id))
             return _until_done(local, store, job_id, progress)
