@@ -49,7 +49,8 @@ def test_uploads_keep_their_folders_so_folder_labels_work(tmp_path: Path) -> Non
         (local / digit).mkdir(parents=True)
         (local / digit / f"x{digit}.png").write_bytes(_png(digit))
     client = Client("http://testserver", api.tokens["acme"])
-    client._http = api.client  # the in-process app, as the CLI's `--upload` reaches a server
+    # The in-process app, reached as the CLI's `--upload` reaches a server.
+    client._http = api.client  # type: ignore[assignment]
     client._http.headers.update(api.as_("acme"))
     set_id = client.upload([local / "3" / "x3.png", local / "7" / "x7.png"])
     folder = api.store / "uploads" / "acme" / set_id
