@@ -215,6 +215,13 @@ def nataraj_width(size: int) -> int:
 
 
 _KIND_WORDS = {"image": "an image", "array": "a .npy array"}
+# What a model of each kind reads. A `.npy` array of the input shape is the model's input
+# already, whatever files it decodes, so an image model takes one too.
+_READS: dict[str, tuple[InputKind, ...]] = {
+    "image": ("image", "array"),
+    "array": ("array",),
+    "binary": ("image", "array", "binary"),
+}
 
 
 def kind_of(path: str) -> InputKind:
@@ -241,9 +248,9 @@ def decode(
     """Read one sample as the model's float32 (C, H, W) input. With `roots` (a tenant's
     job), the file is opened beneath them and read from that open file only: one that now
     lies outside them, or is reached through a link, is refused with OUTSIDE_ROOTS. With
-    `kind` (the model's, or the job's override), a file of another kind is skipped with
-    WRONG_KIND unread; a binary model reads every file."""
-    if kind is not None and kind != "binary" and kind_of(path) != kind:
+    `kind` (the model's, or the job's override), a file it does not read (`_READS`) is
+    skipped with WRONG_KIND, unread."""
+    if kind is not None and kind_of(path) not in _READS[kind]:
         raise InputError(
             SampleCode.WRONG_KIND,
             f"{Path(path).name} is not {_KIND_WORDS[kind]}, the kind of input the model "
