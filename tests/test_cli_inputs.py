@@ -90,6 +90,7 @@ def test_a_stray_text_file_in_an_image_folder_is_skipped_not_scored(
     printed = capsys.readouterr().out
     assert code == 0
     assert "1 file skipped: not an image" in printed
+    assert "succeeded: 5/5 samples in 1/1 batches, 0 failed" in printed
     assert "accuracy on labelled samples: 4/4" in printed
     job_id = printed.split("job ", 1)[1].split()[0]
     group = open_job(str(tmp_path / "s"), job_id, mode="r")
