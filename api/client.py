@@ -14,6 +14,7 @@ idempotency key, so a retried POST never makes two jobs.
 from __future__ import annotations
 
 import io
+import os
 import time
 import uuid
 from collections.abc import Iterator, Sequence
@@ -114,8 +115,12 @@ class Client:
         return model_id
 
     def upload(self, files: Sequence[str | Path]) -> str:
-        """Upload local files; returns an input-set id to scan."""
-        parts = [("files", (Path(f).name, Path(f).read_bytes())) for f in files]
+        """Upload local files, each named by its path below the folder that holds all
+        their folders (`3/a.png`), so folder labels work on the server; returns an
+        input-set id to scan."""
+        paths = [Path(f).absolute() for f in files]
+        top = Path(os.path.commonpath([p.parent.parent for p in paths])) if paths else Path()
+        parts = [("files", (p.relative_to(top).as_posix(), p.read_bytes())) for p in paths]
         input_set: str = self.request("POST", "/v1/inputs", files=parts).json()["input_set"]
         return input_set
 

@@ -81,6 +81,7 @@ class SampleCode(IntEnum):
     COMPUTE = 7
     BATCH_FAILED = 8
     OUTSIDE_ROOTS = 9  # reached through a link, or no longer beneath the tenant's roots
+    WRONG_KIND = 10  # not the kind of input the model reads (a README.txt among images)
 
     @classmethod
     def table(cls) -> dict[str, str]:

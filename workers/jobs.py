@@ -12,9 +12,17 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from enum import StrEnum
 from importlib.metadata import PackageNotFoundError, version
-from typing import Literal, Self, TypeVar
+from typing import ClassVar, Literal, Self, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 
 __all__ = [
     "QUEUES",
@@ -22,6 +30,7 @@ __all__ = [
     "AnalysisKind",
     "AnalysisState",
     "ExtractionSpec",
+    "InputKind",
     "JobState",
     "LayerInfo",
     "ModelInfo",
@@ -132,15 +141,45 @@ class _Frozen(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
 
-class Preprocessing(_Frozen):
+# What a model reads: decoded images, `.npy` arrays, or any file drawn as a Nataraj image.
+InputKind = Literal["image", "array", "binary"]
+
+
+class _Declared(_Frozen):
+    """A model whose fields in `_OPTIONAL` are dumped only when not at their default: what
+    was stored before they existed is stored byte for byte the same."""
+
+    _OPTIONAL: ClassVar[tuple[str, ...]] = ()
+
+    @model_serializer(mode="wrap")
+    def _drop_defaults(self, handler: SerializerFunctionWrapHandler) -> dict[str, object]:
+        dumped: dict[str, object] = handler(self)
+        fields = type(self).model_fields
+        return {
+            k: v
+            for k, v in dumped.items()
+            if k not in self._OPTIONAL or getattr(self, k) != fields[k].default
+        }
+
+
+class Preprocessing(_Declared):
     """How a model wants its input: resize to `size`, convert to `channels`, then
-    `(x * scale - mean) / std` per channel."""
+    `(x * scale - mean) / std` per channel; what it reads (`input_kind`) and what its
+    outputs mean (`classes`), when declared."""
+
+    _OPTIONAL = ("classes", "input_kind")
 
     size: tuple[int, int] = Field(description="input height and width")
     channels: Literal[1, 3]
     scale: float = 1.0 / 255.0
     mean: tuple[float, ...] = (0.0,)
     std: tuple[float, ...] = (1.0,)
+    classes: tuple[str, ...] | None = Field(
+        default=None, description="the name of each output, in order; folder labels use them"
+    )
+    input_kind: InputKind | None = Field(
+        default=None, description="image, array or binary: files of another kind are skipped"
+    )
 
     @model_validator(mode="after")
     def _per_channel(self) -> Self:
@@ -152,6 +191,8 @@ class Preprocessing(_Frozen):
             raise ValueError("std must not contain 0")
         if min(self.size) < 1:
             raise ValueError("size must be positive")
+        if self.classes is not None and len(set(self.classes)) != len(self.classes):
+            raise ValueError("classes must be distinct names")
         return self
 
     @property
@@ -159,8 +200,10 @@ class Preprocessing(_Frozen):
         return (self.channels, *self.size)
 
 
-class LayerInfo(_Frozen):
+class LayerInfo(_Declared):
     """One row of a model's layer catalogue, from a dry run at the declared input shape."""
+
+    _OPTIONAL = ("calls",)
 
     name: str
     type: str
@@ -168,6 +211,9 @@ class LayerInfo(_Frozen):
     params: int
     receptive_field: tuple[int, ...] | None = None
     rf_stride: tuple[int, ...] | None = None
+    # A module called more than once per forward (a shared ReLU) has one output per call;
+    # a job stores one per layer, so such a layer is refused at submission.
+    calls: int = Field(default=1, description="times the module runs in one forward pass")
 
     @property
     def flat(self) -> bool:
@@ -203,9 +249,11 @@ def close_matches(name: str, known: list[str]) -> str:
     return f"close matches: {', '.join(near)}" if near else "run `actmap layers` to list them"
 
 
-class ExtractionSpec(_Frozen):
+class ExtractionSpec(_Declared):
     """An extraction job as submitted. Layers are checked against the model's catalogue at
     plan time, where it is known."""
+
+    _OPTIONAL = ("input_kind",)
 
     model: str = Field(description="a .pt2 path, package.module:factory, or a registered name")
     weights: str | None = Field(
@@ -226,6 +274,9 @@ class ExtractionSpec(_Frozen):
     preprocessing: Preprocessing | None = Field(default=None, description="overrides the model's")
     labels_csv: str | None = None
     labels_from_dirs: bool = False
+    input_kind: InputKind | None = Field(
+        default=None, description="overrides the kind of input the model declares"
+    )
     tenant: str = "local"
     roots: tuple[str, ...] | None = Field(
         default=None,

@@ -68,13 +68,14 @@ def decode_batch(
     start = batch * spec.batch_size
     paths = list(read(group, SOURCE, slice(start, start + spec.batch_size)))
     prep = info.preprocessing
+    kind = spec.input_kind or prep.input_kind
     x = np.zeros((len(paths), *prep.input_shape), dtype=np.float32)
     codes = np.zeros(len(paths), dtype=np.int16)
     messages = [""] * len(paths)
 
     def one(i: int) -> None:
         try:
-            x[i] = decode(str(paths[i]), prep, roots=spec.roots)
+            x[i] = decode(str(paths[i]), prep, roots=spec.roots, kind=kind)
         except InputError as exc:
             codes[i], messages[i] = exc.code, str(exc)
 

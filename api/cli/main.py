@@ -80,7 +80,14 @@ def parser() -> argparse.ArgumentParser:
         "--max-size", type=_pair, metavar="HxW", help="downsample maps to at most HxW"
     )
     scan.add_argument("--labels", help="CSV of sample_id,label")
-    scan.add_argument("--labels-from-dirs", action="store_true", help="label = parent directory")
+    scan.add_argument(
+        "--labels-from-dirs", action="store_true",
+        help="label = parent folder: a class name the model declares, or a class index",
+    )  # fmt: skip
+    scan.add_argument(
+        "--input-kind", choices=("image", "array", "binary"),
+        help="what the model reads, overriding its declaration; other files are skipped",
+    )  # fmt: skip
     scan.add_argument("--no-wait", action="store_true", help="return once queued (broker or API)")
     scan.add_argument("--api", help="submit through this API (default $ACTMAP_API_URL)")
     scan.add_argument("--upload", action="store_true", help="with --api: upload local INPUTs")
@@ -139,7 +146,10 @@ def _layers(args: argparse.Namespace, settings: Settings) -> int:
 
     info = embedded.catalogue(args.model, args.weights, _preprocessing(args, settings), settings)
     if args.json:
-        output.print_json(info.model_dump(mode="json"))
+        found = info.model_dump(mode="json")
+        for row, layer in zip(found["layers"], info.layers, strict=True):
+            row["calls"] = layer.calls  # stored only when not 1; printed always
+        output.print_json(found)
     else:
         output.catalogue(info)
     return 0
@@ -160,6 +170,7 @@ def _spec(args: argparse.Namespace, settings: Settings) -> ExtractionSpec:
             preprocessing=_preprocessing(args, settings),
             labels_csv=args.labels,
             labels_from_dirs=args.labels_from_dirs,
+            input_kind=args.input_kind,
         )
     except ValidationError as exc:
         first = exc.errors()[0]

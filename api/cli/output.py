@@ -9,12 +9,15 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import zarr
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
 from rich.table import Table
 
-from workers.jobs import ModelInfo
+from workers.errors import SampleCode
+from workers.extraction.inputs import skipped_line
+from workers.jobs import InputKind, ModelInfo
 from workers.lifecycle.state import Status
 from workers.storage.layout import (
     ACTS,
@@ -26,6 +29,7 @@ from workers.storage.layout import (
     PRED,
     SAMPLE,
     array,
+    attrs,
     open_job,
     read,
 )
@@ -51,13 +55,15 @@ def catalogue(info: ModelInfo) -> None:
         f"[bold]{info.name}[/] ({info.format}, sha256 {info.sha256[:12]}), input "
         f"{_dims(prep.input_shape)}, {info.classes} outputs"
     )
-    table = Table("layer", "type", "output", "params", "receptive field", "stride")
+    table = Table("layer", "type", "output", "params", "receptive field", "stride", "calls")
     for row in info.layers:
         table.add_row(
             row.name, row.type, _dims(row.output_shape), f"{row.params:,}",
-            _dims(row.receptive_field), _dims(row.rf_stride),
+            _dims(row.receptive_field), _dims(row.rf_stride), str(row.calls),
         )  # fmt: skip
     out.print(table)
+    if any(row.calls > 1 for row in info.layers):
+        out.print("layers with calls > 1 run more than once per forward and cannot be scanned")
 
 
 def job_table(jobs: list[Status]) -> None:
@@ -106,6 +112,15 @@ def progress(show: bool) -> Iterator[Any]:
         yield on_plan, on_status
 
 
+def _input_kind(group: zarr.Group) -> InputKind:
+    """The kind of input the job read: its override, else the model's declaration."""
+    found = attrs(group)
+    kind: InputKind = found["spec"].get("input_kind") or found["catalogue"]["preprocessing"].get(
+        "input_kind", "binary"
+    )
+    return kind
+
+
 def scan_report(store: str, s: Status) -> None:
     """Where the results are, and what they hold."""
     group = open_job(store, s.job_id, mode="r")
@@ -121,7 +136,10 @@ def scan_report(store: str, s: Status) -> None:
         out.print(f"  {name}: acts {acts.shape} {acts.dtype}, pooled {pooled.shape}")
     codes, messages = read(group, ERROR_CODE), read(group, ERROR_MESSAGE)
     samples = read(group, SAMPLE)
-    for i in codes.nonzero()[0][:5]:
+    stray = int(np.count_nonzero(codes == SampleCode.WRONG_KIND))
+    if stray:
+        out.print(skipped_line(_input_kind(group), stray), highlight=False)
+    for i in np.flatnonzero((codes != 0) & (codes != SampleCode.WRONG_KIND))[:5]:
         out.print(f"  [yellow]failed[/] {samples[i]}: {messages[i]}", highlight=False)
     where = str(Path(store).absolute()) if "://" not in store else store
     out.print(f"results in {where} (group jobs/{s.job_id}); open with", highlight=False)

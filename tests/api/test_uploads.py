@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from starlette.datastructures import UploadFile
 
-from tests.api.conftest import make_api
+from tests.api.conftest import SAMPLES, make_api
 
 
 def test_an_upload_failing_part_way_leaves_nothing_behind(
@@ -33,3 +33,61 @@ def test_an_upload_failing_part_way_leaves_nothing_behind(
         )  # fmt: skip
     left = list((api.store / "uploads" / "acme").rglob("*"))
     assert left == [], left
+
+
+def _png(digit: str) -> bytes:
+    return next((SAMPLES / digit).glob("*.png")).read_bytes()
+
+
+def test_uploads_keep_their_folders_so_folder_labels_work(tmp_path: Path) -> None:
+    from api.client import Client
+    from workers.storage.layout import open_job, read
+
+    api = make_api(tmp_path)
+    local = tmp_path / "mine"
+    for digit in ("3", "7"):
+        (local / digit).mkdir(parents=True)
+        (local / digit / f"x{digit}.png").write_bytes(_png(digit))
+    client = Client("http://testserver", api.tokens["acme"])
+    # The in-process app, reached as the CLI's `--upload` reaches a server.
+    client._http = api.client  # type: ignore[assignment]
+    client._http.headers.update(api.as_("acme"))
+    set_id = client.upload([local / "3" / "x3.png", local / "7" / "x7.png"])
+    folder = api.store / "uploads" / "acme" / set_id
+    assert sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*.png")) == [
+        "3/x3.png", "7/x7.png",
+    ]  # fmt: skip
+    model_id = api.register()
+    job = api.submit(model_id, inputs=[], input_set=set_id, labels_from_dirs=True).json()
+    group = open_job(str(api.store), job["job_id"], mode="r")
+    assert list(read(group, "sample")) == ["3/x3.png", "7/x7.png"]
+    assert list(read(group, "label")) == [3, 7]
+
+
+@pytest.mark.parametrize(
+    "name", ["../x.png", "a/../../x.png", "/etc/x.png", "a//x.png", "./x.png", "a/./x.png"]
+)
+def test_an_upload_path_that_climbs_or_is_absolute_is_refused(tmp_path: Path, name: str) -> None:
+    api = make_api(tmp_path)
+    answer = api.client.post(
+        "/v1/inputs", headers=api.as_("acme"), files=[("files", (name, _png("3"), "image/png"))]
+    )
+    assert answer.status_code == 422, answer.text
+    assert "relative path" in answer.json()["detail"]
+    folder = api.store / "uploads" / "acme"
+    assert not folder.exists() or not any(folder.iterdir())
+
+
+def test_a_path_uploaded_twice_is_refused(tmp_path: Path) -> None:
+    api = make_api(tmp_path)
+    twice = [("files", ("3/a.png", _png("3"), "image/png"))] * 2
+    answer = api.client.post("/v1/inputs", headers=api.as_("acme"), files=twice)
+    assert answer.status_code == 422, answer.text
+    assert "twice" in answer.json()["detail"]
+
+
+def test_a_file_and_a_folder_of_one_name_are_refused(tmp_path: Path) -> None:
+    api = make_api(tmp_path)
+    both = [("files", ("3", _png("3"), "image/png")), ("files", ("3/a.png", _png("3"), "x/y"))]
+    answer = api.client.post("/v1/inputs", headers=api.as_("acme"), files=both)
+    assert answer.status_code == 422, answer.text

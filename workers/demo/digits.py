@@ -13,7 +13,15 @@ __all__ = ["PREPROCESSING", "WEIGHTS", "DigitsNet", "digits_cnn"]
 
 WEIGHTS = Path(__file__).with_name("digits_cnn.safetensors")
 # MNIST's own mean and std of pixel intensity in [0, 1].
-PREPROCESSING = Preprocessing(size=(28, 28), channels=1, mean=(0.1307,), std=(0.3081,))
+# Its outputs are the digits 0 to 9, in order; it reads images.
+PREPROCESSING = Preprocessing(
+    size=(28, 28),
+    channels=1,
+    mean=(0.1307,),
+    std=(0.3081,),
+    classes=tuple(str(d) for d in range(10)),
+    input_kind="image",
+)
 
 
 class Residual(nn.Module):

@@ -26,8 +26,9 @@ from workers.lifecycle.plan import Plan
 from workers.lifecycle.state import Status, mark_interrupted, wait
 from workers.lifecycle.submit import resume as resume_job
 from workers.lifecycle.submit import submit
-from workers.pipeline import Extraction
+from workers.pipeline import Extraction, spec_of
 from workers.settings import Settings
+from workers.storage.layout import open_job
 
 __all__ = ["Embedded", "Interrupted", "catalogue", "embedded", "resume", "scan"]
 
@@ -166,6 +167,9 @@ def resume(store: str, job_id: str, settings: Settings, progress: Progress | Non
     """Run exactly the batches the ledger lacks."""
     try:
         with embedded(settings) as local:
+            # Loaded here, before any task, as `scan` does: a model that no longer loads is
+            # one error now rather than one per batch, and no task's batches pay the load.
+            local.models.get(spec_of(open_job(store, job_id, mode="r")))
             counters = local.runtime.counters
             resume_job(local.jobs, store, job_id, settings.batches_per_task, counters)
             return _until_done(local, store, job_id, progress)

@@ -26,7 +26,7 @@ from workers.extraction.beneath import (
     opened,
     walk_beneath,
 )
-from workers.jobs import Preprocessing
+from workers.jobs import InputKind, Preprocessing
 
 __all__ = [
     "IMAGE_SUFFIXES",
@@ -37,9 +37,11 @@ __all__ = [
     "discover",
     "fd_path",
     "labels_from_csv",
+    "kind_of",
     "labels_from_dirs",
     "nataraj_width",
     "opened",
+    "skipped_line",
 ]
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif"}
@@ -145,12 +147,36 @@ def discover(
     return sources
 
 
-def labels_from_dirs(sources: list[Source]) -> tuple[list[int], list[str]]:
-    """Each sample's parent directory name, the sorted names mapped to 0..K-1."""
+_DECLARE = (
+    "declare the model's class names (`classes` in its preprocessing JSON, a factory's "
+    "`classes` attribute, or at registration), or give --labels CSV"
+)
+
+
+def labels_from_dirs(
+    sources: list[Source], classes: tuple[str, ...] | None, outputs: int
+) -> tuple[list[int], list[str] | None]:
+    """Each sample's label from its parent folder's name: its index among the model's
+    `classes` when declared, else the folder's integer, below `outputs`. Folders that say
+    neither are refused before any work, with how to declare the classes."""
     names = [Path(s.path).parent.name for s in sources]
-    classes = sorted(set(names))
-    index = {name: i for i, name in enumerate(classes)}
-    return [index[n] for n in names], classes
+    if classes is not None:
+        index = {name: i for i, name in enumerate(classes)}
+        unknown = sorted(set(names) - set(index))
+        if unknown:
+            raise SpecError(
+                f"--labels-from-dirs: folder {unknown[0]!r} is not one of the model's classes "
+                f"({', '.join(classes[:12])}{', ...' if len(classes) > 12 else ''}); name the "
+                "folders after them, or give --labels CSV"
+            )
+        return [index[n] for n in names], list(classes)
+    odd = sorted({n for n in names if not n.isdigit() or int(n) >= outputs})
+    if odd:
+        raise SpecError(
+            f"--labels-from-dirs: folder {odd[0]!r} is not a class index below {outputs} and "
+            f"the model declares no class names; {_DECLARE}"
+        )
+    return [int(n) for n in names], None
 
 
 def labels_from_csv(
@@ -188,16 +214,48 @@ def nataraj_width(size: int) -> int:
     return 1024
 
 
+_KIND_WORDS = {"image": "an image", "array": "a .npy array"}
+# What a model of each kind reads. A `.npy` array of the input shape is the model's input
+# already, whatever files it decodes, so an image model takes one too.
+_READS: dict[str, tuple[InputKind, ...]] = {
+    "image": ("image", "array"),
+    "array": ("array",),
+    "binary": ("image", "array", "binary"),
+}
+
+
+def kind_of(path: str) -> InputKind:
+    """What a file is by its name: an image, a `.npy` array, or else a binary."""
+    suffix = Path(path).suffix.lower()
+    return "array" if suffix == ".npy" else "image" if suffix in IMAGE_SUFFIXES else "binary"
+
+
+def skipped_line(kind: InputKind, n: int) -> str:
+    """The summary's line for `n` files skipped as not of `kind`."""
+    what = _KIND_WORDS.get(kind, kind)
+    plural = what.replace("an ", "").replace("a ", "") + "s"
+    return f"{n} file{'s' if n != 1 else ''} skipped: not {what if n == 1 else plural}"
+
+
 def decode(
     path: str,
     prep: Preprocessing,
     max_bytes: int = MAX_INPUT_BYTES,
     *,
     roots: tuple[str, ...] | None = None,
+    kind: InputKind | None = None,
 ) -> np.ndarray:
     """Read one sample as the model's float32 (C, H, W) input. With `roots` (a tenant's
     job), the file is opened beneath them and read from that open file only: one that now
-    lies outside them, or is reached through a link, is refused with OUTSIDE_ROOTS."""
+    lies outside them, or is reached through a link, is refused with OUTSIDE_ROOTS. With
+    `kind` (the model's, or the job's override), a file it does not read (`_READS`) is
+    skipped with WRONG_KIND, unread."""
+    if kind is not None and kind_of(path) not in _READS[kind]:
+        raise InputError(
+            SampleCode.WRONG_KIND,
+            f"{Path(path).name} is not {_KIND_WORDS[kind]}, the kind of input the model "
+            "reads; it is skipped (--input-kind overrides the model's)",
+        )
     if roots is None:
         return _decode(Path(path), Path(path).name, prep, max_bytes)
     name = Path(path).name

@@ -296,8 +296,25 @@ def _load_factory(
             f"factory {ref} declares no preprocessing; set {attr}.preprocessing or pass "
             "--input-size and --input-channels"
         )
+    prep = _factory_declarations(factory, ref, prep)
     types = {name: type(m).__name__ for name, m in model.named_modules()}
     return model, _catalogue(model, attr, "factory", digest, prep, None, types)
+
+
+def _factory_declarations(factory: object, ref: str, prep: Preprocessing) -> Preprocessing:
+    """A factory's `classes` and `input_kind` attributes, where its preprocessing (or the
+    override) leaves them unsaid."""
+    found = {
+        key: getattr(factory, key)
+        for key in ("classes", "input_kind")
+        if getattr(prep, key) is None and getattr(factory, key, None) is not None
+    }
+    if not found:
+        return prep
+    try:
+        return Preprocessing.model_validate({**prep.model_dump(), **found})
+    except ValueError as exc:
+        raise ModelError(f"bad declaration on factory {ref}: {exc}".splitlines()[0]) from exc
 
 
 def _read_weights(path: Path) -> dict[str, torch.Tensor]:
@@ -343,10 +360,12 @@ def _catalogue(
     x = torch.zeros(frozen or 1, *prep.input_shape)
     tracker = FieldTracker(x)
     rows: dict[str, LayerInfo] = {}
+    calls: dict[str, int] = {}
     modules = {n: m for n, m in model.named_modules() if n}
 
     def record(layer: str) -> Callable[[nn.Module, object, object], None]:
         def hook(module: nn.Module, _inputs: object, output: object) -> None:
+            calls[layer] = calls.get(layer, 0) + 1
             if layer in rows or not isinstance(output, torch.Tensor):
                 return
             rf = tracker.field(output)
@@ -385,7 +404,7 @@ def _catalogue(
         preprocessing=prep,
         frozen_batch=frozen,
         classes=out.shape[1],
-        layers=tuple(rows[n] for n in modules if n in rows),
+        layers=tuple(rows[n].model_copy(update={"calls": calls[n]}) for n in modules if n in rows),
     )
 
 

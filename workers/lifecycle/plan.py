@@ -45,6 +45,12 @@ def layouts(spec: ExtractionSpec, info: ModelInfo) -> list[LayerLayout]:
     for name in spec.layers:
         if name not in known:
             raise LayerError(f"unknown layer {name!r} in {info.name}; {close_matches(name, known)}")
+        if info.layer(name).calls > 1:
+            raise LayerError(
+                f"layer {name!r} of {info.name} runs {info.layer(name).calls} times in one "
+                "forward pass, and a job stores one output per layer; choose a module called "
+                "once (`actmap layers` shows the calls) or give each call a module of its own"
+            )
         out = info.layer(name).output_shape
         width = out[0]
         if spec.channels is not None and max(spec.channels) >= width:
@@ -60,6 +66,12 @@ def layouts(spec: ExtractionSpec, info: ModelInfo) -> list[LayerLayout]:
     return found
 
 
+def _classes(spec: ExtractionSpec, info: ModelInfo) -> tuple[str, ...] | None:
+    """The model's class names: the job's preprocessing override, else the model's."""
+    prep = spec.preprocessing or info.preprocessing
+    return prep.classes if prep.classes is not None else info.preprocessing.classes
+
+
 def plan(
     store: str,
     spec: ExtractionSpec,
@@ -72,7 +84,7 @@ def plan(
     sources = sources if sources is not None else discover(spec.inputs, spec.roots)
     classes: list[str] | None = None
     if spec.labels_from_dirs:
-        labels, classes = labels_from_dirs(sources)
+        labels, classes = labels_from_dirs(sources, _classes(spec, info), info.classes)
     elif spec.labels_csv:
         labels, classes = labels_from_csv(spec.labels_csv, sources, spec.roots)
     else:

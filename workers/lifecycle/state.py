@@ -19,7 +19,7 @@ from typing import Any, cast
 import numpy as np
 from redis import RedisError
 
-from workers.errors import JobError, UserError
+from workers.errors import JobError, SampleCode, UserError
 from workers.jobs import JobState, now, poll
 from workers.lifecycle.counters import Counters
 from workers.storage.consolidate import publish
@@ -175,7 +175,7 @@ def status(store: str, job_id: str, counters: Counters | None = None) -> Status:
             eta = (n - samples_done) / rate
     if stalled is not None:
         state, reason = JobState.STALLED, stalled
-    n_failed = int(np.count_nonzero(read(group, ERROR_CODE)))
+    n_failed = _failed(read(group, ERROR_CODE))
     return Status(
         job_id, state.value, str(attrs.get("tenant", "local")), n, len(done), int(done.sum()),
         samples_done, n_failed, rate, eta, str(attrs["created"]),
@@ -230,6 +230,11 @@ def cancel(store: str, job_id: str) -> Status:
     open_job(store, job_id).update_attributes({"state": JobState.CANCELLED.value})
     publish(store, job_id)
     return status(store, job_id)
+
+
+def _failed(codes: np.ndarray) -> int:
+    """Samples that failed; files skipped as not the model's kind of input are not."""
+    return int(np.count_nonzero((codes != SampleCode.OK) & (codes != SampleCode.WRONG_KIND)))
 
 
 def prepare_resume(store: str, job_id: str, counters: Counters | None = None) -> list[int]:
@@ -314,12 +319,12 @@ def finalize(
     done = done_batches(group)
     codes = read(group, ERROR_CODE)
     n = int(attrs["n_samples"])
-    n_failed = int(np.count_nonzero(codes))
+    n_failed = _failed(codes)
     if state is None:
         if not done.all():
             state = JobState.FAILED
             reason = reason or f"{int((~done).sum())} of {len(done)} batches did not complete"
-        elif n and n_failed == n:
+        elif n and np.count_nonzero(codes) == n:
             state = JobState.FAILED
             reason = reason or "every sample failed; see error_message"
         else:
