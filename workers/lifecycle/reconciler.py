@@ -28,12 +28,12 @@ import numpy as np
 from workers.errors import JobError
 from workers.jobs import QUEUES, JobState, TaskName
 from workers.lifecycle.counters import Counters
-from workers.lifecycle.state import finalize
+from workers.lifecycle.state import finalize, ranges
 from workers.storage.index import unfinished
 from workers.storage.layout import attrs, open_job
 from workers.storage.ledger import done_batches
 
-__all__ = ["LEASE", "Reconciler", "Resend", "ranges"]
+__all__ = ["LEASE", "Reconciler", "Resend"]
 
 LEASE = "actmap:reconciler"
 # kombu keeps a queue's prioritised messages in lists named with this separator.
@@ -48,17 +48,6 @@ Send = Callable[[str, list[int], str], None]  # job id, batches, queue
 class Resend:
     job_id: str
     batches: list[int]
-
-
-def ranges(batches: list[int]) -> str:
-    """`[12, 13, 14, 20]` as `12-14, 20`."""
-    runs: list[list[int]] = []
-    for b in sorted(batches):
-        if runs and b == runs[-1][-1] + 1:
-            runs[-1].append(b)
-        else:
-            runs.append([b])
-    return ", ".join(str(r[0]) if len(r) == 1 else f"{r[0]}-{r[-1]}" for r in runs)
 
 
 def _batches_of(message: bytes | str) -> tuple[str, list[int]] | None:

@@ -99,10 +99,15 @@ def _seconds(iso: str) -> float:
     return datetime.fromisoformat(iso).timestamp()
 
 
-def _batch_ranges(batches: list[int]) -> str:
-    from workers.lifecycle.reconciler import ranges  # numpy and redis only
-
-    return ranges(batches)
+def ranges(batches: list[int]) -> str:
+    """`[12, 13, 14, 20]` as `12-14, 20`."""
+    runs: list[list[int]] = []
+    for b in sorted(batches):
+        if runs and b == runs[-1][-1] + 1:
+            runs[-1].append(b)
+        else:
+            runs.append([b])
+    return ", ".join(str(r[0]) if len(r) == 1 else f"{r[0]}-{r[-1]}" for r in runs)
 
 
 def _stalled(counters: Counters, job_id: str, queue: str) -> str | None:
@@ -118,13 +123,13 @@ def _stalled(counters: Counters, job_id: str, queue: str) -> str | None:
     if stall.orphans:
         since = min(stall.orphans.values())
         return (
-            f"batches {_batch_ranges(list(stall.orphans))} have no task since {_clock(since)}; "
+            f"batches {ranges(list(stall.orphans))} have no task since {_clock(since)}; "
             "they are sent again if none appears"
         )
     progressed = counters.progressed(job_id)
     if stall.resent and stall.resent_at and (progressed or 0) < stall.resent_at:
         return (
-            f"batches {_batch_ranges(stall.resent)} had no task, re-sent at "
+            f"batches {ranges(stall.resent)} had no task, re-sent at "
             f"{_clock(stall.resent_at)}"
         )
     return None
