@@ -4,10 +4,13 @@ imports the worker side only when it runs."""
 from __future__ import annotations
 
 import argparse
+import difflib
 import logging
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from pydantic import ValidationError
 from rich.logging import RichHandler
@@ -16,7 +19,7 @@ from api.cli import analyses as analysis_cli
 from api.cli import output
 from api.cli.backends import Backend, backend_for
 from workers.errors import ActmapError, UserError
-from workers.jobs import ExtractionSpec, JobState, Preprocessing
+from workers.jobs import VERSION, ExtractionSpec, JobState, Preprocessing
 from workers.lifecycle.state import Status, can_progress
 from workers.settings import Settings
 
@@ -64,8 +67,71 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object at the end")
 
 
+class _Parser(argparse.ArgumentParser):
+    """No abbreviated options (`--layer` is not `--layers`), and an unknown option is
+    refused by the command that got it, naming the close one it has."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **{"allow_abbrev": False, **kwargs})
+
+    def parse_known_args(  # type: ignore[override]
+        self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
+    ) -> tuple[argparse.Namespace, list[str]]:
+        if self._subparsers is None:  # a leaf command: every option left is for it
+            given = sys.argv[1:] if args is None else list(args)
+            unknown = [a for a in given if a.startswith("--") and self._unknown(a)]
+            if unknown:  # before "required" errors, which would hide the typo
+                self.error(f"unrecognized arguments: {' '.join(map(self._close, unknown))}")
+        return super().parse_known_args(args, namespace)
+
+    def _unknown(self, arg: str) -> bool:
+        return arg != "--" and arg.split("=")[0] not in self._option_string_actions
+
+    def _close(self, arg: str) -> str:
+        close = difflib.get_close_matches(arg.split("=")[0], list(self._option_string_actions), 1)
+        return f"{arg} (did you mean {close[0]}?)" if close else arg
+
+
+def _settings_help() -> str:
+    """The ACTMAP_* settings the server reads, with their defaults."""
+    rows = []
+    for name, field in Settings.model_fields.items():
+        default = field.get_default(call_default_factory=True)
+        rows.append(f"  ACTMAP_{name.upper():<26} default: {default}")
+    return "settings, from the environment (deploy/README.md says what each does):\n" + "\n".join(
+        rows
+    )
+
+
+def _jobs_parsers(sub: Any) -> None:
+    jobs = sub.add_parser("jobs", help="list, inspect, wait for, cancel or resume jobs")
+    action = jobs.add_subparsers(dest="action", required=True, metavar="ACTION")
+    listing = action.add_parser("list", help="jobs, newest first")
+    listing.add_argument("--state", choices=[s.value for s in JobState], help="only these")
+    listing.add_argument("--limit", type=int, help="this many, newest first (a page)")
+    listing.add_argument("--cursor", help="the page after this one (printed with a page)")
+    helps = {
+        "status": "state, progress, rate and time left",
+        "wait": "wait for the job to finish, with its progress",
+        "cancel": "stop the job after the batch running",
+        "resume": "run the batches the job lacks",
+    }
+    parsers = [listing]
+    for name, text in helps.items():
+        one = action.add_parser(name, help=text)
+        one.add_argument("job_id", metavar="JOB")
+        parsers.append(one)
+    parsers[-1].add_argument("--no-wait", action="store_true", help="return once queued")
+    for one in parsers:
+        one.add_argument("--store", help="store (default $ACTMAP_STORE)")
+        one.add_argument("--api", help="through this API (default $ACTMAP_API_URL)")
+        one.add_argument("--token", help="the API's bearer token (default $ACTMAP_TOKEN)")
+        one.add_argument("--json", action="store_true", help="print one JSON object at the end")
+
+
 def parser() -> argparse.ArgumentParser:
-    root = argparse.ArgumentParser(prog="actmap", description="What convolutional filters detect.")
+    root = _Parser(prog="actmap", description="What convolutional filters detect.")
+    root.add_argument("--version", action="version", version=f"actmap {VERSION}")
     sub = root.add_subparsers(dest="command", required=True)
     scan = sub.add_parser("scan", help="extract activations of INPUTs into the store")
     scan.add_argument("inputs", nargs="+", metavar="INPUT", help="file, directory or @list.txt")
@@ -91,23 +157,19 @@ def parser() -> argparse.ArgumentParser:
     keep.add_argument("action", choices=("reindex",))
     keep.add_argument("--store", help="store (default $ACTMAP_STORE)")
     keep.add_argument("--json", action="store_true", help="print one JSON object at the end")
-    jobs = sub.add_parser("jobs", help="list, inspect, wait for, cancel or resume jobs")
-    jobs.add_argument("action", choices=("list", "status", "wait", "cancel", "resume"))
-    jobs.add_argument("job_id", nargs="?", metavar="JOB")
-    jobs.add_argument("--state", choices=[s.value for s in JobState], help="list: filter")
-    jobs.add_argument("--limit", type=int, help="list: this many, newest first (a page)")
-    jobs.add_argument("--cursor", help="list: the page after this one (printed with a page)")
-    jobs.add_argument("--store", help="store (default $ACTMAP_STORE)")
-    jobs.add_argument("--api", help="through this API (default $ACTMAP_API_URL)")
-    jobs.add_argument("--no-wait", action="store_true", help="resume: return once queued")
-    jobs.add_argument("--json", action="store_true", help="print one JSON object at the end")
+    _jobs_parsers(sub)
     analysis_cli.add_parsers(sub)
     report = sub.add_parser("report", help="write a job's HTML report: DIR/index.html, DIR/img/")
     report.add_argument("job_id", metavar="JOB")
     report.add_argument("--out", required=True, metavar="DIR", help="folder for the report")
     report.add_argument("--store", help="store (default $ACTMAP_STORE)")
     report.add_argument("--json", action="store_true", help="print one JSON object at the end")
-    serve = sub.add_parser("serve", help="the HTTP API")
+    serve = sub.add_parser(
+        "serve",
+        help="the HTTP API",
+        epilog=_settings_help(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
     worker = sub.add_parser("worker", help="run Celery workers against $ACTMAP_BROKER_URL")
@@ -252,8 +314,6 @@ def _on_change(on_status: Callable[[Status], None], say: bool) -> Callable[[Stat
 def _jobs(args: argparse.Namespace, backend: Backend) -> int:
     if args.action == "list":
         return _list(args, backend)
-    if not args.job_id:
-        raise UserError(f"`actmap jobs {args.action}` needs a JOB id")
     show = not args.json and output.err.is_terminal
     with output.progress(show) as (_, on_status):
         if args.action == "status":
@@ -300,9 +360,22 @@ def _worker(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        code = _main(argv)
+        sys.stdout.flush()  # here, not at exit, so that a closed pipe is caught below
+    except BrokenPipeError:
+        # The reader (`| head`) left: nothing more to say to it. Point stdout at devnull so
+        # that the interpreter's own flush at exit does not raise again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # as a shell reports a command killed by SIGPIPE
+    return code
+
+
+def _main(argv: Sequence[str] | None) -> int:
     args = parser().parse_args(argv)
     logging.basicConfig(
-        level=logging.WARNING,
+        # A worker's start and restarts are news on its terminal, not warnings.
+        level=logging.INFO if args.command == "worker" else logging.WARNING,
         format="%(message)s",
         handlers=[RichHandler(console=output.err, show_path=False)],
     )
