@@ -15,7 +15,10 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
+from rich.table import Table
+
 from api.cli import output
+from api.cli.backends import ApiBackend
 from workers.analysis.requests import Analysis
 from workers.errors import ActmapError, UserError
 from workers.settings import Settings
@@ -100,6 +103,11 @@ def _request(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
     if args.command == "health":
         return "health", {"job_id": args.job_id, "layers": layers}
     if args.command == "compare":
+        if (args.job_b in (None, args.job_a)) and args.select_a == args.select_b:
+            raise UserError(
+                "compare needs two populations: give JOB_B, or selections that differ, "
+                "like --a correct=true --b correct=false"
+            )
         a = _selection(args.job_a, args.select_a)
         b = _selection(args.job_b or args.job_a, args.select_b)
         return "comparison", {"a": a, "b": b, "layers": layers, "paired": args.paired}
@@ -127,6 +135,8 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         return _screen_run(args, settings, args.store or settings.store)
     kind, params = _request(args)
     backend = backend_for(settings, args.store or settings.store, args.api)
+    if kind == "profile" and not isinstance(backend, ApiBackend):
+        _check_reference(backend.store, args)
     with _spinner(not args.json and output.err.is_terminal) as progress:
         found = backend.analyse(kind, params, progress)
     if found.state != "succeeded":
@@ -143,13 +153,81 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         output.out.print(f"{found.kind} {found.analysis_id} in {backend.store}", highlight=False)
         if kind == "profile":
             _print_weights(found.summary)
-        output.out.print_json(data=summary)
+        elif kind == "health":
+            _print_health(found.summary)
+        else:
+            _print_comparison(found.summary)
     return 0
 
 
+def _check_reference(store: str, args: argparse.Namespace) -> None:
+    """A reference too small for the rate is refused here, before anything is queued."""
+    import numpy as np
+
+    from workers.analysis.screening import check_reference
+    from workers.storage.layout import open_job, read
+
+    labels = np.asarray(read(open_job(store, args.reference, mode="r"), "label"))
+    if not (labels >= 0).all():
+        labels = np.zeros(labels.size, dtype=np.int64)  # fitted as one class
+    check_reference(labels, args.fpr, learns=args.adversarial is not None)
+
+
+def _channels(found: list[int], limit: int = 8) -> str:
+    shown = ", ".join(map(str, found[:limit]))
+    return f"{len(found)}: {shown}{', ...' if len(found) > limit else ''}" if found else "-"
+
+
+def _print_health(summary: dict[str, Any]) -> None:
+    table = Table("layer", "channels", "dead", "always on", "saturated", "sparse",
+                  "median sparsity", title="filter health")  # fmt: skip
+    for layer, v in summary.get("layers", {}).items():
+        table.add_row(
+            layer, str(v["channels"]), _channels(v["dead"]), _channels(v["always_on"]),
+            _channels(v["saturated"]), _channels(v.get("sparse", [])),
+            f"{v['median_sparsity']:.0%}" if "median_sparsity" in v else "-",
+        )  # fmt: skip
+    output.out.print(table)
+    output.out.print(
+        "dead: never above zero; always on: above zero at 99% of positions or more; "
+        "saturated: at its ceiling half the time; sparse: at or below zero at 90% of "
+        "positions or more",
+        highlight=False,
+    )
+
+
+def _print_comparison(summary: dict[str, Any]) -> None:
+    inputs = summary.get("inputs", {})
+    for side in ("a", "b"):
+        chosen = inputs.get(side, {})
+        picked = {k: v for k, v in chosen.items() if k != "job_id" and v not in (None, [])}
+        output.out.print(
+            f"{side.upper()}: {inputs.get(f'n_{side}', '?')} samples of job "
+            f"{chosen.get('job_id')} {picked or '(all)'}",
+            highlight=False,
+        )
+    table = Table("layer", "channel", "Cohen's d", "AUROC", "q", title="top channels (A vs B)")
+    for layer, v in summary.get("layers", {}).items():
+        table.add_row(layer, f"{v['n_discriminative']} of {v['channels']} with q <= "
+                      f"{inputs.get('alpha', 0.05)}", "", "", "")  # fmt: skip
+        figures = zip(v["top"], v.get("top_cohen_d", []), v.get("top_auroc", []),
+                      v.get("top_q", []), strict=False)  # fmt: skip
+        for channel, d, auroc, q in figures:
+            table.add_row("", str(channel), f"{d:+.2f}", f"{auroc:.3f}", f"{q:.2g}")
+    output.out.print(table)
+
+
 def _print_weights(summary: dict[str, Any]) -> None:
-    """The threshold, the realised FPR and the columns that carry the combination."""
+    """The threshold, the realised FPR, the layers and the columns that carry the
+    combination."""
     weights = summary.get("column_weights") or {}
+    inputs = summary.get("inputs", {})
+    layers = inputs.get("layers") or summary.get("profile", {}).get("layers") or []
+    output.out.print(
+        f"layers: {', '.join(map(str, layers)) or '-'}; reference job "
+        f"{inputs.get('reference_job', '?')}",
+        highlight=False,
+    )
     output.out.print(
         f"threshold {summary.get('threshold'):.4g} at fpr {summary.get('fpr')} "
         f"(realised {summary.get('calibration_fpr'):.3f} on held-out clean samples), "
