@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 from rich.table import Table
@@ -63,8 +64,9 @@ def add_parsers(sub: Any) -> None:
     for parser in (health, compare, fit, runs):
         parser.add_argument("--store", help="store (default $ACTMAP_STORE)")
         parser.add_argument("--json", action="store_true", help="print one JSON object")
-    for parser in (health, compare, fit):
+    for parser in (health, compare, fit, runs):
         parser.add_argument("--api", help="through this API (default $ACTMAP_API_URL)")
+        parser.add_argument("--token", help="the API's bearer token (default $ACTMAP_TOKEN)")
 
 
 def _layers(text: str | None) -> list[str] | None:
@@ -242,10 +244,53 @@ def _print_weights(summary: dict[str, Any]) -> None:
 
 def _screen_run(args: argparse.Namespace, settings: Settings, store: str) -> int:
     from api.cli.backends import backend_for
+
+    backend = backend_for(settings, store, args.api)
+    show = not args.json and output.err.is_terminal
+    if isinstance(backend, ApiBackend):
+        result, where, threshold, fpr = _screen_through_api(backend, args, show)
+    else:
+        result, threshold, fpr = _screen_here(backend, args, store, show)
+        where = store
+    flags = scores = ids = None
+    if where is not None and result.state in ("succeeded", "partial"):
+        from workers.storage.layout import open_job, read
+
+        group = open_job(where, result.job_id, mode="r")
+        flags, scores, ids = (
+            read(group, "screen/flag"),
+            read(group, "screen/score"),
+            read(group, "sample"),
+        )
+    n_flagged = int(flags.sum()) if flags is not None else None
+    found = {"job_id": result.job_id, "store": where or backend.store, "state": result.state,
+             "n_samples": result.n_samples, "n_flagged": n_flagged,
+             "threshold": threshold}  # fmt: skip
+    if args.json:
+        output.print_json(found)
+    else:
+        output.out.print(output.status_line(result), highlight=False)
+        if flags is not None and scores is not None and ids is not None:
+            output.out.print(
+                f"{n_flagged} of {result.n_samples} flagged (score above the threshold "
+                f"{threshold:.4g}, fpr {fpr})",
+                highlight=False,
+            )
+            for i in flags.nonzero()[0][:20]:
+                output.out.print(
+                    f"  [red]flagged[/] {ids[i]}: score {scores[i]:.2f}", highlight=False
+                )
+    return 0 if result.state in ("succeeded", "partial") else 1
+
+
+def _screen_here(
+    backend: Any, args: argparse.Namespace, store: str, show: bool
+) -> tuple[Any, float, float]:
+    """Embedded or on a broker: the screening spec is made here from the stored profile."""
     from workers.analysis.profiles import load_profile
     from workers.jobs import ExtractionSpec
     from workers.storage.analyses import open_analysis
-    from workers.storage.layout import attrs, open_job, read
+    from workers.storage.layout import attrs, open_job
 
     profile = load_profile(store, args.profile)
     reference = attrs(open_analysis(store, args.profile))["inputs"]["reference_job"]
@@ -255,28 +300,28 @@ def _screen_run(args: argparse.Namespace, settings: Settings, store: str) -> int
          "labels_csv": None, "labels_from_dirs": False, "profile_id": args.profile,
          "queue": "screen", "channels": None, "top_k": None, "max_size": None}
     )  # fmt: skip
-    backend = backend_for(settings, store)
-    with output.progress(not args.json and output.err.is_terminal) as (on_plan, on_status):
+    with output.progress(show) as (on_plan, on_status):
         result = backend.scan(screening, True, on_plan, on_status)
-    group = open_job(store, result.job_id, mode="r")
-    flags = read(group, "screen/flag") if result.state in ("succeeded", "partial") else None
-    n_flagged = int(flags.sum()) if flags is not None else None
-    found = {"job_id": result.job_id, "store": store, "state": result.state,
-             "n_samples": result.n_samples, "n_flagged": n_flagged,
-             "threshold": profile.threshold}  # fmt: skip
-    if args.json:
-        output.print_json(found)
-    else:
-        output.out.print(output.status_line(result), highlight=False)
-        if flags is not None:
-            output.out.print(
-                f"{n_flagged} of {result.n_samples} flagged (score above the threshold "
-                f"{profile.threshold:.4g}, fpr {profile.fpr})",
-                highlight=False,
-            )
-            scores, ids = read(group, "screen/score"), read(group, "sample")
-            for i in flags.nonzero()[0][:20]:
-                output.out.print(
-                    f"  [red]flagged[/] {ids[i]}: score {scores[i]:.2f}", highlight=False
-                )
-    return 0 if result.state in ("succeeded", "partial") else 1
+    return result, profile.threshold, profile.fpr
+
+
+def _screen_through_api(
+    backend: ApiBackend, args: argparse.Namespace, show: bool
+) -> tuple[Any, str | None, float, float]:
+    """Through the API, which makes the screening spec; the flags are read from its store
+    when this host reaches it."""
+    import uuid
+
+    client = backend.client
+    profile = client.request("GET", f"/v1/analyses/{args.profile}").json()["summary"] or {}
+    body = {"profile_id": args.profile, "inputs": list(args.inputs)}
+    headers = {"Idempotency-Key": uuid.uuid4().hex}
+    job_id = client.request("POST", "/v1/jobs/screenings", json=body, headers=headers).json()[
+        "job_id"
+    ]
+    with output.progress(show) as (_, on_status):
+        result = backend.wait(job_id, on_status)
+    where = str(client.request("GET", f"/v1/jobs/{job_id}/store").json()["store"])
+    reachable = "://" not in where and (Path(where) / "jobs" / job_id).is_dir()
+    threshold, fpr = float(profile["threshold"]), float(profile["fpr"])
+    return result, where if reachable else None, threshold, fpr

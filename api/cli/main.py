@@ -12,12 +12,13 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from pydantic import ValidationError
+from pydantic import SecretStr, ValidationError
 from rich.logging import RichHandler
 
 from api.cli import analyses as analysis_cli
+from api.cli import models as models_cli
 from api.cli import output
-from api.cli.backends import Backend, backend_for
+from api.cli.backends import ApiBackend, Backend, backend_for
 from workers.errors import ActmapError, UserError
 from workers.jobs import VERSION, ExtractionSpec, JobState, Preprocessing
 from workers.lifecycle.state import Status, can_progress
@@ -150,6 +151,7 @@ def parser() -> argparse.ArgumentParser:
     scan.add_argument("--no-wait", action="store_true", help="return once queued (broker or API)")
     scan.add_argument("--api", help="submit through this API (default $ACTMAP_API_URL)")
     scan.add_argument("--upload", action="store_true", help="with --api: upload local INPUTs")
+    scan.add_argument("--token", help="the API's bearer token (default $ACTMAP_TOKEN)")
     scan.add_argument("--report", metavar="DIR", help="at the end, write the job's HTML report")
     layers = sub.add_parser("layers", help="the model's layer catalogue")
     _model_args(layers)
@@ -159,6 +161,7 @@ def parser() -> argparse.ArgumentParser:
     keep.add_argument("--json", action="store_true", help="print one JSON object at the end")
     _jobs_parsers(sub)
     analysis_cli.add_parsers(sub)
+    models_cli.add_parsers(sub)
     report = sub.add_parser("report", help="write a job's HTML report: DIR/index.html, DIR/img/")
     report.add_argument("job_id", metavar="JOB")
     report.add_argument("--out", required=True, metavar="DIR", help="folder for the report")
@@ -252,21 +255,46 @@ def _scan(args: argparse.Namespace, settings: Settings, backend: Backend) -> int
     with output.progress(not args.json and output.err.is_terminal) as (on_plan, on_status):
         result = backend.scan(spec, not args.no_wait, on_plan, on_status)
     page = None
-    if args.report and not remote and JobState(result.state).finished:
+    store: str | None = backend.store  # None: the API's, not reachable from here
+    finished = JobState(result.state).finished
+    if remote and finished:
+        store = _reachable(backend, result.job_id, args.report)
+    if args.report and finished and store is not None:
         from api.cli.report import report
 
-        page = report(backend.store, result.job_id, Path(args.report), settings.factories)
+        page = report(store, result.job_id, Path(args.report), settings.factories)
     if args.json:
         keys = ("job_id", "state", "n_samples", "n_failed")
-        found = {"store": backend.store, **{k: getattr(result, k) for k in keys}}
+        found = {"store": store or backend.store, **{k: getattr(result, k) for k in keys}}
         output.print_json({**found, **({"report": str(page.resolve())} if page else {})})
-    elif JobState(result.state).finished and not remote:
-        output.scan_report(backend.store, result)
+    elif finished and store is not None:
+        output.scan_report(store, result)
         if page is not None:
             output.out.print(f"report: {page.resolve()} (open it in a browser)", highlight=False)
     else:
         output.out.print(output.status_line(result), highlight=False)
     return _exit_code(result)
+
+
+def _reachable(backend: Backend, job_id: str, report: str | None) -> str | None:
+    """The API's store when this host reaches it (a shared directory), so that the summary
+    and the report are those of an embedded scan; None when it does not, and then a
+    `--report` is refused, since the report is drawn from the store."""
+    assert isinstance(backend, ApiBackend)
+    where = backend.client.request("GET", f"/v1/jobs/{job_id}/store").json()["store"]
+    if "://" not in where and (Path(where) / "jobs" / job_id).is_dir():
+        return str(where)
+    if report:
+        raise UserError(
+            f"job {job_id} finished, but its store {where} is not reachable from here, and "
+            "--report draws from the store: run `actmap report` where the store is"
+        )
+    output.err.print(
+        f"results in {where} (group jobs/{job_id}) on the API's side; fetch them with "
+        f"api.client.Client(URL).job({job_id!r}).fetch(LAYER)",
+        highlight=False,
+    )
+    return None
 
 
 def _reindex(store: str, as_json: bool) -> int:
@@ -386,7 +414,11 @@ def _main(argv: Sequence[str] | None) -> int:
         name = "ACTMAP_" + "_".join(map(str, first["loc"])).upper() if first["loc"] else "settings"
         print(f"actmap: error: invalid {name}: {first['msg']}", file=sys.stderr)
         return 2
+    if getattr(args, "token", None):
+        settings = settings.model_copy(update={"token": SecretStr(args.token)})
     try:
+        if args.command == "models":
+            return models_cli.run(args, settings)
         if args.command == "layers":
             return _layers(args, settings)
         if args.command == "worker":
@@ -407,7 +439,10 @@ def _main(argv: Sequence[str] | None) -> int:
             return _jobs(args, backend)
         return _scan(args, settings, backend)
     except UserError as exc:
-        print(f"actmap: error: {exc}", file=sys.stderr)
+        hint = ""
+        if getattr(exc, "status", None) == 401:
+            hint = "; give the API's bearer token with --token TOKEN or $ACTMAP_TOKEN"
+        print(f"actmap: error: {exc}{hint}", file=sys.stderr)
         return 2
     except ActmapError as exc:
         print(f"actmap: {exc}", file=sys.stderr)
