@@ -74,13 +74,17 @@ class Tenants:
     def from_file(cls, path: str | None) -> Tenants:
         if path is None:
             return cls(None)
+        tenants = {}
         try:
             raw = json.loads(Path(path).read_text())
-            tenants = {
-                name: Tenant.model_validate({**spec, "name": name})
-                for name, spec in raw["tenants"].items()
-            }
-        except (OSError, ValueError, KeyError, TypeError, ValidationError) as exc:
+            for name, spec in raw["tenants"].items():
+                where = f"tenants.{name}"
+                tenants[name] = Tenant.model_validate({**spec, "name": name})
+        except ValidationError as exc:  # say which field, as the file spells it
+            bad = exc.errors()[0]
+            field = ".".join([where, *map(str, bad["loc"])])
+            raise SpecError(f"cannot read the auth file {path}: {field}: {bad['msg']}") from None
+        except (OSError, ValueError, KeyError, TypeError) as exc:
             first = str(exc).splitlines()[0]
             raise SpecError(f"cannot read the auth file {path}: {first}") from None
         return cls(tenants)

@@ -13,14 +13,18 @@ from __future__ import annotations
 import argparse
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
+from rich.table import Table
+
 from api.cli import output
+from api.cli.backends import ApiBackend
 from workers.analysis.requests import Analysis
 from workers.errors import ActmapError, UserError
 from workers.jobs import AnalysisKind
 from workers.settings import Settings
-from workers.storage.layout import SAMPLE, SCORE, SCREEN
+from workers.storage.layout import FLAG, JOBS, SAMPLE, SCORE, SCREEN
 
 __all__ = ["add_parsers", "run"]
 
@@ -62,8 +66,9 @@ def add_parsers(sub: Any) -> None:
     for parser in (health, compare, fit, runs):
         parser.add_argument("--store", help="store (default $ACTMAP_STORE)")
         parser.add_argument("--json", action="store_true", help="print one JSON object")
-    for parser in (health, compare, fit):
+    for parser in (health, compare, fit, runs):
         parser.add_argument("--api", help="through this API (default $ACTMAP_API_URL)")
+        parser.add_argument("--token", help="the API's bearer token (default $ACTMAP_TOKEN)")
 
 
 def _layers(text: str | None) -> list[str] | None:
@@ -102,6 +107,11 @@ def _request(args: argparse.Namespace) -> tuple[AnalysisKind, dict[str, Any]]:
     if args.command == "health":
         return AnalysisKind.HEALTH, {"job_id": args.job_id, "layers": layers}
     if args.command == "compare":
+        if (args.job_b in (None, args.job_a)) and args.select_a == args.select_b:
+            raise UserError(
+                "compare needs two populations: give JOB_B, or selections that differ, "
+                "like --a correct=true --b correct=false"
+            )
         a = _selection(args.job_a, args.select_a)
         b = _selection(args.job_b or args.job_a, args.select_b)
         return AnalysisKind.COMPARE, {"a": a, "b": b, "layers": layers, "paired": args.paired}
@@ -129,6 +139,8 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         return _screen_run(args, settings, args.store or settings.store)
     kind, params = _request(args)
     backend = backend_for(settings, args.store or settings.store, args.api)
+    if kind == "profile" and not isinstance(backend, ApiBackend):
+        _check_reference(backend.store, args)
     with _spinner(not args.json and output.err.is_terminal) as progress:
         found = backend.analyse(kind, params, progress)
     if found.state != "succeeded":
@@ -145,13 +157,81 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         output.out.print(f"{found.kind} {found.analysis_id} in {backend.store}", highlight=False)
         if kind == AnalysisKind.SCREENING_PROFILE:
             _print_weights(found.summary)
-        output.out.print_json(data=summary)
+        elif kind == AnalysisKind.HEALTH:
+            _print_health(found.summary)
+        else:
+            _print_comparison(found.summary)
     return 0
 
 
+def _check_reference(store: str, args: argparse.Namespace) -> None:
+    """A reference too small for the rate is refused here, before anything is queued."""
+    import numpy as np
+
+    from workers.analysis.screening import check_reference
+    from workers.storage.layout import open_job, read
+
+    labels = np.asarray(read(open_job(store, args.reference, mode="r"), "label"))
+    if not (labels >= 0).all():
+        labels = np.zeros(labels.size, dtype=np.int64)  # fitted as one class
+    check_reference(labels, args.fpr, learns=args.adversarial is not None)
+
+
+def _channels(found: list[int], limit: int = 8) -> str:
+    shown = ", ".join(map(str, found[:limit]))
+    return f"{len(found)}: {shown}{', ...' if len(found) > limit else ''}" if found else "-"
+
+
+def _print_health(summary: dict[str, Any]) -> None:
+    table = Table("layer", "channels", "dead", "always on", "saturated", "sparse",
+                  "median sparsity", title="filter health")  # fmt: skip
+    for layer, v in summary.get("layers", {}).items():
+        table.add_row(
+            layer, str(v["channels"]), _channels(v["dead"]), _channels(v["always_on"]),
+            _channels(v["saturated"]), _channels(v.get("sparse", [])),
+            f"{v['median_sparsity']:.0%}" if "median_sparsity" in v else "-",
+        )  # fmt: skip
+    output.out.print(table)
+    output.out.print(
+        "dead: never above zero; always on: above zero at 99% of positions or more; "
+        "saturated: at its ceiling half the time; sparse: at or below zero at 90% of "
+        "positions or more",
+        highlight=False,
+    )
+
+
+def _print_comparison(summary: dict[str, Any]) -> None:
+    inputs = summary.get("inputs", {})
+    for side in ("a", "b"):
+        chosen = inputs.get(side, {})
+        picked = {k: v for k, v in chosen.items() if k != "job_id" and v not in (None, [])}
+        output.out.print(
+            f"{side.upper()}: {inputs.get(f'n_{side}', '?')} samples of job "
+            f"{chosen.get('job_id')} {picked or '(all)'}",
+            highlight=False,
+        )
+    table = Table("layer", "channel", "Cohen's d", "AUROC", "q", title="top channels (A vs B)")
+    for layer, v in summary.get("layers", {}).items():
+        table.add_row(layer, f"{v['n_discriminative']} of {v['channels']} with q <= "
+                      f"{inputs.get('alpha', 0.05)}", "", "", "")  # fmt: skip
+        figures = zip(v["top"], v.get("top_cohen_d", []), v.get("top_auroc", []),
+                      v.get("top_q", []), strict=False)  # fmt: skip
+        for channel, d, auroc, q in figures:
+            table.add_row("", str(channel), f"{d:+.2f}", f"{auroc:.3f}", f"{q:.2g}")
+    output.out.print(table)
+
+
 def _print_weights(summary: dict[str, Any]) -> None:
-    """The threshold, the realised FPR and the columns that carry the combination."""
+    """The threshold, the realised FPR, the layers and the columns that carry the
+    combination."""
     weights = summary.get("column_weights") or {}
+    inputs = summary.get("inputs", {})
+    layers = inputs.get("layers") or summary.get("profile", {}).get("layers") or []
+    output.out.print(
+        f"layers: {', '.join(map(str, layers)) or '-'}; reference job "
+        f"{inputs.get('reference_job', '?')}",
+        highlight=False,
+    )
     output.out.print(
         f"threshold {summary.get('threshold'):.4g} at fpr {summary.get('fpr')} "
         f"(realised {summary.get('calibration_fpr'):.3f} on held-out clean samples), "
@@ -166,10 +246,53 @@ def _print_weights(summary: dict[str, Any]) -> None:
 
 def _screen_run(args: argparse.Namespace, settings: Settings, store: str) -> int:
     from api.cli.backends import backend_for
+
+    backend = backend_for(settings, store, args.api)
+    show = not args.json and output.err.is_terminal
+    if isinstance(backend, ApiBackend):
+        result, where, threshold, fpr = _screen_through_api(backend, args, show)
+    else:
+        result, threshold, fpr = _screen_here(backend, args, store, show)
+        where = store
+    flags = scores = ids = None
+    if where is not None and result.state in ("succeeded", "partial"):
+        from workers.storage.layout import open_job, read
+
+        group = open_job(where, result.job_id, mode="r")
+        flags, scores, ids = (
+            read(group, f"{SCREEN}/{FLAG}"),
+            read(group, f"{SCREEN}/{SCORE}"),
+            read(group, SAMPLE),
+        )
+    n_flagged = int(flags.sum()) if flags is not None else None
+    found = {"job_id": result.job_id, "store": where or backend.store, "state": result.state,
+             "n_samples": result.n_samples, "n_flagged": n_flagged,
+             "threshold": threshold}  # fmt: skip
+    if args.json:
+        output.print_json(found)
+    else:
+        output.out.print(output.status_line(result), highlight=False)
+        if flags is not None and scores is not None and ids is not None:
+            output.out.print(
+                f"{n_flagged} of {result.n_samples} flagged (score above the threshold "
+                f"{threshold:.4g}, fpr {fpr})",
+                highlight=False,
+            )
+            for i in flags.nonzero()[0][:20]:
+                output.out.print(
+                    f"  [red]flagged[/] {ids[i]}: score {scores[i]:.2f}", highlight=False
+                )
+    return 0 if result.state in ("succeeded", "partial") else 1
+
+
+def _screen_here(
+    backend: Any, args: argparse.Namespace, store: str, show: bool
+) -> tuple[Any, float, float]:
+    """Embedded or on a broker: the screening spec is made here from the stored profile."""
     from workers.analysis.profiles import load_profile
     from workers.jobs import ExtractionSpec
     from workers.storage.analyses import open_analysis
-    from workers.storage.layout import attrs, open_job, read
+    from workers.storage.layout import attrs, open_job
 
     profile = load_profile(store, args.profile)
     reference = attrs(open_analysis(store, args.profile))["inputs"]["reference_job"]
@@ -179,28 +302,28 @@ def _screen_run(args: argparse.Namespace, settings: Settings, store: str) -> int
          "labels_csv": None, "labels_from_dirs": False, "profile_id": args.profile,
          "queue": "screen", "channels": None, "top_k": None, "max_size": None}
     )  # fmt: skip
-    backend = backend_for(settings, store)
-    with output.progress(not args.json and output.err.is_terminal) as (on_plan, on_status):
+    with output.progress(show) as (on_plan, on_status):
         result = backend.scan(screening, True, on_plan, on_status)
-    group = open_job(store, result.job_id, mode="r")
-    flags = read(group, "screen/flag") if result.state in ("succeeded", "partial") else None
-    n_flagged = int(flags.sum()) if flags is not None else None
-    found = {"job_id": result.job_id, "store": store, "state": result.state,
-             "n_samples": result.n_samples, "n_flagged": n_flagged,
-             "threshold": profile.threshold}  # fmt: skip
-    if args.json:
-        output.print_json(found)
-    else:
-        output.out.print(output.status_line(result), highlight=False)
-        if flags is not None:
-            output.out.print(
-                f"{n_flagged} of {result.n_samples} flagged (score above the threshold "
-                f"{profile.threshold:.4g}, fpr {profile.fpr})",
-                highlight=False,
-            )
-            scores, ids = read(group, f"{SCREEN}/{SCORE}"), read(group, SAMPLE)
-            for i in flags.nonzero()[0][:20]:
-                output.out.print(
-                    f"  [red]flagged[/] {ids[i]}: score {scores[i]:.2f}", highlight=False
-                )
-    return 0 if result.state in ("succeeded", "partial") else 1
+    return result, profile.threshold, profile.fpr
+
+
+def _screen_through_api(
+    backend: ApiBackend, args: argparse.Namespace, show: bool
+) -> tuple[Any, str | None, float, float]:
+    """Through the API, which makes the screening spec; the flags are read from its store
+    when this host reaches it."""
+    import uuid
+
+    client = backend.client
+    profile = client.request("GET", f"/v1/analyses/{args.profile}").json()["summary"] or {}
+    body = {"profile_id": args.profile, "inputs": list(args.inputs)}
+    headers = {"Idempotency-Key": uuid.uuid4().hex}
+    job_id = client.request("POST", "/v1/jobs/screenings", json=body, headers=headers).json()[
+        "job_id"
+    ]
+    with output.progress(show) as (_, on_status):
+        result = backend.wait(job_id, on_status)
+    where = str(client.request("GET", f"/v1/jobs/{job_id}/store").json()["store"])
+    reachable = "://" not in where and (Path(where) / JOBS / job_id).is_dir()
+    threshold, fpr = float(profile["threshold"]), float(profile["fpr"])
+    return result, where if reachable else None, threshold, fpr

@@ -4,19 +4,23 @@ imports the worker side only when it runs."""
 from __future__ import annotations
 
 import argparse
+import difflib
 import logging
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
-from pydantic import ValidationError
+from pydantic import SecretStr, ValidationError
 from rich.logging import RichHandler
 
 from api.cli import analyses as analysis_cli
+from api.cli import models as models_cli
 from api.cli import output
-from api.cli.backends import Backend, backend_for
+from api.cli.backends import ApiBackend, Backend, backend_for
 from workers.errors import ActmapError, UserError
-from workers.jobs import ExtractionSpec, JobState, Preprocessing
+from workers.jobs import VERSION, ExtractionSpec, JobState, Preprocessing
 from workers.lifecycle.state import Status, can_progress
 from workers.settings import Settings
 
@@ -64,8 +68,71 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object at the end")
 
 
+class _Parser(argparse.ArgumentParser):
+    """No abbreviated options (`--layer` is not `--layers`), and an unknown option is
+    refused by the command that got it, naming the close one it has."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **{"allow_abbrev": False, **kwargs})
+
+    def parse_known_args(  # type: ignore[override]
+        self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
+    ) -> tuple[argparse.Namespace, list[str]]:
+        if self._subparsers is None:  # a leaf command: every option left is for it
+            given = sys.argv[1:] if args is None else list(args)
+            unknown = [a for a in given if a.startswith("--") and self._unknown(a)]
+            if unknown:  # before "required" errors, which would hide the typo
+                self.error(f"unrecognized arguments: {' '.join(map(self._close, unknown))}")
+        return super().parse_known_args(args, namespace)
+
+    def _unknown(self, arg: str) -> bool:
+        return arg != "--" and arg.split("=")[0] not in self._option_string_actions
+
+    def _close(self, arg: str) -> str:
+        close = difflib.get_close_matches(arg.split("=")[0], list(self._option_string_actions), 1)
+        return f"{arg} (did you mean {close[0]}?)" if close else arg
+
+
+def _settings_help() -> str:
+    """The ACTMAP_* settings the server reads, with their defaults."""
+    rows = []
+    for name, field in Settings.model_fields.items():
+        default = field.get_default(call_default_factory=True)
+        rows.append(f"  ACTMAP_{name.upper():<26} default: {default}")
+    return "settings, from the environment (deploy/README.md says what each does):\n" + "\n".join(
+        rows
+    )
+
+
+def _jobs_parsers(sub: Any) -> None:
+    jobs = sub.add_parser("jobs", help="list, inspect, wait for, cancel or resume jobs")
+    action = jobs.add_subparsers(dest="action", required=True, metavar="ACTION")
+    listing = action.add_parser("list", help="jobs, newest first")
+    listing.add_argument("--state", choices=[s.value for s in JobState], help="only these")
+    listing.add_argument("--limit", type=int, help="this many, newest first (a page)")
+    listing.add_argument("--cursor", help="the page after this one (printed with a page)")
+    helps = {
+        "status": "state, progress, rate and time left",
+        "wait": "wait for the job to finish, with its progress",
+        "cancel": "stop the job after the batch running",
+        "resume": "run the batches the job lacks",
+    }
+    parsers = [listing]
+    for name, text in helps.items():
+        one = action.add_parser(name, help=text)
+        one.add_argument("job_id", metavar="JOB")
+        parsers.append(one)
+    parsers[-1].add_argument("--no-wait", action="store_true", help="return once queued")
+    for one in parsers:
+        one.add_argument("--store", help="store (default $ACTMAP_STORE)")
+        one.add_argument("--api", help="through this API (default $ACTMAP_API_URL)")
+        one.add_argument("--token", help="the API's bearer token (default $ACTMAP_TOKEN)")
+        one.add_argument("--json", action="store_true", help="print one JSON object at the end")
+
+
 def parser() -> argparse.ArgumentParser:
-    root = argparse.ArgumentParser(prog="actmap", description="What convolutional filters detect.")
+    root = _Parser(prog="actmap", description="What convolutional filters detect.")
+    root.add_argument("--version", action="version", version=f"actmap {VERSION}")
     sub = root.add_subparsers(dest="command", required=True)
     scan = sub.add_parser("scan", help="extract activations of INPUTs into the store")
     scan.add_argument("inputs", nargs="+", metavar="INPUT", help="file, directory or @list.txt")
@@ -91,6 +158,7 @@ def parser() -> argparse.ArgumentParser:
     scan.add_argument("--no-wait", action="store_true", help="return once queued (broker or API)")
     scan.add_argument("--api", help="submit through this API (default $ACTMAP_API_URL)")
     scan.add_argument("--upload", action="store_true", help="with --api: upload local INPUTs")
+    scan.add_argument("--token", help="the API's bearer token (default $ACTMAP_TOKEN)")
     scan.add_argument("--report", metavar="DIR", help="at the end, write the job's HTML report")
     layers = sub.add_parser("layers", help="the model's layer catalogue")
     _model_args(layers)
@@ -98,23 +166,20 @@ def parser() -> argparse.ArgumentParser:
     keep.add_argument("action", choices=("reindex",))
     keep.add_argument("--store", help="store (default $ACTMAP_STORE)")
     keep.add_argument("--json", action="store_true", help="print one JSON object at the end")
-    jobs = sub.add_parser("jobs", help="list, inspect, wait for, cancel or resume jobs")
-    jobs.add_argument("action", choices=("list", "status", "wait", "cancel", "resume"))
-    jobs.add_argument("job_id", nargs="?", metavar="JOB")
-    jobs.add_argument("--state", choices=[s.value for s in JobState], help="list: filter")
-    jobs.add_argument("--limit", type=int, help="list: this many, newest first (a page)")
-    jobs.add_argument("--cursor", help="list: the page after this one (printed with a page)")
-    jobs.add_argument("--store", help="store (default $ACTMAP_STORE)")
-    jobs.add_argument("--api", help="through this API (default $ACTMAP_API_URL)")
-    jobs.add_argument("--no-wait", action="store_true", help="resume: return once queued")
-    jobs.add_argument("--json", action="store_true", help="print one JSON object at the end")
+    _jobs_parsers(sub)
     analysis_cli.add_parsers(sub)
+    models_cli.add_parsers(sub)
     report = sub.add_parser("report", help="write a job's HTML report: DIR/index.html, DIR/img/")
     report.add_argument("job_id", metavar="JOB")
     report.add_argument("--out", required=True, metavar="DIR", help="folder for the report")
     report.add_argument("--store", help="store (default $ACTMAP_STORE)")
     report.add_argument("--json", action="store_true", help="print one JSON object at the end")
-    serve = sub.add_parser("serve", help="the HTTP API")
+    serve = sub.add_parser(
+        "serve",
+        help="the HTTP API",
+        epilog=_settings_help(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
     worker = sub.add_parser("worker", help="run Celery workers against $ACTMAP_BROKER_URL")
@@ -201,21 +266,46 @@ def _scan(args: argparse.Namespace, settings: Settings, backend: Backend) -> int
     with output.progress(not args.json and output.err.is_terminal) as (on_plan, on_status):
         result = backend.scan(spec, not args.no_wait, on_plan, on_status)
     page = None
-    if args.report and not remote and JobState(result.state).finished:
+    store: str | None = backend.store  # None: the API's, not reachable from here
+    finished = JobState(result.state).finished
+    if remote and finished:
+        store = _reachable(backend, result.job_id, args.report)
+    if args.report and finished and store is not None:
         from api.cli.report import report
 
-        page = report(backend.store, result.job_id, Path(args.report), settings.factories)
+        page = report(store, result.job_id, Path(args.report), settings.factories)
     if args.json:
         keys = ("job_id", "state", "n_samples", "n_failed")
-        found = {"store": backend.store, **{k: getattr(result, k) for k in keys}}
+        found = {"store": store or backend.store, **{k: getattr(result, k) for k in keys}}
         output.print_json({**found, **({"report": str(page.resolve())} if page else {})})
-    elif JobState(result.state).finished and not remote:
-        output.scan_report(backend.store, result)
+    elif finished and store is not None:
+        output.scan_report(store, result)
         if page is not None:
             output.out.print(f"report: {page.resolve()} (open it in a browser)", highlight=False)
     else:
         output.out.print(output.status_line(result), highlight=False)
     return _exit_code(result)
+
+
+def _reachable(backend: Backend, job_id: str, report: str | None) -> str | None:
+    """The API's store when this host reaches it (a shared directory), so that the summary
+    and the report are those of an embedded scan; None when it does not, and then a
+    `--report` is refused, since the report is drawn from the store."""
+    assert isinstance(backend, ApiBackend)
+    where = backend.client.request("GET", f"/v1/jobs/{job_id}/store").json()["store"]
+    if "://" not in where and (Path(where) / "jobs" / job_id).is_dir():
+        return str(where)
+    if report:
+        raise UserError(
+            f"job {job_id} finished, but its store {where} is not reachable from here, and "
+            "--report draws from the store: run `actmap report` where the store is"
+        )
+    output.err.print(
+        f"results in {where} (group jobs/{job_id}) on the API's side; fetch them with "
+        f"api.client.Client(URL).job({job_id!r}).fetch(LAYER)",
+        highlight=False,
+    )
+    return None
 
 
 def _reindex(store: str, as_json: bool) -> int:
@@ -263,8 +353,6 @@ def _on_change(on_status: Callable[[Status], None], say: bool) -> Callable[[Stat
 def _jobs(args: argparse.Namespace, backend: Backend) -> int:
     if args.action == "list":
         return _list(args, backend)
-    if not args.job_id:
-        raise UserError(f"`actmap jobs {args.action}` needs a JOB id")
     show = not args.json and output.err.is_terminal
     with output.progress(show) as (_, on_status):
         if args.action == "status":
@@ -318,9 +406,47 @@ def _worker(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        code = _main(argv)
+        sys.stdout.flush()  # here, not at exit, so that a closed pipe is caught below
+    except BrokenPipeError:
+        # The reader (`| head`) left: nothing more to say to it. Point stdout at devnull so
+        # that the interpreter's own flush at exit does not raise again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # as a shell reports a command killed by SIGPIPE
+    return code
+
+
+def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
+    """The command's handler; the store-bound ones get the backend the flags ask for."""
+    if args.command == "models":
+        return models_cli.run(args, settings)
+    if args.command == "layers":
+        return _layers(args, settings)
+    if args.command == "worker":
+        return _worker(args, settings)
+    if args.command == "serve":
+        return _serve(args, settings)
+    if args.command in ("health", "compare", "screen"):
+        return analysis_cli.run(args, settings)
+    if args.command == "report":
+        return _report(args, settings)
+    if args.command == "store":
+        return _reindex(args.store or settings.store, args.json)
+    store = getattr(args, "out", None) or getattr(args, "store", None) or settings.store
+    backend = backend_for(
+        settings, store, getattr(args, "api", None), getattr(args, "upload", False)
+    )
+    if args.command == "jobs":
+        return _jobs(args, backend)
+    return _scan(args, settings, backend)
+
+
+def _main(argv: Sequence[str] | None) -> int:
     args = parser().parse_args(argv)
     logging.basicConfig(
-        level=logging.WARNING,
+        # A worker's start and restarts are news on its terminal, not warnings.
+        level=logging.INFO if args.command == "worker" else logging.WARNING,
         format="%(message)s",
         handlers=[RichHandler(console=output.err, show_path=False)],
     )
@@ -331,28 +457,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         name = "ACTMAP_" + "_".join(map(str, first["loc"])).upper() if first["loc"] else "settings"
         print(f"actmap: error: invalid {name}: {first['msg']}", file=sys.stderr)
         return 2
+    if getattr(args, "token", None):
+        settings = settings.model_copy(update={"token": SecretStr(args.token)})
     try:
-        if args.command == "layers":
-            return _layers(args, settings)
-        if args.command == "worker":
-            return _worker(args, settings)
-        if args.command == "serve":
-            return _serve(args, settings)
-        if args.command in ("health", "compare", "screen"):
-            return analysis_cli.run(args, settings)
-        if args.command == "report":
-            return _report(args, settings)
-        if args.command == "store":
-            return _reindex(args.store or settings.store, args.json)
-        store = getattr(args, "out", None) or getattr(args, "store", None) or settings.store
-        backend = backend_for(
-            settings, store, getattr(args, "api", None), getattr(args, "upload", False)
-        )
-        if args.command == "jobs":
-            return _jobs(args, backend)
-        return _scan(args, settings, backend)
+        return _dispatch(args, settings)
     except UserError as exc:
-        print(f"actmap: error: {exc}", file=sys.stderr)
+        hint = ""
+        if getattr(exc, "status", None) == 401:
+            hint = "; give the API's bearer token with --token TOKEN or $ACTMAP_TOKEN"
+        print(f"actmap: error: {exc}{hint}", file=sys.stderr)
         return 2
     except ActmapError as exc:
         print(f"actmap: {exc}", file=sys.stderr)

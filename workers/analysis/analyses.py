@@ -26,6 +26,8 @@ from workers.storage.stored_job import Picked, Selection, StoredJob
 __all__ = ["run_compare", "run_health", "run_signatures"]
 
 _HEALTH = ("mean", "std", "max", "on_rate", "apoz", "dead", "always_on", "saturated")
+# Sparse: at or below zero at this share of positions or more (APoZ).
+SPARSE_APOZ = 0.9
 _COMPARE = ("mean_a", "mean_b", "mean_difference", "cohen_d", "t", "df", "p", "q", "auroc")
 
 
@@ -91,11 +93,13 @@ def run_health(
             channel_ids = np.asarray(job.layer(layer, KEPT_CHANNEL)[:])
             results[layer_path(layer, KEPT_CHANNEL)] = (channel_ids.astype(np.int32), [dim])
         found = {k: _listing(channel_ids[v]) for k, v in health.summary().items()}
+        found["sparse"] = _listing(channel_ids[health.apoz >= SPARSE_APOZ])
         summary[layer] = {
             "channels": int(acts.shape[1]),
             **{f"n_{k}": len(v) for k, v in found.items()},
             **found,
             "tau": health.tau,
+            "median_sparsity": float(np.median(health.apoz)) if health.apoz.size else 0.0,
         }
     inputs = {
         "job_id": job_id,
@@ -167,6 +171,12 @@ def run_compare(
             "channels": int(c.mean_a.size),
             "n_discriminative": int(ranked.size),
             "top": _listing(ranked[:10]),
+            # The figures of those channels, so that a reader of the summary alone (the
+            # CLI through the API) can show them.
+            **{
+                f"top_{name}": [float(v) for v in getattr(c, name)[ranked[:10]]]
+                for name in ("cohen_d", "auroc", "q")
+            },
             # The largest error of any AUROC: 0.0 unless histograms stood in for ranks.
             "auroc_error": 0.0 if c.auroc_error is None else float(c.auroc_error.max()),
         }

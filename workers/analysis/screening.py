@@ -34,7 +34,15 @@ from workers.analysis.output_scores import OUTPUT_SCORES, output_scores
 from workers.errors import SpecError
 from workers.jobs import AnalysisKind
 
-__all__ = ["COMBINE", "DETECTORS", "LOGITS", "SQUEEZE", "ScreeningProfile"]
+__all__ = [
+    "COMBINE",
+    "DETECTORS",
+    "LOGITS",
+    "SQUEEZE",
+    "ScreeningProfile",
+    "check_reference",
+    "held_out_needed",
+]
 
 LAYER_DETECTORS = ("mahalanobis", "knn", "lid")
 DETECTORS = (*LAYER_DETECTORS, *OUTPUT_SCORES, "squeeze")
@@ -136,23 +144,22 @@ class ScreeningProfile:
         if y.shape != (n,) or (y < 0).any():
             raise SpecError(f"give a known label (>= 0) for each of the {n} reference samples")
         rng = np.random.default_rng(seed)
-        fit_rows, cal_rows = _split(y, held_out, rng)
+        learns = adversarial is not None or (combine == "weighted" and benign is not None)
+        # A small reference holds out more than `held_out`, as much as the rate needs (each
+        # class keeps one sample to fit on), so that the default rate works on the demo.
+        share = max(held_out, min(held_out_needed(fpr, learns) / n, 1.0))
+        fit_rows, cal_rows = _split(y, share, rng)
         # A learned combination learns from half the held-out samples and the threshold
         # comes from the other half: a threshold set on the combination's own training data
         # flags too few fresh clean samples.
         learn_rows, threshold_rows = cal_rows[:0], cal_rows
-        learns = adversarial is not None or (combine == "weighted" and benign is not None)
         if learns:
             shuffled = rng.permutation(cal_rows)
             learn_rows, threshold_rows = (
                 np.sort(shuffled[: cal_rows.size // 2]),
                 np.sort(shuffled[cal_rows.size // 2 :]),
             )
-        if int(fpr * (threshold_rows.size + 1)) < 1:
-            raise SpecError(
-                f"a false-positive rate of {fpr} needs at least {int(np.ceil(1 / fpr)) - 1} "
-                f"held-out clean samples, got {threshold_rows.size}; give more or raise fpr"
-            )
+        check_reference(y, fpr, learns, share)
         fit_x = {name: x[name][fit_rows] for name in layers}
         maha = {}
         if "mahalanobis" in detectors:
@@ -412,6 +419,30 @@ def _check_options(detectors: Sequence[str], fpr: float, held_out: float, combin
 
 def _take(x: Mapping[str, np.ndarray], rows: np.ndarray) -> dict[str, np.ndarray]:
     return {name: v[rows] for name, v in x.items()}
+
+
+def held_out_needed(fpr: float, learns: bool = False) -> int:
+    """Held-out clean samples a conformal threshold at `fpr` needs (twice that when half of
+    them teach a learned combination)."""
+    return (int(np.ceil(1 / fpr)) - 1) * (2 if learns else 1)
+
+
+def check_reference(
+    labels: np.ndarray, fpr: float, learns: bool = False, held_out: float = 0.25
+) -> None:
+    """Refuse, before any work, a reference too small for `fpr`: one that cannot hold out
+    enough clean samples while keeping one of each class to fit on."""
+    need = held_out_needed(fpr)
+    share = max(held_out, min(held_out_needed(fpr, learns) / max(labels.size, 1), 1.0))
+    sizes = np.unique(labels, return_counts=True)[1]
+    held = int(np.minimum(np.round(share * sizes), sizes - 1).sum())
+    got = held - held // 2 if learns else held  # half of them learn the combination
+    if got < need:
+        raise SpecError(
+            f"a false-positive rate of {fpr} needs at least {need} held-out clean samples, "
+            f"and this reference of {labels.size} (keeping one of each class to fit on) "
+            f"gives {got}; scan more reference samples or raise --fpr"
+        )
 
 
 def _split(

@@ -49,7 +49,7 @@ class Supervisor:
         env = {**os.environ, **self.slots[i].environment()}
         self.procs[i] = subprocess.Popen(command(self.slots[i], self.queues), env=env)
         self.started[i] = time.monotonic()
-        log.warning("started %s (pid %d)", self.slots[i].name, self.procs[i].pid)
+        log.info("started %s (pid %d)", self.slots[i].name, self.procs[i].pid)
 
     def stop(self, signum: int = signal.SIGTERM, _frame: FrameType | None = None) -> None:  # noqa: ARG002 (the signature the caller requires)
         self.stopping = True

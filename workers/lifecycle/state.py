@@ -128,10 +128,7 @@ def _stalled(counters: Counters, job_id: str, queue: str) -> str | None:
         )
     progressed = counters.progressed(job_id)
     if stall.resent and stall.resent_at and (progressed or 0) < stall.resent_at:
-        return (
-            f"batches {ranges(stall.resent)} had no task, re-sent at "
-            f"{_clock(stall.resent_at)}"
-        )
+        return f"batches {ranges(stall.resent)} had no task, re-sent at {_clock(stall.resent_at)}"
     return None
 
 
@@ -144,8 +141,7 @@ def status(store: str, job_id: str, counters: Counters | None = None) -> Status:
     attrs = attrs_of(group)
     n, size = int(attrs["n_samples"]), int(attrs["batch_size"])
     done = done_batches(group)
-    sizes = np.minimum(size, n - np.arange(len(done)) * size)
-    samples_done = int(sizes[done].sum())
+    samples_done = _written(n, size, done)
     state = JobState(attrs["state"])
     reason = attrs.get("reason") or None
     started = progressed = None
@@ -168,16 +164,15 @@ def status(store: str, job_id: str, counters: Counters | None = None) -> Status:
     if state is JobState.QUEUED and (done.any() or started):
         state = JobState.RUNNING
     rate = eta = None
-    if state.finished and attrs.get("samples_per_s"):
-        rate = float(attrs["samples_per_s"])
-    elif started and samples_done and stalled is None:
-        elapsed = max(time.time() - started, 1e-3)
+    if state.finished:
+        rate = float(attrs["samples_per_s"]) if attrs.get("samples_per_s") else None
+    elif samples_done and stalled is None:
+        elapsed = max(time.time() - (started or _seconds(str(attrs["created"]))), 1e-3)
         recent = progressed is None or time.time() - progressed <= max(
             PROGRESS_MIN_S, PROGRESS_INTERVALS * elapsed / max(int(done.sum()), 1)
         )
         if recent or counters is None:
-            rate = samples_done / elapsed
-            eta = (n - samples_done) / rate
+            rate, eta = throughput(attrs, samples_done, time.time())
     if stalled is not None:
         state, reason = JobState.STALLED, stalled
     n_failed = _failed(read(group, ERROR_CODE))
@@ -186,6 +181,19 @@ def status(store: str, job_id: str, counters: Counters | None = None) -> Status:
         samples_done, n_failed, rate, eta, str(attrs["created"]),
         attrs.get("finished"), reason,
     )  # fmt: skip
+
+
+def _written(n: int, size: int, done: np.ndarray) -> int:
+    """Samples in the batches the ledger has done."""
+    return int(np.minimum(size, n - np.arange(len(done)) * size)[done].sum())
+
+
+def throughput(attrs: dict[str, Any], samples_done: int, at: float) -> tuple[float, float]:
+    """The one rate and time left of a job, wherever it is shown: samples written divided
+    by the seconds from the job's submission (`created`) to `at` (now while it runs, its
+    finish once finished), and the samples still to write at that rate."""
+    rate = samples_done / max(at - _seconds(str(attrs["created"])), 1e-3)
+    return rate, (int(attrs["n_samples"]) - samples_done) / rate if rate else 0.0
 
 
 def can_progress(s: Status) -> bool:
@@ -338,13 +346,9 @@ def finalize(
     update: dict[str, Any] = {"state": state.value, "finished": finished, "n_failed": n_failed}
     if reason:
         update["reason"] = reason
-    started = attrs.get("started")
-    if started:
-        elapsed = (
-            datetime.fromisoformat(finished) - datetime.fromisoformat(started)
-        ).total_seconds()
-        update["elapsed_s"] = round(elapsed, 3)
-        update["samples_per_s"] = round(n / elapsed, 2) if elapsed > 0 else None
+    written = _written(n, int(attrs["batch_size"]), done)
+    update["elapsed_s"] = round(_seconds(finished) - _seconds(str(attrs["created"])), 3)
+    update["samples_per_s"] = round(throughput(attrs, written, _seconds(finished))[0], 2)
     group.update_attributes(update)
     profile = attrs_of(group)["spec"].get("profile_id")
     if profile and state in (JobState.SUCCEEDED, JobState.PARTIAL):

@@ -185,7 +185,7 @@ def test_screen_fit_prints_its_rate_and_weights_and_run_prints_threshold_and_cou
     out = capsys.readouterr().out
     assert "realised" in out
     assert "weight carried by:" in out
-    assert '"combine": "mean"' in out
+    assert "combine mean" in out
     profile = out.split()[1]
     noise = tmp_path / "noise.npy"
     np.save(noise, (np.random.default_rng(1).standard_normal((1, 28, 28)) * 4).astype(np.float32))
