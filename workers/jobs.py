@@ -26,6 +26,7 @@ from pydantic import (
 
 __all__ = [
     "QUEUES",
+    "CONV_TYPES",
     "VERSION",
     "AnalysisKind",
     "AnalysisState",
@@ -67,6 +68,10 @@ class JobState(StrEnum):
     @property
     def finished(self) -> bool:
         return self not in (JobState.QUEUED, JobState.RUNNING, JobState.STALLED)
+
+
+# Layer types whose weights are filters drawn as pictures (a catalogue's `type`).
+CONV_TYPES = ("Conv1d", "Conv2d")
 
 
 class AnalysisKind(StrEnum):

@@ -65,11 +65,11 @@ def _local(args: argparse.Namespace) -> int:
             "registering a model needs the API (--api URL or $ACTMAP_API_URL); embedded and "
             "on a broker, scan with --model FILE.pt2 or --model package.module:factory"
         )
-    from workers.extraction.models import REGISTERED  # embedded: torch is installed here
+    from workers.execution.registration import bundled  # embedded: torch is installed here
 
     rows = [
         {"id": name, "name": name, "state": "ready", "factory": factory, "weights": str(w)}
-        for name, (factory, w) in REGISTERED.items()
+        for name, (factory, w) in bundled().items()
     ]
     _show(rows, args.json)
     return 0

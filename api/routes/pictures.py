@@ -20,10 +20,10 @@ from api.auth import Tenant
 from api.deps import OwnedJob, Services, ServicesDep, TenantDep, roots_of
 from workers.errors import NotFound, SpecError
 from workers.extraction.inputs import OutsideRoots, fd_path, opened
-from workers.jobs import close_matches
+from workers.jobs import CONV_TYPES, close_matches
 from workers.pictures.charts import score_histogram
 from workers.pictures.render import MAX_TILES, activation_grid, filter_grid
-from workers.pictures.report_job import CONV_TYPES, input_image
+from workers.pictures.report_job import input_image
 from workers.storage.layout import SAMPLE, SOURCE, attrs, read
 from workers.storage.registry import Registry
 from workers.storage.stored_job import StoredLayer, layer_group, read_filters, screening

@@ -4,12 +4,19 @@ catalogue, or its one-line refusal."""
 from __future__ import annotations
 
 from collections.abc import Collection
+from pathlib import Path
 
 from workers.errors import UserError
 from workers.extraction.isolation import ChildLimits, load_in_child
+from workers.extraction.models import REGISTERED
 from workers.storage.registry import Registry
 
-__all__ = ["register_model"]
+__all__ = ["bundled", "register_model"]
+
+
+def bundled() -> dict[str, tuple[str, Path]]:
+    """The models known by name on every host: name -> (factory, weights file)."""
+    return dict(REGISTERED)
 
 
 def register_model(

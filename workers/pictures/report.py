@@ -16,13 +16,16 @@ import numpy as np
 
 from workers.analysis.compare import Comparison
 from workers.analysis.health import FilterHealth, duplicate_filters
+from workers.jobs import AnalysisKind
 from workers.pictures.charts import bar_chart, difference_sheet, score_histogram
 from workers.pictures.html import Raw, Section, e, facts, figure, page, table
 from workers.pictures.render import activation_sheet, filter_sheet
 from workers.pictures.report_job import Pick, ReportJob, health
+from workers.storage.analyses import analysis_ids, open_analysis
+from workers.storage.layout import attrs, layer_path, read
 from workers.storage.stored_job import StoredLayer
 
-__all__ = ["REPORT_TOP", "Section", "comparison_section", "write_report"]
+__all__ = ["REPORT_TOP", "Section", "comparison_section", "stored_comparisons", "write_report"]
 
 REPORT_TOP = 64  # tiles per activation grid in the report; the API draws up to 256
 MAX_ROWS = 256  # rows of a per-channel table
@@ -315,3 +318,22 @@ def write_report(
     index = Path(out_dir) / "index.html"
     index.write_text(page(title, subtitle, footer, parts), encoding="utf-8")
     return index
+
+
+def stored_comparisons(store: str, job_id: str) -> list[Section]:
+    """A section per layer of every stored comparison that has this job on either side."""
+    sections: list[Section] = []
+    for analysis_id in analysis_ids(store):
+        group = open_analysis(store, analysis_id)
+        meta = attrs(group)
+        inputs = meta.get("inputs", {})
+        sides = [inputs.get(side, {}).get("job_id") for side in ("a", "b")]
+        if meta.get("kind") != AnalysisKind.COMPARE or job_id not in sides:
+            continue
+        for layer in meta.get("layers", {}):
+            names = ("mean_a", "mean_b", "cohen_d", "t", "df", "p", "q", "auroc")
+            v = {name: read(group, layer_path(layer, name)) for name in names}
+            found = Comparison(int(inputs["n_a"]), int(inputs["n_b"]), **v)
+            title = f"Comparison {analysis_id}: A {sides[0]} against B {sides[1]}"
+            sections.append(comparison_section(found, layer, title))
+    return sections

@@ -24,13 +24,12 @@ from workers.analysis.health import FilterHealth, layer_health
 from workers.analysis.stats import Rows, iter_rows
 from workers.errors import ActmapError, InputError, SampleCode, SpecError
 from workers.extraction.inputs import IMAGE_SUFFIXES, OutsideRoots, decode, fd_path, opened
-from workers.jobs import Preprocessing
+from workers.jobs import CONV_TYPES, Preprocessing
 from workers.storage.layout import ERROR_CODE, ERROR_MESSAGE, LABEL, PRED
 from workers.storage.stored_job import Picked, StoredJob, StoredLayer
 
-__all__ = ["CONV_TYPES", "Pick", "ReportJob", "health", "input_image"]
+__all__ = ["Pick", "ReportJob", "health", "input_image"]
 
-CONV_TYPES = ("Conv1d", "Conv2d")
 # Activations with a ceiling, where "saturated" (at the ceiling) can be judged.
 CLIPS = {"ReLU6": 6.0, "Sigmoid": 1.0, "Hardsigmoid": 1.0, "Hardtanh": 1.0, "Tanh": 1.0}
 MAX_INPUT_SIDE = 512  # an input is shrunk to this before it is drawn
