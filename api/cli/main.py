@@ -10,7 +10,7 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from pydantic import SecretStr, ValidationError
 from rich.logging import RichHandler
@@ -35,22 +35,22 @@ def _pair(text: str) -> tuple[int, int]:
         raise argparse.ArgumentTypeError(f"expected HxW, like 28x28, got {text!r}") from None
 
 
-def _ints(text: str) -> tuple[int, ...]:
+T = TypeVar("T")
+
+
+def _parsed(text: str, kind: Callable[[str], T], what: str) -> tuple[T, ...]:
     try:
-        return tuple(int(v) for v in text.split(",") if v.strip())
+        return tuple(kind(v) for v in text.split(",") if v.strip())
     except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected comma-separated integers, got {text!r}"
-        ) from None
+        raise argparse.ArgumentTypeError(f"expected comma-separated {what}, got {text!r}") from None
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    return _parsed(text, int, "integers")
 
 
 def _floats(text: str) -> tuple[float, ...]:
-    try:
-        return tuple(float(v) for v in text.split(",") if v.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected comma-separated numbers, got {text!r}"
-        ) from None
+    return _parsed(text, float, "numbers")
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
