@@ -10,9 +10,8 @@
     │   ├── InputError            Raised when one sample cannot be decoded (a per-sample code).
     │   ├── NotFound              Raised when a job, analysis, model or layer asked for does not
     │   │                         exist for this caller (HTTP 404).
-    │   ├── Conflict              Raised when the request clashes with the object's state: a job
-    │   │                         already finished, a quota or lock held (HTTP 409).
-    │   └── JobError              Deprecated name of NotFound, kept while callers move.
+    │   └── Conflict              Raised when the request clashes with the object's state: a job
+    │                             already finished, a quota or lock held (HTTP 409).
     └── TransientError            Raised when a retry may succeed (connection, CUDA OOM).
 
 Every message is one line a person can act on. Tracebacks are for bugs.
@@ -26,7 +25,6 @@ __all__ = [
     "ActmapError",
     "Conflict",
     "InputError",
-    "JobError",
     "LayerError",
     "ModelError",
     "NotFound",
@@ -63,9 +61,6 @@ class NotFound(UserError):
 
 class Conflict(UserError):
     """Raised when a request clashes with the state of what it names; retrying as is won't help."""
-
-
-JobError = NotFound
 
 
 class SampleCode(IntEnum):

@@ -198,8 +198,6 @@ def get_job(services: ServicesDep, job: OwnedJob, job_id: str) -> JobOut:
 
 @router.post("/jobs/{job_id}/cancel", response_model=JobOut, dependencies=[Depends(owned_job)])
 def cancel(services: ServicesDep, tenant: TenantDep, job_id: str) -> JobOut:
-    if JobState(status(services.store, job_id).state).finished:
-        raise Conflict(f"job {job_id} has already finished; nothing to cancel")
     current = cancel_job(services.store, job_id)
     log.info("job cancelled", extra={"job_id": job_id, "tenant": tenant.name})
     return _job_out(open_job(services.store, job_id, mode="r"), current)

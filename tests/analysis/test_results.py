@@ -27,7 +27,7 @@ from workers.analysis.profiles import fit_profile, load_profile, score_job
 from workers.analysis.screening import LOGITS, ScreeningProfile
 from workers.analysis.signatures import family_signatures
 from workers.demo.digits import PREPROCESSING, WEIGHTS, DigitsNet
-from workers.errors import JobError, LayerError, SpecError
+from workers.errors import LayerError, NotFound, SpecError
 from workers.extraction.cache import ModelCache
 from workers.jobs import ExtractionSpec
 from workers.lifecycle.plan import plan
@@ -239,7 +239,7 @@ def test_paired_compare_matches_sample_ids_and_measures_each_pair(jobs: Jobs) ->
 def test_compare_refuses_unknown_jobs_empty_selections_and_mismatched_layers(
     jobs: Jobs,
 ) -> None:
-    with pytest.raises(JobError, match="no job 'nope'"):
+    with pytest.raises(NotFound, match="no job 'nope'"):
         run_compare(jobs.store, Selection("nope"), Selection(jobs.demo))
     with pytest.raises(SpecError, match="selection B of job .*: no sample meets the selection"):
         run_compare(jobs.store, Selection(jobs.demo), Selection(jobs.demo, label=42))
@@ -303,7 +303,7 @@ def test_a_profile_fitted_on_another_model_is_refused(jobs: Jobs) -> None:
 def test_unknown_or_wrong_kinds_of_analysis_and_unfinished_jobs_are_refused(
     jobs: Jobs,
 ) -> None:
-    with pytest.raises(JobError, match="no analysis 'nope'"):
+    with pytest.raises(NotFound, match="no analysis 'nope'"):
         load_profile(jobs.store, "nope")
     health = run_health(jobs.store, jobs.demo, ["fc"])
     with pytest.raises(SpecError, match="is a health, not a screening profile"):

@@ -97,6 +97,13 @@ def test_another_tenants_ids_answer_404_on_every_route(api: Api) -> None:
     assert stolen.status_code == 404
 
 
+def test_cancelling_a_finished_job_answers_409_with_its_state(api: Api) -> None:
+    job_id = api.submit(api.register("acme")).json()["job_id"]  # the inline runner finishes it
+    done = api.client.post(f"/v1/jobs/{job_id}/cancel", headers=api.as_("acme"))
+    assert done.status_code == 409
+    assert f"job {job_id} is already succeeded; nothing to cancel" in done.text
+
+
 @pytest.mark.parametrize("escape", ["dotdot", "symlink", "absolute"])
 def test_inputs_outside_the_tenants_roots_are_refused_before_anything_is_queued(
     api: Api, tmp_path: Path, escape: str

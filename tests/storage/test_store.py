@@ -12,7 +12,7 @@ import xarray as xr
 import zarr
 
 from tests.oracle import run_job
-from workers.errors import JobError
+from workers.errors import NotFound
 from workers.extraction.cache import ModelCache
 from workers.jobs import ExtractionSpec
 from workers.lifecycle.plan import plan
@@ -118,7 +118,7 @@ def test_finalize_without_every_batch_done_fails_the_job_with_the_reason(store: 
 
 
 def test_an_unknown_job_is_a_clear_error(store: str) -> None:
-    with pytest.raises(JobError, match="no job 'nope'"):
+    with pytest.raises(NotFound, match="no job 'nope'"):
         open_job(store, "nope")
 
 

@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from workers.errors import JobError
+from workers.errors import NotFound
 from workers.jobs import QUEUES, JobState, TaskName
 from workers.lifecycle.counters import Counters
 from workers.lifecycle.state import finalize, ranges
@@ -118,7 +118,7 @@ class Reconciler:
     def _job(self, job_id: str, queued: set[int], now: float) -> Resend | None:
         try:
             group = open_job(self.store, job_id, mode="r")
-        except JobError:
+        except NotFound:
             return None
         found = attrs(group)
         state = JobState(found["state"])

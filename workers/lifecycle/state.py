@@ -19,7 +19,7 @@ from typing import Any, cast
 import numpy as np
 from redis import RedisError
 
-from workers.errors import JobError, SampleCode, UserError
+from workers.errors import Conflict, NotFound, SampleCode, UserError
 from workers.jobs import JobState, now, poll
 from workers.lifecycle.counters import Counters
 from workers.storage.consolidate import publish
@@ -230,7 +230,7 @@ def job_page(
     for entry in entries:
         try:
             found.append(status(store, entry.job_id, counters))
-        except JobError:
+        except NotFound:
             continue  # deleted since it was indexed
     return [s for s in found if state is None or s.state == state], after
 
@@ -239,7 +239,7 @@ def cancel(store: str, job_id: str) -> Status:
     """Cooperative: running batches finish, queued ones are skipped by the workers."""
     current = status(store, job_id)
     if JobState(current.state).finished:
-        raise JobError(f"job {job_id} is already {current.state}; nothing to cancel")
+        raise Conflict(f"job {job_id} is already {current.state}; nothing to cancel")
     open_job(store, job_id).update_attributes({"state": JobState.CANCELLED.value})
     publish(store, job_id)
     return status(store, job_id)

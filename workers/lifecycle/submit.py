@@ -22,7 +22,7 @@ from typing import Any, Protocol
 
 import fsspec
 
-from workers.errors import ActmapError, JobError, UserError
+from workers.errors import ActmapError, NotFound, UserError
 from workers.extraction.inputs import Source
 from workers.jobs import ExtractionSpec, JobState, ModelInfo, TaskName, new_id
 from workers.lifecycle.counters import Counters
@@ -159,7 +159,7 @@ def _existing(store: str, job_id: str) -> Plan | None:
     """The job's plan when it is complete; a partial one is removed, to plan again."""
     try:
         found = attrs(open_job(store, job_id, mode="r"))
-    except JobError:
+    except NotFound:
         found = None
     if found is None:
         return None
