@@ -11,6 +11,7 @@ from __future__ import annotations
 import pkgutil
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
@@ -55,6 +56,8 @@ INTERRUPTED = "interrupted"
 # Rate and time left are shown while a batch completed within this many mean batch
 # intervals (and at least PROGRESS_MIN_S): a job whose batches stopped completing has none.
 PROGRESS_INTERVALS = 10
+# Jobs of a listed page whose status is read at once.
+PAGE_READERS = 16
 PROGRESS_MIN_S = 30.0
 
 # The lifecycle's one edge into analysis, declared here: a screening job (its spec names a
@@ -226,12 +229,17 @@ def job_page(
     live = state in (JobState.QUEUED, JobState.RUNNING)
     states = [JobState.QUEUED.value, JobState.RUNNING.value] if live else state and [state]
     entries, after = index_page(store, limit, cursor, tenant, states or None)
-    found = []
-    for entry in entries:
+
+    def read(job_id: str) -> Status | None:
         try:
-            found.append(status(store, entry.job_id, counters))
+            return status(store, job_id, counters)
         except NotFound:
-            continue  # deleted since it was indexed
+            return None  # deleted since it was indexed
+
+    # Each status is a few small reads; on an object store their latency, not their work,
+    # is the cost, so the page's jobs are read side by side.
+    with ThreadPoolExecutor(max(1, min(PAGE_READERS, len(entries)))) as pool:
+        found = [s for s in pool.map(read, [e.job_id for e in entries]) if s is not None]
     return [s for s in found if state is None or s.state == state], after
 
 
