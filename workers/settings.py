@@ -26,9 +26,9 @@ class Settings(BaseSettings):
     task_soft_time_limit: int = 540
     task_time_limit: int = 600
     attempt_cap: int = 3  # starts of one batch before it is marked failed
-    # A task's first decode and last write are not overlapped: with one worker, 16 to a
-    # task gave 0.84x / 0.96x of in-process, 64 gave 1.03x / 1.06x (tests/bench/queueing.py,
-    # 5 repeats, ratio of medians / median of pairs).
+    # A task's first decode and last write are not overlapped, so a task holds enough
+    # batches to hide them: 64 matched in-process speed where 16 did not (figures:
+    # tests/bench/README.md).
     # A task hands back what it cannot finish in `budget_s`, so size costs no time limit.
     batches_per_task: int = 64
     task_budget_s: float | None = Field(default=None, ge=0)  # None: half the soft limit

@@ -2,7 +2,7 @@
 
 Owns the verdicts, not the pass over the data: `filter_health` reads a `ChannelStats`
 (stats.py) and `layer_health` runs that one streaming pass itself. `duplicate_filters` looks at
-the weights instead, for the seed document's "all filters look identical".
+the weights instead: filters that all look identical are a failed training's sign.
 """
 
 from __future__ import annotations

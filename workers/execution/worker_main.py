@@ -71,8 +71,8 @@ def _queues() -> list[str]:
 @worker_process_init.connect  # type: ignore[untyped-decorator]
 def _child_started(**_: Any) -> None:
     # Move what the imports made (torch's, Celery's, zarr's objects: most of the heap) out
-    # of the collector's reach: each full collection in a child walked all of it, about
-    # 0.2 s a time on 2 cores, twice in 7 jobs of the queue benchmark.
+    # of the collector's reach: each full collection in a child walked all of it, a pause
+    # long enough to show in the queue benchmark.
     gc.freeze()
     if settings.broker_url is not None:
         url = settings.broker_url.get_secret_value()

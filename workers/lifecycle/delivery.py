@@ -274,8 +274,8 @@ def execute_batches(store: str, job_id: str, batches: list[int], runtime: Runtim
         ThreadPoolExecutor(1, thread_name_prefix="actmap-ahead") as reader,
     ):
         # Batches are decoded ahead: the first while its checks run, the next DECODE_AHEAD
-        # while this one computes (one ahead left the forward waiting on decode for 0.1 to
-        # 0.2 s of a 2 s task). Decoding has no side effects, so a batch that then turns
+        # while this one computes (with one ahead the forward still waited on decode).
+        # Decoding has no side effects, so a batch that then turns
         # out cancelled or done only wastes its decode; an error surfaces where it is used.
         ahead: dict[int, Future[Decoded]] = {}
         if batches:

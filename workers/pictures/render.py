@@ -320,7 +320,7 @@ def filter_sheet(
     max_side: int = MAX_SIDE,
 ) -> Sheet:
     """Conv filters (out, in, kh, kw), or (out, in, k) for Conv1d, min-max normalised per
-    filter or over the layer as the seed does; a first layer (in = 3) in colour."""
+    filter or over the whole layer; a first layer (in = 3) in colour."""
     w = np.asarray(weights, dtype=np.float32)
     if w.ndim == 3:
         w = w[:, :, None, :]

@@ -1,7 +1,7 @@
 """Display normalisation of conv filter weights (numpy only).
 
-As the seed document does: map to [0, 1] by min and max, giving zeros where the values are
-constant, either per filter or over the whole layer.
+Map to [0, 1] by min and max, giving zeros where the values are constant, either per
+filter or over the whole layer.
 """
 
 from __future__ import annotations

@@ -108,8 +108,7 @@ FLAG = "flag"
 # Aim for chunks of up to this size; a batch smaller than that owns one chunk per array.
 CHUNK_BYTES = 8 << 20
 # Chosen by tests/bench/compression.py on real activations: zstd level 1 compressed float16
-# maps 1.92x at 276 raw MB per CPU-second, where Blosc zstd-1 with bitshuffle gave 1.44x
-# at 202 MB/s and lz4 1.49x at 343 MB/s.
+# maps best for its CPU time among the codecs tried (figures: tests/bench/README.md).
 COMPRESSOR = ZstdCodec(level=1)
 _GROUP: dict[str, Any] = {"zarr_format": 3, "node_type": "group", "attributes": {}}
 

@@ -104,7 +104,7 @@ def list_after(fs: Any, prefix: str, after: str | None, limit: int | None) -> li
             start = contents[-1]["Key"]
         return names
     try:
-        if isinstance(fs, LocalFileSystem):  # 2.5 ms for 10,000 names, against fsspec's 18
+        if isinstance(fs, LocalFileSystem):  # several times faster than fsspec's ls here
             found = os.listdir(prefix)
         else:
             found = [str(p).rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(prefix, detail=False)]
