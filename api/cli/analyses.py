@@ -139,7 +139,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         return _screen_run(args, settings, args.store or settings.store)
     kind, params = _request(args)
     backend = backend_for(settings, args.store or settings.store, args.api)
-    if kind == "profile" and not isinstance(backend, ApiBackend):
+    if kind == AnalysisKind.SCREENING_PROFILE and not isinstance(backend, ApiBackend):
         _check_reference(backend.store, args)
     with _spinner(not args.json and output.err.is_terminal) as progress:
         found = backend.analyse(kind, params, progress)
@@ -169,9 +169,9 @@ def _check_reference(store: str, args: argparse.Namespace) -> None:
     import numpy as np
 
     from workers.analysis.screening import check_reference
-    from workers.storage.layout import open_job, read
+    from workers.storage.layout import LABEL, open_job, read
 
-    labels = np.asarray(read(open_job(store, args.reference, mode="r"), "label"))
+    labels = np.asarray(read(open_job(store, args.reference, mode="r"), LABEL))
     if not (labels >= 0).all():
         labels = np.zeros(labels.size, dtype=np.int64)  # fitted as one class
     check_reference(labels, args.fpr, learns=args.adversarial is not None)

@@ -113,10 +113,15 @@ class Jobs:
         self.dead = self.extract([SAMPLES], model="tests.analysis.test_results:dead_net")
         self.reference = self.extract([_digit_inputs(root / "reference", 6, seed=0)])
         fresh = _digit_inputs(root / "fresh", 1, seed=1)
-        self.mixed = self.extract([fresh, _outlier_inputs(root / "outliers", 8)])
+        # Unlabelled: "noise" is none of the model's classes.
+        self.mixed = self.extract([fresh, _outlier_inputs(root / "outliers", 8)], labelled=False)
 
     def extract(
-        self, inputs: Sequence[Path], model: str = DIGITS, layers: Sequence[str] = LAYERS
+        self,
+        inputs: Sequence[Path],
+        model: str = DIGITS,
+        layers: Sequence[str] = LAYERS,
+        labelled: bool = True,
     ) -> str:
         spec = ExtractionSpec(
             model=model,
@@ -125,7 +130,7 @@ class Jobs:
             inputs=tuple(str(p) for p in inputs),
             batch_size=16,
             dtype="float32",
-            labels_from_dirs=True,
+            labels_from_dirs=labelled,
         )
         job = plan(self.store, spec, self.models.get(spec).info)
         run_job(self.store, job.job_id, self.models, decode_threads=2)
