@@ -21,6 +21,7 @@ __all__ = [
     "ModelOut",
     "SampleErrors",
     "SamplesPage",
+    "ScreenPage",
     "ScreeningRequest",
     "StoreLocation",
 ]
@@ -188,6 +189,21 @@ class InputSet(_Body):
 
 class SamplesPage(_Body):
     samples: list[str]
+    offset: int
+    total: int
+
+
+class ScreenPage(_Body):
+    """A page of a screening job's answers: each sample's score (null where it failed) and
+    whether it is above the profile's threshold."""
+
+    profile_id: str | None
+    threshold: float | None
+    fpr: float | None
+    n_flagged: int
+    samples: list[str]
+    scores: list[float | None]
+    flags: list[bool]
     offset: int
     total: int
 

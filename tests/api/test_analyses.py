@@ -88,6 +88,16 @@ def test_a_screening_job_scores_each_sample_with_a_profile(tmp_path: Path) -> No
         group = open_job(str(api.store), screened.json()["job_id"], mode="r")
         assert read(group, "screen/flag").tolist() == [True]
         assert all(q == "screen" for t, _a, q in api.broker.sent[-1:] if t == TaskName.RUN_BATCH)
+        answer = api.client.get(
+            f"/v1/jobs/{screened.json()['job_id']}/screen", headers=api.as_("acme")
+        ).json()
+        assert answer["flags"] == [True] and answer["n_flagged"] == 1 and answer["total"] == 1
+        assert answer["scores"][0] > answer["threshold"]
+        assert answer["profile_id"] == profile["analysis_id"]
+        not_screened = api.client.get(f"/v1/jobs/{reference}/screen", headers=api.as_("acme"))
+        assert not_screened.status_code == 404
+        assert api.client.get(f"/v1/jobs/{screened.json()['job_id']}/screen",
+                              headers=api.as_("other")).status_code == 404  # fmt: skip
 
 
 def test_a_bad_analysis_request_fails_with_its_reason_and_other_tenants_see_nothing(
