@@ -122,7 +122,7 @@ class ProfileRequest(_Request):
     detectors: list[str] | None = Field(
         default=None, max_length=32, description="default: all it has input for"
     )
-    combine: Literal["weighted", "max", "mean"] = "weighted"
+    combine: Literal["fisher", "weighted", "max", "mean"] = "fisher"
 
 
 class AnalysisOut(_Body):

@@ -52,13 +52,15 @@ def add_parsers(sub: Any) -> None:
     fit.add_argument(
         "--detectors",
         help="comma-separated, of mahalanobis,knn,lid (per layer), msp,energy,margin (logits) "
-        "(default: all of them)",
+        "(default: mahalanobis,knn,lid,margin)",
     )
     fit.add_argument(
         "--combine",
-        choices=("weighted", "max", "mean"),
-        default="weighted",
-        help="how z-scores of the columns combine (default: weighted)",
+        choices=("fisher", "weighted", "max", "mean"),
+        default="fisher",
+        help="fisher: Fisher's method over the columns' p-values against held-out clean "
+        "samples, within layers and outputs, then across; weighted: the maximum of scaled "
+        "z-scores; max, mean: of the z-scores (default: fisher)",
     )
     runs = action.add_parser("run", help="a screening job: extract and score INPUTs")
     runs.add_argument("inputs", nargs="+", metavar="INPUT")
