@@ -221,6 +221,9 @@ def digits() -> Digits:
         reference,
         y[:600].numpy(),
         fpr=0.05,
+        # Half held out: the threshold then rests on 150 clean digits, not 75, whose
+        # conformal quantile moves the realised rate from 0.02 to 0.09 between seeds.
+        held_out=0.5,
         benign=benign,
         benign_of=np.tile(np.arange(600), len(copies)),
     )

@@ -225,9 +225,12 @@ def main() -> None:
             ref, y, fpr=FPR, benign=benign, benign_of=benign_of, seed=SEED, combine="weighted",
             detectors=DETECTORS,
         ),
-        "max softmax": ScreeningProfile.fit(ref, y, fpr=FPR, detectors=["msp"], seed=SEED),
+        "max softmax": ScreeningProfile.fit(
+            ref, y, fpr=FPR, detectors=["msp"], combine="max", seed=SEED
+        ),
         "penult. Mahalanobis": ScreeningProfile.fit(
-            {PENULTIMATE: ref[PENULTIMATE]}, y, fpr=FPR, detectors=["mahalanobis"], seed=SEED
+            {PENULTIMATE: ref[PENULTIMATE]}, y, fpr=FPR, detectors=["mahalanobis"],
+            combine="max", seed=SEED,
         ),
     }
     seen_adv, seen_pred = features(model, attacked(SEEN, net, x_ref, y_ref, args.cache, "ref"))

@@ -18,7 +18,8 @@ almost only the logit margin and the squeezing distance (Xu et al. 2018); one su
 columns would drown those two under twenty uninformative ones, and a maximum over all
 columns gives clean samples a heavy upper tail. Empirical p-values follow the conformal
 construction (Vovk et al. 2005; Bates et al. 2023, "Testing for outliers with conformal
-p-values"): (1 + #{reference >= x}) / (1 + m).
+p-values"): (1 + #{reference >= x}) / (1 + m), with an exponential tail past the
+reference's top values (see _neg_log_p).
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ __all__ = ["FAMILIES", "FisherCombination", "families_of"]
 FAMILIES = ("features", "outputs")
 # Columns whose "layer" is one of these are output-space; every other column is a layer's.
 OUTPUT_LAYERS = ("logits", "input")
+# The share of the reference's largest values its p-values' exponential tail is fitted to.
+TAIL = 0.1
 
 
 def families_of(layers: list[str]) -> np.ndarray:
@@ -38,10 +41,23 @@ def families_of(layers: list[str]) -> np.ndarray:
 
 
 def _neg_log_p(reference: np.ndarray, x: np.ndarray) -> np.ndarray:
-    """-log of the empirical p-value of each x (n,) against a sorted reference (m,)."""
+    """-log of the p-value of each x (n,) against a sorted reference (m,): empirical up to
+    the reference's top TAIL share, an exponential tail fitted to those top values beyond
+    (peaks over a threshold, Pickands 1975, with the generalised Pareto's shape at 0): an
+    empirical p-value stops at 1 / (m + 1), which would make a sample far beyond every
+    reference value no more suspicious than the reference's own extremes."""
     m = reference.size
     above = m - np.searchsorted(reference, x, side="left")
     out: np.ndarray = -np.log((above + 1.0) / (m + 1.0))
+    top = max(2, int(np.ceil(TAIL * m)))
+    if m <= top:
+        return out
+    start = reference[m - top - 1]
+    scale = float(np.mean(reference[m - top :] - start))
+    if not scale > 0:
+        scale = float(np.std(reference)) or 1.0
+    beyond = x > start
+    out[beyond] = -np.log((top + 1.0) / (m + 1.0)) + (x[beyond] - start) / scale
     return out
 
 
