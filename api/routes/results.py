@@ -112,10 +112,12 @@ def screen(
         raise NotFound(f"job {job_id} has no screening scores: not a screening job, or not done")
     scores, flags, threshold = found
     rows = _rows(job, samples, offset, limit)
-    meta = dict(job[SCREEN].attrs)
+    meta = job[SCREEN].attrs
+    profile_id, fpr = meta.get("profile_id"), meta.get("fpr")
     flagged = np.zeros(scores.size, dtype=bool) if flags is None else flags
     return ScreenPage(
-        profile_id=meta.get("profile_id"), threshold=threshold, fpr=meta.get("fpr"),
+        profile_id=profile_id if isinstance(profile_id, str) else None, threshold=threshold,
+        fpr=float(fpr) if isinstance(fpr, int | float) else None,
         n_flagged=int(flagged.sum()),
         samples=[str(s) for s in np.asarray(array(job, SAMPLE).get_orthogonal_selection((rows,)))],
         scores=[float(v) if np.isfinite(v) else None for v in scores[rows]],

@@ -93,7 +93,8 @@ def test_a_screening_job_scores_each_sample_with_a_profile(tmp_path: Path) -> No
         answer = api.client.get(
             f"/v1/jobs/{screened.json()['job_id']}/screen", headers=api.as_("acme")
         ).json()
-        assert answer["flags"] == [True] and answer["n_flagged"] == 1 and answer["total"] == 1
+        assert answer["flags"] == [True]
+        assert answer["n_flagged"] == answer["total"] == 1
         assert answer["scores"][0] > answer["threshold"]
         assert answer["profile_id"] == profile["analysis_id"]
         not_screened = api.client.get(f"/v1/jobs/{reference}/screen", headers=api.as_("acme"))

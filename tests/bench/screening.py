@@ -222,15 +222,25 @@ def main() -> None:
             ref, y, fpr=FPR, benign=benign, benign_of=benign_of, seed=SEED
         ),
         "actmap weighted max (before)": ScreeningProfile.fit(
-            ref, y, fpr=FPR, benign=benign, benign_of=benign_of, seed=SEED, combine="weighted",
+            ref,
+            y,
+            fpr=FPR,
+            benign=benign,
+            benign_of=benign_of,
+            seed=SEED,
+            combine="weighted",
             detectors=DETECTORS,
         ),
         "max softmax": ScreeningProfile.fit(
             ref, y, fpr=FPR, detectors=["msp"], combine="max", seed=SEED
         ),
         "penult. Mahalanobis": ScreeningProfile.fit(
-            {PENULTIMATE: ref[PENULTIMATE]}, y, fpr=FPR, detectors=["mahalanobis"],
-            combine="max", seed=SEED,
+            {PENULTIMATE: ref[PENULTIMATE]},
+            y,
+            fpr=FPR,
+            detectors=["mahalanobis"],
+            combine="max",
+            seed=SEED,
         ),
     }
     seen_adv, seen_pred = features(model, attacked(SEEN, net, x_ref, y_ref, args.cache, "ref"))

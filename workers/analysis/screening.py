@@ -136,9 +136,10 @@ class ScreeningProfile:
     ) -> ScreeningProfile:
         """Fit on a clean reference mapping {layer: (N, C), LOGITS: (N, K), SQUEEZE: (N, 2)}
         with its class labels (N,) (None: one class). `detectors` None takes those of
-        DEFAULT_DETECTORS whose input the reference has. `benign` {same keys: (M, ...)} are corrupted copies of
-        reference samples, `benign_of` (M,) the reference row each copies (None: of other
-        samples); copies of held-out rows teach the "weighted" combination. `adversarial`,
+        DEFAULT_DETECTORS whose input the reference has. `benign` {same keys: (M, ...)}
+        are corrupted copies of reference samples, `benign_of` (M,) the reference row each
+        copies (None: of other samples); copies of held-out rows teach the "fisher" and
+        "weighted" combinations. `adversarial`,
         when given, keeps the columns that tell it from clean and benign samples."""
         x = _inputs(reference)
         layers = [name for name in x if name not in (LOGITS, SQUEEZE)]
@@ -156,7 +157,8 @@ class ScreeningProfile:
         if y.shape != (n,) or (y < 0).any():
             raise SpecError(f"give a known label (>= 0) for each of the {n} reference samples")
         rng = np.random.default_rng(seed)
-        learns = adversarial is not None or (combine in ("fisher", "weighted") and benign is not None)
+        learned = combine in ("fisher", "weighted") and benign is not None
+        learns = adversarial is not None or learned
         # A small reference holds out more than `held_out`, as much as the rate needs (each
         # class keeps one sample to fit on), so that the default rate works on the demo.
         share = max(held_out, min(held_out_needed(fpr, learns) / n, 1.0))

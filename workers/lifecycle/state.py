@@ -65,6 +65,8 @@ PROGRESS_MIN_S = 30.0
 # resolved when such a job finalizes, because importing it loads scipy and scikit-learn:
 # seconds that the API and the CLI would spend at every start.
 SCORE_SCREENING = "workers.analysis.profiles:score_job"
+
+
 class Score(Protocol):
     """score_job's signature: store, job id, profile id; `finalizing` scores a job whose
     batches are all done but whose final state is not written yet."""
