@@ -29,9 +29,8 @@ from workers.analysis.signatures import family_signatures
 from workers.demo.digits import PREPROCESSING, WEIGHTS, DigitsNet
 from workers.errors import LayerError, NotFound, SpecError
 from workers.extraction.cache import ModelCache
-from workers.jobs import ExtractionSpec
+from workers.jobs import AnalysisState, ExtractionSpec
 from workers.lifecycle.plan import plan
-from workers.jobs import AnalysisState
 from workers.storage.analyses import open_analysis, placeholder
 from workers.storage.layout import attrs, open_job, read
 from workers.storage.stored_job import Selection
