@@ -257,6 +257,7 @@ _ROUTES = {
     AnalysisKind.SIGNATURES: "signatures",
     AnalysisKind.COMPARE: "comparisons",
     AnalysisKind.SCREENING_PROFILE: "profiles",
+    AnalysisKind.ATLAS: "atlas",
 }
 
 
