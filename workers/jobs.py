@@ -175,8 +175,6 @@ def nataraj_width(size: int) -> int:
     return 1024
 
 
-
-
 class _Declared(_Frozen):
     """A model whose fields in `_OPTIONAL` are dumped only when not at their default: what
     was stored before they existed is stored byte for byte the same."""

@@ -115,13 +115,17 @@ def test_the_box_is_exactly_the_input_pixels_that_move_the_position() -> None:
         ).tolist()
         # The box clipped to the image is the bounding box of the pixels with a gradient
         # (max pooling routes the gradient to one pixel per window, so it may be smaller).
-        assert max(top, 0) <= ys.min() and ys.max() < min(bottom, 24)
-        assert max(left, 0) <= xs.min() and xs.max() < min(right, 24)
+        assert max(top, 0) <= ys.min()
+        assert ys.max() < min(bottom, 24)
+        assert max(left, 0) <= xs.min()
+        assert xs.max() < min(right, 24)
 
 
 def test_a_downsampled_position_sees_the_fields_of_every_position_it_averages() -> None:
     # block1 of the digits model: field 7, stride 1, offset -3; 28 positions averaged to 5.
-    boxes = field_boxes(np.array([0, 4]), np.array([1, 2]), (7, 7), (1, 1), (-3, -3), (5, 5), (28, 28))
+    boxes = field_boxes(
+        np.array([0, 4]), np.array([1, 2]), (7, 7), (1, 1), (-3, -3), (5, 5), (28, 28)
+    )
     # y=0 averages rows 0..5: -3 .. 5 + 7 - 3; y=4 rows 22..27; x=1 columns 5..11; x=2 11..16.
     assert boxes.tolist() == [[-3, 2, 9, 15], [19, 8, 31, 20]]
 
@@ -160,6 +164,13 @@ def test_top_responses_keep_ties_in_stream_order_block_by_block() -> None:
     assert found.values.tolist() == [[5.0, 5.0, 5.0], [7.0, 0.0, 0.0]]
     assert found.sample.tolist() == [[0, 1, 2], [1, 0, 0]]
     assert found.x.tolist() == [[1, 0, 0], [1, 0, 1]]
+
+
+def _layer(store: str, analysis: str, layer: str) -> xr.Dataset:
+    """The atlas of `layer` as xarray opens it from the store."""
+    node = xr.open_datatree(f"{store}/analyses/{analysis}", engine="zarr")[f"layers/{layer}"]
+    assert isinstance(node, xr.DataTree)
+    return node.to_dataset()
 
 
 @pytest.fixture(scope="module")
@@ -207,7 +218,7 @@ def test_the_atlas_equals_a_brute_force_top_n_over_the_whole_array(
     assert (np.diff(values, axis=1) == 0).any()
     analysis = run_atlas(store, digits_job, layer, n, block=block)
     tree = xr.open_datatree(f"{store}/analyses/{analysis}", engine="zarr")
-    found = tree[f"layers/{layer}"]
+    found = _layer(store, analysis, layer)
     np.testing.assert_array_equal(found["value"].values, values)
     got = np.stack([found["row"].values, found["y"].values, found["x"].values], axis=-1)
     np.testing.assert_array_equal(got, where)
@@ -219,15 +230,16 @@ def test_the_atlas_equals_a_brute_force_top_n_over_the_whole_array(
 def test_a_channel_subset_keeps_its_ids_and_downsampled_maps_map_back(store: str) -> None:
     job = _extract(store, [str(SAMPLES)], channels=[3, 5, 7], max_size=[5, 5])
     analysis = run_atlas(store, job, "block1", 2)
-    tree = xr.open_datatree(f"{store}/analyses/{analysis}", engine="zarr")
-    found = tree["layers/block1"]
+    found = _layer(store, analysis, "block1")
     assert found["channel"].values.tolist() == [3, 5, 7]
     y, x = found["y"].values, found["x"].values
     expected = field_boxes(y, x, (7, 7), (1, 1), (-3, -3), (5, 5), (28, 28))
     np.testing.assert_array_equal(found["crop"].values, expected)
     assert (found["crop"].values[..., 2] - found["crop"].values[..., 0] >= 7 + 5 - 1).all()
     acts = read(open_job(store, job, mode="r"), "layers/block1/acts")
-    np.testing.assert_array_equal(found["value"].values, _brute_force(acts, np.ones(40, bool), 2)[0])
+    np.testing.assert_array_equal(
+        found["value"].values, _brute_force(acts, np.ones(40, bool), 2)[0]
+    )
 
 
 def test_layers_the_atlas_cannot_map_are_refused_in_one_line(store: str, digits_job: str) -> None:
@@ -259,7 +271,7 @@ def test_a_binary_job_gives_the_byte_offsets_of_the_strongest_crop(
         store, [str(folder)], model="tests.analysis.test_atlas:brightness_net", layers=["conv1"]
     )
     analysis = run_atlas(store, job, "conv1", 1)
-    found = xr.open_datatree(f"{store}/analyses/{analysis}", engine="zarr")["layers/conv1"]
+    found = _layer(store, analysis, "conv1")
     assert found["sample_id"].values[0, 0] == "bright.bin"
     y, x = int(found["y"].values[0, 0]), int(found["x"].values[0, 0])
     assert (y, x) in ((20, 10), (20, 11))

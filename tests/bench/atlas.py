@@ -43,7 +43,10 @@ def build(store: str, n: int) -> str:
     layout = LayerLayout(LAYER, row.output_shape, row.output_shape[0], "float16")
     group = create_job(store, job_id, attrs, n, BATCH, info.classes, [layout])
     rng = np.random.default_rng(0)
-    acts, pooled = writable(group, f"layers/{LAYER}/acts"), writable(group, f"layers/{LAYER}/pooled")
+    acts, pooled = (
+        writable(group, f"layers/{LAYER}/acts"),
+        writable(group, f"layers/{LAYER}/pooled"),
+    )
     for start in range(0, n, BATCH):
         stop = min(n, start + BATCH)
         block = np.maximum(rng.standard_normal((stop - start, *row.output_shape)), 0)
@@ -81,8 +84,10 @@ def main() -> None:
             runs["atlas_1k"].append(measured(lambda: run_atlas(store, jobs[1_000], LAYER, 9)))
     t = {k: statistics.median(s for s, _ in v) for k, v in runs.items()}
     m = {k: statistics.median(p for _, p in v) for k, v in runs.items()}
-    print(f"load average {os.getloadavg()}; {LAYER} (N, 64, 7, 7) float16, {size:.1f} MiB "
-          f"at N=10,000, chunks of {BATCH} rows; median of {ROUNDS} interleaved rounds")  # fmt: skip
+    print(
+        f"load average {os.getloadavg()}; {LAYER} (N, 64, 7, 7) float16, {size:.1f} MiB "
+        f"at N=10,000, chunks of {BATCH} rows; median of {ROUNDS} interleaved rounds"
+    )
     print(f"plain read of acts, N=10,000: {t['read']:.2f} s, peak {m['read']:.1f} MiB")
     print(f"atlas top 9,         N=10,000: {t['atlas']:.2f} s, peak {m['atlas']:.1f} MiB")
     print(f"atlas top 9,         N=1,000:  {t['atlas_1k']:.2f} s, peak {m['atlas_1k']:.1f} MiB")

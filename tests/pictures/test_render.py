@@ -80,7 +80,8 @@ def test_a_nearly_silent_channel_is_dark_on_the_layers_scale_and_bright_on_its_o
     acts[1] *= 1e-3  # a thousand times weaker than its neighbours
     layer = _tiles(activation_sheet(acts))
     tile = _tiles(activation_sheet(acts, scale="tile"))
-    assert layer[1].max() <= 1 and max(layer[0].max(), layer[2].max()) == 255
+    assert layer[1].max() <= 1
+    assert max(layer[0].max(), layer[2].max()) == 255
     assert tile[0].max() == tile[1].max() == tile[2].max() == 255
 
 
@@ -90,7 +91,8 @@ def test_the_layers_scale_is_drawn_as_a_bar_under_the_title_and_said_in_the_note
     assert layer.boxes[0][1] > tile.boxes[0][1]  # the tiles start below the bar
     pixels = _decode(layer.png())
     bar = pixels[layer.boxes[0][1] - 12 - 40 : layer.boxes[0][1] - 12, 4:164, 0]
-    assert bar.min() < 20 and bar.max() > 235  # a ramp from black to white
+    assert bar.min() < 20
+    assert bar.max() > 235
     given = _tiles(activation_sheet(_maps(3), span=(0.0, 1000.0)))
     assert max(t.max() for t in given) < 128  # a wider span given: every tile darker
 

@@ -62,7 +62,11 @@ def atlas(job: Job) -> str:
 
 
 @pytest.fixture(scope="module")
-def page(job: Job, atlas: str, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def page(
+    job: Job,
+    atlas: str,  # noqa: ARG001 (stored before the report is written, so the report shows it)
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Path:
     return report(job.store, job.job_id, tmp_path_factory.mktemp("out") / "report")
 
 

@@ -141,7 +141,7 @@ def run_atlas(
     found = running.result()
     job_rows = rows[found.sample]
     wanted = np.unique(job_rows)
-    names = np.asarray(array(job.group, SAMPLE).oindex[wanted].tolist(), dtype=object)
+    names = np.array([str(v) for v in np.asarray(array(job.group, SAMPLE).oindex[wanted])])
     samples = names[np.searchsorted(wanted, job_rows)]
     size, jump, offset = row["receptive_field"], row["rf_stride"], row["rf_offset"]
     boxes = field_boxes(found.y, found.x, size, jump, offset, stored, full)  # type: ignore[arg-type]

@@ -158,8 +158,11 @@ def load_channel(store: str, analysis_id: str, channel: int, *, sources: bool = 
         raise SpecError(f"channel {channel} is not in this atlas; its channels are "
                         f"{int(ids.min())}..{int(ids.max())} ({ids.size} stored)")  # fmt: skip
     c = int(where[0])
-    rows = array(group, layer_path(layer, "row"))[c]
-    boxes = array(group, layer_path(layer, "crop"))[c]
+
+    def of(name: str) -> np.ndarray:
+        return np.asarray(array(group, layer_path(layer, name))[c])
+
+    rows, boxes = of("row"), of("crop")
     job = StoredJob(store, str(meta["inputs"]["job_id"]))
     acts = job.layer(layer, ACTS)
     prep = job.attrs.get("spec", {}).get("preprocessing") or job.attrs["catalogue"]["preprocessing"]
@@ -169,16 +172,15 @@ def load_channel(store: str, analysis_id: str, channel: int, *, sources: bool = 
         try:
             source = str(job.sources[int(row)]) if sources and job.sources is not None else ""
             image = _display(source, prep, None if roots is None else tuple(roots))
-            crops.append(crop(image, tuple(int(v) for v in box)))  # type: ignore[arg-type]
+            top, left, bottom, right = (int(v) for v in box)
+            crops.append(crop(image, (top, left, bottom, right)))
         except (ActmapError, OutsideRoots, OSError, ValueError):  # gone or unreadable: blank
             crops.append(None)
     weights = job.filters(layer)
     return Channel(
-        layer, channel, [str(s) for s in array(group, layer_path(layer, "sample_id"))[c]],
-        np.asarray(array(group, layer_path(layer, "value"))[c], np.float64),
+        layer, channel, [str(s) for s in of("sample_id")], of("value").astype(np.float64),
         crops, [np.asarray(acts[int(r), c], np.float32) for r in rows],
-        list(zip(array(group, layer_path(layer, "y"))[c].tolist(),
-                 array(group, layer_path(layer, "x"))[c].tolist(), strict=True)),
+        list(zip(of("y").tolist(), of("x").tolist(), strict=True)),
         None if weights is None else weights[channel],
     )  # fmt: skip
 
@@ -221,7 +223,7 @@ def atlas_sections(store: str, job_id: str) -> list[Section]:
             name = f"atlas-{analysis_id}-{layer}-{row[0]}.png"
             figures.append(figure(images, name, sheet.png(), f"channel {row[0]}: {sheet.note}"))
         rows = [(b[0], b[1], f"{b[2]}, {b[3]}", f"{b[4]:.4g}", tuple(b[5:9])) for b in best]
-        body = Raw(
+        body: str = Raw(
             f"<p>Atlas {e(analysis_id)} of layer <code>{e(layer)}</code>: each channel's "
             f"{summary['top']} strongest responses over {meta['inputs']['n_samples']} samples; "
             f"the crops are what each position sees (receptive field "
