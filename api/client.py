@@ -132,6 +132,25 @@ class Client:
         accepted = self.request("POST", "/v1/jobs/extractions", json=body, headers=headers).json()
         return Job(self, accepted["job_id"])
 
+    def analysis(self, analysis_id: str) -> dict[str, Any]:
+        """An analysis as it is now: kind, state, reason and summary."""
+        found: dict[str, Any] = self.request("GET", f"/v1/analyses/{analysis_id}").json()
+        return found
+
+    def atlas(
+        self, job_id: str, layer: str, top: int = 9, wait: bool = True, timeout: float = 600
+    ) -> dict[str, Any]:
+        """Queue the filter atlas of `layer`; with `wait`, poll until it has finished.
+        Its arrays are under `analyses/{analysis_id}` in the store; its channel sheets
+        at GET /v1/analyses/{id}/channels/{c}.png."""
+        body = {"job_id": job_id, "layer": layer, "top": top}
+        found: dict[str, Any] = self.request("POST", "/v1/analyses/atlas", json=body).json()
+        deadline = time.monotonic() + timeout
+        while wait and found["state"] in ("queued", "running") and time.monotonic() < deadline:
+            time.sleep(0.2)
+            found = self.analysis(found["analysis_id"])
+        return found
+
     def job(self, job_id: str) -> Job:
         return Job(self, job_id)
 

@@ -259,6 +259,7 @@ _ROUTES = {
     AnalysisKind.SIGNATURES: "signatures",
     AnalysisKind.COMPARE: "comparisons",
     AnalysisKind.SCREENING_PROFILE: "profiles",
+    AnalysisKind.ATLAS: "atlas",
 }
 
 

@@ -10,7 +10,13 @@ from fastapi import APIRouter
 from api.auth import Tenant
 from api.deps import OwnedAnalysis, Services, ServicesDep, TenantDep, analysis_of, job_of
 from api.problems import PROBLEMS
-from api.schemas import AnalysisOut, ComparisonRequest, JobAnalysisRequest, ProfileRequest
+from api.schemas import (
+    AnalysisOut,
+    AtlasRequest,
+    ComparisonRequest,
+    JobAnalysisRequest,
+    ProfileRequest,
+)
 from workers.analysis.profiles import check_reference_job
 from workers.analysis.requests import Analysis, submit
 from workers.jobs import AnalysisKind
@@ -46,6 +52,14 @@ def signatures(services: ServicesDep, tenant: TenantDep, body: JobAnalysisReques
     """Per class or family, the channels consistently active."""
     job_of(services, tenant, body.job_id)
     return _queue(services, tenant, AnalysisKind.SIGNATURES, body.model_dump())
+
+
+@router.post("/analyses/atlas", status_code=202, response_model=AnalysisOut)
+def atlas(services: ServicesDep, tenant: TenantDep, body: AtlasRequest) -> AnalysisOut:
+    """Each channel's strongest responses at one layer: samples, positions, values, the
+    input crop each sees (and the byte offsets, for binaries)."""
+    job_of(services, tenant, body.job_id)
+    return _queue(services, tenant, AnalysisKind.ATLAS, body.model_dump())
 
 
 @router.post("/analyses/comparisons", status_code=202, response_model=AnalysisOut)
