@@ -25,6 +25,7 @@ import httpx
 import numpy as np
 
 from workers.errors import ActmapError, Conflict, NotFound, UserError
+from workers.jobs import poll
 
 __all__ = ["ApiError", "Client", "Job", "Refused"]
 
@@ -145,11 +146,12 @@ class Client:
         at GET /v1/analyses/{id}/channels/{c}.png."""
         body = {"job_id": job_id, "layer": layer, "top": top}
         found: dict[str, Any] = self.request("POST", "/v1/analyses/atlas", json=body).json()
-        deadline = time.monotonic() + timeout
-        while wait and found["state"] in ("queued", "running") and time.monotonic() < deadline:
-            time.sleep(0.2)
-            found = self.analysis(found["analysis_id"])
-        return found
+        if not wait:
+            return found
+        return poll(
+            lambda: self.analysis(found["analysis_id"]),
+            lambda a: a["state"] not in ("queued", "running"), 0.2, timeout, grow=1.5, most=2.0,
+        )  # fmt: skip
 
     def job(self, job_id: str) -> Job:
         return Job(self, job_id)
