@@ -1,5 +1,6 @@
 """A job's stored results: sample ids, activations, pooled values, logits, predictions as
-`.npy` bytes, a screening job's scores and flags, and where to open the job directly."""
+`.npy` bytes, its summary, a screening job's scores and flags, and where to open the job
+directly."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from api.schemas import SamplesPage, ScreenPage, StoreLocation
 from workers.errors import NotFound, SpecError
 from workers.storage.layout import ACTS, LOGITS, POOLED, PRED, SAMPLE, SCREEN, array
 from workers.storage.stored_job import layer_group, sample_rows, screening
+from workers.storage.summary import JobSummary, job_summary
 
 __all__ = ["router"]
 
@@ -123,6 +125,13 @@ def screen(
         scores=[float(v) if np.isfinite(v) else None for v in scores[rows]],
         flags=[bool(v) for v in flagged[rows]], offset=offset, total=int(scores.size),
     )  # fmt: skip
+
+
+@router.get("/jobs/{job_id}/summary", response_model=JobSummary)
+def summary(job: OwnedJob) -> JobSummary:
+    """What the job holds in brief, as a scan prints it at its end: accuracy on the
+    labelled samples, each layer's stored shapes, files skipped and the first failures."""
+    return job_summary(job)
 
 
 @router.get("/jobs/{job_id}/store", response_model=StoreLocation, dependencies=[Depends(owned_job)])
