@@ -128,7 +128,9 @@ class ProfileRequest(_Request):
     fpr: float = Field(default=0.05, gt=0, lt=0.5)
     adversarial_job: Id | None = None
     detectors: list[str] | None = Field(
-        default=None, max_length=32, description="default: all it has input for"
+        default=None,
+        max_length=32,
+        description="default: mahalanobis, knn, lid and margin (msp and energy on request)",
     )
     combine: Literal["fisher", "weighted", "max", "mean"] = "fisher"
 
