@@ -217,6 +217,26 @@ class Job:
         values: np.ndarray = np.load(io.BytesIO(response.content), allow_pickle=False)
         return values
 
+    def explain(
+        self, layer: str, top: int = 5, wait: bool = True, timeout: float = 600
+    ) -> dict[str, Any]:
+        """Queue `actmap explain` of a layer scanned with Grad-CAM; with `wait`, the
+        analysis once finished (its `summary` names, per class, the channels most often
+        on the evidence). A failed analysis raises Refused with its reason."""
+        body = {"job_id": self.id, "layer": layer, "top": top}
+        found: dict[str, Any] = self.client.request(
+            "POST", "/v1/analyses/explanations", json=body
+        ).json()
+        deadline = time.monotonic() + timeout
+        while wait and found["state"] in ("queued", "running"):
+            if time.monotonic() > deadline:
+                raise ActmapError(f"analysis {found['analysis_id']} still {found['state']}")
+            time.sleep(0.2)
+            found = self.client.request("GET", f"/v1/analyses/{found['analysis_id']}").json()
+        if found["state"] == "failed":
+            raise Refused(422, str(found.get("reason") or "the analysis failed"))
+        return found
+
     def open(self) -> Any:
         """The job as an xarray DataTree straight from the store, when this host reaches it."""
         import xarray as xr

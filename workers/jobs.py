@@ -82,6 +82,7 @@ class AnalysisKind(StrEnum):
     COMPARE = "compare"
     SIGNATURES = "signatures"
     SCREENING_PROFILE = "screening-profile"
+    EXPLAIN = "explain"
 
 
 class AnalysisState(StrEnum):

@@ -10,7 +10,13 @@ from fastapi import APIRouter
 from api.auth import Tenant
 from api.deps import OwnedAnalysis, Services, ServicesDep, TenantDep, analysis_of, job_of
 from api.problems import PROBLEMS
-from api.schemas import AnalysisOut, ComparisonRequest, JobAnalysisRequest, ProfileRequest
+from api.schemas import (
+    AnalysisOut,
+    ComparisonRequest,
+    ExplainRequest,
+    JobAnalysisRequest,
+    ProfileRequest,
+)
 from workers.analysis.requests import Analysis, submit
 from workers.jobs import AnalysisKind
 
@@ -45,6 +51,14 @@ def signatures(services: ServicesDep, tenant: TenantDep, body: JobAnalysisReques
     """Per class or family, the channels consistently active."""
     job_of(services, tenant, body.job_id)
     return _queue(services, tenant, AnalysisKind.SIGNATURES, body.model_dump())
+
+
+@router.post("/analyses/explanations", status_code=202, response_model=AnalysisOut)
+def explanations(services: ServicesDep, tenant: TenantDep, body: ExplainRequest) -> AnalysisOut:
+    """Per sample, the channels overlapping its Grad-CAM map most (a job scanned with
+    `gradcam`); per class, the channels most often among them."""
+    job_of(services, tenant, body.job_id)
+    return _queue(services, tenant, AnalysisKind.EXPLAIN, body.model_dump())
 
 
 @router.post("/analyses/comparisons", status_code=202, response_model=AnalysisOut)

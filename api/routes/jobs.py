@@ -75,7 +75,8 @@ def submit_extraction(
         inputs=tuple(inputs), batch_size=body.batch_size, dtype=body.dtype,
         channels=tuple(body.channels) if body.channels else None, top_k=body.top_k,
         max_size=body.max_size, labels_from_dirs=body.labels_from_dirs, tenant=tenant.name,
-        queue=body.queue, roots=roots_of(services, tenant),
+        queue=body.queue, roots=roots_of(services, tenant), gradcam=tuple(body.gradcam),
+        gradcam_target=body.gradcam_target,
     )  # fmt: skip
     sources = checked_sources(services, tenant, spec.inputs)
     samples_quota(tenant, len(sources))
