@@ -437,7 +437,7 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
         return _worker(args, settings)
     if args.command == "serve":
         return _serve(args, settings)
-    if args.command in ("health", "compare", "screen"):
+    if args.command in ("health", "compare", "explain", "screen"):
         return analysis_cli.run(args, settings)
     if args.command == "report":
         return _report(args, settings)
