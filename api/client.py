@@ -24,7 +24,7 @@ from typing import Any
 import httpx
 import numpy as np
 
-from workers.errors import ActmapError, NotFound, UserError
+from workers.errors import ActmapError, Conflict, NotFound, UserError
 
 __all__ = ["ApiError", "Client", "Job", "Refused"]
 
@@ -172,6 +172,11 @@ class Job:
         found: dict[str, Any] = self.client.request("GET", f"/v1/jobs/{self.id}").json()
         return found
 
+    def summary(self) -> dict[str, Any]:
+        """Accuracy counts, stored shapes, skipped files and first failures."""
+        found: dict[str, Any] = self.client.request("GET", f"/v1/jobs/{self.id}/summary").json()
+        return found
+
     def wait(
         self, progress: bool = False, timeout: float | None = None, poll: float = 0.2
     ) -> dict[str, Any]:
@@ -254,6 +259,8 @@ def _checked(response: httpx.Response) -> httpx.Response:
         message = response.text
     if response.status_code == 404:
         raise NotFound(message)
+    if response.status_code == 409:
+        raise Conflict(message)
     if response.status_code < 500:
         raise Refused(response.status_code, message)
     raise ApiError(response.status_code, message)

@@ -9,6 +9,7 @@ import difflib
 import secrets
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
 from importlib.metadata import PackageNotFoundError, version
@@ -34,8 +35,10 @@ __all__ = [
     "InputKind",
     "JobState",
     "LayerInfo",
+    "Listing",
     "ModelInfo",
     "Preprocessing",
+    "Source",
     "TaskName",
     "cap_spatial",
     "close_matches",
@@ -361,3 +364,26 @@ def stored_shape(output_shape: tuple[int, ...], spec: ExtractionSpec) -> tuple[i
     if spec.max_size is not None and spatial:
         spatial = cap_spatial(spatial, spec.max_size)
     return (width, *spatial)
+
+
+@dataclass(frozen=True)
+class Source:
+    """One sample: its stable id and where its bytes are."""
+
+    id: str
+    path: str
+
+
+@dataclass(frozen=True)
+class Listing:
+    """A job's samples as listed and labelled at submission, in row order, with the class
+    names its labels index (None: the labels are the model's output indices). The plan
+    stores it as given, so planning opens no input."""
+
+    sources: list[Source]
+    labels: list[int]
+    classes: list[str] | None = None
+
+    def __post_init__(self) -> None:
+        if len(self.labels) != len(self.sources):
+            raise ValueError(f"{len(self.labels)} labels for {len(self.sources)} samples")

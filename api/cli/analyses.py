@@ -149,7 +149,9 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     kind, params = _request(args)
     backend = backend_for(settings, args.store or settings.store, args.api)
     if kind == AnalysisKind.SCREENING_PROFILE and not isinstance(backend, ApiBackend):
-        _check_reference(backend.store, args)
+        from workers.analysis.profiles import check_reference_job
+
+        check_reference_job(backend.store, args.reference, args.fpr, args.adversarial is not None)
     with _spinner(not args.json and output.err.is_terminal) as progress:
         found = backend.analyse(kind, params, progress)
     if found.state != "succeeded":
@@ -173,19 +175,6 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         else:
             _print_comparison(found.summary)
     return 0
-
-
-def _check_reference(store: str, args: argparse.Namespace) -> None:
-    """A reference too small for the rate is refused here, before anything is queued."""
-    import numpy as np
-
-    from workers.analysis.screening import check_reference
-    from workers.storage.layout import LABEL, open_job, read
-
-    labels = np.asarray(read(open_job(store, args.reference, mode="r"), LABEL))
-    if not (labels >= 0).all():
-        labels = np.zeros(labels.size, dtype=np.int64)  # fitted as one class
-    check_reference(labels, args.fpr, learns=args.adversarial is not None)
 
 
 def _channels(found: list[int], limit: int = 8) -> str:

@@ -17,6 +17,7 @@ from api.schemas import (
     JobAnalysisRequest,
     ProfileRequest,
 )
+from workers.analysis.profiles import check_reference_job
 from workers.analysis.requests import Analysis, submit
 from workers.jobs import AnalysisKind
 
@@ -71,10 +72,12 @@ def comparisons(services: ServicesDep, tenant: TenantDep, body: ComparisonReques
 
 @router.post("/analyses/profiles", status_code=202, response_model=AnalysisOut)
 def profiles(services: ServicesDep, tenant: TenantDep, body: ProfileRequest) -> AnalysisOut:
-    """Fit a screening profile on a clean reference job (optionally tuned on attacks)."""
+    """Fit a screening profile on a clean reference job (optionally tuned on attacks); a
+    reference too small for the rate is refused before anything is queued."""
     job_of(services, tenant, body.reference_job)
     if body.adversarial_job:
         job_of(services, tenant, body.adversarial_job)
+    check_reference_job(services.store, body.reference_job, body.fpr, bool(body.adversarial_job))
     return _queue(services, tenant, AnalysisKind.SCREENING_PROFILE, body.model_dump())
 
 

@@ -9,12 +9,11 @@ import numpy as np
 import pytest
 import xarray as xr
 
-from tests.oracle import run_job
+from tests.oracle import planned, run_job
 from workers.analysis.explanations import run_explain
 from workers.errors import SpecError
 from workers.extraction.cache import ModelCache
 from workers.jobs import ExtractionSpec
-from workers.lifecycle.plan import plan
 from workers.storage.layout import open_job, read
 
 SAMPLES = Path(__file__).parents[2] / "workers" / "demo" / "samples"
@@ -26,7 +25,7 @@ def _scan(store: Path, inputs: list[str], **options: object) -> str:
          "batch_size": 8, "labels_from_dirs": True, **options}
     )  # fmt: skip
     models = ModelCache()
-    job = plan(str(store), spec, models.get(spec).info)
+    job = planned(str(store), spec, models.get(spec).info)
     run_job(str(store), job.job_id, models)
     return job.job_id
 

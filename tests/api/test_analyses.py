@@ -97,10 +97,11 @@ def test_a_bad_analysis_request_fails_with_its_reason_and_other_tenants_see_noth
     model_id = api.register()
     job_id = _finished_job(api, model_id)
     profile = api.client.post(
-        "/v1/analyses/profiles", headers=api.as_("acme"), json={"reference_job": job_id}
-    ).json()
+        "/v1/analyses/profiles", headers=api.as_("acme"),
+        json={"reference_job": job_id, "fpr": 0.45, "layers": ["conv_9"]},
+    ).json()  # fmt: skip
     assert profile["state"] == "failed"
-    assert profile["reason"]
+    assert "conv_9" in profile["reason"]
     screened = api.client.post(
         "/v1/jobs/screenings", headers=api.as_("acme"),
         json={"profile_id": profile["analysis_id"], "inputs": [str(api.roots["acme"])]},
@@ -110,6 +111,21 @@ def test_a_bad_analysis_request_fails_with_its_reason_and_other_tenants_see_noth
         "/v1/analyses/health", headers=api.as_("other"), json={"job_id": job_id}
     )
     assert stolen.status_code == 404
+
+
+def test_a_reference_too_small_for_the_rate_is_refused_before_anything_is_queued(
+    api: Api,
+) -> None:
+    job_id = _finished_job(api, api.register())  # four samples
+    sent = len(api.broker.sent)
+    refused = api.client.post(
+        "/v1/analyses/profiles", headers=api.as_("acme"), json={"reference_job": job_id}
+    )
+    assert refused.status_code == 422, refused.text
+    detail = refused.json()["detail"]
+    assert "needs at least 19 held-out clean samples" in detail
+    assert "\n" not in detail
+    assert len(api.broker.sent) == sent
 
 
 def test_an_extraction_with_gradcam_is_explained_for_its_owner_only(tmp_path: Path) -> None:

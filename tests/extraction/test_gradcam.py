@@ -11,14 +11,14 @@ import torch
 import xarray as xr
 from captum.attr import LayerGradCam
 
-from tests.oracle import run_job
+from tests.oracle import planned, run_job
 from workers.demo.digits import PREPROCESSING
 from workers.errors import LayerError, SampleCode, SpecError
 from workers.extraction.cache import ModelCache
 from workers.extraction.gradcam import keeping
 from workers.extraction.inputs import decode
 from workers.extraction.models import LoadedModel, load_model
-from workers.jobs import ExtractionSpec
+from workers.jobs import ExtractionSpec, Listing
 from workers.lifecycle.plan import plan
 from workers.pipeline import Decoded, compute_batch
 from workers.storage.layout import open_job, read
@@ -29,7 +29,7 @@ HAND = "tests.extraction.gradcam_net:hand_net"
 
 def _scan(store: Path, spec: ExtractionSpec) -> str:
     models = ModelCache()
-    job = plan(str(store), spec, models.get(spec).info)
+    job = planned(str(store), spec, models.get(spec).info)
     run_job(str(store), job.job_id, models)
     return job.job_id
 
@@ -212,7 +212,7 @@ def test_impossible_gradcam_options_are_refused_at_plan_with_one_line(
 ) -> None:
     spec = ExtractionSpec.model_validate({"model": HAND, "inputs": ["x.npy"], **options})
     with pytest.raises(error, match=words) as raised:
-        plan(str(tmp_path / "store"), spec, load_model(HAND).info, sources=[])
+        plan(str(tmp_path / "store"), spec, load_model(HAND).info, Listing([], []))
     assert "\n" not in str(raised.value)
     assert not (tmp_path / "store" / "jobs").exists() or not any(
         (tmp_path / "store" / "jobs").iterdir()

@@ -23,8 +23,7 @@ from typing import Any, Protocol
 import fsspec
 
 from workers.errors import ActmapError, NotFound, UserError
-from workers.extraction.inputs import Source
-from workers.jobs import ExtractionSpec, JobState, ModelInfo, TaskName, new_id
+from workers.jobs import ExtractionSpec, JobState, Listing, ModelInfo, TaskName, new_id
 from workers.lifecycle.counters import Counters
 from workers.lifecycle.plan import Plan, plan
 from workers.lifecycle.state import queue_of, resume_batches
@@ -170,7 +169,7 @@ def _existing(store: str, job_id: str) -> Plan | None:
 
 
 def _submit(
-    store: str, spec: ExtractionSpec, info: ModelInfo, sources: list[Source] | None,
+    store: str, spec: ExtractionSpec, info: ModelInfo, inputs: Listing,
     job_id: str, jobs: JobQueue, cap: int, fresh: bool = True, admit: Admit | None = None,
 ) -> Plan:  # fmt: skip
     job = None if fresh else _existing(store, job_id)
@@ -178,7 +177,7 @@ def _submit(
         return job
     if job is None:
         with admit() if fresh and admit is not None else nullcontext():
-            job = plan(store, spec, info, job_id, sources)
+            job = plan(store, spec, info, inputs, job_id)
     send_batches(jobs, store, job_id, range(job.n_batches), spec.queue, cap)
     open_job(store, job_id).update_attributes({SUBMISSION: "sent"})
     publish(store, job_id)  # an attrs write drops the group's consolidated map
@@ -189,10 +188,10 @@ def submit(
     store: str,
     spec: ExtractionSpec,
     info: ModelInfo,
+    inputs: Listing,
     jobs: JobQueue,
     *,
     cap: int,
-    sources: list[Source] | None = None,
     keys: Keys | None = None,
     key: str | None = None,
     admit: Admit | None = None,
@@ -204,13 +203,13 @@ def submit(
     retry gets the same job)."""
     job_id = new_id()
     if keys is None:
-        return _submit(store, spec, info, sources, job_id, jobs, cap, admit=admit)
+        return _submit(store, spec, info, inputs, job_id, jobs, cap, admit=admit)
     try:
         with keys.guard(f"actmap:submitting:{key or job_id}", LEASE_S):
             earlier = keys.claim(key, job_id) if key is not None else None
             try:
                 return _submit(
-                    store, spec, info, sources, earlier or job_id, jobs, cap,
+                    store, spec, info, inputs, earlier or job_id, jobs, cap,
                     fresh=earlier is None, admit=admit,
                 )  # fmt: skip
             except UserError:
