@@ -140,8 +140,6 @@ def compute_batch(model: LoadedModel, spec: ExtractionSpec, decoded: Decoded) ->
         kept = stack.enter_context(_grads(model, spec))
         if kept is None:
             stack.enter_context(torch.inference_mode())
-        else:
-            x.requires_grad_(True)  # the graph, with the parameters frozen
         forward = stack.enter_context(capture(model.module, spec.layers))
         out, captured = model.run(forward, x)
         cams = _cams(model, spec, decoded, ok, out, kept)

@@ -12,7 +12,7 @@ the bundled `digits-cnn`, it measures images per second, interleaved and repeate
 - plain:    workers.execution.embedded.scan of layers conv1 and conv3, batch 32, float16,
             into a fresh store each repeat: decode, forward (inference mode), writes.
 - gradcam:  the same scan with `--gradcam conv3` (target: the prediction): the same pass
-            plus one backward per batch and the maps stored.
+            plus one backward per batch from the logits to conv3 and the maps stored.
 - captum:   Captum's LayerGradCam(model, model.conv3).attribute(x, target=pred,
             relu_attributions=True) batch by batch (32) on tensors decoded beforehand (no
             decode, no storage: in its favour), the prediction from a forward first, as
@@ -134,9 +134,9 @@ def main(argv: list[str] | None = None) -> int:
                 gc.collect()
                 times[name].append(run())
     rate = {name: args.images / statistics.median(t) for name, t in times.items()}
-    print(f"{'method':<14}{'images/s (median)':>18}{'runs (s)':>28}")
+    print(f"{'method':<14}  {'images/s (median)':>17}  runs (s)")
     for name, t in times.items():
-        print(f"{name:<14}{rate[name]:>18.0f}{' '.join(f'{v:.3f}' for v in t):>28}")
+        print(f"{name:<14}  {rate[name]:>17.0f}  {' '.join(f'{v:.3f}' for v in t)}")
     print(f"gradcam / plain:        {rate['gradcam'] / rate['plain']:.2f}x")
     print(f"gradcam / captum:       {rate['gradcam'] / rate['captum']:.2f}x")
     print(f"gradcam / captum-label: {rate['gradcam'] / rate['captum-label']:.2f}x")

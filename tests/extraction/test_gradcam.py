@@ -229,3 +229,18 @@ def test_a_class_index_is_a_target_when_the_model_names_no_classes(tmp_path: Pat
     job_id = _scan(tmp_path / "store", spec)
     group = open_job(str(tmp_path / "store"), job_id, mode="r")
     np.testing.assert_array_equal(read(group, "layers/act2/gradcam_target"), [4, 4])
+
+
+def test_an_in_place_relu_after_the_layer_changes_neither_the_map_nor_the_pass() -> None:
+    x = np.random.default_rng(5).standard_normal((4, 1, 16, 16)).astype(np.float32)
+    decoded = Decoded(0, 0, x, np.zeros(4, np.int16), [""] * 4)
+    found = {}
+    for ref in (HAND, f"{HAND}_inplace"):
+        spec = ExtractionSpec(model=ref, layers=("conv1", "conv2"), inputs=("x",),
+                              gradcam=("conv1", "conv2"))  # fmt: skip
+        rows = compute_batch(load_model(ref), spec, decoded)
+        found[ref] = rows
+    plain, inplace = found[HAND], found[f"{HAND}_inplace"]
+    np.testing.assert_array_equal(plain.logits, inplace.logits)
+    for layer in ("conv1", "conv2"):
+        np.testing.assert_array_equal(plain.layers[layer].gradcam, inplace.layers[layer].gradcam)

@@ -33,18 +33,24 @@ class Kept:
 
 @contextmanager
 def keeping(model: nn.Module, layers: Sequence[str]) -> Iterator[Kept]:
-    """Autograd on (even inside `inference_mode`), the parameters frozen so that the graph
-    holds only what the maps need, and a forward hook keeping each layer's output. Hooks,
+    """Autograd on (even inside `inference_mode`), the parameters frozen, and a forward
+    hook keeping each layer's output: the first one in the pass starts the graph, so that
+    it holds only the layers the backward runs through. Hooks,
     kept outputs (and with them the graph) and the parameters' flags are restored on
     every exit path."""
     kept = Kept({name: [] for name in layers})
     handles: list[RemovableHandle] = []
     frozen = [(p, p.requires_grad) for p in model.parameters()]
 
-    def make_hook(name: str) -> Callable[[nn.Module, object, object], None]:
-        def hook(_module: nn.Module, _inputs: object, output: object) -> None:
-            if isinstance(output, torch.Tensor):  # hooks.capture reports anything else
-                kept.outputs[name].append(output)
+    def make_hook(name: str) -> Callable[[nn.Module, object, object], torch.Tensor | None]:
+        def hook(_module: nn.Module, _inputs: object, output: object) -> torch.Tensor | None:
+            if not isinstance(output, torch.Tensor):  # hooks.capture reports it
+                return None
+            # The first Grad-CAM layer of the pass starts the graph, so the layers before
+            # it record nothing for the backward; a later one is downstream of it, in it.
+            held = output if output.requires_grad else output.detach().requires_grad_(True)
+            kept.outputs[name].append(held)
+            return held.clone()  # the model goes on with a copy an in-place op may change
 
         return hook
 
