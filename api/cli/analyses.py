@@ -313,7 +313,7 @@ def _screen_here(
     screening = ExtractionSpec.model_validate(
         {**spec, "inputs": tuple(args.inputs), "layers": tuple(profile.channels),
          "labels_csv": None, "labels_from_dirs": False, "profile_id": args.profile,
-         "queue": "screen", "channels": None, "top_k": None, "max_size": None}
+         "queue": "screen", "channels": None, "top_k": None, "max_size": None, "gradcam": ()}
     )  # fmt: skip
     with output.progress(show) as (on_plan, on_status):
         result = backend.scan(screening, True, on_plan, on_status)

@@ -123,7 +123,7 @@ def screenings(services: ServicesDep, tenant: TenantDep, body: ScreeningRequest)
     screening = ExtractionSpec.model_validate(
         {**spec, "inputs": tuple(inputs_of(services, tenant, request)), "layers": tuple(layers),
          "labels_csv": None, "labels_from_dirs": False, "profile_id": body.profile_id,
-         "queue": "screen", "channels": None, "top_k": None, "max_size": None,
+         "queue": "screen", "channels": None, "top_k": None, "max_size": None, "gradcam": (),
          "tenant": tenant.name, "roots": roots_of(services, tenant)}
     )  # fmt: skip
     catalogue = Registry(services.store).get(tenant.name, str(spec.get("model_id"))).catalogue

@@ -274,3 +274,24 @@ def test_explain_of_a_layer_scanned_without_gradcam_exits_2_with_one_line(
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1, err
     assert "no Grad-CAM maps for layer 'conv3'" in err
+
+
+def test_a_profile_fitted_on_a_gradcam_job_screens_without_gradcam(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    store = str(tmp_path / "store")
+    argv = ["scan", str(SAMPLES), "--model", "digits-cnn", "--layers", "conv1,conv3",
+            "--gradcam", "conv3", "--labels-from-dirs", "--out", store, "--json"]  # fmt: skip
+    assert main(argv) == 0
+    job_id = str(_last(capsys)["job_id"])
+    fit = ["screen", "fit", "--reference", job_id, "--layers", "conv1", "--fpr", "0.2"]
+    assert main([*fit, "--store", store, "--json"]) == 0
+    profile = str(_last(capsys)["profile_id"])
+    noise = tmp_path / "noise.npy"
+    np.save(noise, np.zeros((1, 28, 28), np.float32))
+    assert main(["screen", "run", str(noise), "--profile", profile, "--store", store,
+                 "--json"]) == 0  # fmt: skip
+    screened = _last(capsys)
+    assert screened["state"] == "succeeded"
+    spec = xr.open_zarr(f"{store}/jobs/{screened['job_id']}").attrs["spec"]
+    assert "gradcam" not in spec
