@@ -205,6 +205,7 @@ def test_a_scan_without_gradcam_still_runs_in_inference_mode() -> None:
          "not a class"),
         ({"layers": ("act2",), "gradcam": ("act2",), "max_size": (2, 2)}, SpecError,
          "drop --max-size"),
+        ({"layers": ("act2",), "gradcam_target": "label"}, SpecError, "give --gradcam"),
     ],
 )  # fmt: skip
 def test_impossible_gradcam_options_are_refused_at_plan_with_one_line(

@@ -97,6 +97,8 @@ def _check_gradcam(spec: ExtractionSpec, info: ModelInfo) -> None:
                 "activations are stored beside its maps"
             )
     if not spec.gradcam:
+        if spec.gradcam_target != "pred":
+            raise SpecError("--target chooses the class Grad-CAM explains: give --gradcam LAYER")
         return
     try:
         gradcam_class(spec, info)
