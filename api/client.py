@@ -25,6 +25,7 @@ import httpx
 import numpy as np
 
 from workers.errors import ActmapError, Conflict, NotFound, UserError
+from workers.jobs import poll
 
 __all__ = ["ApiError", "Client", "Job", "Refused"]
 
@@ -131,6 +132,26 @@ class Client:
         headers = {"Idempotency-Key": uuid.uuid4().hex}
         accepted = self.request("POST", "/v1/jobs/extractions", json=body, headers=headers).json()
         return Job(self, accepted["job_id"])
+
+    def analysis(self, analysis_id: str) -> dict[str, Any]:
+        """An analysis as it is now: kind, state, reason and summary."""
+        found: dict[str, Any] = self.request("GET", f"/v1/analyses/{analysis_id}").json()
+        return found
+
+    def atlas(
+        self, job_id: str, layer: str, top: int = 9, wait: bool = True, timeout: float = 600
+    ) -> dict[str, Any]:
+        """Queue the filter atlas of `layer`; with `wait`, poll until it has finished.
+        Its arrays are under `analyses/{analysis_id}` in the store; its channel sheets
+        at GET /v1/analyses/{id}/channels/{c}.png."""
+        body = {"job_id": job_id, "layer": layer, "top": top}
+        found: dict[str, Any] = self.request("POST", "/v1/analyses/atlas", json=body).json()
+        if not wait:
+            return found
+        return poll(
+            lambda: self.analysis(found["analysis_id"]),
+            lambda a: a["state"] not in ("queued", "running"), 0.2, timeout, grow=1.5, most=2.0,
+        )  # fmt: skip
 
     def job(self, job_id: str) -> Job:
         return Job(self, job_id)

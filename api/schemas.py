@@ -126,6 +126,14 @@ class ExplainRequest(_Request):
     top: int = Field(default=5, ge=1, le=64)
 
 
+class AtlasRequest(_Request):
+    """Each channel's strongest responses at one layer of a job, with their input crops."""
+
+    job_id: Id
+    layer: Name
+    top: int = Field(default=9, ge=1, le=256, description="responses kept per channel")
+
+
 class ProfileRequest(_Request):
     """Fit a screening profile on a clean, labelled reference job."""
 

@@ -34,6 +34,7 @@ ANALYSIS_RUNS = {
     "workers.analysis.explanations",
     "workers.analysis.requests",
     "workers.analysis.profiles",
+    "workers.analysis.filter_atlas",
 }
 
 # The lifecycle's one edge into analysis: scoring a screening job when it finalizes. It is

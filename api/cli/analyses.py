@@ -1,4 +1,4 @@
-"""`actmap health`, `actmap compare`, `actmap explain`, `actmap screen fit|run`: the
+"""`actmap health`, `compare`, `explain`, `atlas`, `screen fit|run`: the
 analysis commands.
 
 Health, comparisons and profiles are analysis jobs on the `analysis` queue, sent like a
@@ -70,10 +70,16 @@ def add_parsers(sub: Any) -> None:
     runs = action.add_parser("run", help="a screening job: extract and score INPUTs")
     runs.add_argument("inputs", nargs="+", metavar="INPUT")
     runs.add_argument("--profile", required=True)
-    for parser in (health, compare, explain, fit, runs):
+    atlas = sub.add_parser("atlas", help="each channel's strongest responses and input crops")
+    atlas.add_argument("job_id", metavar="JOB")
+    atlas.add_argument("--layer", required=True, help="a stored layer with 2-d maps")
+    atlas.add_argument(
+        "--top", type=int, default=9, help="responses kept per channel, 1 to 256 (default: 9)"
+    )
+    for parser in (health, compare, explain, fit, runs, atlas):
         parser.add_argument("--store", help="store (default $ACTMAP_STORE)")
         parser.add_argument("--json", action="store_true", help="print one JSON object")
-    for parser in (health, compare, explain, fit, runs):
+    for parser in (health, compare, explain, fit, runs, atlas):
         parser.add_argument("--api", help="through this API (default $ACTMAP_API_URL)")
         parser.add_argument("--token", help="the API's bearer token (default $ACTMAP_TOKEN)")
 
@@ -112,6 +118,10 @@ def _request(args: argparse.Namespace) -> tuple[AnalysisKind, dict[str, Any]]:
     """The analysis kind and its parameters: the body of the API's route for it."""
     if args.command == "explain":
         return AnalysisKind.EXPLAIN, {"job_id": args.job_id, "layer": args.layer, "top": args.top}
+    if args.command == "atlas":
+        if not 1 <= args.top <= 256:
+            raise UserError(f"--top is 1 to 256 responses per channel, got {args.top}")
+        return AnalysisKind.ATLAS, {"job_id": args.job_id, "layer": args.layer, "top": args.top}
     layers = _layers(args.layers)
     if args.command == "health":
         return AnalysisKind.HEALTH, {"job_id": args.job_id, "layers": layers}
@@ -172,6 +182,8 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
             _print_health(found.summary)
         elif kind == AnalysisKind.EXPLAIN:
             _print_explanation(found.summary)
+        elif kind == AnalysisKind.ATLAS:
+            _print_atlas(found.summary)
         else:
             _print_comparison(found.summary)
     return 0
@@ -211,6 +223,21 @@ def _print_explanation(summary: dict[str, Any]) -> None:
         f"{summary.get('measure')}",
         highlight=False,
     )
+
+
+def _print_atlas(summary: dict[str, Any], limit: int = 32) -> None:
+    """Each channel's strongest response: sample, position, value and input crop."""
+    for layer, v in summary.get("layers", {}).items():
+        field = "x".join(map(str, v.get("receptive_field", [])))
+        table = Table("channel", "sample", "y, x", "value", "input crop (top, left, bottom, "
+                      "right)", title=f"{layer}: strongest response per channel "
+                      f"(field {field}, top {v.get('top')} kept)")  # fmt: skip
+        for channel, sample, y, x, value, *box in v.get("best", [])[:limit]:
+            table.add_row(str(channel), sample, f"{y}, {x}", f"{value:.4g}", str(tuple(box)))
+        output.out.print(table)
+        more = v.get("channels", 0) - limit
+        if more > 0:
+            output.out.print(f"... {more} more channels in the analysis arrays", highlight=False)
 
 
 def _print_comparison(summary: dict[str, Any]) -> None:

@@ -262,6 +262,7 @@ _ROUTES = {
     AnalysisKind.COMPARE: "comparisons",
     AnalysisKind.SCREENING_PROFILE: "profiles",
     AnalysisKind.EXPLAIN: "explanations",
+    AnalysisKind.ATLAS: "atlas",
 }
 
 

@@ -183,6 +183,12 @@ def parser() -> argparse.ArgumentParser:
     report.add_argument("job_id", metavar="JOB")
     report.add_argument("--out", required=True, metavar="DIR", help="folder for the report")
     report.add_argument("--store", help="store (default $ACTMAP_STORE)")
+    report.add_argument(
+        "--scale",
+        choices=("layer", "tile"),
+        default="layer",
+        help="activation tiles on one range per layer (default), or each on its own",
+    )
     report.add_argument("--json", action="store_true", help="print one JSON object at the end")
     serve = sub.add_parser(
         "serve",
@@ -258,7 +264,9 @@ def _spec(args: argparse.Namespace, settings: Settings) -> ExtractionSpec:
 def _report(args: argparse.Namespace, settings: Settings) -> int:
     from api.cli.report import report
 
-    page = report(args.store or settings.store, args.job_id, Path(args.out), settings.factories)
+    page = report(
+        args.store or settings.store, args.job_id, Path(args.out), settings.factories, args.scale
+    )
     if args.json:
         output.print_json({"job_id": args.job_id, "report": str(page.resolve())})
     else:
@@ -452,7 +460,7 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
         return _worker(args, settings)
     if args.command == "serve":
         return _serve(args, settings)
-    if args.command in ("health", "compare", "explain", "screen"):
+    if args.command in ("health", "compare", "explain", "screen", "atlas"):
         return analysis_cli.run(args, settings)
     if args.command == "report":
         return _report(args, settings)

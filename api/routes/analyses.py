@@ -12,6 +12,7 @@ from api.deps import OwnedAnalysis, Services, ServicesDep, TenantDep, analysis_o
 from api.problems import PROBLEMS
 from api.schemas import (
     AnalysisOut,
+    AtlasRequest,
     ComparisonRequest,
     ExplainRequest,
     JobAnalysisRequest,
@@ -60,6 +61,14 @@ def explanations(services: ServicesDep, tenant: TenantDep, body: ExplainRequest)
     `gradcam`); per class, the channels most often among them."""
     job_of(services, tenant, body.job_id)
     return _queue(services, tenant, AnalysisKind.EXPLAIN, body.model_dump())
+
+
+@router.post("/analyses/atlas", status_code=202, response_model=AnalysisOut)
+def atlas(services: ServicesDep, tenant: TenantDep, body: AtlasRequest) -> AnalysisOut:
+    """Each channel's strongest responses at one layer: samples, positions, values, the
+    input crop each sees (and the byte offsets, for binaries)."""
+    job_of(services, tenant, body.job_id)
+    return _queue(services, tenant, AnalysisKind.ATLAS, body.model_dump())
 
 
 @router.post("/analyses/comparisons", status_code=202, response_model=AnalysisOut)

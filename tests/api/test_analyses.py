@@ -128,6 +128,39 @@ def test_a_reference_too_small_for_the_rate_is_refused_before_anything_is_queued
     assert len(api.broker.sent) == sent
 
 
+def test_an_atlas_is_queued_and_its_channel_sheets_are_the_owning_tenants_only(
+    api: Api,
+) -> None:
+    model_id = api.register()
+    job_id = _finished_job(api, model_id, layers=["conv1", "conv3"])
+    atlas = api.client.post(
+        "/v1/analyses/atlas", headers=api.as_("acme"),
+        json={"job_id": job_id, "layer": "conv3", "top": 3},
+    )  # fmt: skip
+    assert atlas.status_code == 202, atlas.text
+    found = atlas.json()
+    assert found["state"] == "succeeded", found
+    assert found["summary"]["layers"]["conv3"]["top"] == 3
+    sheet = f"/v1/analyses/{found['analysis_id']}/channels/5.png"
+    for scale in ("layer", "tile"):
+        png = api.client.get(sheet, params={"scale": scale}, headers=api.as_("acme"))
+        assert png.status_code == 200
+        assert png.headers["content-type"] == "image/png"
+    assert api.client.get(sheet, headers=api.as_("other")).status_code == 404
+    outside = api.client.get(
+        f"/v1/analyses/{found['analysis_id']}/channels/64.png", headers=api.as_("acme")
+    )
+    assert outside.status_code == 422
+    assert "channel 64 is not in this atlas; its channels are 0..63" in outside.json()["detail"]
+    bad_scale = api.client.get(sheet, params={"scale": "log"}, headers=api.as_("acme"))
+    assert bad_scale.status_code == 422
+    flat = api.client.post(
+        "/v1/analyses/atlas", headers=api.as_("acme"), json={"job_id": job_id, "layer": "fc"}
+    ).json()
+    assert flat["state"] == "failed"
+    assert "stores no layer 'fc'" in flat["reason"]
+
+
 def test_an_extraction_with_gradcam_is_explained_for_its_owner_only(tmp_path: Path) -> None:
     from api.client import Client
 

@@ -118,6 +118,7 @@ def run_analysis(
     # The numerics load here, in the worker, not where requests are only sent.
     from workers.analysis.analyses import run_compare, run_health, run_signatures
     from workers.analysis.explanations import run_explain
+    from workers.analysis.filter_atlas import DEFAULT_TOP, run_atlas
     from workers.analysis.profiles import fit_profile
 
     layers = params.get("layers")
@@ -135,6 +136,9 @@ def run_analysis(
             )  # fmt: skip
         elif kind == AnalysisKind.SIGNATURES:
             run_signatures(store, params["job_id"], layers, analysis_id=analysis_id)
+        elif kind == AnalysisKind.ATLAS:
+            top = params.get("top") or DEFAULT_TOP
+            run_atlas(store, params["job_id"], params["layer"], top, analysis_id=analysis_id)
         elif kind == AnalysisKind.COMPARE:
             a, b = _selection(params["a"]), _selection(params["b"])
             paired = bool(params.get("paired"))

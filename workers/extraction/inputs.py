@@ -25,7 +25,17 @@ from workers.extraction.beneath import (
     opened,
     walk_beneath,
 )
-from workers.jobs import ExtractionSpec, InputKind, Listing, ModelInfo, Preprocessing, Source
+from workers.jobs import (
+    IMAGE_SUFFIXES,
+    ExtractionSpec,
+    InputKind,
+    Listing,
+    ModelInfo,
+    Preprocessing,
+    Source,
+    kind_of,
+    nataraj_width,
+)
 
 __all__ = [
     "IMAGE_SUFFIXES",
@@ -44,10 +54,7 @@ __all__ = [
     "skipped_line",
 ]
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif"}
 MAX_INPUT_BYTES = 256 << 20
-# Nataraj et al. (2011): image width by file size, upper bounds in KiB.
-_WIDTHS = ((10, 32), (30, 64), (60, 128), (100, 256), (200, 384), (500, 512), (1000, 768))
 # np.load parses the header with ast.literal_eval, and CPython before 3.11.8 and 3.12.2
 # kept the AST constructor's depth in one struct for all threads (cpython#106905): two
 # decode threads parsing at once failed a good file with SystemError (seen here, 3.11.7).
@@ -242,14 +249,6 @@ def list_inputs(
     return Listing(sources, labels, classes)
 
 
-def nataraj_width(size: int) -> int:
-    """Image width for a binary of `size` bytes (Nataraj et al. 2011)."""
-    for upper_kib, width in _WIDTHS:
-        if size < upper_kib * 1024:
-            return width
-    return 1024
-
-
 _KIND_WORDS = {"image": "an image", "array": "a .npy array"}
 # What a model of each kind reads. A `.npy` array of the input shape is the model's input
 # already, whatever files it decodes, so an image model takes one too.
@@ -258,12 +257,6 @@ _READS: dict[str, tuple[InputKind, ...]] = {
     "array": ("array",),
     "binary": ("image", "array", "binary"),
 }
-
-
-def kind_of(path: str) -> InputKind:
-    """What a file is by its name: an image, a `.npy` array, or else a binary."""
-    suffix = Path(path).suffix.lower()
-    return "array" if suffix == ".npy" else "image" if suffix in IMAGE_SUFFIXES else "binary"
 
 
 def skipped_line(kind: InputKind, n: int) -> str:

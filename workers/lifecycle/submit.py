@@ -16,13 +16,14 @@ leaves a complete plan, which the reconciler sends after its bound.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable, Iterable
 from contextlib import AbstractContextManager, nullcontext
 from typing import Any, Protocol
 
 import fsspec
 
-from workers.errors import ActmapError, NotFound, UserError
+from workers.errors import ActmapError, NotFound, SpecError, UserError
 from workers.jobs import ExtractionSpec, JobState, Listing, ModelInfo, TaskName, new_id
 from workers.lifecycle.counters import Counters
 from workers.lifecycle.plan import Plan, plan
@@ -184,6 +185,23 @@ def _submit(
     return job
 
 
+def _claim(keys: Keys, key: str, job_id: str, spec: ExtractionSpec) -> str | None:
+    """The job of the first request with `key`, or None when this is the first; a key sent
+    again with another request is refused, since its job answers a different request (as
+    the IETF's Idempotency-Key draft asks: a 422)."""
+    digest = hashlib.sha256(spec.model_dump_json().encode()).hexdigest()[:16]
+    earlier = keys.claim(key, f"{job_id} {digest}")
+    if earlier is None:
+        return None
+    earlier_id, _, earlier_digest = earlier.partition(" ")
+    if earlier_digest and earlier_digest != digest:  # no digest: claimed before they were kept
+        raise SpecError(
+            "this Idempotency-Key was first sent with another request; send that request "
+            "again to get its job, or use a new key for this one"
+        )
+    return earlier_id
+
+
 def submit(
     store: str,
     spec: ExtractionSpec,
@@ -206,7 +224,7 @@ def submit(
         return _submit(store, spec, info, inputs, job_id, jobs, cap, admit=admit)
     try:
         with keys.guard(f"actmap:submitting:{key or job_id}", LEASE_S):
-            earlier = keys.claim(key, job_id) if key is not None else None
+            earlier = _claim(keys, key, job_id, spec) if key is not None else None
             try:
                 return _submit(
                     store, spec, info, inputs, earlier or job_id, jobs, cap,
