@@ -153,6 +153,21 @@ class Client:
             lambda a: a["state"] not in ("queued", "running"), 0.2, timeout, grow=1.5, most=2.0,
         )  # fmt: skip
 
+    def explain(
+        self, job_id: str, layer: str, top: int = 5, wait: bool = True, timeout: float = 600
+    ) -> dict[str, Any]:
+        """Queue `actmap explain` of a layer scanned with Grad-CAM; with `wait`, poll until
+        it has finished. Its summary names, per class, the channels most often on the
+        evidence; its arrays are under `analyses/{analysis_id}` in the store."""
+        body = {"job_id": job_id, "layer": layer, "top": top}
+        found: dict[str, Any] = self.request("POST", "/v1/analyses/explanations", json=body).json()
+        if not wait:
+            return found
+        return poll(
+            lambda: self.analysis(found["analysis_id"]),
+            lambda a: a["state"] not in ("queued", "running"), 0.2, timeout, grow=1.5, most=2.0,
+        )  # fmt: skip
+
     def job(self, job_id: str) -> Job:
         return Job(self, job_id)
 
@@ -246,22 +261,8 @@ class Job:
     def explain(
         self, layer: str, top: int = 5, wait: bool = True, timeout: float = 600
     ) -> dict[str, Any]:
-        """Queue `actmap explain` of a layer scanned with Grad-CAM; with `wait`, the
-        analysis once finished (its `summary` names, per class, the channels most often
-        on the evidence). A failed analysis raises Refused with its reason."""
-        body = {"job_id": self.id, "layer": layer, "top": top}
-        found: dict[str, Any] = self.client.request(
-            "POST", "/v1/analyses/explanations", json=body
-        ).json()
-        deadline = time.monotonic() + timeout
-        while wait and found["state"] in ("queued", "running"):
-            if time.monotonic() > deadline:
-                raise ActmapError(f"analysis {found['analysis_id']} still {found['state']}")
-            time.sleep(0.2)
-            found = self.client.request("GET", f"/v1/analyses/{found['analysis_id']}").json()
-        if found["state"] == "failed":
-            raise Refused(422, str(found.get("reason") or "the analysis failed"))
-        return found
+        """`Client.explain` of this job."""
+        return self.client.explain(self.id, layer, top, wait, timeout)
 
     def open(self) -> Any:
         """The job as an xarray DataTree straight from the store, when this host reaches it."""

@@ -189,6 +189,9 @@ def test_an_extraction_with_gradcam_is_explained_for_its_owner_only(tmp_path: Pa
         found = client.job(job_id).explain("conv3", top=1)
         assert found["kind"] == "explain"
         assert found["summary"]["top"] == 1
+        failed = client.explain(job_id, "conv1")  # scanned without Grad-CAM there
+        assert failed["state"] == "failed"
+        assert "--gradcam conv1" in failed["reason"]
 
 
 @pytest.mark.parametrize(
