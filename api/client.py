@@ -153,6 +153,21 @@ class Client:
             lambda a: a["state"] not in ("queued", "running"), 0.2, timeout, grow=1.5, most=2.0,
         )  # fmt: skip
 
+    def explain(
+        self, job_id: str, layer: str, top: int = 5, wait: bool = True, timeout: float = 600
+    ) -> dict[str, Any]:
+        """Queue `actmap explain` of a layer scanned with Grad-CAM; with `wait`, poll until
+        it has finished. Its summary names, per class, the channels most often on the
+        evidence; its arrays are under `analyses/{analysis_id}` in the store."""
+        body = {"job_id": job_id, "layer": layer, "top": top}
+        found: dict[str, Any] = self.request("POST", "/v1/analyses/explanations", json=body).json()
+        if not wait:
+            return found
+        return poll(
+            lambda: self.analysis(found["analysis_id"]),
+            lambda a: a["state"] not in ("queued", "running"), 0.2, timeout, grow=1.5, most=2.0,
+        )  # fmt: skip
+
     def job(self, job_id: str) -> Job:
         return Job(self, job_id)
 
@@ -242,6 +257,12 @@ class Job:
         )
         values: np.ndarray = np.load(io.BytesIO(response.content), allow_pickle=False)
         return values
+
+    def explain(
+        self, layer: str, top: int = 5, wait: bool = True, timeout: float = 600
+    ) -> dict[str, Any]:
+        """`Client.explain` of this job."""
+        return self.client.explain(self.id, layer, top, wait, timeout)
 
     def open(self) -> Any:
         """The job as an xarray DataTree straight from the store, when this host reaches it."""

@@ -64,6 +64,12 @@ class ExtractionRequest(_Request):
     queue: Literal["extract", "screen"] = Field(
         default="extract", description="`screen` for one-sample, low-latency requests"
     )
+    gradcam: list[Name] = Field(
+        default_factory=list, max_length=64, description="Grad-CAM maps at these layers"
+    )
+    gradcam_target: Name = Field(
+        default="pred", description="the class Grad-CAM explains: pred, label or a class"
+    )
 
     @model_validator(mode="after")
     def _some_inputs(self) -> ExtractionRequest:
@@ -110,6 +116,15 @@ class JobAnalysisRequest(_Request):
 
     job_id: Id
     layers: list[Name] | None = Field(default=None, max_length=64)
+
+
+class ExplainRequest(_Request):
+    """Per sample, the channels whose maps overlap its Grad-CAM map most; per class, the
+    channels most often among them."""
+
+    job_id: Id
+    layer: Name
+    top: int = Field(default=5, ge=1, le=64)
 
 
 class AtlasRequest(_Request):

@@ -31,6 +31,7 @@ BASE = {"jobs", "errors", "settings"}  # the vocabulary every folder may use
 # works on arrays handed to it and imports neither storage nor zarr.
 ANALYSIS_RUNS = {
     "workers.analysis.analyses",
+    "workers.analysis.explanations",
     "workers.analysis.requests",
     "workers.analysis.profiles",
     "workers.analysis.filter_atlas",

@@ -44,6 +44,7 @@ __all__ = [
     "cap_spatial",
     "IMAGE_SUFFIXES",
     "close_matches",
+    "gradcam_class",
     "kind_of",
     "nataraj_width",
     "new_id",
@@ -88,6 +89,7 @@ class AnalysisKind(StrEnum):
     COMPARE = "compare"
     SIGNATURES = "signatures"
     SCREENING_PROFILE = "screening-profile"
+    EXPLAIN = "explain"
     ATLAS = "atlas"
 
 
@@ -290,7 +292,7 @@ class ExtractionSpec(_Declared):
     """An extraction job as submitted. Layers are checked against the model's catalogue at
     plan time, where it is known."""
 
-    _OPTIONAL = ("input_kind",)
+    _OPTIONAL = ("input_kind", "gradcam", "gradcam_target")
 
     model: str = Field(description="a .pt2 path, package.module:factory, or a registered name")
     weights: str | None = Field(
@@ -314,6 +316,15 @@ class ExtractionSpec(_Declared):
     input_kind: InputKind | None = Field(
         default=None, description="overrides the kind of input the model declares"
     )
+    gradcam: tuple[str, ...] = Field(
+        default=(), description="also store each sample's Grad-CAM map at these layers"
+    )
+    gradcam_target: str = Field(
+        default="pred",
+        min_length=1,
+        max_length=512,
+        description="the class Grad-CAM explains: pred, label, or a class (name or index)",
+    )
     tenant: str = "local"
     roots: tuple[str, ...] | None = Field(
         default=None,
@@ -321,7 +332,7 @@ class ExtractionSpec(_Declared):
         "followed; None for a trusted local job",
     )
 
-    @field_validator("layers")
+    @field_validator("layers", "gradcam")
     @classmethod
     def _dedupe(cls, layers: tuple[str, ...]) -> tuple[str, ...]:
         # Asking for a layer twice captures it once.
@@ -345,6 +356,25 @@ class ExtractionSpec(_Declared):
         if self.max_size is not None and min(self.max_size) < 1:
             raise ValueError("max_size must be positive")
         return self
+
+
+def gradcam_class(spec: ExtractionSpec, info: ModelInfo) -> int | None:
+    """The class index Grad-CAM explains for every sample, or None when it is each sample's
+    own (`pred` or `label`). A class is a name the model declares, else an index; ValueError
+    names the known ones."""
+    target = spec.gradcam_target
+    if target in ("pred", "label"):
+        return None
+    prep = spec.preprocessing or info.preprocessing
+    names = prep.classes if prep.classes is not None else info.preprocessing.classes
+    if names is not None and target in names:
+        return names.index(target)
+    if target.isdigit() and int(target) < info.classes:
+        return int(target)
+    known = f"one of {', '.join(names)}" if names else f"an index below {info.classes}"
+    raise ValueError(
+        f"Grad-CAM target {target!r} is not a class of {info.name}; use pred, label or {known}"
+    )
 
 
 def cap_spatial(shape: tuple[int, ...], max_size: tuple[int, int]) -> tuple[int, ...]:

@@ -10,6 +10,7 @@ import queue
 import threading
 from collections.abc import Callable
 from concurrent.futures import Executor
+from contextlib import AbstractContextManager, ExitStack, nullcontext
 from dataclasses import dataclass, replace
 from types import TracebackType
 from typing import Any
@@ -20,12 +21,13 @@ import zarr
 
 from workers.errors import InputError, SampleCode
 from workers.extraction.cache import ModelCache
+from workers.extraction.gradcam import Kept, grad_cam, keeping, targets
 from workers.extraction.hooks import capture
 from workers.extraction.inputs import decode
 from workers.extraction.models import LoadedModel
 from workers.extraction.reduce import Reduction
-from workers.jobs import ExtractionSpec, ModelInfo, stored_shape
-from workers.storage.layout import SOURCE, read
+from workers.jobs import ExtractionSpec, ModelInfo, gradcam_class, stored_shape
+from workers.storage.layout import LABEL, SOURCE, read
 from workers.storage.ledger import mark_done
 from workers.storage.rows import BatchRows, LayerRows, concat_rows, write_rows
 
@@ -55,6 +57,7 @@ class Decoded:
     x: np.ndarray
     codes: np.ndarray
     messages: list[str]
+    labels: np.ndarray | None = None  # read only for Grad-CAM on labels
 
 
 def decode_batch(
@@ -84,17 +87,23 @@ def decode_batch(
             one(i)
     else:
         list(pool.map(one, range(len(paths))))
-    return Decoded(batch, start, x, codes, messages)
+    labels = None
+    if spec.gradcam and spec.gradcam_target == "label":
+        labels = np.asarray(read(group, LABEL, slice(start, start + spec.batch_size)))
+    return Decoded(batch, start, x, codes, messages, labels)
 
 
 def split_decoded(decoded: Decoded, k: int) -> tuple[Decoded, Decoded]:
     """The first k samples and the rest, as two runs of rows."""
+    labels = decoded.labels
     first = Decoded(
-        decoded.batch, decoded.start, decoded.x[:k], decoded.codes[:k], decoded.messages[:k]
-    )
+        decoded.batch, decoded.start, decoded.x[:k], decoded.codes[:k], decoded.messages[:k],
+        None if labels is None else labels[:k],
+    )  # fmt: skip
     rest = Decoded(
-        decoded.batch, decoded.start + k, decoded.x[k:], decoded.codes[k:], decoded.messages[k:]
-    )
+        decoded.batch, decoded.start + k, decoded.x[k:], decoded.codes[k:],
+        decoded.messages[k:], None if labels is None else labels[k:],
+    )  # fmt: skip
     return first, rest
 
 
@@ -106,8 +115,14 @@ def _host(t: torch.Tensor) -> np.ndarray:
     return t.numpy()
 
 
+def _grads(model: LoadedModel, spec: ExtractionSpec) -> AbstractContextManager[Kept | None]:
+    """Grad-CAM's hooks and autograd when the job asks for it, else nothing."""
+    return keeping(model.module, spec.gradcam) if spec.gradcam else nullcontext()
+
+
 def compute_batch(model: LoadedModel, spec: ExtractionSpec, decoded: Decoded) -> BatchRows:
-    """One forward pass with hooks on every requested layer, reduced on the device."""
+    """One forward pass with hooks on every requested layer, reduced on the device; with
+    Grad-CAM, one backward of the batch's target logits in the same pass."""
     ok = decoded.codes == 0
     n = len(ok)
     reduce = Reduction.from_spec(spec)
@@ -115,34 +130,64 @@ def compute_batch(model: LoadedModel, spec: ExtractionSpec, decoded: Decoded) ->
     layers: dict[str, LayerRows] = {}
     logits = np.full((n, model.info.classes), np.nan, dtype=np.float32)
     pred = np.full(n, -1, dtype=np.int32)
-    if ok.any():
-        good = decoded.x if ok.all() else decoded.x[ok]  # a mask always copies
-        x = torch.from_numpy(good).to(device, non_blocking=True)
-        with torch.inference_mode(), capture(model.module, spec.layers) as forward:
-            out, captured = model.run(forward, x)
-            reduced = {name: reduce(name, t) for name, t in captured.items()}
-            host = {
-                name: (
-                    _host(r.acts),
-                    _host(r.pooled),
-                    None if r.top_index is None else _host(r.top_index),
-                )
-                for name, r in reduced.items()
-            }
-            logits_ok = _host(out.float())
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-        logits[ok] = logits_ok
-        pred[ok] = logits_ok.argmax(axis=1)
-        for name, (acts, pooled, top) in host.items():
-            layers[name] = LayerRows(
-                _fill(acts, ok, np.nan),
-                _fill(pooled, ok, np.nan),
-                None if top is None else _fill(top, ok, -1),
-            )
-    else:
+    if not ok.any():
         layers = _empty_layers(model.info, spec, n)
+        return BatchRows(decoded.start, decoded.codes, decoded.messages, logits, pred, layers)
+    good = decoded.x if ok.all() else decoded.x[ok]  # a mask always copies
+    x = torch.from_numpy(good).to(device, non_blocking=True)
+    with ExitStack() as stack:
+        # The backward needs autograd: only a batch without Grad-CAM runs in inference mode.
+        kept = stack.enter_context(_grads(model, spec))
+        if kept is None:
+            stack.enter_context(torch.inference_mode())
+        forward = stack.enter_context(capture(model.module, spec.layers))
+        out, captured = model.run(forward, x)
+        cams = _cams(model, spec, decoded, ok, out, kept)
+        reduced = {name: reduce(name, t) for name, t in captured.items()}
+        host = {
+            name: (
+                _host(r.acts),
+                _host(r.pooled),
+                None if r.top_index is None else _host(r.top_index),
+            )
+            for name, r in reduced.items()
+        }
+        cams_host = {name: (_host(m), _host(t)) for name, (m, t) in cams.items()}
+        logits_ok = _host(out.detach().float())
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    logits[ok] = logits_ok
+    pred[ok] = logits_ok.argmax(axis=1)
+    for name, (acts, pooled, top) in host.items():
+        cam = cams_host.get(name)
+        layers[name] = LayerRows(
+            _fill(acts, ok, np.nan),
+            _fill(pooled, ok, np.nan),
+            None if top is None else _fill(top, ok, -1),
+            None if cam is None else _fill(cam[0], ok, np.nan),
+            None if cam is None else _fill(cam[1], ok, -1),
+        )
     return BatchRows(decoded.start, decoded.codes, decoded.messages, logits, pred, layers)
+
+
+def _cams(
+    model: LoadedModel,
+    spec: ExtractionSpec,
+    decoded: Decoded,
+    ok: np.ndarray,
+    logits: torch.Tensor,
+    kept: Kept | None,
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Each Grad-CAM layer's maps (float16) and targets (int32) of the good samples."""
+    if kept is None:
+        return {}
+    labels = None
+    if decoded.labels is not None:
+        labels = torch.from_numpy(np.asarray(decoded.labels)[ok].astype(np.int64))
+    chosen = targets(logits, spec.gradcam_target, gradcam_class(spec, model.info), labels)
+    maps = grad_cam(logits, kept, chosen)
+    target = chosen.clamp(min=-1).to(torch.int32)
+    return {name: (m.to(torch.float16), target) for name, m in maps.items()}
 
 
 def _fill(rows: np.ndarray, ok: np.ndarray, value: float) -> np.ndarray:
@@ -160,10 +205,13 @@ def _empty_layers(info: ModelInfo, spec: ExtractionSpec, n: int) -> dict[str, La
         out = info.layer(name).output_shape  # checked against the catalogue at plan time
         shape = stored_shape(out, spec)
         top = np.full((n, shape[0]), -1, np.int32) if spec.top_k else None
+        cam = name in spec.gradcam
         rows[name] = LayerRows(
             np.full((n, *shape), np.nan, dtype=spec.dtype),
             np.full((n, out[0]), np.nan, dtype=np.float32),
             top,
+            np.full((n, *out[1:]), np.nan, dtype=np.float16) if cam else None,
+            np.full(n, -1, dtype=np.int32) if cam else None,
         )
     return rows
 

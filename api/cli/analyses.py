@@ -1,4 +1,4 @@
-"""`actmap health`, `actmap compare`, `actmap atlas`, `actmap screen fit|run`: the
+"""`actmap health`, `compare`, `explain`, `atlas`, `screen fit|run`: the
 analysis commands.
 
 Health, comparisons and profiles are analysis jobs on the `analysis` queue, sent like a
@@ -41,6 +41,12 @@ def add_parsers(sub: Any) -> None:
     compare.add_argument("--b", dest="select_b", default="", help="e.g. correct=false")
     compare.add_argument("--layers", help="comma-separated (default: every stored layer)")
     compare.add_argument("--paired", action="store_true", help="match samples by id")
+    explain = sub.add_parser(
+        "explain", help="per sample, the channels that overlap its Grad-CAM map most"
+    )
+    explain.add_argument("job_id", metavar="JOB")
+    explain.add_argument("--layer", required=True, help="a layer scanned with --gradcam")
+    explain.add_argument("--top", type=int, default=5, help="channels per sample (default: 5)")
     screen = sub.add_parser("screen", help="adversarial screening: fit a profile, run it")
     action = screen.add_subparsers(dest="screen_action", required=True)
     fit = action.add_parser("fit", help="fit a profile on a clean, labelled reference job")
@@ -72,10 +78,10 @@ def add_parsers(sub: Any) -> None:
     atlas.add_argument(
         "--top", type=int, default=9, help="responses kept per channel, 1 to 256 (default: 9)"
     )
-    for parser in (health, compare, fit, runs, atlas):
+    for parser in (health, compare, explain, fit, runs, atlas):
         parser.add_argument("--store", help="store (default $ACTMAP_STORE)")
         parser.add_argument("--json", action="store_true", help="print one JSON object")
-    for parser in (health, compare, fit, runs, atlas):
+    for parser in (health, compare, explain, fit, runs, atlas):
         parser.add_argument("--api", help="through this API (default $ACTMAP_API_URL)")
         parser.add_argument("--token", help="the API's bearer token (default $ACTMAP_TOKEN)")
 
@@ -112,6 +118,8 @@ def _selection(job_id: str, text: str) -> dict[str, Any]:
 
 def _request(args: argparse.Namespace) -> tuple[AnalysisKind, dict[str, Any]]:
     """The analysis kind and its parameters: the body of the API's route for it."""
+    if args.command == "explain":
+        return AnalysisKind.EXPLAIN, {"job_id": args.job_id, "layer": args.layer, "top": args.top}
     if args.command == "atlas":
         if not 1 <= args.top <= 256:
             raise UserError(f"--top is 1 to 256 responses per channel, got {args.top}")
@@ -174,6 +182,8 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
             _print_weights(found.summary)
         elif kind == AnalysisKind.HEALTH:
             _print_health(found.summary)
+        elif kind == AnalysisKind.EXPLAIN:
+            _print_explanation(found.summary)
         elif kind == AnalysisKind.ATLAS:
             _print_atlas(found.summary)
         else:
@@ -200,6 +210,19 @@ def _print_health(summary: dict[str, Any]) -> None:
         "dead: never above zero; always on: above zero at 99% of positions or more; "
         "saturated: at its ceiling half the time; sparse: at or below zero at 90% of "
         "positions or more",
+        highlight=False,
+    )
+
+
+def _print_explanation(summary: dict[str, Any]) -> None:
+    title = f"layer {summary.get('layer')}: channels on the Grad-CAM evidence"
+    table = Table("class", "channels most often in its samples' top-k (times)", title=title)
+    for name, found in summary.get("classes", {}).items():
+        table.add_row(str(name), ", ".join(f"{c} ({n})" for c, n in found[:8]))
+    output.out.print(table)
+    output.out.print(
+        f"{summary.get('n_explained')} samples explained; top {summary.get('top')} "
+        f"{summary.get('measure')}",
         highlight=False,
     )
 
@@ -321,7 +344,7 @@ def _screen_here(
     screening = ExtractionSpec.model_validate(
         {**spec, "inputs": tuple(args.inputs), "layers": tuple(profile.channels),
          "labels_csv": None, "labels_from_dirs": False, "profile_id": args.profile,
-         "queue": "screen", "channels": None, "top_k": None, "max_size": None}
+         "queue": "screen", "channels": None, "top_k": None, "max_size": None, "gradcam": ()}
     )  # fmt: skip
     with output.progress(show) as (on_plan, on_status):
         result = backend.scan(screening, True, on_plan, on_status)

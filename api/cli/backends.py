@@ -196,6 +196,8 @@ class ApiBackend:
             "batch_size": spec.batch_size, "dtype": spec.dtype, "top_k": spec.top_k,
             "channels": list(spec.channels) if spec.channels else None,
             "max_size": spec.max_size, "labels_from_dirs": spec.labels_from_dirs,
+            **({"gradcam": list(spec.gradcam), "gradcam_target": spec.gradcam_target}
+               if spec.gradcam else {}),
         }  # fmt: skip
         inputs: list[str] = list(spec.inputs)
         if self.upload:
@@ -259,6 +261,7 @@ _ROUTES = {
     AnalysisKind.SIGNATURES: "signatures",
     AnalysisKind.COMPARE: "comparisons",
     AnalysisKind.SCREENING_PROFILE: "profiles",
+    AnalysisKind.EXPLAIN: "explanations",
     AnalysisKind.ATLAS: "atlas",
 }
 

@@ -148,6 +148,14 @@ def parser() -> argparse.ArgumentParser:
     scan.add_argument(
         "--max-size", type=_pair, metavar="HxW", help="downsample maps to at most HxW"
     )
+    scan.add_argument(
+        "--gradcam", metavar="LAYER[,LAYER]",
+        help="also store each sample's Grad-CAM map at these layers (among --layers)",
+    )  # fmt: skip
+    scan.add_argument(
+        "--target", default="pred", metavar="pred|label|CLASS",
+        help="the class Grad-CAM explains: the prediction, the label, or one class",
+    )  # fmt: skip
     scan.add_argument("--labels", help="CSV of sample_id,label")
     scan.add_argument(
         "--labels-from-dirs", action="store_true",
@@ -244,6 +252,8 @@ def _spec(args: argparse.Namespace, settings: Settings) -> ExtractionSpec:
             labels_csv=args.labels,
             labels_from_dirs=args.labels_from_dirs,
             input_kind=args.input_kind,
+            gradcam=tuple(v.strip() for v in (args.gradcam or "").split(",") if v.strip()),
+            gradcam_target=args.target,
         )
     except ValidationError as exc:
         first = exc.errors()[0]
@@ -450,7 +460,7 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
         return _worker(args, settings)
     if args.command == "serve":
         return _serve(args, settings)
-    if args.command in ("health", "compare", "screen", "atlas"):
+    if args.command in ("health", "compare", "explain", "screen", "atlas"):
         return analysis_cli.run(args, settings)
     if args.command == "report":
         return _report(args, settings)

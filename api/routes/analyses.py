@@ -14,6 +14,7 @@ from api.schemas import (
     AnalysisOut,
     AtlasRequest,
     ComparisonRequest,
+    ExplainRequest,
     JobAnalysisRequest,
     ProfileRequest,
 )
@@ -52,6 +53,14 @@ def signatures(services: ServicesDep, tenant: TenantDep, body: JobAnalysisReques
     """Per class or family, the channels consistently active."""
     job_of(services, tenant, body.job_id)
     return _queue(services, tenant, AnalysisKind.SIGNATURES, body.model_dump())
+
+
+@router.post("/analyses/explanations", status_code=202, response_model=AnalysisOut)
+def explanations(services: ServicesDep, tenant: TenantDep, body: ExplainRequest) -> AnalysisOut:
+    """Per sample, the channels overlapping its Grad-CAM map most (a job scanned with
+    `gradcam`); per class, the channels most often among them."""
+    job_of(services, tenant, body.job_id)
+    return _queue(services, tenant, AnalysisKind.EXPLAIN, body.model_dump())
 
 
 @router.post("/analyses/atlas", status_code=202, response_model=AnalysisOut)

@@ -76,7 +76,8 @@ def submit_extraction(
         inputs=tuple(inputs), batch_size=body.batch_size, dtype=body.dtype,
         channels=tuple(body.channels) if body.channels else None, top_k=body.top_k,
         max_size=body.max_size, labels_from_dirs=body.labels_from_dirs, tenant=tenant.name,
-        queue=body.queue, roots=roots_of(services, tenant),
+        queue=body.queue, roots=roots_of(services, tenant), gradcam=tuple(body.gradcam),
+        gradcam_target=body.gradcam_target,
     )  # fmt: skip
     listed = list_inputs(spec, record.catalogue, checked_sources(services, tenant, spec.inputs))
     samples_quota(tenant, len(listed.sources))
@@ -122,7 +123,7 @@ def screenings(services: ServicesDep, tenant: TenantDep, body: ScreeningRequest)
     screening = ExtractionSpec.model_validate(
         {**spec, "inputs": tuple(inputs_of(services, tenant, request)), "layers": tuple(layers),
          "labels_csv": None, "labels_from_dirs": False, "profile_id": body.profile_id,
-         "queue": "screen", "channels": None, "top_k": None, "max_size": None,
+         "queue": "screen", "channels": None, "top_k": None, "max_size": None, "gradcam": (),
          "tenant": tenant.name, "roots": roots_of(services, tenant)}
     )  # fmt: skip
     catalogue = Registry(services.store).get(tenant.name, str(spec.get("model_id"))).catalogue

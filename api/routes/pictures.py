@@ -23,9 +23,10 @@ from workers.extraction.inputs import OutsideRoots, fd_path, opened
 from workers.jobs import CONV_TYPES, close_matches
 from workers.pictures.atlas import channel_png
 from workers.pictures.charts import score_histogram
+from workers.pictures.overlay import gradcam_sheet
 from workers.pictures.render import MAX_TILES, Scale, activation_grid, filter_grid
 from workers.pictures.report_job import input_image
-from workers.storage.layout import SAMPLE, SOURCE, attrs, read
+from workers.storage.layout import GRADCAM, GRADCAM_TARGET, SAMPLE, SOURCE, attrs, read
 from workers.storage.registry import Registry
 from workers.storage.stored_job import StoredLayer, layer_group, read_filters, screening
 
@@ -88,24 +89,55 @@ def activations_png(
     if maps is None:
         raise SpecError(f"layer {layer} has no spatial maps; GET its /pooled values instead")
     ids = data.ids(row)
-    picture = None
-    if image and SOURCE in group:
-        prep = job.get("spec", {}).get("preprocessing") or job.get("catalogue", {}).get(
-            "preprocessing"
-        )
-        source = str(read(group, SOURCE, slice(row, row + 1))[0])
-        try:
-            picture = input_image(source, prep, _job_roots(services, tenant, job))
-        except OutsideRoots:
-            raise NotFound(
-                f"the input of sample {sample} is no longer a file inside your allowed roots; "
-                "ask with image=false for the maps alone"
-            ) from None
+    picture = _input(services, tenant, group, row, sample) if image else None
     png = activation_grid(
         maps, picture, _positions(ids, channels), top, f"{layer} of {sample}", channel_ids=ids,
         scale=scale,
     )  # fmt: skip
     return _png(png)
+
+
+def _input(
+    services: Services, tenant: Tenant, group: zarr.Group, row: int, sample: str
+) -> np.ndarray | None:
+    """The sample's input as drawn beside its maps, opened beneath the job's roots."""
+    if SOURCE not in group:
+        return None
+    job = attrs(group)
+    prep = job.get("spec", {}).get("preprocessing") or job.get("catalogue", {}).get("preprocessing")
+    source = str(read(group, SOURCE, slice(row, row + 1))[0])
+    try:
+        return input_image(source, prep, _job_roots(services, tenant, job))
+    except OutsideRoots:
+        raise NotFound(
+            f"the input of sample {sample} is no longer a file inside your allowed roots; "
+            "ask with image=false for the maps alone"
+        ) from None
+
+
+@router.get("/jobs/{job_id}/layers/{layer}/gradcam.png", responses=_PNG, response_class=Response)
+def gradcam_png(
+    services: ServicesDep,
+    tenant: TenantDep,
+    group: OwnedJob,
+    layer: str,
+    sample: Annotated[str, Query(max_length=4096, description="the sample id")],
+    image: Annotated[bool, Query(description="draw the map over the input")] = True,
+) -> Response:
+    """One sample's Grad-CAM map at a layer scanned with `gradcam`, in viridis over its
+    input (grey), beside the input, with a colour bar from 0 to the map's largest value."""
+    held = layer_group(group, layer)
+    if GRADCAM not in held:
+        raise NotFound(f"layer {layer!r} of this job has no Grad-CAM maps; scan with --gradcam")
+    row = _row(group, sample)
+    cam = np.asarray(held[GRADCAM][row])  # type: ignore[index]
+    target = int(np.asarray(held[GRADCAM_TARGET][row]))  # type: ignore[index]
+    if target < 0:
+        raise SpecError(f"sample {sample} has no Grad-CAM map: it failed, or had no target")
+    picture = _input(services, tenant, group, row, sample) if image else None
+    classes = attrs(group).get("catalogue", {}).get("preprocessing", {}).get("classes")
+    name = classes[target] if classes and target < len(classes) else str(target)
+    return _png(gradcam_sheet(cam, picture, f"{layer} of {sample}: class {name}").png())
 
 
 def _job_roots(services: Services, tenant: Tenant, job: dict[str, Any]) -> tuple[str, ...] | None:

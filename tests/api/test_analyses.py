@@ -204,3 +204,64 @@ def test_an_atlas_is_queued_and_its_channel_sheets_are_the_owning_tenants_only(
     ).json()
     assert flat["state"] == "failed"
     assert "stores no layer 'fc'" in flat["reason"]
+
+
+def test_an_extraction_with_gradcam_is_explained_for_its_owner_only(tmp_path: Path) -> None:
+    from api.client import Client
+
+    api = make_api(tmp_path)
+    with api.client:
+        model_id = api.register()
+        job_id = _finished_job(
+            api, model_id, layers=["conv1", "conv3"], gradcam=["conv3"], gradcam_target="3"
+        )
+        group = open_job(str(api.store), job_id, mode="r")
+        assert (read(group, "layers/conv3/gradcam_target") == 3).all()
+        body = {"job_id": job_id, "layer": "conv3", "top": 2}
+        mine = api.client.post("/v1/analyses/explanations", headers=api.as_("acme"), json=body)
+        assert mine.status_code == 202, mine.text
+        assert mine.json()["state"] == "succeeded"
+        assert list(mine.json()["summary"]["classes"]) == ["3"]
+        theirs = api.client.post("/v1/analyses/explanations", headers=api.as_("other"), json=body)
+        assert theirs.status_code == 404
+        other = api.client.get(
+            f"/v1/analyses/{mine.json()['analysis_id']}", headers=api.as_("other")
+        )
+        assert other.status_code == 404
+        client = Client("http://testserver", api.tokens["acme"])
+        client._http = api.client  # type: ignore[assignment]
+        client._http.headers.update(api.as_("acme"))
+        found = client.job(job_id).explain("conv3", top=1)
+        assert found["kind"] == "explain"
+        assert found["summary"]["top"] == 1
+        failed = client.explain(job_id, "conv1")  # scanned without Grad-CAM there
+        assert failed["state"] == "failed"
+        assert "--gradcam conv1" in failed["reason"]
+
+
+@pytest.mark.parametrize(
+    ("body", "words"),
+    [
+        ({"layers": ["conv3"], "gradcam": ["conv1"]}, "Grad-CAM layer 'conv1'"),
+        ({"layers": ["fc"], "gradcam": ["fc"]}, "is flat"),
+        ({"layers": ["conv3"], "gradcam": ["conv3"], "gradcam_target": "11"}, "not a class"),
+    ],
+)
+def test_impossible_gradcam_options_answer_422_with_one_line(
+    api: Api, body: dict[str, Any], words: str
+) -> None:
+    model_id = api.register()
+    refused = api.submit(model_id, **body)
+    assert refused.status_code == 422, refused.text
+    detail = refused.json()["detail"]
+    assert words in detail
+    assert "\n" not in detail
+
+
+def test_explaining_a_job_without_gradcam_fails_with_its_reason(api: Api) -> None:
+    model_id = api.register()
+    job_id = _finished_job(api, model_id, layers=["conv3"])
+    body = {"job_id": job_id, "layer": "conv3"}
+    found = api.client.post("/v1/analyses/explanations", headers=api.as_("acme"), json=body)
+    assert found.json()["state"] == "failed"
+    assert "no Grad-CAM maps for layer 'conv3'" in found.json()["reason"]

@@ -49,6 +49,7 @@ def job(tmp_path_factory: pytest.TempPathFactory) -> Job:
         inputs=(str(SAMPLES),),
         batch_size=16,
         labels_from_dirs=True,
+        gradcam=("conv3",),  # the browser test covers the Grad-CAM section too
     )
     done = scan(spec, store, Settings(store=store))
     assert done.state == "succeeded"
@@ -125,6 +126,23 @@ def test_the_atlas_page_shows_the_strongest_channels_with_their_weights(
     with Image.open(sheet) as picture:
         pixels = np.asarray(picture.convert("RGB"))
     assert pixels.shape[1] > 6 * 72  # six crops side by side, the weights before them
+
+
+def test_each_gradcam_layer_gets_a_section_of_overlays_beside_the_closest_channels(
+    page: Path,
+) -> None:
+    html = page.read_text()
+    assert "Grad-CAM: conv3" in html
+    assert "Grad-CAM: block2" not in html  # scanned without --gradcam
+    drawn = [s for s in _sources(html) if "gradcam" in s]
+    roles = {"correct", "misclassified", "low_confidence"}
+    assert {f"img/gradcam-{r}-conv3.png" for r in roles} <= set(drawn)
+    assert {f"img/gradcam-top-{r}-conv3.png" for r in roles} <= set(drawn)
+    for source in drawn:
+        with Image.open(page.parent / source) as picture:
+            assert picture.mode == "RGB"
+    assert "Pearson correlation" in html
+    assert "(r = " in html
 
 
 def test_the_first_conv_layers_weights_are_kept_in_the_store_for_the_api(

@@ -117,6 +117,7 @@ def run_analysis(
     """Run one queued analysis; returns its final state."""
     # The numerics load here, in the worker, not where requests are only sent.
     from workers.analysis.analyses import run_compare, run_health, run_signatures
+    from workers.analysis.explanations import run_explain
     from workers.analysis.filter_atlas import DEFAULT_TOP, run_atlas
     from workers.analysis.profiles import fit_profile
 
@@ -128,6 +129,11 @@ def run_analysis(
         placeholder(store, analysis_id, kind, tenant, AnalysisState.RUNNING)
         if kind == AnalysisKind.HEALTH:
             run_health(store, params["job_id"], layers, analysis_id=analysis_id)
+        elif kind == AnalysisKind.EXPLAIN:
+            run_explain(
+                store, params["job_id"], params["layer"], params.get("top", 5),
+                analysis_id=analysis_id,
+            )  # fmt: skip
         elif kind == AnalysisKind.SIGNATURES:
             run_signatures(store, params["job_id"], layers, analysis_id=analysis_id)
         elif kind == AnalysisKind.ATLAS:

@@ -17,6 +17,7 @@ from workers.jobs import (
     Listing,
     ModelInfo,
     close_matches,
+    gradcam_class,
     new_id,
     now,
     stored_shape,
@@ -61,10 +62,48 @@ def layouts(spec: ExtractionSpec, info: ModelInfo) -> list[LayerLayout]:
         if spec.top_k is not None and spec.top_k > width:
             raise SpecError(f"top_k={spec.top_k} asked of layer {name!r}, which has {width}")
         dim = "rank" if spec.top_k else "kept_channel" if spec.channels else "channel"
-        found.append(
-            LayerLayout(name, stored_shape(out, spec), width, spec.dtype, dim, spec.channels)
-        )
+        shape = stored_shape(out, spec)
+        cam = _gradcam_shape(info, name, shape) if name in spec.gradcam else None
+        found.append(LayerLayout(name, shape, width, spec.dtype, dim, spec.channels, cam))
+    _check_gradcam(spec, info)
     return found
+
+
+def _gradcam_shape(info: ModelInfo, name: str, stored: tuple[int, ...]) -> tuple[int, ...]:
+    """The per-sample shape of a layer's Grad-CAM map: the layer's own resolution."""
+    out = info.layer(name).output_shape
+    if len(out) < 2:
+        raise SpecError(
+            f"layer {name!r} of {info.name} is flat {out}: Grad-CAM needs a layer with "
+            "spatial maps, such as the last conv layer"
+        )
+    if stored[1:] != out[1:]:
+        # The maps share the layer's y and x dimensions with `acts`, so both keep one size.
+        raise SpecError(
+            f"--max-size shrinks layer {name!r} below its resolution {out[1:]}, where "
+            "Grad-CAM is stored; drop --max-size or choose Grad-CAM layers within it"
+        )
+    return out[1:]
+
+
+def _check_gradcam(spec: ExtractionSpec, info: ModelInfo) -> None:
+    """Grad-CAM layers are among the requested ones and its target is a class."""
+    for name in spec.gradcam:
+        if name not in spec.layers:
+            known = info.layer_names()
+            hint = close_matches(name, known) if name not in known else "add it to --layers"
+            raise LayerError(
+                f"Grad-CAM layer {name!r} is not among the job's layers ({hint}): its "
+                "activations are stored beside its maps"
+            )
+    if not spec.gradcam:
+        if spec.gradcam_target != "pred":
+            raise SpecError("--target chooses the class Grad-CAM explains: give --gradcam LAYER")
+        return
+    try:
+        gradcam_class(spec, info)
+    except ValueError as exc:
+        raise SpecError(str(exc)) from None
 
 
 def plan(

@@ -20,6 +20,7 @@ from workers.jobs import AnalysisKind
 from workers.pictures.charts import bar_chart, difference_sheet, score_histogram
 from workers.pictures.html import Raw, Section, e, facts, figure, page, table
 from workers.pictures.render import Scale, activation_sheet, filter_sheet
+from workers.pictures.report_gradcam import gradcam_sections
 from workers.pictures.report_job import Pick, ReportJob, health
 from workers.storage.analyses import analysis_ids, open_analysis
 from workers.storage.layout import attrs, layer_path, read
@@ -304,7 +305,7 @@ def write_report(
     # Pictures first: what a reader opens the report for; the tables that explain them after.
     screening = _screening(job)
     parts = [
-        _overview(job), _samples(job, scale),
+        _overview(job), _samples(job, scale), *gradcam_sections(job),
         _filters(job, None if weights is None else np.asarray(weights)), _health(job),
         *([screening] if screening is not None else []), *sections,
         _model(job), _timings(job),

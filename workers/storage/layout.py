@@ -2,7 +2,8 @@
 Never imports torch.
 
     jobs/{job_id}/         sample source label logits pred error_code error_message done
-      layers/{layer}/      acts pooled (top_channel for top-k, kept_channel for a subset)
+      layers/{layer}/      acts pooled (top_channel for top-k, kept_channel for a subset,
+                           gradcam and gradcam_target where Grad-CAM was asked)
       screen/              score flag (a screening job), filters/{layer} (a report's weights)
     analyses/{id}/         a health, comparison, signatures or screening-profile result
     uploads/{tenant}/      uploaded inputs (plain files); index/ the job index (index.py)
@@ -40,6 +41,8 @@ __all__ = [
     "ERROR_MESSAGE",
     "FILTERS",
     "FLAG",
+    "GRADCAM",
+    "GRADCAM_TARGET",
     "INDEX",
     "INDEX_COMPLETE",
     "JOBS",
@@ -101,6 +104,9 @@ ACTS = "acts"
 POOLED = "pooled"
 TOP_CHANNEL = "top_channel"
 KEPT_CHANNEL = "kept_channel"
+# Grad-CAM (N, y, x) float16 at the layer's resolution, and the class it explains (N,).
+GRADCAM = "gradcam"
+GRADCAM_TARGET = "gradcam_target"
 # A screening job's arrays, under SCREEN.
 SCORE = "score"
 FLAG = "flag"
@@ -123,6 +129,7 @@ class LayerLayout:
     dtype: str
     channel_dim: str = "channel"  # "kept_channel" for a subset, "rank" for top-k
     kept: tuple[int, ...] | None = None
+    gradcam: tuple[int, ...] | None = None  # the per-sample map shape, when asked
 
 
 def array(group: zarr.Group, name: str) -> zarr.Array[Any]:
@@ -276,6 +283,19 @@ def _array(
     }
 
 
+def _gradcam_arrays(
+    path: partial[str], n: int, b: int, shape: tuple[int, ...]
+) -> list[tuple[str, dict[str, Any]]]:
+    """A layer's Grad-CAM maps and targets, chunked like its activations."""
+    row = int(np.prod(shape)) * 2
+    chunk = (sample_chunk(b, row), *shape)
+    dims = ["sample", *spatial_dims(len(shape))]
+    return [
+        _array(path(GRADCAM), (n, *shape), chunk, "float16", dims, np.nan),
+        _array(path(GRADCAM_TARGET), (n,), (b,), "int32", ["sample"], -1),
+    ]
+
+
 async def _create_nodes(
     at: str, groups: list[str], arrays: list[tuple[str, dict[str, Any]]]
 ) -> None:
@@ -330,6 +350,8 @@ def create_job(
             arrays.append(
                 _array(path(TOP_CHANNEL), top, (b, top[1]), "int32", ["sample", "rank"], -1)
             )
+        if layer.gradcam is not None:
+            arrays.extend(_gradcam_arrays(path, n, b, layer.gradcam))
         if layer.kept is not None:
             width = (len(layer.kept),)
             arrays.append(_array(path(KEPT_CHANNEL), width, width, "int32", ["kept_channel"], -1))

@@ -14,6 +14,8 @@ from workers.storage.layout import (
     ACTS,
     ERROR_CODE,
     ERROR_MESSAGE,
+    GRADCAM,
+    GRADCAM_TARGET,
     LOGITS,
     POOLED,
     PRED,
@@ -30,6 +32,8 @@ class LayerRows:
     acts: np.ndarray
     pooled: np.ndarray
     top_channel: np.ndarray | None = None
+    gradcam: np.ndarray | None = None  # (n, y, x) float16, NaN where not computed
+    gradcam_target: np.ndarray | None = None  # (n,) int32, -1 where not computed
 
 
 @dataclass(frozen=True)
@@ -71,6 +75,9 @@ def write_rows(
         _set(layer_path(name, POOLED), start, layer.pooled)
         if layer.top_channel is not None:
             _set(layer_path(name, TOP_CHANNEL), start, layer.top_channel)
+        if layer.gradcam is not None and layer.gradcam_target is not None:
+            _set(layer_path(name, GRADCAM), start, layer.gradcam)
+            _set(layer_path(name, GRADCAM_TARGET), start, layer.gradcam_target)
     for future in pending:  # every one, so that no write outlives the call; then errors
         future.exception()
     for future in pending:
@@ -88,6 +95,8 @@ def concat_rows(first: BatchRows, second: BatchRows) -> BatchRows:
             np.concatenate([rows.acts, second.layers[name].acts]),
             np.concatenate([rows.pooled, second.layers[name].pooled]),
             _cat(rows.top_channel, second.layers[name].top_channel),
+            _cat(rows.gradcam, second.layers[name].gradcam),
+            _cat(rows.gradcam_target, second.layers[name].gradcam_target),
         )
         for name, rows in first.layers.items()
     }

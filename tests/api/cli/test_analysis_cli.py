@@ -243,3 +243,78 @@ def test_a_jobs_report_shows_its_stored_comparisons(
     assert main(["report", job_id, "--out", str(out), "--store", store]) == 0
     html = (out / "index.html").read_text()
     assert f"Comparison {analysis_id}" in html
+
+
+def test_scan_with_gradcam_then_explain_prints_the_channels_per_class(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    store = str(tmp_path / "store")
+    argv = ["scan", str(SAMPLES), "--model", "digits-cnn", "--layers", "conv1,conv3",
+            "--gradcam", "conv3", "--target", "label", "--labels-from-dirs", "--out", store,
+            "--json"]  # fmt: skip
+    assert main(argv) == 0
+    job_id = str(_last(capsys)["job_id"])
+    stored = xr.open_datatree(f"{store}/jobs/{job_id}", engine="zarr")["layers/conv3"]
+    assert stored["gradcam"].shape == (40, 7, 7)
+    assert main(["explain", job_id, "--layer", "conv3", "--top", "3", "--store", store,
+                 "--json"]) == 0  # fmt: skip
+    found = _last(capsys)
+    assert found["kind"] == "explain"
+    assert found["n_explained"] == 40
+    assert set(found["classes"]) == {str(d) for d in range(10)}
+    table = xr.open_zarr(f"{store}/analyses/{found['analysis_id']}")
+    assert table["top_channel"].shape == (40, 3)
+    assert main(["explain", job_id, "--layer", "conv3", "--store", store]) == 0
+    printed = capsys.readouterr().out
+    assert "channels on the Grad-CAM evidence" in printed
+    assert "Pearson correlation" in printed
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--layers", "conv3", "--gradcam", "conv9"], "Grad-CAM layer 'conv9'"),
+        (["--layers", "fc", "--gradcam", "fc"], "is flat"),
+        (["--layers", "conv3", "--gradcam", "conv3", "--target", "cat"],
+         "Grad-CAM target 'cat' is not a class"),
+    ],
+)  # fmt: skip
+def test_impossible_gradcam_options_exit_2_with_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], argv: list[str], message: str
+) -> None:
+    base = ["scan", str(SAMPLES / "3"), "--model", "digits-cnn", "--out", str(tmp_path / "s")]
+    assert main(base + argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert message in err
+
+
+def test_explain_of_a_layer_scanned_without_gradcam_exits_2_with_one_line(
+    scanned: tuple[str, str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    store, job_id = scanned
+    assert main(["explain", job_id, "--layer", "conv3", "--store", store]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert "no Grad-CAM maps for layer 'conv3'" in err
+
+
+def test_a_profile_fitted_on_a_gradcam_job_screens_without_gradcam(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    store = str(tmp_path / "store")
+    argv = ["scan", str(SAMPLES), "--model", "digits-cnn", "--layers", "conv1,conv3",
+            "--gradcam", "conv3", "--labels-from-dirs", "--out", store, "--json"]  # fmt: skip
+    assert main(argv) == 0
+    job_id = str(_last(capsys)["job_id"])
+    fit = ["screen", "fit", "--reference", job_id, "--layers", "conv1", "--fpr", "0.2"]
+    assert main([*fit, "--store", store, "--json"]) == 0
+    profile = str(_last(capsys)["profile_id"])
+    noise = tmp_path / "noise.npy"
+    np.save(noise, np.zeros((1, 28, 28), np.float32))
+    assert main(["screen", "run", str(noise), "--profile", profile, "--store", store,
+                 "--json"]) == 0  # fmt: skip
+    screened = _last(capsys)
+    assert screened["state"] == "succeeded"
+    spec = xr.open_zarr(f"{store}/jobs/{screened['job_id']}").attrs["spec"]
+    assert "gradcam" not in spec
