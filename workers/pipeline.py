@@ -23,7 +23,7 @@ from workers.extraction.cache import ModelCache
 from workers.extraction.hooks import capture
 from workers.extraction.inputs import decode
 from workers.extraction.models import LoadedModel
-from workers.extraction.reduce import Reduction
+from workers.extraction.reduce import MISSING, Reduced, Reduction
 from workers.jobs import ExtractionSpec, ModelInfo, stored_shape
 from workers.storage.layout import SOURCE, read
 from workers.storage.ledger import mark_done
@@ -121,28 +121,33 @@ def compute_batch(model: LoadedModel, spec: ExtractionSpec, decoded: Decoded) ->
         with torch.inference_mode(), capture(model.module, spec.layers) as forward:
             out, captured = model.run(forward, x)
             reduced = {name: reduce(name, t) for name, t in captured.items()}
-            host = {
-                name: (
-                    _host(r.acts),
-                    _host(r.pooled),
-                    None if r.top_index is None else _host(r.top_index),
-                )
-                for name, r in reduced.items()
-            }
+            host = {name: _host_rows(r) for name, r in reduced.items()}
             logits_ok = _host(out.float())
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
         logits[ok] = logits_ok
         pred[ok] = logits_ok.argmax(axis=1)
-        for name, (acts, pooled, top) in host.items():
+        for name, (acts, pooled, top, scale, offset) in host.items():
+            missing = MISSING if acts.dtype == np.uint8 else np.nan
             layers[name] = LayerRows(
-                _fill(acts, ok, np.nan),
+                _fill(acts, ok, missing),
                 _fill(pooled, ok, np.nan),
                 None if top is None else _fill(top, ok, -1),
+                scale,
+                offset,
             )
     else:
         layers = _empty_layers(model.info, spec, n)
     return BatchRows(decoded.start, decoded.codes, decoded.messages, logits, pred, layers)
+
+
+HostRows = tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray | None, np.ndarray | None]
+
+
+def _host_rows(r: Reduced) -> HostRows:
+    """A layer's reduced tensors as host arrays (acts, pooled, top, scale, offset)."""
+    top, scale, offset = (None if t is None else _host(t) for t in (r.top_index, r.scale, r.offset))
+    return _host(r.acts), _host(r.pooled), top, scale, offset
 
 
 def _fill(rows: np.ndarray, ok: np.ndarray, value: float) -> np.ndarray:
@@ -160,11 +165,13 @@ def _empty_layers(info: ModelInfo, spec: ExtractionSpec, n: int) -> dict[str, La
         out = info.layer(name).output_shape  # checked against the catalogue at plan time
         shape = stored_shape(out, spec)
         top = np.full((n, shape[0]), -1, np.int32) if spec.top_k else None
-        rows[name] = LayerRows(
-            np.full((n, *shape), np.nan, dtype=spec.dtype),
-            np.full((n, out[0]), np.nan, dtype=np.float32),
-            top,
-        )
+        pooled = np.full((n, out[0]), np.nan, dtype=np.float32)
+        if spec.dtype == "uint8":  # nothing ran: every level missing, no scale or offset
+            unknown = np.full(shape[0], np.nan, dtype=np.float32)
+            acts = np.full((n, *shape), MISSING, dtype=np.uint8)
+            rows[name] = LayerRows(acts, pooled, top, unknown, unknown)
+        else:
+            rows[name] = LayerRows(np.full((n, *shape), np.nan, dtype=spec.dtype), pooled, top)
     return rows
 
 

@@ -33,6 +33,7 @@ from workers.storage.layout import (
     open_job,
     read,
 )
+from workers.storage.quantised import SCALE
 
 __all__ = ["catalogue", "err", "job_table", "out", "print_json", "progress", "scan_report"]
 
@@ -133,7 +134,8 @@ def scan_report(store: str, s: Status) -> None:
     layers = group[LAYERS]
     for name, layer in sorted(layers.groups()) if isinstance(layers, zarr.Group) else []:
         acts, pooled = array(layer, ACTS), array(layer, POOLED)
-        out.print(f"  {name}: acts {acts.shape} {acts.dtype}, pooled {pooled.shape}")
+        kind = f"{acts.dtype} (8-bit, scale and offset per batch)" if SCALE in layer else acts.dtype
+        out.print(f"  {name}: acts {acts.shape} {kind}, pooled {pooled.shape}")
     codes, messages = read(group, ERROR_CODE), read(group, ERROR_MESSAGE)
     samples = read(group, SAMPLE)
     stray = int(np.count_nonzero(codes == SampleCode.WRONG_KIND))

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from workers.errors import LayerError
 from workers.jobs import ExtractionSpec, cap_spatial
 
-__all__ = ["Reduced", "Reduction"]
+__all__ = ["Reduced", "Reduction", "quantise"]
 
 _POOL = {1: F.adaptive_avg_pool1d, 2: F.adaptive_avg_pool2d, 3: F.adaptive_avg_pool3d}
 
@@ -22,6 +22,40 @@ class Reduced:
     acts: torch.Tensor
     pooled: torch.Tensor
     top_index: torch.Tensor | None
+    # uint8 storage: each stored channel's scale and offset over the batch, (C,) float32.
+    scale: torch.Tensor | None = None
+    offset: torch.Tensor | None = None
+
+
+# The levels of workers/storage/quantised.py (not imported: extraction imports no zarr).
+LEVELS = 254
+MISSING = 255
+
+
+def quantise(acts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(n, C, ...) as uint8 levels with a per-channel scale and offset over the batch, on
+    the device (workers/storage/quantised.py says the format; its `encode` is the twin)."""
+    x = acts.float()
+    finite = torch.isfinite(x)
+    per_channel = x.transpose(0, 1).reshape(x.shape[1], -1)
+    ok = finite.transpose(0, 1).reshape(x.shape[1], -1)
+    inf = torch.tensor(float("inf"), device=x.device)
+    if per_channel.shape[1]:
+        lo = torch.where(ok, per_channel, inf).amin(dim=1)
+        hi = torch.where(ok, per_channel, -inf).amax(dim=1)
+    else:
+        lo = hi = torch.zeros(x.shape[1], device=x.device)
+    empty = ~torch.isfinite(lo)
+    nan = torch.tensor(float("nan"), device=x.device)
+    lo = torch.where(empty, nan, lo)
+    scale = torch.where(empty, nan, (hi - lo) / LEVELS)
+    positive = scale > 0
+    inv = torch.where(positive, 1 / torch.where(positive, scale, 1.0), 0.0)
+    shape = (1, -1) + (1,) * (x.dim() - 2)
+    levels = ((x - lo.view(shape)) * inv.view(shape)).round_()
+    q = levels.nan_to_num_(0.0).clamp_(0, LEVELS).to(torch.uint8)
+    q.masked_fill_(~finite, MISSING)
+    return q, scale, lo
 
 
 @dataclass(frozen=True)
@@ -33,8 +67,8 @@ class Reduction:
 
     @classmethod
     def from_spec(cls, spec: ExtractionSpec) -> Reduction:
-        dtype = torch.float16 if spec.dtype == "float16" else torch.float32
-        return cls(spec.channels, spec.top_k, spec.max_size, dtype)
+        dtype = {"float16": torch.float16, "float32": torch.float32, "uint8": torch.uint8}
+        return cls(spec.channels, spec.top_k, spec.max_size, dtype[spec.dtype])
 
     def __call__(self, name: str, output: torch.Tensor) -> Reduced:
         spatial = output.dim() - 2
@@ -64,4 +98,7 @@ class Reduction:
             target = cap_spatial(tuple(acts.shape[2:]), self.max_size)
             if target != tuple(acts.shape[2:]):
                 acts = _POOL[spatial](acts.float(), target)  # type: ignore[arg-type]
+        if self.dtype == torch.uint8:
+            q, scale, offset = quantise(acts)
+            return Reduced(q, pooled, top_index, scale, offset)
         return Reduced(acts.to(self.dtype), pooled, top_index)

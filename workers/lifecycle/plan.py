@@ -16,6 +16,7 @@ from workers.jobs import (
     JobState,
     ModelInfo,
     close_matches,
+    host_compression,
     new_id,
     now,
     stored_shape,
@@ -81,6 +82,8 @@ def plan(
 ) -> Plan:
     """Check the spec against the catalogue, list the inputs, and create every array."""
     found = layouts(spec, info)
+    if spec.compression is None:  # a caller that knows no host: the GPU host's default
+        spec = spec.model_copy(update={"compression": host_compression(gpu=True)})
     sources = sources if sources is not None else discover(spec.inputs, spec.roots)
     classes: list[str] | None = None
     if spec.labels_from_dirs:
@@ -106,7 +109,9 @@ def plan(
         "actmap_version": VERSION,
     }
     n = len(sources)
-    group = create_job(store, job_id, attrs, n, spec.batch_size, info.classes, found)
+    group = create_job(
+        store, job_id, attrs, n, spec.batch_size, info.classes, found, spec.compression or "zstd"
+    )
     # Whole chunks written directly: through zarr's event loop these three writes took most
     # of the plan's time.
     put_rows(writable(group, SAMPLE), 0, np.asarray([s.id for s in sources], dtype=object))

@@ -21,6 +21,7 @@ from workers.storage.layout import (
     layer_path,
     writable,
 )
+from workers.storage.quantised import OFFSET, SCALE, requantise
 
 __all__ = ["BatchRows", "LayerRows", "concat_rows", "write_rows"]
 
@@ -30,6 +31,9 @@ class LayerRows:
     acts: np.ndarray
     pooled: np.ndarray
     top_channel: np.ndarray | None = None
+    # uint8 acts: the batch's per-channel scale and offset, (C,) float32 each.
+    scale: np.ndarray | None = None
+    offset: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
@@ -71,6 +75,13 @@ def write_rows(
         _set(layer_path(name, POOLED), start, layer.pooled)
         if layer.top_channel is not None:
             _set(layer_path(name, TOP_CHANNEL), start, layer.top_channel)
+        if layer.scale is not None and layer.offset is not None:
+            # The batch's row of the per-batch tables: the plan's batch size is in attrs.
+            size = group.attrs["batch_size"]
+            assert isinstance(size, int)  # the plan writes it
+            batch = start // size
+            _set(layer_path(name, SCALE), batch, layer.scale[None])
+            _set(layer_path(name, OFFSET), batch, layer.offset[None])
     for future in pending:  # every one, so that no write outlives the call; then errors
         future.exception()
     for future in pending:
@@ -81,16 +92,24 @@ def _cat(a: np.ndarray | None, b: np.ndarray | None) -> np.ndarray | None:
     return None if a is None or b is None else np.concatenate([a, b])
 
 
+def _join(a: LayerRows, b: LayerRows) -> LayerRows:
+    acts, scale, offset = np.concatenate([a.acts, b.acts]), a.scale, a.offset
+    if a.scale is not None and b.scale is not None:  # uint8: the halves' scales differ
+        assert a.offset is not None
+        assert b.offset is not None
+        acts, scale, offset = requantise([(a.acts, a.scale, a.offset), (b.acts, b.scale, b.offset)])
+    return LayerRows(
+        acts,
+        np.concatenate([a.pooled, b.pooled]),
+        _cat(a.top_channel, b.top_channel),
+        scale,
+        offset,
+    )
+
+
 def concat_rows(first: BatchRows, second: BatchRows) -> BatchRows:
     """Two consecutive runs of rows as one (a batch computed in halves)."""
-    layers = {
-        name: LayerRows(
-            np.concatenate([rows.acts, second.layers[name].acts]),
-            np.concatenate([rows.pooled, second.layers[name].pooled]),
-            _cat(rows.top_channel, second.layers[name].top_channel),
-        )
-        for name, rows in first.layers.items()
-    }
+    layers = {name: _join(rows, second.layers[name]) for name, rows in first.layers.items()}
     return BatchRows(
         first.start,
         np.concatenate([first.error_code, second.error_code]),
