@@ -195,6 +195,8 @@ class ApiBackend:
             "channels": list(spec.channels) if spec.channels else None,
             "max_size": spec.max_size, "labels_from_dirs": spec.labels_from_dirs,
         }  # fmt: skip
+        if spec.compression is not None:  # else the API's default
+            options["compression"] = spec.compression
         inputs: list[str] = list(spec.inputs)
         if self.upload:
             options["input_set"] = self.client.upload([s.path for s in discover(spec.inputs)])

@@ -34,25 +34,41 @@ MISSING = 255
 
 def quantise(acts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(n, C, ...) as uint8 levels with a per-channel scale and offset over the batch, on
-    the device (workers/storage/quantised.py says the format; its `encode` is the twin)."""
+    the device (workers/storage/quantised.py says the format; its `encode` is the twin).
+    Maps of finite values, the usual case, take four passes: min, max, scale, cast."""
     x = acts.float()
+    axes = (0, *range(2, x.dim()))
+    if x.numel() and x.shape[0]:
+        lo, hi = x.amin(dim=axes), x.amax(dim=axes)  # NaN or inf here: some value is not finite
+    else:
+        lo = hi = torch.full((x.shape[1],), float("nan"), device=x.device)
+    finite = bool(torch.isfinite(lo).all() and torch.isfinite(hi).all()) and x.numel() > 0
+    if not finite:
+        return _quantise_some_missing(x)
+    scale = (hi - lo) / LEVELS
+    inv = torch.where(scale > 0, 1 / torch.where(scale > 0, scale, 1.0), 0.0)
+    shape = (1, -1) + (1,) * (x.dim() - 2)
+    # x * inv + (0.5 - lo * inv), truncated: round half up of (x - lo) / scale.
+    levels = torch.addcmul((0.5 - lo * inv).view(shape), x, inv.view(shape))
+    return levels.clamp_(0, LEVELS).to(torch.uint8), scale, lo
+
+
+def _quantise_some_missing(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`quantise` where some values are NaN or infinite: those become MISSING, and each
+    channel's range is that of its finite values (NaN scale and offset when it has none)."""
     finite = torch.isfinite(x)
-    per_channel = x.transpose(0, 1).reshape(x.shape[1], -1)
-    ok = finite.transpose(0, 1).reshape(x.shape[1], -1)
-    inf = torch.tensor(float("inf"), device=x.device)
-    if per_channel.shape[1]:
-        lo = torch.where(ok, per_channel, inf).amin(dim=1)
-        hi = torch.where(ok, per_channel, -inf).amax(dim=1)
+    axes = (0, *range(2, x.dim()))
+    if x.numel():
+        lo = torch.where(finite, x, float("inf")).amin(dim=axes)
+        hi = torch.where(finite, x, float("-inf")).amax(dim=axes)
     else:
         lo = hi = torch.zeros(x.shape[1], device=x.device)
     empty = ~torch.isfinite(lo)
-    nan = torch.tensor(float("nan"), device=x.device)
-    lo = torch.where(empty, nan, lo)
-    scale = torch.where(empty, nan, (hi - lo) / LEVELS)
-    positive = scale > 0
-    inv = torch.where(positive, 1 / torch.where(positive, scale, 1.0), 0.0)
+    lo = torch.where(empty, float("nan"), lo)
+    scale = torch.where(empty, float("nan"), (hi - lo) / LEVELS)
+    inv = torch.where(scale > 0, 1 / torch.where(scale > 0, scale, 1.0), 0.0)
     shape = (1, -1) + (1,) * (x.dim() - 2)
-    levels = ((x - lo.view(shape)) * inv.view(shape)).round_()
+    levels = torch.addcmul((0.5 - lo * inv).view(shape), x, inv.view(shape))
     q = levels.nan_to_num_(0.0).clamp_(0, LEVELS).to(torch.uint8)
     q.masked_fill_(~finite, MISSING)
     return q, scale, lo

@@ -72,8 +72,8 @@ def encode(acts: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     lo = np.where(empty, np.nan, lo).astype(np.float32)
     scale = np.where(empty, np.nan, (hi - lo) / LEVELS).astype(np.float32)
     inv = np.where(scale > 0, 1 / np.where(scale > 0, scale, 1), 0).astype(np.float32)
-    with np.errstate(invalid="ignore"):
-        levels = np.rint((x - _expand(lo, x.ndim)) * _expand(inv, x.ndim))
+    with np.errstate(invalid="ignore"):  # round half up, as the device does
+        levels = np.floor(x * _expand(inv, x.ndim) + _expand(0.5 - lo * inv, x.ndim))
     q = np.clip(np.nan_to_num(levels, nan=0.0), 0, LEVELS).astype(np.uint8)
     q[~finite] = MISSING
     return q, scale, lo
