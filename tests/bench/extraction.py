@@ -500,8 +500,8 @@ def profile_stages(spec: ExtractionSpec, store: Path, n: int) -> None:
     opened: dict[str, Any] = {}  # the job's arrays opened once, as a worker keeps them
     profiler.enable()
     for b in range(job.n_batches):
-        rows = compute_batch(model, spec, decode_batch(group, spec, model.info, b))
-        store_batch(group, b, rows, opened)
+        batch = compute_batch(model, spec, decode_batch(group, spec, model.info, b))
+        store_batch(group, b, batch, opened)
     profiler.disable()
     wall = time.perf_counter() - start
     stats = pstats.Stats(profiler)
