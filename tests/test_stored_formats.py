@@ -125,16 +125,19 @@ def test_xarray_opens_a_uint8_job_and_decodes_it_as_the_readme_says(
     tmp_path: Path, arrays: list[Path], random_weights: Path
 ) -> None:
     store = tmp_path / "store"
+    arrays[6].write_bytes(b"not an array")  # its row decodes to NaN
     job = _scan(store, arrays, random_weights, dtype="uint8")
     tree = xr.open_datatree(f"{store}/jobs/{job.id}", engine="zarr")
-    layer = tree["layers/block1"].to_dataset()
-    # The README's snippet: levels, the batch of each sample, its scale and offset.
-    q = layer["acts"]
+    # The README's snippet, word for word but for the layer's name.
+    layer = tree["layers/block1"].dataset
+    q = layer.acts
     rows = q.attrs["quantisation"]["rows_per_batch"]
     batch = xr.DataArray(np.arange(q.sizes["sample"]) // rows, dims="sample")
-    values = q * layer["acts_scale"].isel(batch=batch) + layer["acts_offset"].isel(batch=batch)
-    values = values.where(q != 255)
-    np.testing.assert_allclose(values.values, np.asarray(job.acts("block1")[:]), rtol=1e-6)
+    scale, offset = layer.acts_scale.isel(batch=batch), layer.acts_offset.isel(batch=batch)
+    values = (q * scale + offset).where(q != 255)  # float values, NaN where none
+    expected = np.asarray(job.acts("block1")[:])
+    assert np.isnan(expected[6]).all()
+    np.testing.assert_allclose(values.values, expected, rtol=1e-6)
 
 
 @pytest.mark.parametrize(
