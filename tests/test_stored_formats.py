@@ -15,10 +15,12 @@ from zarr.codecs import BloscCodec, ZstdCodec
 
 from tests.conftest import FACTORY
 from tests.oracle import run_job
+from workers.analysis.analyses import run_health
 from workers.errors import SampleCode
 from workers.extraction.cache import ModelCache
 from workers.jobs import ExtractionSpec
 from workers.lifecycle.plan import plan
+from workers.pictures.report import write_report
 from workers.storage.quantised import MISSING, SCALE
 from workers.storage.stored_job import StoredJob
 
@@ -172,3 +174,20 @@ def test_each_compression_writes_every_array_with_its_codec_and_reads_back_equal
             if isinstance(arr.compressors[0], BloscCodec):
                 assert arr.compressors[0].cname.value == "lz4", path
         np.testing.assert_array_equal(np.asarray(arr[...]), np.asarray(same[...]), err_msg=path)
+
+
+def test_health_and_the_report_read_a_uint8_job_as_the_float_maps_it_stores(
+    tmp_path: Path, arrays: list[Path], random_weights: Path
+) -> None:
+    store = tmp_path / "store"
+    exact = _scan(store, arrays, random_weights, dtype="float32")
+    small = _scan(store, arrays, random_weights, dtype="uint8")
+    means = {}
+    for job in (exact, small):
+        found = run_health(str(store), job.id, ["block1"])
+        result = zarr.open_group(str(store), path=f"analyses/{found}", mode="r")
+        means[job.id] = np.asarray(result["layers/block1/mean"][:])  # type: ignore[index]
+    step = np.nanmax(np.asarray(small.layer("block1", SCALE)[:]), axis=0)
+    assert (np.abs(means[small.id] - means[exact.id]) <= step / 2 + 1e-6).all()
+    html = write_report(str(store), small.id, tmp_path / "report").read_text()
+    assert "uint8" in html

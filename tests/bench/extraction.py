@@ -438,32 +438,47 @@ def grid(args: argparse.Namespace, tmp: Path) -> None:
     run_captum(model, paths[:BATCH], tmp / "captum-warm")
     run_grid_scan(grid_spec(f"@{warm}", "float16", "zstd"), tmp / "store-warm")
     times: dict[str, list[float]] = {}
+    cpu: dict[str, list[float]] = {}  # this process's CPU seconds, every thread
     sizes: dict[str, float] = {}
+
+    def timed(name: str, method: Callable[[], float]) -> None:
+        gc.collect()
+        start = time.process_time()
+        times.setdefault(name, []).append(method())
+        cpu.setdefault(name, []).append(time.process_time() - start)
+
     for r in range(args.repeats):
-        gc.collect()
-        times.setdefault("bare", []).append(run_bare(model, x))
-        gc.collect()
-        times.setdefault("captum", []).append(run_captum(model, paths, tmp / "captum"))
+        timed("bare", lambda: run_bare(model, x))
+        timed("captum", lambda: run_captum(model, paths, tmp / "captum"))
         sizes["captum"] = disk_bytes(tmp / "captum")[0] / n
         shutil.rmtree(tmp / "captum")
         for dtype, codec in GRID:
-            gc.collect()
             name, store = f"actmap {dtype} {codec}", tmp / f"store-{dtype}-{codec}"
-            total, run = run_grid_scan(grid_spec(inputs, dtype, codec), store)
+            gc.collect()
+            start = time.process_time()
+            total, after_plan = run_grid_scan(grid_spec(inputs, dtype, codec), store)
+            cpu.setdefault(name, []).append(time.process_time() - start)
             times.setdefault(name, []).append(total)
-            times.setdefault(f"{name} run", []).append(run)
+            times.setdefault(f"{name} run", []).append(after_plan)
             sizes[name] = sizes[f"{name} run"] = disk_bytes(store / "jobs")[0] / n
             shutil.rmtree(store)
         print(f"round {r + 1} done, load average {_load()}", flush=True)
     best = {name: n / min(t) for name, t in times.items()}
     median = {name: n / statistics.median(t) for name, t in times.items()}
+    # CPU per image: steadier than wall time on a loaded machine, and what a CPU host's
+    # forward, on every core, loses to everything else.
+    per_image = {name: 1000 * statistics.median(c) / n for name, c in cpu.items()}
     rows: list[tuple[str, ...]] = [
-        ("method", "best img/s", "/ bare", "/ captum", "median /captum", "KB / image", "runs (s)")
-    ]
+        ("method", "best img/s", "/ bare", "/ captum", "median /captum", "CPU ms/img",
+         "captum CPU / this", "KB / image", "runs (s)")
+    ]  # fmt: skip
     for name, t in times.items():
+        used = per_image.get(name)
         rows.append((
             name, f"{best[name]:,.1f}", f"{best[name] / best['bare']:.2f}x",
             f"{best[name] / best['captum']:.2f}x", f"{median[name] / median['captum']:.2f}x",
+            "" if used is None else f"{used:.1f}",
+            "" if used is None else f"{per_image['captum'] / used:.2f}x",
             f"{sizes[name] / 1000:,.1f}" if name in sizes else "",
             " ".join(f"{v:.2f}" for v in t),
         ))  # fmt: skip

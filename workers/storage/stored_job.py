@@ -244,6 +244,11 @@ class StoredLayer:
         return open_acts(self.group)
 
     @property
+    def stored_dtype(self) -> str:
+        """How the maps are stored (uint8 for 8-bit maps, which `acts` reads as float32)."""
+        return str(array(self.group, ACTS).dtype)
+
+    @property
     def pooled(self) -> zarr.Array[Any]:
         return array(self.group, POOLED)
 
