@@ -24,7 +24,8 @@ from typing import Any
 import httpx
 import numpy as np
 
-from workers.errors import ActmapError, NotFound, UserError
+from workers.errors import ActmapError, Conflict, NotFound, UserError
+from workers.jobs import poll
 
 __all__ = ["ApiError", "Client", "Job", "Refused"]
 
@@ -132,6 +133,26 @@ class Client:
         accepted = self.request("POST", "/v1/jobs/extractions", json=body, headers=headers).json()
         return Job(self, accepted["job_id"])
 
+    def analysis(self, analysis_id: str) -> dict[str, Any]:
+        """An analysis as it is now: kind, state, reason and summary."""
+        found: dict[str, Any] = self.request("GET", f"/v1/analyses/{analysis_id}").json()
+        return found
+
+    def atlas(
+        self, job_id: str, layer: str, top: int = 9, wait: bool = True, timeout: float = 600
+    ) -> dict[str, Any]:
+        """Queue the filter atlas of `layer`; with `wait`, poll until it has finished.
+        Its arrays are under `analyses/{analysis_id}` in the store; its channel sheets
+        at GET /v1/analyses/{id}/channels/{c}.png."""
+        body = {"job_id": job_id, "layer": layer, "top": top}
+        found: dict[str, Any] = self.request("POST", "/v1/analyses/atlas", json=body).json()
+        if not wait:
+            return found
+        return poll(
+            lambda: self.analysis(found["analysis_id"]),
+            lambda a: a["state"] not in ("queued", "running"), 0.2, timeout, grow=1.5, most=2.0,
+        )  # fmt: skip
+
     def job(self, job_id: str) -> Job:
         return Job(self, job_id)
 
@@ -170,6 +191,11 @@ class Job:
 
     def status(self) -> dict[str, Any]:
         found: dict[str, Any] = self.client.request("GET", f"/v1/jobs/{self.id}").json()
+        return found
+
+    def summary(self) -> dict[str, Any]:
+        """Accuracy counts, stored shapes, skipped files and first failures."""
+        found: dict[str, Any] = self.client.request("GET", f"/v1/jobs/{self.id}/summary").json()
         return found
 
     def wait(
@@ -234,6 +260,8 @@ def _checked(response: httpx.Response) -> httpx.Response:
         message = response.text
     if response.status_code == 404:
         raise NotFound(message)
+    if response.status_code == 409:
+        raise Conflict(message)
     if response.status_code < 500:
         raise Refused(response.status_code, message)
     raise ApiError(response.status_code, message)

@@ -9,6 +9,8 @@ concurrent uploads share one budget; a refused or failed upload gives its bytes 
 
 from __future__ import annotations
 
+import shutil
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -74,6 +76,10 @@ def _bytes_under(*folders: Path) -> int:
     return sum(f.stat().st_size for d in folders if d.is_dir() for f in d.rglob("*") if f.is_file())
 
 
+# An upload set untouched this long was left by a server that died while writing it.
+STALE_UPLOAD_S = 3600
+
+
 class UploadQuota:
     """One request's share of the tenant's `upload_bytes`: `charge` before each chunk is
     written, `refund` what this request charged when its files are removed."""
@@ -118,3 +124,20 @@ class UploadQuota:
         if self.charged:
             self._add(-self.charged)
             self.charged = 0
+
+    def sweep(self, now: float | None = None) -> int:
+        """Remove the sets left part-way by a server that died mid-upload (untouched for
+        `STALE_UPLOAD_S`), giving their bytes back to the quota; returns how many. A live
+        upload writes a chunk every few seconds, so its newest file is never that old."""
+        uploads, now = self._held[0], time.time() if now is None else now
+        swept = 0
+        for folder in uploads.glob(".in-*.part") if uploads.is_dir() else []:
+            files = [f for f in folder.rglob("*") if f.is_file()]
+            newest = max((f.stat().st_mtime for f in files), default=folder.stat().st_mtime)
+            if now - newest < STALE_UPLOAD_S:
+                continue
+            # Given back first: a tally counted from disk meanwhile still sees the files.
+            self._add(-sum(f.stat().st_size for f in files))
+            shutil.rmtree(folder, ignore_errors=True)
+            swept += 1
+        return swept

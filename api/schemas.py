@@ -116,6 +116,14 @@ class JobAnalysisRequest(_Request):
     layers: list[Name] | None = Field(default=None, max_length=64)
 
 
+class AtlasRequest(_Request):
+    """Each channel's strongest responses at one layer of a job, with their input crops."""
+
+    job_id: Id
+    layer: Name
+    top: int = Field(default=9, ge=1, le=256, description="responses kept per channel")
+
+
 class ProfileRequest(_Request):
     """Fit a screening profile on a clean, labelled reference job."""
 

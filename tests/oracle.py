@@ -14,7 +14,9 @@ from typing import Any
 
 from workers.errors import ActmapError
 from workers.extraction.cache import ModelCache
-from workers.jobs import JobState
+from workers.extraction.inputs import list_inputs
+from workers.jobs import ExtractionSpec, JobState, ModelInfo
+from workers.lifecycle.plan import Plan, plan
 from workers.lifecycle.state import finalize, mark_started
 from workers.pipeline import (
     Decoded,
@@ -28,9 +30,14 @@ from workers.storage.layout import open_job
 from workers.storage.ledger import pending_batches
 from workers.storage.rows import BatchRows
 
-__all__ = ["run_job"]
+__all__ = ["planned", "run_job"]
 
 Progress = Callable[[int], None]
+
+
+def planned(store: str, spec: ExtractionSpec, info: ModelInfo, job_id: str | None = None) -> Plan:
+    """The job planned as a submission plans it: inputs listed and labelled, then planned."""
+    return plan(store, spec, info, list_inputs(spec, info), job_id)
 
 
 def run_job(

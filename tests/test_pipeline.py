@@ -12,14 +12,13 @@ import xarray as xr
 import zarr
 
 from tests.conftest import FACTORY
-from tests.oracle import run_job
+from tests.oracle import planned, run_job
 from workers.errors import LayerError, SampleCode
 from workers.extraction.cache import ModelCache
 from workers.extraction.models import LoadedModel
 from workers.jobs import ExtractionSpec
 from workers.lifecycle.counters import MemoryCounters
 from workers.lifecycle.delivery import Outcome, Runtime, execute_batch
-from workers.lifecycle.plan import plan
 from workers.pipeline import Extraction
 from workers.storage.layout import open_job, read
 from workers.storage.ledger import pending_batches
@@ -40,7 +39,7 @@ def _spec(paths: list[Path], weights: Path, **options: object) -> ExtractionSpec
 
 def _scan(store: Path, spec: ExtractionSpec) -> tuple[str, zarr.Group]:
     models = ModelCache()
-    job = plan(str(store), spec, models.get(spec).info)
+    job = planned(str(store), spec, models.get(spec).info)
     run_job(str(store), job.job_id, models)
     return job.job_id, open_job(str(store), job.job_id, mode="r")
 
@@ -226,5 +225,5 @@ def test_an_unknown_layer_is_refused_at_plan_with_close_matches(
 ) -> None:
     spec = _spec(arrays, random_weights, layers=("block1.conv", "conv1"))
     with pytest.raises(LayerError, match=r"unknown layer 'block1.conv'.*block1\.conv1"):
-        plan(str(tmp_path / "store"), spec, model.info)
+        planned(str(tmp_path / "store"), spec, model.info)
     assert not (tmp_path / "store" / "jobs").exists()

@@ -14,12 +14,11 @@ import zarr
 from zarr.codecs import BloscCodec, ZstdCodec
 
 from tests.conftest import FACTORY
-from tests.oracle import run_job
+from tests.oracle import planned, run_job
 from workers.analysis.analyses import run_health
 from workers.errors import SampleCode
 from workers.extraction.cache import ModelCache
 from workers.jobs import ExtractionSpec
-from workers.lifecycle.plan import plan
 from workers.pictures.report import write_report
 from workers.storage.quantised import MISSING, SCALE
 from workers.storage.stored_job import StoredJob
@@ -34,7 +33,7 @@ def _scan(store: Path, paths: list[Path], weights: Path, **options: Any) -> Stor
         inputs=tuple(str(p) for p in paths), **options,
     )  # fmt: skip
     models = ModelCache()
-    job = plan(str(store), spec, models.get(spec).info)
+    job = planned(str(store), spec, models.get(spec).info)
     run_job(str(store), job.job_id, models)
     return StoredJob(str(store), job.job_id)
 

@@ -9,9 +9,11 @@ import difflib
 import secrets
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
 from importlib.metadata import PackageNotFoundError, version
+from pathlib import PurePath
 from typing import ClassVar, Literal, Self, TypeVar
 
 from pydantic import (
@@ -36,12 +38,17 @@ __all__ = [
     "InputKind",
     "JobState",
     "LayerInfo",
+    "Listing",
     "ModelInfo",
     "Preprocessing",
+    "Source",
     "TaskName",
     "cap_spatial",
+    "IMAGE_SUFFIXES",
     "close_matches",
     "host_compression",
+    "kind_of",
+    "nataraj_width",
     "new_id",
     "now",
     "poll",
@@ -97,6 +104,7 @@ class AnalysisKind(StrEnum):
     COMPARE = "compare"
     SIGNATURES = "signatures"
     SCREENING_PROFILE = "screening-profile"
+    ATLAS = "atlas"
 
 
 class AnalysisState(StrEnum):
@@ -164,6 +172,26 @@ class _Frozen(BaseModel):
 
 # What a model reads: decoded images, `.npy` arrays, or any file drawn as a Nataraj image.
 InputKind = Literal["image", "array", "binary"]
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif"}
+
+
+def kind_of(path: str) -> InputKind:
+    """What a file is by its name: an image, a `.npy` array, or else a binary."""
+    suffix = PurePath(path).suffix.lower()
+    return "array" if suffix == ".npy" else "image" if suffix in IMAGE_SUFFIXES else "binary"
+
+
+# Nataraj et al. (2011): image width by file size, upper bounds in KiB.
+_WIDTHS = ((10, 32), (30, 64), (60, 128), (100, 256), (200, 384), (500, 512), (1000, 768))
+
+
+def nataraj_width(size: int) -> int:
+    """Image width for a binary of `size` bytes (Nataraj et al. 2011): part of the
+    contract, since the atlas maps a crop of the drawn binary back to its byte offsets."""
+    for upper_kib, width in _WIDTHS:
+        if size < upper_kib * 1024:
+            return width
+    return 1024
 
 
 class _Declared(_Frozen):
@@ -224,7 +252,7 @@ class Preprocessing(_Declared):
 class LayerInfo(_Declared):
     """One row of a model's layer catalogue, from a dry run at the declared input shape."""
 
-    _OPTIONAL = ("calls",)
+    _OPTIONAL = ("calls", "rf_offset")
 
     name: str
     type: str
@@ -232,6 +260,10 @@ class LayerInfo(_Declared):
     params: int
     receptive_field: tuple[int, ...] | None = None
     rf_stride: tuple[int, ...] | None = None
+    rf_offset: tuple[int, ...] | None = Field(
+        default=None,
+        description="where position 0's field starts in input pixels (negative: padding)",
+    )
     # A module called more than once per forward (a shared ReLU) has one output per call;
     # a job stores one per layer, so such a layer is refused at submission.
     calls: int = Field(default=1, description="times the module runs in one forward pass")
@@ -350,3 +382,26 @@ def stored_shape(output_shape: tuple[int, ...], spec: ExtractionSpec) -> tuple[i
     if spec.max_size is not None and spatial:
         spatial = cap_spatial(spatial, spec.max_size)
     return (width, *spatial)
+
+
+@dataclass(frozen=True)
+class Source:
+    """One sample: its stable id and where its bytes are."""
+
+    id: str
+    path: str
+
+
+@dataclass(frozen=True)
+class Listing:
+    """A job's samples as listed and labelled at submission, in row order, with the class
+    names its labels index (None: the labels are the model's output indices). The plan
+    stores it as given, so planning opens no input."""
+
+    sources: list[Source]
+    labels: list[int]
+    classes: list[str] | None = None
+
+    def __post_init__(self) -> None:
+        if len(self.labels) != len(self.sources):
+            raise ValueError(f"{len(self.labels)} labels for {len(self.sources)} samples")

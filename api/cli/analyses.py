@@ -1,4 +1,5 @@
-"""`actmap health`, `actmap compare`, `actmap screen fit|run`: the analysis commands.
+"""`actmap health`, `actmap compare`, `actmap atlas`, `actmap screen fit|run`: the
+analysis commands.
 
 Health, comparisons and profiles are analysis jobs on the `analysis` queue, sent like a
 scan: with `--api` (or $ACTMAP_API_URL) through the API, else with $ACTMAP_BROKER_URL to
@@ -63,10 +64,16 @@ def add_parsers(sub: Any) -> None:
     runs = action.add_parser("run", help="a screening job: extract and score INPUTs")
     runs.add_argument("inputs", nargs="+", metavar="INPUT")
     runs.add_argument("--profile", required=True)
-    for parser in (health, compare, fit, runs):
+    atlas = sub.add_parser("atlas", help="each channel's strongest responses and input crops")
+    atlas.add_argument("job_id", metavar="JOB")
+    atlas.add_argument("--layer", required=True, help="a stored layer with 2-d maps")
+    atlas.add_argument(
+        "--top", type=int, default=9, help="responses kept per channel, 1 to 256 (default: 9)"
+    )
+    for parser in (health, compare, fit, runs, atlas):
         parser.add_argument("--store", help="store (default $ACTMAP_STORE)")
         parser.add_argument("--json", action="store_true", help="print one JSON object")
-    for parser in (health, compare, fit, runs):
+    for parser in (health, compare, fit, runs, atlas):
         parser.add_argument("--api", help="through this API (default $ACTMAP_API_URL)")
         parser.add_argument("--token", help="the API's bearer token (default $ACTMAP_TOKEN)")
 
@@ -103,6 +110,10 @@ def _selection(job_id: str, text: str) -> dict[str, Any]:
 
 def _request(args: argparse.Namespace) -> tuple[AnalysisKind, dict[str, Any]]:
     """The analysis kind and its parameters: the body of the API's route for it."""
+    if args.command == "atlas":
+        if not 1 <= args.top <= 256:
+            raise UserError(f"--top is 1 to 256 responses per channel, got {args.top}")
+        return AnalysisKind.ATLAS, {"job_id": args.job_id, "layer": args.layer, "top": args.top}
     layers = _layers(args.layers)
     if args.command == "health":
         return AnalysisKind.HEALTH, {"job_id": args.job_id, "layers": layers}
@@ -140,7 +151,9 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     kind, params = _request(args)
     backend = backend_for(settings, args.store or settings.store, args.api)
     if kind == AnalysisKind.SCREENING_PROFILE and not isinstance(backend, ApiBackend):
-        _check_reference(backend.store, args)
+        from workers.analysis.profiles import check_reference_job
+
+        check_reference_job(backend.store, args.reference, args.fpr, args.adversarial is not None)
     with _spinner(not args.json and output.err.is_terminal) as progress:
         found = backend.analyse(kind, params, progress)
     if found.state != "succeeded":
@@ -159,22 +172,11 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
             _print_weights(found.summary)
         elif kind == AnalysisKind.HEALTH:
             _print_health(found.summary)
+        elif kind == AnalysisKind.ATLAS:
+            _print_atlas(found.summary)
         else:
             _print_comparison(found.summary)
     return 0
-
-
-def _check_reference(store: str, args: argparse.Namespace) -> None:
-    """A reference too small for the rate is refused here, before anything is queued."""
-    import numpy as np
-
-    from workers.analysis.screening import check_reference
-    from workers.storage.layout import LABEL, open_job, read
-
-    labels = np.asarray(read(open_job(store, args.reference, mode="r"), LABEL))
-    if not (labels >= 0).all():
-        labels = np.zeros(labels.size, dtype=np.int64)  # fitted as one class
-    check_reference(labels, args.fpr, learns=args.adversarial is not None)
 
 
 def _channels(found: list[int], limit: int = 8) -> str:
@@ -198,6 +200,21 @@ def _print_health(summary: dict[str, Any]) -> None:
         "positions or more",
         highlight=False,
     )
+
+
+def _print_atlas(summary: dict[str, Any], limit: int = 32) -> None:
+    """Each channel's strongest response: sample, position, value and input crop."""
+    for layer, v in summary.get("layers", {}).items():
+        field = "x".join(map(str, v.get("receptive_field", [])))
+        table = Table("channel", "sample", "y, x", "value", "input crop (top, left, bottom, "
+                      "right)", title=f"{layer}: strongest response per channel "
+                      f"(field {field}, top {v.get('top')} kept)")  # fmt: skip
+        for channel, sample, y, x, value, *box in v.get("best", [])[:limit]:
+            table.add_row(str(channel), sample, f"{y}, {x}", f"{value:.4g}", str(tuple(box)))
+        output.out.print(table)
+        more = v.get("channels", 0) - limit
+        if more > 0:
+            output.out.print(f"... {more} more channels in the analysis arrays", highlight=False)
 
 
 def _print_comparison(summary: dict[str, Any]) -> None:

@@ -130,12 +130,14 @@ class BrokerBackend(_StoreReads):
     def scan(self, spec: ExtractionSpec, wait: bool, on_plan: OnPlan, progress: Progress) -> Status:
         from api.broker import RedisBroker
         from workers.execution.embedded import catalogue
+        from workers.extraction.inputs import list_inputs
         from workers.lifecycle.submit import submit
 
         info = catalogue(spec.model, spec.weights, spec.preprocessing, self.settings)
+        listed = list_inputs(spec, info)
         keys = RedisBroker(self._url, self._app())
         cap = self.settings.batches_per_task
-        job = submit(self.store, spec, info, self._jobs(), cap=cap, keys=keys)
+        job = submit(self.store, spec, info, listed, self._jobs(), cap=cap, keys=keys)
         on_plan(job)
         return self.wait(job.job_id, progress) if wait else self.status(job.job_id)
 
@@ -259,6 +261,7 @@ _ROUTES = {
     AnalysisKind.SIGNATURES: "signatures",
     AnalysisKind.COMPARE: "comparisons",
     AnalysisKind.SCREENING_PROFILE: "profiles",
+    AnalysisKind.ATLAS: "atlas",
 }
 
 

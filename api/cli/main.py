@@ -23,6 +23,8 @@ from workers.errors import ActmapError, UserError
 from workers.jobs import VERSION, ExtractionSpec, JobState, Preprocessing
 from workers.lifecycle.state import Status, can_progress
 from workers.settings import Settings
+from workers.storage.layout import open_job
+from workers.storage.summary import JobSummary, job_summary
 
 __all__ = ["main"]
 
@@ -184,6 +186,12 @@ def parser() -> argparse.ArgumentParser:
     report.add_argument("job_id", metavar="JOB")
     report.add_argument("--out", required=True, metavar="DIR", help="folder for the report")
     report.add_argument("--store", help="store (default $ACTMAP_STORE)")
+    report.add_argument(
+        "--scale",
+        choices=("layer", "tile"),
+        default="layer",
+        help="activation tiles on one range per layer (default), or each on its own",
+    )
     report.add_argument("--json", action="store_true", help="print one JSON object at the end")
     serve = sub.add_parser(
         "serve",
@@ -258,7 +266,9 @@ def _spec(args: argparse.Namespace, settings: Settings) -> ExtractionSpec:
 def _report(args: argparse.Namespace, settings: Settings) -> int:
     from api.cli.report import report
 
-    page = report(args.store or settings.store, args.job_id, Path(args.out), settings.factories)
+    page = report(
+        args.store or settings.store, args.job_id, Path(args.out), settings.factories, args.scale
+    )
     if args.json:
         output.print_json({"job_id": args.job_id, "report": str(page.resolve())})
     else:
@@ -280,8 +290,9 @@ def _scan(args: argparse.Namespace, settings: Settings, backend: Backend) -> int
     page = None
     store: str | None = backend.store  # None: the API's, not reachable from here
     finished = JobState(result.state).finished
+    api_store = None  # the store as the API names it, when this host does not reach it
     if remote and finished:
-        store = _reachable(backend, result.job_id, args.report)
+        store, api_store = _reachable(backend, result.job_id, args.report)
     if args.report and finished and store is not None:
         from api.cli.report import report
 
@@ -290,8 +301,16 @@ def _scan(args: argparse.Namespace, settings: Settings, backend: Backend) -> int
         keys = ("job_id", "state", "n_samples", "n_failed")
         found = {"store": store or backend.store, **{k: getattr(result, k) for k in keys}}
         output.print_json({**found, **({"report": str(page.resolve())} if page else {})})
-    elif finished and store is not None:
-        output.scan_report(store, result)
+    elif finished:
+        output.scan_report(_summary(backend, store, result.job_id), result)
+        if store is not None:
+            output.results_in(store, result.job_id)
+        else:
+            output.out.print(
+                f"results in {api_store} (group jobs/{result.job_id}) on the API's side; "
+                f"fetch them with api.client.Client(URL).job({result.job_id!r}).fetch(LAYER)",
+                highlight=False,
+            )
         if page is not None:
             output.out.print(f"report: {page.resolve()} (open it in a browser)", highlight=False)
     else:
@@ -299,25 +318,29 @@ def _scan(args: argparse.Namespace, settings: Settings, backend: Backend) -> int
     return _exit_code(result)
 
 
-def _reachable(backend: Backend, job_id: str, report: str | None) -> str | None:
-    """The API's store when this host reaches it (a shared directory), so that the summary
-    and the report are those of an embedded scan; None when it does not, and then a
-    `--report` is refused, since the report is drawn from the store."""
+def _summary(backend: Backend, store: str | None, job_id: str) -> JobSummary:
+    """The job's summary, from the store when this host reaches it, else from the API."""
+    if store is not None:
+        return job_summary(open_job(store, job_id, mode="r"))
     assert isinstance(backend, ApiBackend)
-    where = backend.client.request("GET", f"/v1/jobs/{job_id}/store").json()["store"]
+    answer = backend.client.request("GET", f"/v1/jobs/{job_id}/summary").json()
+    return JobSummary.model_validate(answer)
+
+
+def _reachable(backend: Backend, job_id: str, report: str | None) -> tuple[str | None, str]:
+    """The API's store, and the same when this host reaches it too (a shared directory),
+    so that the report can be drawn here; None when it does not, and then a `--report` is
+    refused, since the report is drawn from the store."""
+    assert isinstance(backend, ApiBackend)
+    where = str(backend.client.request("GET", f"/v1/jobs/{job_id}/store").json()["store"])
     if "://" not in where and (Path(where) / "jobs" / job_id).is_dir():
-        return str(where)
+        return where, where
     if report:
         raise UserError(
             f"job {job_id} finished, but its store {where} is not reachable from here, and "
             "--report draws from the store: run `actmap report` where the store is"
         )
-    output.err.print(
-        f"results in {where} (group jobs/{job_id}) on the API's side; fetch them with "
-        f"api.client.Client(URL).job({job_id!r}).fetch(LAYER)",
-        highlight=False,
-    )
-    return None
+    return None, where
 
 
 def _reindex(store: str, as_json: bool) -> int:
@@ -439,7 +462,7 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
         return _worker(args, settings)
     if args.command == "serve":
         return _serve(args, settings)
-    if args.command in ("health", "compare", "screen"):
+    if args.command in ("health", "compare", "screen", "atlas"):
         return analysis_cli.run(args, settings)
     if args.command == "report":
         return _report(args, settings)

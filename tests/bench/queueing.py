@@ -97,7 +97,7 @@ import torch  # noqa: E402
 from celery._state import _set_task_join_will_block  # noqa: E402
 from pydantic import SecretStr  # noqa: E402
 
-from tests.oracle import run_job  # noqa: E402
+from tests.oracle import planned, run_job  # noqa: E402
 from workers.execution.celery_app import CeleryQueue, make_celery  # noqa: E402
 from workers.execution.embedded import scan  # noqa: E402
 from workers.execution.launcher import command  # noqa: E402
@@ -110,7 +110,6 @@ from workers.lifecycle.counters import (  # noqa: E402
     Roster,
 )
 from workers.lifecycle.delivery import Runtime, execute_batch  # noqa: E402
-from workers.lifecycle.plan import plan  # noqa: E402
 from workers.lifecycle.state import wait  # noqa: E402
 from workers.lifecycle.submit import send_batches  # noqa: E402
 from workers.pipeline import Extraction  # noqa: E402
@@ -331,7 +330,7 @@ def overhead(args: argparse.Namespace, tmp: Path, procs: Processes, url: str) ->
     def in_process(store: Path) -> Run:
         cpu = self_cpu()
         start = time.perf_counter()
-        job = plan(str(store), spec, info)
+        job = planned(str(store), spec, info)
         result = run_job(str(store), job.job_id, models, None, local.decode_threads)
         seconds = time.perf_counter() - start
         check(result["state"], "in-process", result)
@@ -340,7 +339,7 @@ def overhead(args: argparse.Namespace, tmp: Path, procs: Processes, url: str) ->
     def task_loop(store: Path) -> Run:
         cpu = self_cpu()
         start = time.perf_counter()
-        job = plan(str(store), spec, info)
+        job = planned(str(store), spec, info)
         runtime = Runtime(Extraction(models, decoders), MemoryCounters(), local.attempt_cap)
         for batch in range(job.n_batches):
             execute_batch(str(store), job.job_id, batch, runtime)
@@ -364,7 +363,7 @@ def overhead(args: argparse.Namespace, tmp: Path, procs: Processes, url: str) ->
     def through_redis(store: Path) -> Run:
         cpu, cpu_worker = self_cpu(), group_cpu([worker])
         start, t0 = time.perf_counter(), time.time()
-        job = plan(str(store), spec, info)
+        job = planned(str(store), spec, info)
         t_plan = time.time()
         enqueue_sized(app, str(store), job.job_id, range(job.n_batches))
         t_enqueue = time.time()

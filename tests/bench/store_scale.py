@@ -66,14 +66,13 @@ from tests.bench.api import (  # noqa: E402
     start_redis,
     write_auth,
 )
-from tests.oracle import run_job  # noqa: E402
+from tests.oracle import planned, run_job  # noqa: E402
 from workers.extraction.cache import ModelCache  # noqa: E402
 from workers.jobs import (  # noqa: E402
     ExtractionSpec,  # noqa: E402
     new_id,
     now,
 )
-from workers.lifecycle.plan import plan  # noqa: E402
 from workers.lifecycle.state import status  # noqa: E402
 from workers.storage.consolidate import publish  # noqa: E402
 from workers.storage.objects import filesystem, get_json, put_json  # noqa: E402
@@ -138,7 +137,7 @@ def measure(
     api: tuple[str, str] | None,
 ) -> dict[str, float]:
     ops: dict[str, Callable[[], Any]] = {
-        "scan": lambda: run_job(store, plan(store, _spec(inputs), models.get(_spec(inputs)).info).job_id, models),  # noqa: E501
+        "scan": lambda: run_job(store, planned(store, _spec(inputs), models.get(_spec(inputs)).info).job_id, models),  # noqa: E501
         "list": lambda: _quiet_cli(["jobs", "list", "--store", store, "--limit", "50", "--json"]),
         "status": lambda: status(store, template),
         "open_zarr": lambda: xr.open_zarr(f"{store}/jobs/{template}").close(),
@@ -202,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
             procs.stop(["worker"])  # submissions queue; nothing competes for the cores
             api = (stack.apis["scale"], model_id)
         models = ModelCache()
-        template = plan(store, _spec(inputs), models.get(_spec(inputs)).info).job_id
+        template = planned(store, _spec(inputs), models.get(_spec(inputs)).info).job_id
         run_job(store, template, models)
         filler = Filler(store, template)
         rows = []

@@ -12,12 +12,12 @@ import pytest
 from tests.deploy.conftest import Started, start_worker, stop
 from tests.deploy.manifests import Worker, compose_worker, k8s_worker, kubectl
 from tests.integration.conftest import RedisServer, assert_same_job, until
-from tests.oracle import run_job
+from tests.oracle import planned, run_job
 from workers.execution.celery_app import CeleryQueue, make_celery
 from workers.extraction.cache import ModelCache
 from workers.jobs import ExtractionSpec, JobState
 from workers.lifecycle.counters import RedisCounters
-from workers.lifecycle.plan import Plan, plan
+from workers.lifecycle.plan import Plan
 from workers.lifecycle.state import status
 from workers.lifecycle.submit import send_batches
 from workers.settings import Settings
@@ -53,7 +53,7 @@ def _spec(inputs: Path) -> ExtractionSpec:
 
 def _submit(redis: RedisServer, store: Path, spec: ExtractionSpec) -> Plan:
     models = ModelCache()
-    job = plan(str(store), spec, models.get(spec).info)
+    job = planned(str(store), spec, models.get(spec).info)
     settings = Settings(broker_url=redis.url, store=str(store))  # type: ignore[arg-type]
     jobs = CeleryQueue(make_celery(settings))
     send_batches(jobs, str(store), job.job_id, range(job.n_batches), "extract", PER_TASK)
@@ -71,7 +71,7 @@ def test_sigterm_mid_job_exits_0_in_the_grace_period_and_the_job_loses_nothing(
     first_worker, second_worker = _source("kubernetes"), _source("compose")
     store = tmp_path / "store"
     spec = _spec(_inputs(tmp_path / "inputs"))
-    reference = plan(str(tmp_path / "ref"), spec, ModelCache().get(spec).info)
+    reference = planned(str(tmp_path / "ref"), spec, ModelCache().get(spec).info)
     run_job(str(tmp_path / "ref"), reference.job_id, ModelCache())
     job = _submit(redis_server, store, spec)
     assert job.n_batches == BATCHES

@@ -19,9 +19,9 @@ WEIGHTS = Path(__file__).parents[2] / "workers" / "demo" / "digits_cnn.safetenso
 def test_resume_of_a_job_whose_model_is_gone_refuses_before_any_batch_runs(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    from tests.oracle import planned
     from workers.extraction.cache import ModelCache
     from workers.jobs import ExtractionSpec
-    from workers.lifecycle.plan import plan
     from workers.lifecycle.state import status
     from workers.storage.layout import open_job, read
 
@@ -32,7 +32,7 @@ def test_resume_of_a_job_whose_model_is_gone_refuses_before_any_batch_runs(
         model="workers.demo.digits:digits_cnn", weights=str(weights), layers=("fc",),
         inputs=(str(SAMPLES / "3"),), batch_size=2,
     )  # fmt: skip
-    job = plan(store, spec, ModelCache().get(spec).info)
+    job = planned(store, spec, ModelCache().get(spec).info)
     weights.unlink()
     code = main(["jobs", "resume", job.job_id, "--store", store])
     err = capsys.readouterr().err

@@ -193,9 +193,9 @@ def test_a_labels_file_reached_through_a_link_is_refused(tree: Path) -> None:
     (root / "labels.csv").symlink_to(tree / "other" / "labels.csv")
     sources = discover([str(root / "top.bin")], (str(root),))
     with pytest.raises(SpecError, match="symbolic link"):
-        labels_from_csv(str(root / "labels.csv"), sources, (str(root),))
+        labels_from_csv(str(root / "labels.csv"), sources, None, 10, (str(root),))
     (root / "own.csv").write_text(f"{root / 'top.bin'},3\n")
-    assert labels_from_csv(str(root / "own.csv"), sources, (str(root),))[0] == [3]
+    assert labels_from_csv(str(root / "own.csv"), sources, None, 10, (str(root),))[0] == [3]
 
 
 def test_trusted_callers_keep_following_links(tree: Path) -> None:

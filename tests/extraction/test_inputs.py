@@ -649,20 +649,37 @@ def _csv(tmp_path: Path, text: str) -> str:
     return str(path)
 
 
+ZOO = ("bee", "zebra", "ant", "moose")
+
+
 @pytest.mark.parametrize(
     "header", ["sample_id,label\n", "", "sample_id,label\r\n"], ids=["header", "none", "crlf"]
 )
-def test_labels_csv_with_or_without_header_maps_names_sorted(tmp_path: Path, header: str) -> None:
+def test_labels_csv_names_are_looked_up_in_the_models_classes(tmp_path: Path, header: str) -> None:
     path = _csv(tmp_path, f"{header}a.png,zebra\nb.png,ant\nc.png,moose\nd.png,ant\n")
-    labels, classes = labels_from_csv(path, _sources("a.png", "b.png", "c.png", "d.png"))
-    assert classes == ["ant", "moose", "zebra"]
-    assert labels == [2, 0, 1, 0]
+    labels, classes = labels_from_csv(path, _sources("a.png", "b.png", "c.png", "d.png"), ZOO, 4)
+    assert classes == list(ZOO)
+    assert labels == [1, 2, 3, 2]  # the model's order, not the names sorted
+
+
+def test_labels_csv_names_the_model_does_not_declare_are_refused(tmp_path: Path) -> None:
+    path = _csv(tmp_path, "a.png,zebra\nb.png,yak\n")
+    with pytest.raises(SpecError, match="'yak' is not one of the model's classes"):
+        labels_from_csv(path, _sources("a.png", "b.png"), ZOO, 4)
+    with pytest.raises(SpecError, match="declares no class names"):
+        labels_from_csv(path, _sources("a.png", "b.png"), None, 4)
+
+
+def test_labels_csv_integer_labels_must_be_model_outputs(tmp_path: Path) -> None:
+    path = _csv(tmp_path, "a.png,3\nb.png,10\n")
+    with pytest.raises(SpecError, match="label 10 .* not a class index below 10"):
+        labels_from_csv(path, _sources("a.png", "b.png"), None, 10)
 
 
 @pytest.mark.parametrize("header", ["sample_id,label\n", ""], ids=["header", "none"])
 def test_labels_csv_integer_labels_are_kept(tmp_path: Path, header: str) -> None:
     path = _csv(tmp_path, f"{header}a.png,7\nb.png, 0\n c.png ,-1\nd.png,12\n")
-    labels, classes = labels_from_csv(path, _sources("a.png", "b.png", "c.png", "d.png"))
+    labels, classes = labels_from_csv(path, _sources("a.png", "b.png", "c.png", "d.png"), None, 13)
     assert classes is None
     assert labels == [7, 0, -1, 12]
 
@@ -671,10 +688,11 @@ def test_labels_csv_integer_labels_are_kept(tmp_path: Path, header: str) -> None
 def test_labels_csv_samples_it_does_not_list_get_minus_one(tmp_path: Path, kind: str) -> None:
     first, second = ("cat", "dog") if kind == "names" else ("3", "5")
     path = _csv(tmp_path, f"sample_id,label\nb.png,{first}\nother.png,{second}\n")
-    labels, classes = labels_from_csv(path, _sources("a.png", "b.png", "c.png"))
+    declared = ("dog", "cat") if kind == "names" else None
+    labels, classes = labels_from_csv(path, _sources("a.png", "b.png", "c.png"), declared, 9)
     if kind == "names":
-        assert classes == ["cat", "dog"]
-        assert labels == [-1, 0, -1]
+        assert classes == ["dog", "cat"]
+        assert labels == [-1, 1, -1]
     else:
         assert classes is None
         assert labels == [-1, 3, -1]
@@ -682,7 +700,8 @@ def test_labels_csv_samples_it_does_not_list_get_minus_one(tmp_path: Path, kind:
 
 def test_labels_csv_matches_suffixed_and_nested_ids(tmp_path: Path) -> None:
     path = _csv(tmp_path, 'cls/a.png,x\n"a.png~2",y\n')
-    labels, classes = labels_from_csv(path, _sources("a.png~2", "cls/a.png", "a.png"))
+    sources = _sources("a.png~2", "cls/a.png", "a.png")
+    labels, classes = labels_from_csv(path, sources, ("x", "y"), 2)
     assert classes == ["x", "y"]
     assert labels == [1, 0, -1]
 
@@ -695,7 +714,7 @@ def test_labels_csv_matches_suffixed_and_nested_ids(tmp_path: Path) -> None:
 def test_labels_csv_malformed_row_is_a_spec_error(tmp_path: Path, text: str) -> None:
     path = _csv(tmp_path, text)
     with pytest.raises(SpecError) as info:
-        labels_from_csv(path, _sources("a.png", "b.png"))
+        labels_from_csv(path, _sources("a.png", "b.png"), ZOO, 4)
     assert path in str(info.value)
     assert "\n" not in str(info.value)
 
@@ -703,7 +722,7 @@ def test_labels_csv_malformed_row_is_a_spec_error(tmp_path: Path, text: str) -> 
 def test_labels_csv_that_does_not_exist_is_a_spec_error(tmp_path: Path) -> None:
     missing = str(tmp_path / "nope.csv")
     with pytest.raises(SpecError, match="does not exist"):
-        labels_from_csv(missing, _sources("a.png"))
+        labels_from_csv(missing, _sources("a.png"), ZOO, 4)
 
 
 @pytest.mark.parametrize(
@@ -713,7 +732,7 @@ def test_labels_csv_header_written_by_spreadsheets_is_recognised(
     tmp_path: Path, header: str
 ) -> None:
     path = _csv(tmp_path, f"{header}a.png,3\nb.png,5\n")
-    labels, classes = labels_from_csv(path, _sources("a.png", "b.png"))
+    labels, classes = labels_from_csv(path, _sources("a.png", "b.png"), None, 10)
     assert classes is None
     assert labels == [3, 5]
 

@@ -9,10 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from tests.oracle import run_job
+from tests.oracle import planned, run_job
 from workers.extraction.cache import ModelCache
 from workers.jobs import ExtractionSpec
-from workers.lifecycle.plan import plan
 from workers.pipeline import Decoded, compute_batch
 from workers.storage.layout import open_job, read
 
@@ -38,7 +37,7 @@ def test_the_cuda_path_stores_what_the_cpu_path_stores(tmp_path: Path) -> None:
     stores = {}
     for device in ("cpu", "cuda:0"):
         models = ModelCache(device)
-        job = plan(str(tmp_path / device), spec, models.get(spec).info)
+        job = planned(str(tmp_path / device), spec, models.get(spec).info)
         run_job(str(tmp_path / device), job.job_id, models)
         stores[device] = open_job(str(tmp_path / device), job.job_id, mode="r")
     for name in ("logits", "layers/conv1/acts", "layers/conv3/pooled"):

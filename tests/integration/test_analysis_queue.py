@@ -8,11 +8,10 @@ import subprocess
 import sys
 
 from tests.integration.conftest import ROOT, Cluster, until
-from tests.oracle import run_job
+from tests.oracle import planned, run_job
 from workers.analysis.requests import describe
 from workers.extraction.cache import ModelCache
 from workers.jobs import ExtractionSpec
-from workers.lifecycle.plan import plan
 from workers.storage.analyses import analysis_ids
 
 SAMPLES = ROOT / "workers" / "demo" / "samples"
@@ -23,7 +22,7 @@ def _finished_job(store: str) -> str:
         model="digits-cnn", layers=("conv3", "fc"), inputs=(str(SAMPLES),), labels_from_dirs=True
     )
     models = ModelCache()
-    job = plan(store, spec, models.get(spec).info)
+    job = planned(store, spec, models.get(spec).info)
     run_job(store, job.job_id, models)
     return job.job_id
 

@@ -17,11 +17,11 @@ import pytest
 
 from api.client import Client
 from tests.integration.conftest import ROOT, Cluster, free_port, serving, until
-from tests.oracle import run_job
+from tests.oracle import planned, run_job
 from workers.demo.digits import WEIGHTS
+from workers.errors import Conflict
 from workers.extraction.cache import ModelCache
 from workers.jobs import ExtractionSpec
-from workers.lifecycle.plan import plan
 from workers.storage.layout import open_job, read
 
 FACTORY = "workers.demo.digits:digits_cnn"
@@ -54,6 +54,8 @@ def test_a_client_submits_waits_and_fetches_what_an_in_process_run_stores(
         final = job.wait(timeout=120)
         assert final["state"] == "succeeded"
         assert final["n_samples"] == 8
+        with pytest.raises(Conflict, match="succeeded"):  # as cancel raises embedded
+            job.cancel()
         ids = client.request("GET", f"/v1/jobs/{job.id}/samples").json()["samples"]
         fetched = job.fetch("conv1", samples=ids, channels=[1, 2])
         tree = job.open()
@@ -61,7 +63,7 @@ def test_a_client_submits_waits_and_fetches_what_an_in_process_run_stores(
     spec = ExtractionSpec(
         model=FACTORY, weights=str(WEIGHTS), layers=("conv1", "fc"), inputs=(data,), batch_size=3
     )
-    ref = plan(str(tmp_path / "ref"), spec, models.get(spec).info)
+    ref = planned(str(tmp_path / "ref"), spec, models.get(spec).info)
     run_job(str(tmp_path / "ref"), ref.job_id, models)
     want = read(open_job(str(tmp_path / "ref"), ref.job_id, mode="r"), "layers/conv1/acts")
     np.testing.assert_array_equal(fetched, want[:, [1, 2]])

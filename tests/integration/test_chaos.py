@@ -29,11 +29,10 @@ from tests.integration.conftest import (
     start_api,
     until,
 )
-from tests.oracle import run_job
+from tests.oracle import planned, run_job
 from workers.demo.digits import WEIGHTS
 from workers.extraction.cache import ModelCache
 from workers.jobs import ExtractionSpec, JobState
-from workers.lifecycle.plan import plan
 from workers.lifecycle.state import status
 from workers.storage.layout import open_job, read
 
@@ -98,7 +97,7 @@ def test_every_acknowledged_job_survives_the_faults_bit_identical(
     models = ModelCache(factories=(FACTORY,))
     spec = ExtractionSpec(model=FACTORY, weights=str(WEIGHTS), layers=tuple(LAYERS),
                           inputs=(str(data),), batch_size=BATCH)  # fmt: skip
-    ref = plan(str(tmp_path / "ref"), spec, models.get(spec).info)
+    ref = planned(str(tmp_path / "ref"), spec, models.get(spec).info)
     run_job(str(tmp_path / "ref"), ref.job_id, models)
 
     auth = {"tenants": {"acme": {"tokens": [TOKEN], "roots": [str(data)]}}}

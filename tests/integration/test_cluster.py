@@ -12,12 +12,12 @@ import pytest
 
 from tests.integration.conftest import ROOT, Cluster, RedisServer, assert_same_job, until
 from tests.integration.poison_model import POISON
-from tests.oracle import run_job
+from tests.oracle import planned, run_job
 from workers.errors import SampleCode
 from workers.execution.celery_app import CeleryQueue
 from workers.extraction.cache import ModelCache
 from workers.jobs import ExtractionSpec
-from workers.lifecycle.plan import Plan, plan
+from workers.lifecycle.plan import Plan
 from workers.lifecycle.state import prepare_resume, resume_batches, status
 from workers.lifecycle.submit import send_batches
 from workers.storage.layout import open_job, read
@@ -54,13 +54,13 @@ def models() -> ModelCache:
 
 
 def _reference(store: Path, spec: ExtractionSpec, models: ModelCache) -> str:
-    job = plan(str(store), spec, models.get(spec).info)
+    job = planned(str(store), spec, models.get(spec).info)
     run_job(str(store), job.job_id, models)
     return job.job_id
 
 
 def _submit(cluster: Cluster, spec: ExtractionSpec, models: ModelCache, per_task: int = 1) -> Plan:
-    job = plan(cluster.store, spec, models.get(spec).info)
+    job = planned(cluster.store, spec, models.get(spec).info)
     jobs = CeleryQueue(cluster.app())
     send_batches(jobs, cluster.store, job.job_id, range(job.n_batches), "extract", per_task)
     return job
@@ -222,7 +222,7 @@ def test_the_same_batch_delivered_twice_at_once_leaves_identical_bytes(
     spec = _spec(inputs, 500)  # 4 batches, each long enough for both workers to overlap
     ref = _reference(tmp_path / "ref", spec, models)
     cluster.start(workers=2)
-    job = plan(cluster.store, spec, models.get(spec).info)
+    job = planned(cluster.store, spec, models.get(spec).info)
     jobs = CeleryQueue(cluster.app())
     for batch in range(job.n_batches):  # each batch twice, back to back: both workers take one
         send_batches(jobs, cluster.store, job.job_id, [batch, batch], "extract", 1)

@@ -18,11 +18,10 @@ from safetensors.numpy import load_file, save_file
 
 from api.client import Client
 from tests.integration.conftest import ROOT, Cluster, serving
-from tests.oracle import run_job
+from tests.oracle import planned, run_job
 from workers.demo.digits import WEIGHTS
 from workers.extraction.cache import ModelCache
 from workers.jobs import ExtractionSpec
-from workers.lifecycle.plan import plan
 from workers.storage.layout import attrs, open_job, read
 
 pytestmark = pytest.mark.integration
@@ -86,7 +85,7 @@ def _logits_of(path: Path, tmp_path: Path) -> np.ndarray:
         model=FACTORY, weights=str(WEIGHTS), layers=("conv1",), inputs=(str(path),), batch_size=1
     )
     models = ModelCache(factories=(FACTORY,))
-    job = plan(store, spec, models.get(spec).info)
+    job = planned(store, spec, models.get(spec).info)
     run_job(store, job.job_id, models)
     found: np.ndarray = read(open_job(store, job.job_id, mode="r"), "logits")[0]
     return found

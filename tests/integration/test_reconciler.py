@@ -14,6 +14,7 @@ from tests.integration.conftest import RedisServer
 from tests.integration.test_cluster import _inputs, _spec
 from workers.execution.celery_app import CeleryQueue, make_celery
 from workers.extraction.cache import ModelCache
+from workers.extraction.inputs import list_inputs
 from workers.lifecycle.counters import RedisCounters
 from workers.lifecycle.reconciler import LEASE, Reconciler
 from workers.lifecycle.state import status
@@ -40,7 +41,7 @@ def test_a_pass_resends_only_uncovered_batches_after_the_bound(
     spec = _spec(_inputs(tmp_path / "x", 40), 4)  # 10 batches
     info = ModelCache().get(spec).info
     app = make_celery(Settings(broker_url=redis_server.url, store=store))  # type: ignore[arg-type]
-    job = submit(store, spec, info, _Lost(), cap=1)  # the broker lost them
+    job = submit(store, spec, info, list_inputs(spec, info), _Lost(), cap=1)  # the broker lost them
     send_batches(CeleryQueue(app), store, job.job_id, [0, 1, 2], "extract", 1)  # queued after all
     counters = RedisCounters(redis_server.url, period=1)
     counters.hold(job.job_id, [3, 4], time.time() + 60)  # a live worker runs these

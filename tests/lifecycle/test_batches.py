@@ -15,14 +15,13 @@ from celery import Celery
 from celery.exceptions import SoftTimeLimitExceeded
 
 from tests.conftest import FACTORY
-from tests.oracle import run_job
+from tests.oracle import planned, run_job
 from workers.errors import SampleCode
 from workers.execution.tasks import register
 from workers.extraction.cache import ModelCache
 from workers.jobs import ExtractionSpec, TaskName
 from workers.lifecycle.counters import MemoryCounters
 from workers.lifecycle.delivery import OPEN_JOBS, Outcome, Runtime, execute_batches
-from workers.lifecycle.plan import plan
 from workers.lifecycle.state import cancel
 from workers.pipeline import Decoded, Extraction
 from workers.storage.layout import open_job, read
@@ -116,9 +115,9 @@ def test_tasks_of_several_batches_store_what_the_in_process_runner_stores(
     tmp_path: Path, arrays: list[Path], random_weights: Path, decoders: ThreadPoolExecutor
 ) -> None:
     spec, models = _spec(arrays, random_weights), ModelCache()
-    reference = plan(str(tmp_path / "ref"), spec, models.get(spec).info)
+    reference = planned(str(tmp_path / "ref"), spec, models.get(spec).info)
     run_job(str(tmp_path / "ref"), reference.job_id, models)
-    job = plan(str(tmp_path / "task"), spec, models.get(spec).info)
+    job = planned(str(tmp_path / "task"), spec, models.get(spec).info)
     runtime = Runtime(Extraction(models, decoders), MemoryCounters())
 
     outcomes = [
@@ -139,7 +138,7 @@ def test_a_process_keeps_the_arrays_of_its_last_few_jobs_open(
 ) -> None:
     spec, models = _spec(arrays[:5], random_weights), ModelCache()
     runtime = Runtime(Extraction(models), MemoryCounters())
-    jobs = [plan(str(tmp_path / "store"), spec, models.get(spec).info) for _ in range(6)]
+    jobs = [planned(str(tmp_path / "store"), spec, models.get(spec).info) for _ in range(6)]
     for job in jobs:
         execute_batches(str(tmp_path / "store"), job.job_id, [0], runtime)
     kept = [job_id for _, job_id in runtime.jobs]
@@ -154,7 +153,7 @@ def test_the_next_two_batches_are_decoded_while_the_current_one_computes(
     decoders: ThreadPoolExecutor,
 ) -> None:
     spec, models = _spec(arrays, random_weights), ModelCache()
-    job = plan(str(tmp_path / "store"), spec, models.get(spec).info)
+    job = planned(str(tmp_path / "store"), spec, models.get(spec).info)
     runtime = Runtime(DecodesAhead(models, job.n_batches, decoders), MemoryCounters())
     outcomes = execute_batches(str(tmp_path / "store"), job.job_id, [0, 1, 2], runtime)
     assert outcomes == [Outcome.RAN] * 3
@@ -177,7 +176,7 @@ def test_a_batch_decoded_ahead_is_not_run_once_its_job_is_cancelled(
     tmp_path: Path, arrays: list[Path], random_weights: Path, decoders: ThreadPoolExecutor
 ) -> None:
     spec, models, store = _spec(arrays, random_weights), ModelCache(), str(tmp_path / "store")
-    job = plan(store, spec, models.get(spec).info)
+    job = planned(store, spec, models.get(spec).info)
     runtime = Runtime(Extraction(models, decoders), CancelsAtFirstStart(store))
 
     outcomes = execute_batches(store, job.job_id, [0, 1, 2], runtime)
@@ -190,7 +189,7 @@ def test_a_batch_the_ledger_has_is_skipped_between_two_that_run(
     tmp_path: Path, arrays: list[Path], random_weights: Path, decoders: ThreadPoolExecutor
 ) -> None:
     spec, models, store = _spec(arrays, random_weights), ModelCache(), tmp_path / "store"
-    job = plan(str(store), spec, models.get(spec).info)
+    job = planned(str(store), spec, models.get(spec).info)
     runtime = Runtime(Extraction(models, decoders), MemoryCounters())
     assert execute_batches(str(store), job.job_id, [1], runtime) == [Outcome.RAN]
     before = _files(store, job.job_id)
@@ -214,7 +213,7 @@ def test_a_task_that_fails_part_way_keeps_the_batches_it_wrote(
 ) -> None:
     spec, models = _spec(arrays, random_weights), ModelCache()
     store = str(tmp_path / "store")
-    job = plan(store, spec, models.get(spec).info)
+    job = planned(store, spec, models.get(spec).info)
     runtime = Runtime(BreaksAtBatch2(models, decoders), MemoryCounters())
     app, _ = _task_app(runtime, monkeypatch)
     result = app.tasks[TaskName.RUN_BATCH].run(store, job.job_id, [0, 1, 2, 3])
@@ -233,10 +232,10 @@ def test_a_task_whose_time_is_up_sends_the_batches_it_did_not_start_on(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     spec, models = _spec(arrays, random_weights), ModelCache()
-    reference = plan(str(tmp_path / "ref"), spec, models.get(spec).info)
+    reference = planned(str(tmp_path / "ref"), spec, models.get(spec).info)
     run_job(str(tmp_path / "ref"), reference.job_id, models)
     store = str(tmp_path / "task")
-    job = plan(store, spec, models.get(spec).info)
+    job = planned(store, spec, models.get(spec).info)
     # No time at all: each task runs one batch, then sends the rest to a new task.
     runtime = Runtime(Extraction(models, decoders), MemoryCounters(), budget_s=0.0)
     app, sent = _task_app(runtime, monkeypatch)
@@ -261,7 +260,7 @@ def test_a_batch_past_the_soft_time_limit_fails_with_what_to_do(
 ) -> None:
     spec, models = _spec(arrays, random_weights), ModelCache()
     store = str(tmp_path / "store")
-    job = plan(store, spec, models.get(spec).info)
+    job = planned(store, spec, models.get(spec).info)
     app, _ = _task_app(Runtime(TooSlow(models, decoders), MemoryCounters()), monkeypatch)
     result = app.tasks[TaskName.RUN_BATCH].run(store, job.job_id, [0, 1])
 
@@ -282,7 +281,7 @@ def test_a_cancelled_job_sends_no_batches_on_when_a_task_is_out_of_time(
 ) -> None:
     spec, models = _spec(arrays, random_weights), ModelCache()
     store = str(tmp_path / "store")
-    job = plan(store, spec, models.get(spec).info)
+    job = planned(store, spec, models.get(spec).info)
     cancel(store, job.job_id)
     runtime = Runtime(Extraction(models, decoders), MemoryCounters(), budget_s=0.0)
     app, sent = _task_app(runtime, monkeypatch)

@@ -8,11 +8,12 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import FACTORY
+from tests.oracle import planned
 from workers.extraction.cache import ModelCache
 from workers.jobs import ExtractionSpec
 from workers.lifecycle.counters import MemoryCounters
 from workers.lifecycle.delivery import Runtime, execute_batches
-from workers.lifecycle.plan import Plan, plan
+from workers.lifecycle.plan import Plan
 from workers.lifecycle.state import prepare_resume, resume_batches, status
 from workers.pipeline import Extraction
 
@@ -42,8 +43,8 @@ def job(tmp_path: Path, arrays: list[Path], random_weights: Path) -> tuple[str, 
     )
     models = ModelCache()
     store = str(tmp_path / "store")
-    planned = plan(store, spec, models.get(spec).info)
-    return store, planned, Runtime(Extraction(models), LosesOneCount(lost=1))
+    job = planned(store, spec, models.get(spec).info)
+    return store, job, Runtime(Extraction(models), LosesOneCount(lost=1))
 
 
 def test_resume_finishes_a_job_whose_count_fell_short_of_the_ledger(

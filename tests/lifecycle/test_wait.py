@@ -10,11 +10,11 @@ from typing import Any
 import pytest
 
 from tests.conftest import FACTORY
+from tests.oracle import planned
 from workers.extraction.cache import ModelCache
 from workers.jobs import ExtractionSpec
 from workers.lifecycle.counters import MemoryCounters
 from workers.lifecycle.delivery import Runtime, execute_batches
-from workers.lifecycle.plan import plan
 from workers.lifecycle.state import Status, finalize, mark_started, wait
 from workers.pipeline import Extraction
 
@@ -49,7 +49,7 @@ def written(tmp_path: Path, arrays: list[Path], random_weights: Path) -> tuple[s
         batch_size=10,
     )
     models, store = ModelCache(), str(tmp_path / "store")
-    job = plan(store, spec, models.get(spec).info)
+    job = planned(store, spec, models.get(spec).info)
     mark_started(store, job.job_id)
     counters = NeverFinalizes()
     execute_batches(

@@ -65,7 +65,7 @@ def test_each_tile_spans_black_to_white_on_its_own_scale_and_a_constant_one_is_b
     acts = _maps(6) * (10.0 ** np.arange(6))[:, None, None]  # scales from 1 to 100 000
     acts[2] = 3.5  # constant
     acts[4] = -np.linspace(0, 1, 49).reshape(7, 7) - 1e3  # negative only
-    tiles = _tiles(activation_sheet(acts))
+    tiles = _tiles(activation_sheet(acts, scale="tile"))
     for channel, tile in enumerate(tiles):
         gray = tile[..., 0]
         assert (tile == gray[..., None]).all(), "activation tiles are grayscale"
@@ -75,10 +75,32 @@ def test_each_tile_spans_black_to_white_on_its_own_scale_and_a_constant_one_is_b
             assert (gray.min(), gray.max()) == (0, 255)
 
 
+def test_a_nearly_silent_channel_is_dark_on_the_layers_scale_and_bright_on_its_own() -> None:
+    acts = _maps(3)
+    acts[1] *= 1e-3  # a thousand times weaker than its neighbours
+    layer = _tiles(activation_sheet(acts))
+    tile = _tiles(activation_sheet(acts, scale="tile"))
+    assert layer[1].max() <= 1
+    assert max(layer[0].max(), layer[2].max()) == 255
+    assert tile[0].max() == tile[1].max() == tile[2].max() == 255
+
+
+def test_the_layers_scale_is_drawn_as_a_bar_under_the_title_and_said_in_the_note() -> None:
+    layer = activation_sheet(_maps(3), title="conv1")
+    tile = activation_sheet(_maps(3), title="conv1", scale="tile")
+    assert layer.boxes[0][1] > tile.boxes[0][1]  # the tiles start below the bar
+    pixels = _decode(layer.png())
+    bar = pixels[layer.boxes[0][1] - 12 - 40 : layer.boxes[0][1] - 12, 4:164, 0]
+    assert bar.min() < 20
+    assert bar.max() > 235
+    given = _tiles(activation_sheet(_maps(3), span=(0.0, 1000.0)))
+    assert max(t.max() for t in given) < 128  # a wider span given: every tile darker
+
+
 def test_a_failed_sample_of_nan_draws_black_instead_of_failing() -> None:
     acts = np.full((3, 5, 5), np.nan, np.float32)
     acts[1, 0, 0], acts[1, 1, 1] = 1.0, 2.0
-    tiles = _tiles(activation_sheet(acts))
+    tiles = _tiles(activation_sheet(acts, scale="tile"))
     assert tiles[0].max() == 0
     assert tiles[1].max() == 255
 
@@ -114,7 +136,9 @@ def test_tiny_maps_are_enlarged_by_nearest_neighbour_to_the_minimum_tile() -> No
 @pytest.mark.parametrize(("channels", "size"), [(512, 28), (2048, 7), (256, 300)])
 def test_the_size_caps_hold_whatever_the_layer_width(channels: int, size: int) -> None:
     acts = np.random.default_rng(1).random((channels, size, size), dtype=np.float32)
-    sheet = activation_sheet(acts.astype(np.float16), np.zeros((224, 224, 3), np.uint8))
+    sheet = activation_sheet(
+        acts.astype(np.float16), np.zeros((224, 224, 3), np.uint8), scale="tile"
+    )
     assert len(sheet.boxes) == min(channels, MAX_TILES)
     assert max(sheet.image.size) <= MAX_SIDE
     if channels > MAX_TILES:

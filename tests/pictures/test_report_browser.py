@@ -22,6 +22,7 @@ from PIL import Image
 
 from api.cli.report import report
 from workers.analysis.compare import compare
+from workers.analysis.filter_atlas import run_atlas
 from workers.execution.embedded import scan
 from workers.jobs import ExtractionSpec
 from workers.pictures.report import comparison_section, write_report
@@ -55,7 +56,17 @@ def job(tmp_path_factory: pytest.TempPathFactory) -> Job:
 
 
 @pytest.fixture(scope="module")
-def page(job: Job, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def atlas(job: Job) -> str:
+    """An atlas of the first conv layer: its sheets carry the filter weights too."""
+    return run_atlas(job.store, job.job_id, "conv1", 6)
+
+
+@pytest.fixture(scope="module")
+def page(
+    job: Job,
+    atlas: str,  # noqa: ARG001 (stored before the report is written, so the report shows it)
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Path:
     return report(job.store, job.job_id, tmp_path_factory.mktemp("out") / "report")
 
 
@@ -102,6 +113,18 @@ def test_the_report_names_the_model_layers_timings_and_filter_health(page: Path,
         "conv1: 16 filters",
     ):
         assert expected in html, expected
+
+
+def test_the_atlas_page_shows_the_strongest_channels_with_their_weights(
+    page: Path, atlas: str
+) -> None:
+    html = page.read_text()
+    assert 'id="atlas-conv1"' in html
+    assert f"Atlas {atlas} of layer <code>conv1</code>" in html
+    sheet = next((page.parent / "img").glob(f"atlas-{atlas}-conv1-*.png"))
+    with Image.open(sheet) as picture:
+        pixels = np.asarray(picture.convert("RGB"))
+    assert pixels.shape[1] > 6 * 72  # six crops side by side, the weights before them
 
 
 def test_the_first_conv_layers_weights_are_kept_in_the_store_for_the_api(
@@ -220,7 +243,7 @@ def _headless(
 
 
 def test_a_real_browser_loads_every_picture_and_the_console_stays_silent(
-    page: Path, served: tuple[str, list[tuple[str, int]]], tmp_path: Path
+    page: Path, atlas: str, served: tuple[str, list[tuple[str, int]]], tmp_path: Path
 ) -> None:
     browser = _chromium()
     url, requests = served
@@ -237,6 +260,8 @@ def test_a_real_browser_loads_every_picture_and_the_console_stays_silent(
     assert not console, "\n".join(console)
     pictures = {path for path, code in requests if path.startswith("/img/") and code == 200}
     assert len(pictures) == images, requests
+    sheets = {path for path in pictures if path.startswith(f"/img/atlas-{atlas}-conv1-")}
+    assert len(sheets) == 8, "the atlas page's channel sheets loaded in the browser"
 
     shot = tmp_path / "report.png"
     taken = _headless(

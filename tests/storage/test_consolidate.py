@@ -13,10 +13,9 @@ import xarray as xr
 import zarr
 from zarr.storage import LocalStore
 
-from tests.oracle import run_job
+from tests.oracle import planned, run_job
 from workers.extraction.cache import ModelCache
 from workers.jobs import ExtractionSpec
-from workers.lifecycle.plan import plan
 from workers.storage.consolidate import reindex
 from workers.storage.index import IndexMissing, page
 
@@ -61,7 +60,7 @@ def test_opening_a_job_in_xarray_reads_nothing_outside_its_group(
 ) -> None:
     store = str(tmp_path / "store")
     models = ModelCache()
-    jobs = [plan(store, _spec(), models.get(_spec()).info) for _ in range(3)]
+    jobs = [planned(store, _spec(), models.get(_spec()).info) for _ in range(3)]
     run_job(store, jobs[1].job_id, models)
     inside = (tmp_path / "store" / "jobs" / jobs[1].job_id).as_posix()
     reads.clear()
@@ -79,10 +78,10 @@ def test_opening_a_job_in_xarray_reads_nothing_outside_its_group(
 def test_the_root_does_not_grow_with_jobs(tmp_path: Path) -> None:
     store = str(tmp_path / "store")
     models = ModelCache()
-    plan(store, _spec(), models.get(_spec()).info)
+    planned(store, _spec(), models.get(_spec()).info)
     first = (tmp_path / "store" / "zarr.json").read_bytes()
     for _ in range(3):
-        run_job(store, plan(store, _spec(), models.get(_spec()).info).job_id, models)
+        run_job(store, planned(store, _spec(), models.get(_spec()).info).job_id, models)
     assert (tmp_path / "store" / "zarr.json").read_bytes() == first
     assert len(first) < 200
 
@@ -103,11 +102,11 @@ def test_a_store_written_before_opens_its_new_jobs_and_reindex_upgrades_the_old(
 ) -> None:
     store = str(tmp_path / "store")
     models = ModelCache()
-    old = plan(store, _spec(), models.get(_spec()).info)
+    old = planned(store, _spec(), models.get(_spec()).info)
     run_job(store, old.job_id, models)
     with pytest.warns(UserWarning, match="Consolidated metadata"):
         _old_store(store, old.job_id)
-    new = plan(store, _spec(), models.get(_spec()).info)  # drops the root's stale map
+    new = planned(store, _spec(), models.get(_spec()).info)  # drops the root's stale map
     run_job(store, new.job_id, models)
     assert xr.open_zarr(f"{store}/jobs/{new.job_id}").attrs["state"] == "succeeded"
     with pytest.raises(IndexMissing, match="actmap store reindex"):  # not a silent half list

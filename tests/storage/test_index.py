@@ -11,10 +11,10 @@ from typing import Any
 
 import pytest
 
+from tests.oracle import planned
 from workers.errors import UserError
 from workers.extraction.cache import ModelCache
 from workers.jobs import ExtractionSpec
-from workers.lifecycle.plan import plan
 from workers.lifecycle.state import cancel, finalize, job_page, list_jobs
 from workers.storage.consolidate import reindex
 from workers.storage.index import IndexMissing, count, figures, page, record
@@ -84,7 +84,7 @@ def _spec() -> ExtractionSpec:
 def test_jobs_are_listed_from_the_index_with_their_live_status(tmp_path: Path) -> None:
     store = str(tmp_path / "store")
     info = ModelCache().get(_spec()).info
-    jobs = [plan(store, _spec(), info).job_id for _ in range(4)]
+    jobs = [planned(store, _spec(), info).job_id for _ in range(4)]
     cancel(store, jobs[0])
     finalize(store, jobs[1])  # no batch done: failed
     found, cursor = job_page(store, 2)
@@ -100,7 +100,7 @@ def test_jobs_are_listed_from_the_index_with_their_live_status(tmp_path: Path) -
 def test_reindex_rebuilds_a_lost_index_from_the_job_groups(tmp_path: Path) -> None:
     store = str(tmp_path / "store")
     info = ModelCache().get(_spec()).info
-    jobs = [plan(store, _spec(), info).job_id for _ in range(3)]
+    jobs = [planned(store, _spec(), info).job_id for _ in range(3)]
     cancel(store, jobs[1])
     shutil.rmtree(tmp_path / "store" / "index")
     with pytest.raises(IndexMissing):  # said, not a silently empty list
@@ -116,7 +116,7 @@ def test_reindex_rebuilds_a_lost_index_from_the_job_groups(tmp_path: Path) -> No
 
 def _plan_many(store: str, n: int) -> list[str]:
     info = ModelCache().get(_spec()).info
-    return [plan(store, _spec(), info).job_id for _ in range(n)]
+    return [planned(store, _spec(), info).job_id for _ in range(n)]
 
 
 def test_writers_in_several_processes_all_appear_in_the_index(tmp_path: Path) -> None:

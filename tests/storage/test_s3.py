@@ -12,12 +12,11 @@ import fsspec
 import pytest
 import xarray as xr
 
-from tests.oracle import run_job
+from tests.oracle import planned, run_job
 from tests.storage.conftest import CREDENTIALS
 from workers.errors import ActmapError
 from workers.extraction.cache import ModelCache
 from workers.jobs import ExtractionSpec
-from workers.lifecycle.plan import plan
 from workers.lifecycle.state import cancel, finalize, list_jobs, prepare_resume
 from workers.storage.index import page
 from workers.storage.layout import open_job
@@ -41,7 +40,7 @@ def test_two_processes_finalizing_at_the_same_moment_both_appear_in_the_index(
     s3_store: str,
 ) -> None:
     info = ModelCache().get(_spec()).info
-    jobs = [plan(s3_store, _spec(), info).job_id for _ in range(2)]
+    jobs = [planned(s3_store, _spec(), info).job_id for _ in range(2)]
     ctx = multiprocessing.get_context("spawn")  # the environment (endpoint, keys) is inherited
     with ctx.Pool(2) as pool:
         pool.apply(time.sleep, (0,))  # both started before the moment is chosen
@@ -56,7 +55,7 @@ def test_two_processes_finalizing_at_the_same_moment_both_appear_in_the_index(
 
 def test_a_cancelled_job_resumes_and_finishes_on_s3(s3_store: str) -> None:
     models = ModelCache()
-    job = plan(s3_store, _spec(), models.get(_spec()).info)
+    job = planned(s3_store, _spec(), models.get(_spec()).info)
     cancel(s3_store, job.job_id)
     assert [s.job_id for s in list_jobs(s3_store, "cancelled")] == [job.job_id]
     assert prepare_resume(s3_store, job.job_id) == [0, 1]
@@ -73,7 +72,7 @@ def test_an_analysis_and_the_report_read_a_job_on_s3(s3_store: str, tmp_path: Pa
     from workers.pictures.report import write_report
 
     models = ModelCache()
-    job = plan(s3_store, _spec(), models.get(_spec()).info)
+    job = planned(s3_store, _spec(), models.get(_spec()).info)
     run_job(s3_store, job.job_id, models)
     analysis_id = new_id()
     state = run_analysis(s3_store, "health", {"job_id": job.job_id}, analysis_id, "local")
@@ -86,7 +85,7 @@ def test_an_analysis_and_the_report_read_a_job_on_s3(s3_store: str, tmp_path: Pa
 
 def test_no_secret_is_stored_in_the_store_or_said_in_an_error(s3_store: str) -> None:
     models = ModelCache()
-    job = plan(s3_store, _spec(), models.get(_spec()).info)
+    job = planned(s3_store, _spec(), models.get(_spec()).info)
     run_job(s3_store, job.job_id, models)
     secret = CREDENTIALS["AWS_SECRET_ACCESS_KEY"]
     fs, root = fsspec.core.url_to_fs(s3_store)

@@ -11,11 +11,10 @@ import pytest
 import xarray as xr
 import zarr
 
-from tests.oracle import run_job
+from tests.oracle import planned, run_job
 from workers.errors import NotFound
 from workers.extraction.cache import ModelCache
 from workers.jobs import ExtractionSpec
-from workers.lifecycle.plan import plan
 from workers.lifecycle.state import finalize
 from workers.storage.layout import (
     CHUNK_BYTES,
@@ -55,7 +54,7 @@ def _spec(**options: object) -> ExtractionSpec:
 
 def test_plan_creates_every_array_with_its_final_shape_before_any_batch(store: str) -> None:
     models = ModelCache()
-    job = plan(store, _spec(), models.get(_spec()).info)
+    job = planned(store, _spec(), models.get(_spec()).info)
     group = open_job(store, job.job_id, mode="r")
     assert group["layers/conv1/acts"].shape == (8, 16, 28, 28)  # type: ignore[union-attr]
     assert group["layers/conv3/pooled"].shape == (8, 64)  # type: ignore[union-attr]
@@ -67,7 +66,7 @@ def test_plan_creates_every_array_with_its_final_shape_before_any_batch(store: s
 
 def test_the_ledger_counts_what_was_marked_and_nothing_else(store: str) -> None:
     models = ModelCache()
-    job = plan(store, _spec(), models.get(_spec()).info)
+    job = planned(store, _spec(), models.get(_spec()).info)
     group = open_job(store, job.job_id)
     mark_done(group, 1)
     assert list(done_batches(group)) == [False, True, False]
@@ -76,8 +75,8 @@ def test_the_ledger_counts_what_was_marked_and_nothing_else(store: str) -> None:
 
 def test_a_finished_job_opens_in_xarray_from_every_store_kind(store: str) -> None:
     models = ModelCache()
-    first = plan(store, _spec(), models.get(_spec()).info)
-    second = plan(store, _spec(dtype="float32"), models.get(_spec()).info)
+    first = planned(store, _spec(), models.get(_spec()).info)
+    second = planned(store, _spec(dtype="float32"), models.get(_spec()).info)
     run_job(store, second.job_id, models)
     run_job(store, first.job_id, models)
     for job in (first, second):
@@ -93,7 +92,7 @@ def test_a_finished_job_opens_in_xarray_from_every_store_kind(store: str) -> Non
 
 def test_the_jobs_own_consolidated_map_holds_every_node_of_the_job_as_stored(store: str) -> None:
     models = ModelCache()
-    job = plan(store, _spec(), models.get(_spec()).info)
+    job = planned(store, _spec(), models.get(_spec()).info)
     run_job(store, job.job_id, models)
     group = open_job(store, job.job_id, mode="r")
     stored = {path: node.metadata.to_dict() for path, node in group.members(None)}
@@ -111,7 +110,7 @@ def test_the_jobs_own_consolidated_map_holds_every_node_of_the_job_as_stored(sto
 
 def test_finalize_without_every_batch_done_fails_the_job_with_the_reason(store: str) -> None:
     models = ModelCache()
-    job = plan(store, _spec(), models.get(_spec()).info)
+    job = planned(store, _spec(), models.get(_spec()).info)
     summary = finalize(store, job.job_id)
     assert summary["state"] == "failed"
     assert "3 of 3 batches" in open_job(store, job.job_id, mode="r").attrs["reason"]  # type: ignore[operator]
@@ -133,7 +132,7 @@ def test_activation_chunks_grow_to_about_a_megabyte_when_the_batch_allows() -> N
 
 def test_stored_values_survive_a_reopen(store: str) -> None:
     models = ModelCache()
-    job = plan(store, _spec(), models.get(_spec()).info)
+    job = planned(store, _spec(), models.get(_spec()).info)
     run_job(store, job.job_id, models)
     acts = read(open_job(store, job.job_id, mode="r"), "layers/fc/acts")
     assert acts.shape == (8, 10)

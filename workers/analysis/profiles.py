@@ -11,16 +11,16 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from workers.analysis.screening import LOGITS, ScreeningProfile
+from workers.analysis.screening import LOGITS, ScreeningProfile, check_reference
 from workers.analysis.stats import DEFAULT_BLOCK, iter_rows
 from workers.errors import SpecError
 from workers.jobs import AnalysisKind
 from workers.storage.analyses import Arrays, open_analysis, save
-from workers.storage.layout import ERROR_CODE, LABEL, LAYERS, POOLED, attrs
+from workers.storage.layout import ERROR_CODE, LABEL, LAYERS, POOLED, attrs, open_job, read
 from workers.storage.screen import write_screen
 from workers.storage.stored_job import Picked, StoredJob, subgroup
 
-__all__ = ["fit_profile", "load_profile", "score_job"]
+__all__ = ["check_reference_job", "fit_profile", "load_profile", "score_job"]
 
 # Rows scored at a time: a screening job is read in blocks of this many samples.
 _SCORE_BLOCK = 4096
@@ -35,6 +35,15 @@ def _logits(job: StoredJob, rows: np.ndarray) -> np.ndarray:
     """The job's logits (n, classes) of `rows`, for the output-score detectors."""
     logits: np.ndarray = np.asarray(job.logits[rows], dtype=np.float64)
     return logits
+
+
+def check_reference_job(store: str, job_id: str, fpr: float, learns: bool = False) -> None:
+    """A reference job too small for `fpr` refused before anything is queued (the fit
+    checks again, on the samples that ran)."""
+    labels = np.asarray(read(open_job(store, job_id, mode="r"), LABEL))
+    if not (labels >= 0).all():
+        labels = np.zeros(labels.size, dtype=np.int64)  # fitted as one class
+    check_reference(labels, fpr, learns=learns)
 
 
 def fit_profile(

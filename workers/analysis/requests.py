@@ -117,6 +117,7 @@ def run_analysis(
     """Run one queued analysis; returns its final state."""
     # The numerics load here, in the worker, not where requests are only sent.
     from workers.analysis.analyses import run_compare, run_health, run_signatures
+    from workers.analysis.filter_atlas import DEFAULT_TOP, run_atlas
     from workers.analysis.profiles import fit_profile
 
     layers = params.get("layers")
@@ -129,6 +130,9 @@ def run_analysis(
             run_health(store, params["job_id"], layers, analysis_id=analysis_id)
         elif kind == AnalysisKind.SIGNATURES:
             run_signatures(store, params["job_id"], layers, analysis_id=analysis_id)
+        elif kind == AnalysisKind.ATLAS:
+            top = params.get("top") or DEFAULT_TOP
+            run_atlas(store, params["job_id"], params["layer"], top, analysis_id=analysis_id)
         elif kind == AnalysisKind.COMPARE:
             a, b = _selection(params["a"]), _selection(params["b"])
             paired = bool(params.get("paired"))

@@ -18,6 +18,7 @@ from workers.errors import ActmapError
 from workers.execution.celery_app import MEMORY_BROKER, CeleryQueue, make_celery
 from workers.execution.tasks import register
 from workers.extraction.cache import ModelCache
+from workers.extraction.inputs import list_inputs
 from workers.extraction.models import load_model
 from workers.jobs import QUEUES, ExtractionSpec, ModelInfo, Preprocessing, host_compression
 from workers.lifecycle.counters import MemoryCounters
@@ -156,7 +157,10 @@ def scan(
     try:
         with embedded(settings) as local:
             info = local.models.get(spec).info
-            job = submit(store, spec, info, local.jobs, cap=settings.batches_per_task)
+            job = submit(
+                store, spec, info, list_inputs(spec, info), local.jobs,
+                cap=settings.batches_per_task,
+            )  # fmt: skip
             job_id = job.job_id
             if on_plan is not None:
                 on_plan(job)

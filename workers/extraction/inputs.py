@@ -12,7 +12,6 @@ import math
 import os
 import stat
 import threading
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +25,17 @@ from workers.extraction.beneath import (
     opened,
     walk_beneath,
 )
-from workers.jobs import InputKind, Preprocessing
+from workers.jobs import (
+    IMAGE_SUFFIXES,
+    ExtractionSpec,
+    InputKind,
+    Listing,
+    ModelInfo,
+    Preprocessing,
+    Source,
+    kind_of,
+    nataraj_width,
+)
 
 __all__ = [
     "IMAGE_SUFFIXES",
@@ -39,27 +48,17 @@ __all__ = [
     "labels_from_csv",
     "kind_of",
     "labels_from_dirs",
+    "list_inputs",
     "nataraj_width",
     "opened",
     "skipped_line",
 ]
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif"}
 MAX_INPUT_BYTES = 256 << 20
-# Nataraj et al. (2011): image width by file size, upper bounds in KiB.
-_WIDTHS = ((10, 32), (30, 64), (60, 128), (100, 256), (200, 384), (500, 512), (1000, 768))
 # np.load parses the header with ast.literal_eval, and CPython before 3.11.8 and 3.12.2
 # kept the AST constructor's depth in one struct for all threads (cpython#106905): two
 # decode threads parsing at once failed a good file with SystemError (seen here, 3.11.7).
 _NPY_HEADER = threading.Lock()
-
-
-@dataclass(frozen=True)
-class Source:
-    """One sample: its stable id and where its bytes are."""
-
-    id: str
-    path: str
 
 
 def _walk(root: str) -> list[str]:
@@ -149,7 +148,7 @@ def discover(
 
 _DECLARE = (
     "declare the model's class names (`classes` in its preprocessing JSON, a factory's "
-    "`classes` attribute, or at registration), or give --labels CSV"
+    "`classes` attribute, or at registration)"
 )
 
 
@@ -174,16 +173,21 @@ def labels_from_dirs(
     if odd:
         raise SpecError(
             f"--labels-from-dirs: folder {odd[0]!r} is not a class index below {outputs} and "
-            f"the model declares no class names; {_DECLARE}"
+            f"the model declares no class names; {_DECLARE}, or give --labels CSV"
         )
     return [int(n) for n in names], None
 
 
 def labels_from_csv(
-    path: str, sources: list[Source], roots: tuple[str, ...] | None = None
+    path: str,
+    sources: list[Source],
+    classes: tuple[str, ...] | None,
+    outputs: int,
+    roots: tuple[str, ...] | None = None,
 ) -> tuple[list[int], list[str] | None]:
-    """`sample_id,label` rows. Integer labels are kept; names map sorted to 0..K-1.
-    Samples the file does not list get -1. With `roots`, the file is opened beneath them."""
+    """`sample_id,label` rows: a label is a class index below `outputs` or one of the
+    model's `classes`, looked up as folder names are. Samples the file does not list get
+    -1. With `roots`, the file is opened beneath them."""
     try:
         with opened(path, roots) as fd:
             if not stat.S_ISREG(os.fstat(fd).st_mode):
@@ -200,18 +204,49 @@ def labels_from_csv(
         raise SpecError(f"labels file {path} needs two columns per row: sample_id,label")
     given = {sid.strip(): label.strip() for sid, label in rows}
     if all(v.lstrip("-").isdigit() for v in given.values()):
+        odd = sorted({int(v) for v in given.values() if not -1 <= int(v) < outputs})
+        if odd:
+            raise SpecError(
+                f"labels file {path}: label {odd[0]} is not a class index below {outputs} "
+                "(or -1 for unknown)"
+            )
         return [int(given.get(s.id, -1)) for s in sources], None
-    classes = sorted(set(given.values()))
+    if classes is None:
+        raise SpecError(
+            f"labels file {path} names classes but the model declares no class names; "
+            f"{_DECLARE}, or give class indices"
+        )
     index = {name: i for i, name in enumerate(classes)}
-    return [index[given[s.id]] if s.id in given else -1 for s in sources], classes
+    unknown = sorted(set(given.values()) - set(index))
+    if unknown:
+        raise SpecError(
+            f"labels file {path}: {unknown[0]!r} is not one of the model's classes "
+            f"({', '.join(classes[:12])}{', ...' if len(classes) > 12 else ''})"
+        )
+    return [index[given[s.id]] if s.id in given else -1 for s in sources], list(classes)
 
 
-def nataraj_width(size: int) -> int:
-    """Image width for a binary of `size` bytes (Nataraj et al. 2011)."""
-    for upper_kib, width in _WIDTHS:
-        if size < upper_kib * 1024:
-            return width
-    return 1024
+def _classes(spec: ExtractionSpec, info: ModelInfo) -> tuple[str, ...] | None:
+    """The model's class names: the job's preprocessing override, else the model's."""
+    prep = spec.preprocessing or info.preprocessing
+    return prep.classes if prep.classes is not None else info.preprocessing.classes
+
+
+def list_inputs(
+    spec: ExtractionSpec, info: ModelInfo, sources: list[Source] | None = None
+) -> Listing:
+    """The job's samples (`sources` when the caller listed them already, else discovered
+    beneath the spec's roots) with the labels the spec asks for."""
+    sources = sources if sources is not None else discover(spec.inputs, spec.roots)
+    if spec.labels_from_dirs:
+        labels, classes = labels_from_dirs(sources, _classes(spec, info), info.classes)
+    elif spec.labels_csv:
+        labels, classes = labels_from_csv(
+            spec.labels_csv, sources, _classes(spec, info), info.classes, spec.roots
+        )
+    else:
+        labels, classes = [-1] * len(sources), None
+    return Listing(sources, labels, classes)
 
 
 _KIND_WORDS = {"image": "an image", "array": "a .npy array"}
@@ -222,12 +257,6 @@ _READS: dict[str, tuple[InputKind, ...]] = {
     "array": ("array",),
     "binary": ("image", "array", "binary"),
 }
-
-
-def kind_of(path: str) -> InputKind:
-    """What a file is by its name: an image, a `.npy` array, or else a binary."""
-    suffix = Path(path).suffix.lower()
-    return "array" if suffix == ".npy" else "image" if suffix in IMAGE_SUFFIXES else "binary"
 
 
 def skipped_line(kind: InputKind, n: int) -> str:

@@ -376,6 +376,7 @@ def _catalogue(
                 params=sum(p.numel() for p in module.parameters()),
                 receptive_field=rf[0] if rf else None,
                 rf_stride=rf[1] if rf else None,
+                rf_offset=rf[2] if rf else None,
             )
 
         return hook

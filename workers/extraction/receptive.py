@@ -17,8 +17,10 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 __all__ = ["Field", "FieldTracker"]
 
-# (size, stride) per spatial dimension, in input pixels.
-Field = tuple[tuple[int, ...], tuple[int, ...]]
+# (size, stride, offset) per spatial dimension, in input pixels: output position i sees
+# input pixels [offset + i * stride, offset + i * stride + size); a negative offset is
+# padding, the field reaching past the input's border.
+Field = tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]
 
 _CONV = {"conv1d", "conv2d", "conv3d", "convolution", "_convolution", "convolution_overrideable"}
 _MAX_POOL = {
@@ -38,11 +40,27 @@ def _per_dim(value: int | Sequence[int], n: int, default: int) -> tuple[int, ...
 
 
 def _grow(
-    field: Field, kernel: tuple[int, ...], stride: tuple[int, ...], dil: tuple[int, ...]
+    field: Field,
+    kernel: tuple[int, ...],
+    stride: tuple[int, ...],
+    dil: tuple[int, ...],
+    pad: tuple[int, ...],
 ) -> Field:
-    size, jump = field
+    size, jump, start = field
     grown = tuple(s + (k - 1) * d * j for s, k, d, j in zip(size, kernel, dil, jump, strict=True))
-    return grown, tuple(j * s for j, s in zip(jump, stride, strict=True))
+    moved = tuple(o - p * j for o, p, j in zip(start, pad, jump, strict=True))
+    return grown, tuple(j * s for j, s in zip(jump, stride, strict=True)), moved
+
+
+def _padding(value: object, kernel: tuple[int, ...], dil: tuple[int, ...]) -> tuple[int, ...]:
+    """The padding before the first position: ints as given, or conv's "valid"/"same"
+    (PyTorch pads "same" by half the total, the odd pixel after)."""
+    n = len(kernel)
+    if value == "same":
+        return tuple((k - 1) * d // 2 for k, d in zip(kernel, dil, strict=True))
+    if value == "valid" or value is None:
+        return (0,) * n
+    return _per_dim(value, n, 0)  # type: ignore[arg-type]
 
 
 class FieldTracker(TorchDispatchMode):  # type: ignore[no-untyped-call]
@@ -53,7 +71,7 @@ class FieldTracker(TorchDispatchMode):  # type: ignore[no-untyped-call]
         self._fields: dict[int, Field] = {}
         self._alive: list[torch.Tensor] = []  # keeps ids unique for the tracker's lifetime
         n = image.dim() - 2
-        self._tag(image, ((1,) * n, (1,) * n))
+        self._tag(image, ((1,) * n, (1,) * n, (0,) * n))
 
     def field(self, tensor: torch.Tensor) -> Field | None:
         return self._fields.get(id(tensor))
@@ -93,7 +111,9 @@ class FieldTracker(TorchDispatchMode):  # type: ignore[no-untyped-call]
                 kernel = _per_dim(bound["kernel_size"], n, 1)
                 stride = _per_dim(bound["stride"], n, 0)  # empty means "same as the kernel"
                 stride = kernel if 0 in stride else stride
-            return _grow(field, kernel, stride, _per_dim(bound.get("dilation", 1), n, 1))
+            dil = _per_dim(bound.get("dilation", 1), n, 1)
+            pad = _padding(bound.get("padding", 0), kernel, dil)
+            return _grow(field, kernel, stride, dil, pad)
         # Shape-keeping ops (activations, norms, residual adds) pass the widest field on.
         fields = [
             f

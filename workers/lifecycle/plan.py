@@ -1,5 +1,6 @@
-"""Plan a job: check the spec against the model's catalogue, list the inputs, and create
-every array with its final shape. Torch-free, so the API can plan without a worker."""
+"""Plan a job: check the spec against the model's catalogue and create every array with its
+final shape, holding the samples and labels its caller listed. Torch-free and opening no
+input, so the API can plan without a worker."""
 
 from __future__ import annotations
 
@@ -9,11 +10,11 @@ from typing import Any
 import numpy as np
 
 from workers.errors import LayerError, SampleCode, SpecError
-from workers.extraction.inputs import Source, discover, labels_from_csv, labels_from_dirs
 from workers.jobs import (
     VERSION,
     ExtractionSpec,
     JobState,
+    Listing,
     ModelInfo,
     close_matches,
     host_compression,
@@ -67,31 +68,19 @@ def layouts(spec: ExtractionSpec, info: ModelInfo) -> list[LayerLayout]:
     return found
 
 
-def _classes(spec: ExtractionSpec, info: ModelInfo) -> tuple[str, ...] | None:
-    """The model's class names: the job's preprocessing override, else the model's."""
-    prep = spec.preprocessing or info.preprocessing
-    return prep.classes if prep.classes is not None else info.preprocessing.classes
-
-
 def plan(
     store: str,
     spec: ExtractionSpec,
     info: ModelInfo,
+    inputs: Listing,
     job_id: str | None = None,
-    sources: list[Source] | None = None,
 ) -> Plan:
-    """Check the spec against the catalogue, list the inputs, and create every array."""
+    """Check the spec against the catalogue and create every array, with the samples and
+    labels of `inputs` (listed by the caller: `extraction.inputs.list_inputs`)."""
     found = layouts(spec, info)
     if spec.compression is None:  # a caller that knows no host: the GPU host's default
         spec = spec.model_copy(update={"compression": host_compression(gpu=True)})
-    sources = sources if sources is not None else discover(spec.inputs, spec.roots)
-    classes: list[str] | None = None
-    if spec.labels_from_dirs:
-        labels, classes = labels_from_dirs(sources, _classes(spec, info), info.classes)
-    elif spec.labels_csv:
-        labels, classes = labels_from_csv(spec.labels_csv, sources, spec.roots)
-    else:
-        labels = [-1] * len(sources)
+    sources, labels, classes = inputs.sources, inputs.labels, inputs.classes
     job_id = job_id or new_id()
     attrs: dict[str, Any] = {
         "kind": "extraction",

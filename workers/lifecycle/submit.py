@@ -16,15 +16,15 @@ leaves a complete plan, which the reconciler sends after its bound.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable, Iterable
 from contextlib import AbstractContextManager, nullcontext
 from typing import Any, Protocol
 
 import fsspec
 
-from workers.errors import ActmapError, NotFound, UserError
-from workers.extraction.inputs import Source
-from workers.jobs import ExtractionSpec, JobState, ModelInfo, TaskName, new_id
+from workers.errors import ActmapError, NotFound, SpecError, UserError
+from workers.jobs import ExtractionSpec, JobState, Listing, ModelInfo, TaskName, new_id
 from workers.lifecycle.counters import Counters
 from workers.lifecycle.plan import Plan, plan
 from workers.lifecycle.state import queue_of, resume_batches
@@ -170,7 +170,7 @@ def _existing(store: str, job_id: str) -> Plan | None:
 
 
 def _submit(
-    store: str, spec: ExtractionSpec, info: ModelInfo, sources: list[Source] | None,
+    store: str, spec: ExtractionSpec, info: ModelInfo, inputs: Listing,
     job_id: str, jobs: JobQueue, cap: int, fresh: bool = True, admit: Admit | None = None,
 ) -> Plan:  # fmt: skip
     job = None if fresh else _existing(store, job_id)
@@ -178,21 +178,38 @@ def _submit(
         return job
     if job is None:
         with admit() if fresh and admit is not None else nullcontext():
-            job = plan(store, spec, info, job_id, sources)
+            job = plan(store, spec, info, inputs, job_id)
     send_batches(jobs, store, job_id, range(job.n_batches), spec.queue, cap)
     open_job(store, job_id).update_attributes({SUBMISSION: "sent"})
     publish(store, job_id)  # an attrs write drops the group's consolidated map
     return job
 
 
+def _claim(keys: Keys, key: str, job_id: str, spec: ExtractionSpec) -> str | None:
+    """The job of the first request with `key`, or None when this is the first; a key sent
+    again with another request is refused, since its job answers a different request (as
+    the IETF's Idempotency-Key draft asks: a 422)."""
+    digest = hashlib.sha256(spec.model_dump_json().encode()).hexdigest()[:16]
+    earlier = keys.claim(key, f"{job_id} {digest}")
+    if earlier is None:
+        return None
+    earlier_id, _, earlier_digest = earlier.partition(" ")
+    if earlier_digest and earlier_digest != digest:  # no digest: claimed before they were kept
+        raise SpecError(
+            "this Idempotency-Key was first sent with another request; send that request "
+            "again to get its job, or use a new key for this one"
+        )
+    return earlier_id
+
+
 def submit(
     store: str,
     spec: ExtractionSpec,
     info: ModelInfo,
+    inputs: Listing,
     jobs: JobQueue,
     *,
     cap: int,
-    sources: list[Source] | None = None,
     keys: Keys | None = None,
     key: str | None = None,
     admit: Admit | None = None,
@@ -204,13 +221,13 @@ def submit(
     retry gets the same job)."""
     job_id = new_id()
     if keys is None:
-        return _submit(store, spec, info, sources, job_id, jobs, cap, admit=admit)
+        return _submit(store, spec, info, inputs, job_id, jobs, cap, admit=admit)
     try:
         with keys.guard(f"actmap:submitting:{key or job_id}", LEASE_S):
-            earlier = keys.claim(key, job_id) if key is not None else None
+            earlier = _claim(keys, key, job_id, spec) if key is not None else None
             try:
                 return _submit(
-                    store, spec, info, sources, earlier or job_id, jobs, cap,
+                    store, spec, info, inputs, earlier or job_id, jobs, cap,
                     fresh=earlier is None, admit=admit,
                 )  # fmt: skip
             except UserError:

@@ -27,12 +27,15 @@ __all__ = [
     "MAX_SIDE",
     "MAX_TILES",
     "MIN_TILE",
+    "Scale",
     "Sheet",
     "activation_grid",
     "activation_sheet",
     "choose_channels",
     "filter_grid",
     "filter_sheet",
+    "scale_bar",
+    "span_of",
     "to_uint8",
 ]
 
@@ -101,18 +104,44 @@ def draw_text(
     draw.text(xy, _drawable(text), fill=fill, font=font())
 
 
-def to_uint8(values: npt.ArrayLike) -> np.ndarray:
-    """Min-max over the whole array into 0..255; a constant array (or no finite value)
-    gives zeros, and non-finite values (NaN of a failed sample) draw as 0."""
+Scale = Literal["layer", "tile"]
+
+
+def span_of(values: npt.ArrayLike) -> tuple[float, float]:
+    """(low, high) of the finite values, (0, 0) when there are none."""
+    x = np.asarray(values, dtype=np.float64)
+    finite = x[np.isfinite(x)]
+    return (float(finite.min()), float(finite.max())) if finite.size else (0.0, 0.0)
+
+
+def to_uint8(values: npt.ArrayLike, span: tuple[float, float] | None = None) -> np.ndarray:
+    """Into 0..255 by the `span` (low, high) given, else by the array's own min and max,
+    clipped; a constant array (or no finite value) gives zeros, and non-finite values
+    (NaN of a failed sample) draw as 0."""
     x = np.asarray(values, dtype=np.float64)
     finite = np.isfinite(x)
     if not finite.any():
         return np.zeros(x.shape, np.uint8)
-    low, high = float(x[finite].min()), float(x[finite].max())
+    low, high = span if span is not None else span_of(x)
     if high <= low:
         return np.zeros(x.shape, np.uint8)
-    scaled = np.where(finite, (x - low) / (high - low), 0.0)
+    scaled = np.where(finite, np.clip((x - low) / (high - low), 0.0, 1.0), 0.0)
     return np.rint(scaled * 255.0).astype(np.uint8)
+
+
+BAR_W, BAR_H = 160, 10
+SCALE_H = BAR_H + LINE_H + PAD  # the colour bar and its labels under a sheet's title
+
+
+def scale_bar(canvas: Image.Image, xy: tuple[int, int], span: tuple[float, float]) -> None:
+    """A gray ramp from black (low) to white (high), labelled with both ends."""
+    ramp = np.repeat(np.linspace(0, 255, BAR_W).astype(np.uint8)[None], BAR_H, axis=0)
+    canvas.paste(Image.fromarray(ramp).convert("RGB"), xy)
+    draw = ImageDraw.Draw(canvas)
+    draw.rectangle([xy[0], xy[1], xy[0] + BAR_W, xy[1] + BAR_H], outline=INK)
+    low, high = (f"{v:.4g}" for v in span)
+    draw_text(draw, (xy[0], xy[1] + BAR_H + 1), low)
+    draw_text(draw, (xy[0] + BAR_W - text_width(high), xy[1] + BAR_H + 1), high)
 
 
 def choose_channels(
@@ -242,10 +271,16 @@ def activation_sheet(
     title: str = "",
     max_tiles: int = MAX_TILES,
     max_side: int = MAX_SIDE,
+    scale: Scale = "layer",
+    span: tuple[float, float] | None = None,
 ) -> Sheet:
-    """One sample's maps (C, H, W) as grayscale tiles, each min-max normalised on its own,
-    labelled with its channel index (`channel_ids[row]` when the stored channels are a
-    subset), the input `image` beside them. See `choose_channels` for channels and top."""
+    """One sample's maps (C, H, W) as grayscale tiles labelled with their channel index
+    (`channel_ids[row]` when the stored channels are a subset), the input `image` beside
+    them. See `choose_channels` for channels and top.
+
+    `scale="layer"` draws every tile on one range, `span` or else the min and max of all
+    the maps, shown by a bar under the title, so a nearly silent channel stays dark beside
+    a strong one; `"tile"` normalises each tile by its own min and max."""
     a = np.asarray(acts)
     if a.ndim != 3:
         raise SpecError(f"activation maps of one sample are (C, H, W), got shape {a.shape}")
@@ -254,8 +289,10 @@ def activation_sheet(
     if ids.shape != (a.shape[0],):
         raise SpecError(f"channel_ids names each of the {a.shape[0]} channels, got {ids.shape}")
     side = input_picture(image) if image is not None else None
-    lines = [title, chosen.note]
-    top_y = header(lines)
+    shared = (span or span_of(a)) if scale == "layer" else None
+    how = "one scale for the layer" if shared is not None else "each tile on its own scale"
+    lines = [title, f"{chosen.note}; {how}"]
+    top_y = header(lines) + (SCALE_H if shared is not None else 0)
     left = 0 if side is None else PAD + side.width + 2 * PAD
     room = (max_side - left, max_side - top_y)
     cols, rows, th, tw = fit_tiles(max(1, chosen.rows.size), (a.shape[1], a.shape[2]), room)
@@ -265,7 +302,9 @@ def activation_sheet(
     if side is not None:
         draw_text(ImageDraw.Draw(canvas), (PAD, top_y + PAD), "input")
         canvas.paste(side, (PAD, top_y + PAD + LABEL_H))
-    tiles = [to_uint8(resized(a[r], th, tw)) for r in chosen.rows]
+    if shared is not None:
+        scale_bar(canvas, (PAD, header(lines)), shared)
+    tiles = [to_uint8(resized(a[r], th, tw), shared) for r in chosen.rows]
     labels = [str(int(ids[r])) for r in chosen.rows]
     boxes = paste_grid(canvas, (left, top_y), tiles, labels, cols)
     return Sheet(canvas, boxes, tuple(labels), chosen.note)
@@ -281,11 +320,12 @@ def activation_grid(
     channel_ids: npt.ArrayLike | None = None,
     max_tiles: int = MAX_TILES,
     max_side: int = MAX_SIDE,
+    scale: Scale = "layer",
 ) -> bytes:
     """`activation_sheet` as PNG bytes."""
     return activation_sheet(
         acts, image, channels=channels, top=top, channel_ids=channel_ids, title=title,
-        max_tiles=max_tiles, max_side=max_side,
+        max_tiles=max_tiles, max_side=max_side, scale=scale,
     ).png()  # fmt: skip
 
 

@@ -19,7 +19,7 @@ from workers.analysis.health import FilterHealth, duplicate_filters
 from workers.jobs import AnalysisKind
 from workers.pictures.charts import bar_chart, difference_sheet, score_histogram
 from workers.pictures.html import Raw, Section, e, facts, figure, page, table
-from workers.pictures.render import activation_sheet, filter_sheet
+from workers.pictures.render import Scale, activation_sheet, filter_sheet
 from workers.pictures.report_job import Pick, ReportJob, health
 from workers.storage.analyses import analysis_ids, open_analysis
 from workers.storage.layout import attrs, layer_path, read
@@ -174,7 +174,7 @@ def _health(job: ReportJob) -> Section:
     return Section("Filter health", body + "".join(details))
 
 
-def _sample(job: ReportJob, pick: Pick, images: dict[str, bytes]) -> str:
+def _sample(job: ReportJob, pick: Pick, images: dict[str, bytes], scale: Scale) -> str:
     image = job.input_image(pick.row)
     head = (
         f"<h3>{e(pick.role)}: <code>{e(job.sample(pick.row))}</code></h3><p>{e(pick.why)}; "
@@ -189,7 +189,9 @@ def _sample(job: ReportJob, pick: Pick, images: dict[str, bytes]) -> str:
             continue
         top = REPORT_TOP if acts.shape[0] > REPORT_TOP else None
         title = f"{layer.name} of {job.sample(pick.row)}"
-        sheet = activation_sheet(acts, image, top=top, channel_ids=layer.ids(pick.row), title=title)
+        sheet = activation_sheet(
+            acts, image, top=top, channel_ids=layer.ids(pick.row), title=title, scale=scale
+        )
         name = f"acts-{pick.role}-{layer.name}.png"
         field = job.receptive_field(layer.name)
         caption = f"{layer.name}{f' ({field})' if field else ''}: {sheet.note}"
@@ -204,13 +206,13 @@ def _sample(job: ReportJob, pick: Pick, images: dict[str, bytes]) -> str:
     return head + '<div class="figures">' + "".join(parts) + "</div>"
 
 
-def _samples(job: ReportJob) -> Section:
+def _samples(job: ReportJob, scale: Scale) -> Section:
     images: dict[str, bytes] = {}
     picks, note = job.representatives()
     body = f"<p>{e(note)}</p>" if note else ""
     if not job.grid_layers():
         body += "<p>No stored layer has spatial maps; only pooled values were drawn.</p>"
-    body += "".join(_sample(job, pick, images) for pick in picks) or "<p>No sample ran.</p>"
+    body += "".join(_sample(job, pick, images, scale) for pick in picks) or "<p>No sample ran.</p>"
     return Section("Representative samples", body, images)
 
 
@@ -290,16 +292,19 @@ def write_report(
     weights: np.ndarray | None = None,
     *,
     sections: Sequence[Section] = (),
+    scale: Scale = "layer",
 ) -> Path:
     """Write `out_dir/index.html` and `out_dir/img/*.png` for the job and return the page.
 
     `weights` are the first conv layer's (out, in, *kernel), else the ones the store keeps;
-    `sections` (comparisons, see `comparison_section`) follow the job's own."""
+    `sections` (comparisons, see `comparison_section`; atlases, see pictures/atlas.py)
+    follow the job's own. `scale` draws the activation tiles on one range per layer (a
+    silent filter stays dark), or with "tile" each on its own."""
     job = ReportJob(store, job_id)
     # Pictures first: what a reader opens the report for; the tables that explain them after.
     screening = _screening(job)
     parts = [
-        _overview(job), _samples(job),
+        _overview(job), _samples(job, scale),
         _filters(job, None if weights is None else np.asarray(weights)), _health(job),
         *([screening] if screening is not None else []), *sections,
         _model(job), _timings(job),

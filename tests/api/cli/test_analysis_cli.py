@@ -15,6 +15,7 @@ import xarray as xr
 from fastapi.testclient import TestClient
 
 from api.cli.main import main
+from api.client import Client
 from tests.api.test_analyses import wide_api
 from workers.analysis import analyses, requests
 from workers.execution.celery_app import CeleryQueue
@@ -34,6 +35,23 @@ def scanned(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> tuple[str, st
             "--labels-from-dirs", "--out", store, "--json"]  # fmt: skip
     assert main(argv) == 0
     return store, str(_last(capsys)["job_id"])
+
+
+def test_atlas_prints_each_channels_strongest_response_and_opens_in_xarray(
+    scanned: tuple[str, str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    store, job_id = scanned
+    assert main(["atlas", job_id, "--layer", "conv3", "--top", "3", "--store", store]) == 0
+    shown = capsys.readouterr().out
+    assert "conv3: strongest response per channel" in shown
+    assert (
+        main(["atlas", job_id, "--layer", "conv3", "--top", "3", "--store", store, "--json"]) == 0
+    )
+    found = _last(capsys)
+    tree = xr.open_datatree(f"{store}/analyses/{found['analysis_id']}", engine="zarr")
+    assert tree["layers/conv3"]["value"].shape == (64, 3)
+    assert main(["atlas", job_id, "--layer", "fc", "--store", store]) == 2  # no 2-d maps
+    assert capsys.readouterr().err.count("\n") == 1
 
 
 def test_health_and_compare_print_an_analysis_that_opens_in_xarray(
@@ -137,6 +155,11 @@ def test_through_the_api_health_and_compare_print_what_the_embedded_run_prints(
         argv = ["compare", remote_job, "--a", "label=1", "--b", "label=7", "--api", url, "--json"]
         assert main(argv) == 0
         remote_compare = _last(capsys)
+        assert main(["atlas", remote_job, "--layer", "conv3", "--top", "2", "--api", url]) == 0
+        assert "conv3: strongest response per channel" in capsys.readouterr().out
+        with Client(url, api.tokens["acme"]) as client:
+            atlas = client.atlas(remote_job, "conv3", top=2)
+        assert (atlas["state"], atlas["summary"]["layers"]["conv3"]["top"]) == ("succeeded", 2)
         assert main(["health", "nope", "--api", url]) == 2
         assert capsys.readouterr().err.startswith("actmap: error: no job 'nope'")
     store = str(tmp_path / "store")

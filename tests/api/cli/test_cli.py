@@ -147,11 +147,11 @@ def test_cancelling_a_finished_job_is_a_one_line_error(
 def test_a_cancelled_embedded_job_resumes_exactly_its_missing_batches(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    from tests.oracle import planned
     from workers.extraction.cache import ModelCache
     from workers.jobs import ExtractionSpec
     from workers.lifecycle.counters import MemoryCounters
     from workers.lifecycle.delivery import Runtime, execute_batch
-    from workers.lifecycle.plan import plan
     from workers.lifecycle.state import cancel
     from workers.pipeline import Extraction
     from workers.storage.layout import open_job, read
@@ -159,7 +159,7 @@ def test_a_cancelled_embedded_job_resumes_exactly_its_missing_batches(
     store = str(tmp_path / "store")
     spec = ExtractionSpec(model="digits-cnn", layers=("fc",), inputs=(str(SAMPLES),), batch_size=8)
     models = ModelCache()
-    job = plan(store, spec, models.get(spec).info)
+    job = planned(store, spec, models.get(spec).info)
     execute_batch(store, job.job_id, 1, Runtime(Extraction(models), MemoryCounters()))
     cancel(store, job.job_id)
     assert main(["jobs", "resume", job.job_id, "--store", store, "--json"]) == 0
