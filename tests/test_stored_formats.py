@@ -16,6 +16,7 @@ from zarr.codecs import BloscCodec, ZstdCodec
 from tests.conftest import FACTORY
 from tests.oracle import planned, run_job
 from workers.analysis.analyses import run_health
+from workers.analysis.filter_atlas import run_atlas
 from workers.errors import SampleCode
 from workers.extraction.cache import ModelCache
 from workers.jobs import ExtractionSpec
@@ -190,3 +191,18 @@ def test_health_and_the_report_read_a_uint8_job_as_the_float_maps_it_stores(
     assert (np.abs(means[small.id] - means[exact.id]) <= step / 2 + 1e-6).all()
     html = write_report(str(store), small.id, tmp_path / "report").read_text()
     assert "uint8" in html
+
+
+def test_the_atlas_ranks_a_uint8_jobs_decoded_responses(
+    tmp_path: Path, arrays: list[Path], random_weights: Path
+) -> None:
+    store = tmp_path / "store"
+    exact = _scan(store, arrays, random_weights, dtype="float32")
+    small = _scan(store, arrays, random_weights, dtype="uint8")
+    best = {}
+    for job in (exact, small):
+        found = run_atlas(str(store), job.id, "block1", top=3)
+        result = zarr.open_group(str(store), path=f"analyses/{found}", mode="r")
+        best[job.id] = np.asarray(result["layers/block1/value"][:])[:, 0]  # type: ignore[index]
+    step = np.nanmax(np.asarray(small.layer("block1", SCALE)[:]), axis=0)
+    assert (np.abs(best[small.id] - best[exact.id]) <= step / 2 + 1e-6).all()

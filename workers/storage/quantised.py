@@ -112,12 +112,27 @@ class Decoded:
         assert isinstance(meta, dict)  # describe() wrote it
         self.rows_per_batch = int(meta["rows_per_batch"])
 
-    shape = property(lambda self: self.source.shape)
-    ndim = property(lambda self: self.source.ndim)
-    chunks = property(lambda self: self.source.chunks)
-    metadata = property(lambda self: self.source.metadata)
-    attrs = property(lambda self: self.source.attrs)
     dtype = np.dtype(np.float32)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.source.shape
+
+    @property
+    def ndim(self) -> int:
+        return self.source.ndim
+
+    @property
+    def chunks(self) -> tuple[int, ...]:
+        return self.source.chunks
+
+    @property
+    def metadata(self) -> Any:
+        return self.source.metadata
+
+    @property
+    def attrs(self) -> Any:
+        return self.source.attrs
 
     @property
     def oindex(self) -> _Orthogonal:
