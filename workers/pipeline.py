@@ -27,7 +27,7 @@ from workers.extraction.reduce import MISSING, Reduced, Reduction
 from workers.jobs import ExtractionSpec, ModelInfo, stored_shape
 from workers.storage.layout import SOURCE, read
 from workers.storage.ledger import mark_done
-from workers.storage.rows import BatchRows, LayerRows, concat_rows, write_rows
+from workers.storage.rows import BatchRows, LayerRows, concat_rows, quantise_rows, write_rows
 
 __all__ = [
     "Decoded",
@@ -192,24 +192,30 @@ def store_batch(
 
 def compute_fitting(model: LoadedModel, spec: ExtractionSpec, decoded: Decoded) -> BatchRows:
     """compute_batch, halving the batch on CUDA out-of-memory down to one sample; a sample
-    that alone does not fit becomes a sample error."""
+    that alone does not fit becomes a sample error. The halves of an 8-bit batch are
+    computed as floats and quantised once joined: the batch keeps one scale, and every
+    value stays within half a step of it."""
     try:
         return compute_batch(model, spec, decoded)
     except torch.OutOfMemoryError:
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-        n = len(decoded.codes)
-        if n == 1:  # recorded as a sample error; compute_batch skips the forward for it
-            alone = replace(
-                decoded,
-                codes=np.full(1, SampleCode.COMPUTE, np.int16),
-                messages=["out of GPU memory even alone; lower --batch-size or --max-size"],
-            )
-            return compute_batch(model, spec, alone)
-        first, second = split_decoded(decoded, n // 2)
-        return concat_rows(
-            compute_fitting(model, spec, first), compute_fitting(model, spec, second)
+    if spec.dtype != "uint8":
+        return _halved(model, spec, decoded)
+    return quantise_rows(_halved(model, spec.model_copy(update={"dtype": "float32"}), decoded))
+
+
+def _halved(model: LoadedModel, spec: ExtractionSpec, decoded: Decoded) -> BatchRows:
+    n = len(decoded.codes)
+    if n == 1:  # recorded as a sample error; compute_batch skips the forward for it
+        alone = replace(
+            decoded,
+            codes=np.full(1, SampleCode.COMPUTE, np.int16),
+            messages=["out of GPU memory even alone; lower --batch-size or --max-size"],
         )
+        return compute_batch(model, spec, alone)
+    first, second = split_decoded(decoded, n // 2)
+    return concat_rows(compute_fitting(model, spec, first), compute_fitting(model, spec, second))
 
 
 class WriteBehind:

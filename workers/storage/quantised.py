@@ -29,7 +29,6 @@ __all__ = [
     "decode",
     "describe",
     "encode",
-    "requantise",
 ]
 
 MISSING = 255
@@ -86,17 +85,6 @@ def decode(q: np.ndarray, scale: np.ndarray, offset: np.ndarray) -> np.ndarray:
     out += _expand(offset, levels.ndim)
     out[levels == MISSING] = np.nan
     return out
-
-
-def requantise(
-    parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]],
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Consecutive runs of one batch, each quantised on its own (a batch computed in halves
-    after an out-of-memory error), as one run with the batch's scale: decoded and encoded
-    again, so a value's error is at most one step of the joined scale, not half."""
-    values = [decode(q, np.broadcast_to(s, (len(q), s.size)), np.broadcast_to(o, (len(q), o.size)))
-              for q, s, o in parts]  # fmt: skip
-    return encode(np.concatenate(values))
 
 
 class Decoded:

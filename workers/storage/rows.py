@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from concurrent.futures import Executor, Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -21,9 +21,9 @@ from workers.storage.layout import (
     layer_path,
     writable,
 )
-from workers.storage.quantised import OFFSET, SCALE, requantise
+from workers.storage.quantised import OFFSET, SCALE, encode
 
-__all__ = ["BatchRows", "LayerRows", "concat_rows", "write_rows"]
+__all__ = ["BatchRows", "LayerRows", "concat_rows", "quantise_rows", "write_rows"]
 
 
 @dataclass(frozen=True)
@@ -92,24 +92,26 @@ def _cat(a: np.ndarray | None, b: np.ndarray | None) -> np.ndarray | None:
     return None if a is None or b is None else np.concatenate([a, b])
 
 
-def _join(a: LayerRows, b: LayerRows) -> LayerRows:
-    acts, scale, offset = np.concatenate([a.acts, b.acts]), a.scale, a.offset
-    if a.scale is not None and b.scale is not None:  # uint8: the halves' scales differ
-        assert a.offset is not None
-        assert b.offset is not None
-        acts, scale, offset = requantise([(a.acts, a.scale, a.offset), (b.acts, b.scale, b.offset)])
-    return LayerRows(
-        acts,
-        np.concatenate([a.pooled, b.pooled]),
-        _cat(a.top_channel, b.top_channel),
-        scale,
-        offset,
-    )
+def quantise_rows(rows: BatchRows) -> BatchRows:
+    """A batch's float maps as 8-bit levels with the batch's per-channel scale and offset
+    (workers/storage/quantised.py), on the host: for a batch computed in parts."""
+    layers = {}
+    for name, layer in rows.layers.items():
+        q, scale, offset = encode(layer.acts)
+        layers[name] = replace(layer, acts=q, scale=scale, offset=offset)
+    return replace(rows, layers=layers)
 
 
 def concat_rows(first: BatchRows, second: BatchRows) -> BatchRows:
     """Two consecutive runs of rows as one (a batch computed in halves)."""
-    layers = {name: _join(rows, second.layers[name]) for name, rows in first.layers.items()}
+    layers = {
+        name: LayerRows(
+            np.concatenate([rows.acts, second.layers[name].acts]),
+            np.concatenate([rows.pooled, second.layers[name].pooled]),
+            _cat(rows.top_channel, second.layers[name].top_channel),
+        )
+        for name, rows in first.layers.items()
+    }
     return BatchRows(
         first.start,
         np.concatenate([first.error_code, second.error_code]),
