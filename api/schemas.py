@@ -21,6 +21,7 @@ __all__ = [
     "ModelOut",
     "SampleErrors",
     "SamplesPage",
+    "ScreenPage",
     "ScreeningRequest",
     "StoreLocation",
 ]
@@ -132,9 +133,11 @@ class ProfileRequest(_Request):
     fpr: float = Field(default=0.05, gt=0, lt=0.5)
     adversarial_job: Id | None = None
     detectors: list[str] | None = Field(
-        default=None, max_length=32, description="default: all it has input for"
+        default=None,
+        max_length=32,
+        description="default: mahalanobis, knn, lid and margin (msp and energy on request)",
     )
-    combine: Literal["weighted", "max", "mean"] = "weighted"
+    combine: Literal["fisher", "weighted", "max", "mean"] = "fisher"
 
 
 class AnalysisOut(_Body):
@@ -201,6 +204,21 @@ class InputSet(_Body):
 
 class SamplesPage(_Body):
     samples: list[str]
+    offset: int
+    total: int
+
+
+class ScreenPage(_Body):
+    """A page of a screening job's answers: each sample's score (null where it failed) and
+    whether it is above the profile's threshold."""
+
+    profile_id: str | None
+    threshold: float | None
+    fpr: float | None
+    n_flagged: int
+    samples: list[str]
+    scores: list[float | None]
+    flags: list[bool]
     offset: int
     total: int
 

@@ -53,13 +53,15 @@ def add_parsers(sub: Any) -> None:
     fit.add_argument(
         "--detectors",
         help="comma-separated, of mahalanobis,knn,lid (per layer), msp,energy,margin (logits) "
-        "(default: all of them)",
+        "(default: mahalanobis,knn,lid,margin)",
     )
     fit.add_argument(
         "--combine",
-        choices=("weighted", "max", "mean"),
-        default="weighted",
-        help="how z-scores of the columns combine (default: weighted)",
+        choices=("fisher", "weighted", "max", "mean"),
+        default="fisher",
+        help="fisher: Fisher's method over the columns' p-values against held-out clean "
+        "samples, within layers and outputs, then across; weighted: the maximum of scaled "
+        "z-scores; max, mean: of the z-scores (default: fisher)",
     )
     runs = action.add_parser("run", help="a screening job: extract and score INPUTs")
     runs.add_argument("inputs", nargs="+", metavar="INPUT")
@@ -266,21 +268,23 @@ def _screen_run(args: argparse.Namespace, settings: Settings, store: str) -> int
 
     backend = backend_for(settings, store, args.api)
     show = not args.json and output.err.is_terminal
+    flags = scores = ids = None
     if isinstance(backend, ApiBackend):
         result, where, threshold, fpr = _screen_through_api(backend, args, show)
+        if result.state in ("succeeded", "partial"):
+            flags, scores, ids = _answers(backend, result.job_id)
     else:
         result, threshold, fpr = _screen_here(backend, args, store, show)
         where = store
-    flags = scores = ids = None
-    if where is not None and result.state in ("succeeded", "partial"):
-        from workers.storage.layout import open_job, read
+        if result.state in ("succeeded", "partial"):
+            from workers.storage.layout import open_job, read
 
-        group = open_job(where, result.job_id, mode="r")
-        flags, scores, ids = (
-            read(group, f"{SCREEN}/{FLAG}"),
-            read(group, f"{SCREEN}/{SCORE}"),
-            read(group, SAMPLE),
-        )
+            group = open_job(where, result.job_id, mode="r")
+            flags, scores, ids = (
+                read(group, f"{SCREEN}/{FLAG}"),
+                read(group, f"{SCREEN}/{SCORE}"),
+                read(group, SAMPLE),
+            )
     n_flagged = int(flags.sum()) if flags is not None else None
     found = {"job_id": result.job_id, "store": where or backend.store, "state": result.state,
              "n_samples": result.n_samples, "n_flagged": n_flagged,
@@ -324,11 +328,29 @@ def _screen_here(
     return result, profile.threshold, profile.fpr
 
 
+def _answers(backend: ApiBackend, job_id: str) -> tuple[Any, Any, Any]:
+    """(flags, scores, ids) of a screening job, read page by page through the API."""
+    import numpy as np
+
+    flags: list[bool] = []
+    scores: list[float] = []
+    ids: list[str] = []
+    while True:
+        page = backend.client.request(
+            "GET", f"/v1/jobs/{job_id}/screen", params={"offset": len(ids), "limit": 1000}
+        ).json()
+        flags += page["flags"]
+        scores += [np.nan if v is None else v for v in page["scores"]]
+        ids += page["samples"]
+        if not page["samples"] or len(ids) >= page["total"]:
+            return np.asarray(flags, dtype=bool), np.asarray(scores), np.asarray(ids)
+
+
 def _screen_through_api(
     backend: ApiBackend, args: argparse.Namespace, show: bool
 ) -> tuple[Any, str | None, float, float]:
-    """Through the API, which makes the screening spec; the flags are read from its store
-    when this host reaches it."""
+    """Through the API, which makes the screening spec; the answers come through the API
+    (GET /v1/jobs/{id}/screen), the store is named when this host reaches it."""
     import uuid
 
     client = backend.client

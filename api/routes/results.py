@@ -1,5 +1,6 @@
 """A job's stored results: sample ids, activations, pooled values, logits, predictions as
-`.npy` bytes, its summary, and where to open the job directly."""
+`.npy` bytes, its summary, a screening job's scores and flags, and where to open the job
+directly."""
 
 from __future__ import annotations
 
@@ -13,10 +14,10 @@ from fastapi.responses import Response
 
 from api.deps import OwnedJob, ServicesDep, owned_job
 from api.problems import PROBLEMS
-from api.schemas import SamplesPage, StoreLocation
-from workers.errors import SpecError
-from workers.storage.layout import LOGITS, POOLED, PRED, SAMPLE, array
-from workers.storage.stored_job import layer_group, open_acts, sample_rows
+from api.schemas import SamplesPage, ScreenPage, StoreLocation
+from workers.errors import NotFound, SpecError
+from workers.storage.layout import LOGITS, POOLED, PRED, SAMPLE, SCREEN, array
+from workers.storage.stored_job import layer_group, open_acts, sample_rows, screening
 from workers.storage.summary import JobSummary, job_summary
 
 __all__ = ["router"]
@@ -101,6 +102,29 @@ def predictions(
     job: OwnedJob, samples: Rows = None, offset: Offset = 0, limit: RowLimit = _MAX_ROWS
 ) -> Response:
     return _table(job, PRED, _rows(job, samples, offset, limit))
+
+
+@router.get("/jobs/{job_id}/screen", response_model=ScreenPage)
+def screen(
+    job: OwnedJob, job_id: str, samples: Rows = None, offset: Offset = 0, limit: RowLimit = 100
+) -> ScreenPage:
+    """A screening job's answer: the chosen samples' scores and flags, and the threshold."""
+    found = screening(job)
+    if found is None:
+        raise NotFound(f"job {job_id} has no screening scores: not a screening job, or not done")
+    scores, flags, threshold = found
+    rows = _rows(job, samples, offset, limit)
+    meta = job[SCREEN].attrs
+    profile_id, fpr = meta.get("profile_id"), meta.get("fpr")
+    flagged = np.zeros(scores.size, dtype=bool) if flags is None else flags
+    return ScreenPage(
+        profile_id=profile_id if isinstance(profile_id, str) else None, threshold=threshold,
+        fpr=float(fpr) if isinstance(fpr, int | float) else None,
+        n_flagged=int(flagged.sum()),
+        samples=[str(s) for s in np.asarray(array(job, SAMPLE).get_orthogonal_selection((rows,)))],
+        scores=[float(v) if np.isfinite(v) else None for v in scores[rows]],
+        flags=[bool(v) for v in flagged[rows]], offset=offset, total=int(scores.size),
+    )  # fmt: skip
 
 
 @router.get("/jobs/{job_id}/summary", response_model=JobSummary)

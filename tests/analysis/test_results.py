@@ -29,8 +29,8 @@ from workers.analysis.signatures import family_signatures
 from workers.demo.digits import PREPROCESSING, WEIGHTS, DigitsNet
 from workers.errors import LayerError, NotFound, SpecError
 from workers.extraction.cache import ModelCache
-from workers.jobs import ExtractionSpec
-from workers.storage.analyses import open_analysis
+from workers.jobs import AnalysisState, ExtractionSpec
+from workers.storage.analyses import open_analysis, placeholder
 from workers.storage.layout import attrs, open_job, read
 from workers.storage.stored_job import Selection
 
@@ -293,6 +293,30 @@ def test_a_stored_profile_scores_as_the_fitted_one_and_flags_planted_outliers(
     assert screen["flag"].dims == ("sample",)
     np.testing.assert_array_equal(screen["flag"], flags)
     np.testing.assert_array_equal(screen["score"], scores.astype(np.float32))
+
+
+def test_a_queued_analysis_is_never_removed_while_its_results_are_saved(
+    jobs: Jobs, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A poll between a delete and a create would answer 404 for an analysis that exists."""
+    import zarr.storage
+
+    removed: list[str] = []
+    for name in ("delete", "delete_dir"):
+        original = getattr(zarr.storage.LocalStore, name)
+
+        async def recorded(self: object, key: str, _original: object = original) -> None:
+            removed.append(key)
+            await _original(self, key)  # type: ignore[operator]
+
+        monkeypatch.setattr(zarr.storage.LocalStore, name, recorded)
+    analysis_id = "queued-health"
+    placeholder(jobs.store, analysis_id, "health", "local", AnalysisState.QUEUED)
+    placeholder(jobs.store, analysis_id, "health", "local", AnalysisState.RUNNING)
+    run_health(jobs.store, jobs.demo, ["fc"], analysis_id=analysis_id)
+    group = f"analyses/{analysis_id}"
+    assert [key for key in removed if key in (group, f"{group}/zarr.json")] == []
+    assert attrs(open_analysis(jobs.store, analysis_id))["state"] == "succeeded"
 
 
 def test_a_profile_fitted_on_another_model_is_refused(jobs: Jobs) -> None:

@@ -89,10 +89,13 @@ def test_known_adversarial_samples_train_a_combination_that_catches_their_kind()
     direction = np.random.default_rng(8).standard_normal(16)
     shift = 4.0 * direction / np.linalg.norm(direction)
     seen = clean(100, seed=9)[0] + shift
-    plain = ScreeningProfile.fit(layers(x), y)
-    learned = ScreeningProfile.fit(layers(x), y, adversarial=layers(seen))
+    plain = ScreeningProfile.fit(layers(x), y, combine="weighted")
+    learned = ScreeningProfile.fit(layers(x), y, adversarial=layers(seen), combine="weighted")
     assert learned.to_json()["combine"] == "weighted"
     assert 0 < np.count_nonzero(learned.coef) < len(learned.columns)
+    # Fisher's sum keeps only the picked columns too.
+    fisher = ScreeningProfile.fit(layers(x), y, adversarial=layers(seen))
+    assert np.flatnonzero(fisher.coef).tolist() == np.flatnonzero(learned.coef).tolist()
     unseen = layers(clean(200, seed=10)[0] + shift)
     assert learned.flag(unseen).mean() > plain.flag(unseen).mean() + 0.1
     assert learned.flag(layers(clean(500, seed=11)[0])).mean() < 0.1
@@ -218,6 +221,9 @@ def digits() -> Digits:
         reference,
         y[:600].numpy(),
         fpr=0.05,
+        # Half held out: the threshold then rests on 150 clean digits, not 75, whose
+        # conformal quantile moves the realised rate from 0.02 to 0.09 between seeds.
+        held_out=0.5,
         benign=benign,
         benign_of=np.tile(np.arange(600), len(copies)),
     )

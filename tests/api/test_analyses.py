@@ -7,10 +7,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pytest
 
+import workers.analysis.profiles
 from tests.api.conftest import SAMPLES, Api, make_api
 from workers.jobs import TaskName
-from workers.storage.layout import open_job, read
+from workers.storage.layout import attrs, open_job, read
 
 
 def wide_api(tmp_path: Path) -> Api:
@@ -88,6 +90,50 @@ def test_a_screening_job_scores_each_sample_with_a_profile(tmp_path: Path) -> No
         group = open_job(str(api.store), screened.json()["job_id"], mode="r")
         assert read(group, "screen/flag").tolist() == [True]
         assert all(q == "screen" for t, _a, q in api.broker.sent[-1:] if t == TaskName.RUN_BATCH)
+        answer = api.client.get(
+            f"/v1/jobs/{screened.json()['job_id']}/screen", headers=api.as_("acme")
+        ).json()
+        assert answer["flags"] == [True]
+        assert answer["n_flagged"] == answer["total"] == 1
+        assert answer["scores"][0] > answer["threshold"]
+        assert answer["profile_id"] == profile["analysis_id"]
+        not_screened = api.client.get(f"/v1/jobs/{reference}/screen", headers=api.as_("acme"))
+        assert not_screened.status_code == 404
+        assert api.client.get(f"/v1/jobs/{screened.json()['job_id']}/screen",
+                              headers=api.as_("other")).status_code == 404  # fmt: skip
+
+
+def test_a_screening_job_is_not_seen_finished_before_its_scores_are_stored(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    api = wide_api(tmp_path)
+    seen_while_scoring: list[str] = []
+    score_job = workers.analysis.profiles.score_job
+
+    def watched(store: str, job_id: str, profile_id: str, **options: Any) -> Any:
+        seen_while_scoring.append(str(attrs(open_job(store, job_id, mode="r"))["state"]))
+        return score_job(store, job_id, profile_id, **options)
+
+    monkeypatch.setattr(workers.analysis.profiles, "score_job", watched)
+    with api.client:
+        model_id = api.register()
+        reference = _finished_job(
+            api, model_id, inputs=[str(api.roots["acme"] / "all")], labels_from_dirs=True,
+            layers=["conv3", "fc"],
+        )  # fmt: skip
+        profile = api.client.post(
+            "/v1/analyses/profiles", headers=api.as_("acme"),
+            json={"reference_job": reference, "fpr": 0.2},
+        ).json()  # fmt: skip
+        digit = next(iter(sorted((api.roots["acme"] / "all").glob("*/*.png"))))
+        screened = api.client.post(
+            "/v1/jobs/screenings", headers=api.as_("acme"),
+            json={"profile_id": profile["analysis_id"], "inputs": [str(digit)]},
+        ).json()  # fmt: skip
+        job = api.client.get(f"/v1/jobs/{screened['job_id']}", headers=api.as_("acme")).json()
+    assert len(seen_while_scoring) == 1
+    assert seen_while_scoring[0] not in ("succeeded", "partial", "failed", "cancelled")
+    assert job["state"] == "succeeded"
 
 
 def test_a_bad_analysis_request_fails_with_its_reason_and_other_tenants_see_nothing(

@@ -23,9 +23,11 @@ Owns one end-to-end measurement of workers.analysis.screening on a model trained
 - Inputs to the profile, as a screening job gives them: pooled activations (spatial mean per
   channel) of LAYERS, the logits, and the two feature-squeezing distances (Xu et al. 2018's
   MNIST squeezers: 1 bit, 2 x 2 median).
-- Profiles, fitted on the reference split's clean digits only: "actmap" (every detector, the
-  weighted combination learned from the reference's own benign corruptions:
-  squeezing.benign_corruptions, none an attack); two baselines: max softmax ("msp") and
+- Profiles, fitted on the reference split's clean digits only: "actmap" (the default
+  detectors and the default "fisher" combination, its p-values against held-out clean digits
+  and the reference's own benign corruptions: squeezing.benign_corruptions, none an attack);
+  "actmap weighted max (before)", every detector and the maximum of benign-scaled z-scores,
+  the previous default, for comparison; two baselines: max softmax ("msp") and
   Mahalanobis on the penultimate layer (`pool`); and the seen-attack setting, the same
   profile given the successful FGSM copies of the reference digits (they pick its columns).
   Reported per attack: success rate, AUROC vs clean, AUROC vs clean + noise, the share of
@@ -57,7 +59,7 @@ import torch  # noqa: E402
 from sklearn.metrics import roc_auc_score  # noqa: E402
 from torch import Tensor, nn  # noqa: E402
 
-from workers.analysis.screening import LOGITS, SQUEEZE, ScreeningProfile  # noqa: E402
+from workers.analysis.screening import DETECTORS, LOGITS, SQUEEZE, ScreeningProfile  # noqa: E402
 from workers.demo.digits import PREPROCESSING, digits_cnn  # noqa: E402
 from workers.demo.train import load_digits  # noqa: E402
 from workers.extraction.attacks import fgsm, normaliser, pgd  # noqa: E402
@@ -219,9 +221,26 @@ def main() -> None:
         "actmap": ScreeningProfile.fit(
             ref, y, fpr=FPR, benign=benign, benign_of=benign_of, seed=SEED
         ),
-        "max softmax": ScreeningProfile.fit(ref, y, fpr=FPR, detectors=["msp"], seed=SEED),
+        "actmap weighted max (before)": ScreeningProfile.fit(
+            ref,
+            y,
+            fpr=FPR,
+            benign=benign,
+            benign_of=benign_of,
+            seed=SEED,
+            combine="weighted",
+            detectors=DETECTORS,
+        ),
+        "max softmax": ScreeningProfile.fit(
+            ref, y, fpr=FPR, detectors=["msp"], combine="max", seed=SEED
+        ),
         "penult. Mahalanobis": ScreeningProfile.fit(
-            {PENULTIMATE: ref[PENULTIMATE]}, y, fpr=FPR, detectors=["mahalanobis"], seed=SEED
+            {PENULTIMATE: ref[PENULTIMATE]},
+            y,
+            fpr=FPR,
+            detectors=["mahalanobis"],
+            combine="max",
+            seed=SEED,
         ),
     }
     seen_adv, seen_pred = features(model, attacked(SEEN, net, x_ref, y_ref, args.cache, "ref"))

@@ -54,7 +54,7 @@ def fit_profile(
     adversarial_job: str | None = None,
     *,
     detectors: Sequence[str] | None = None,
-    combine: str = "weighted",
+    combine: str = "fisher",
     k: int = 20,
     seed: int = 0,
     block: int = DEFAULT_BLOCK,
@@ -132,6 +132,8 @@ _PROFILE_DIMS = {
     "class_means": ["class", "channel"],
     "precision": ["channel", "channel_2"],  # xarray needs two names for a square matrix
     "bank": ["bank", "channel"],
+    "fisher_reference": ["negative", "column"],
+    "fisher_family_reference": ["negative", "family"],
 }
 
 
@@ -151,12 +153,15 @@ def load_profile(store: str, profile_id: str) -> ScreeningProfile:
     return ScreeningProfile.from_arrays(arrays, described)
 
 
-def score_job(store: str, job_id: str, profile_id: str) -> tuple[np.ndarray, np.ndarray]:
+def score_job(
+    store: str, job_id: str, profile_id: str, *, finalizing: bool = False
+) -> tuple[np.ndarray, np.ndarray]:
     """Score the job's pooled activations with the profile, block by block, and store them as
     `jobs/{job_id}/screen/score` (N,) float32 and `screen/flag` (N,) bool; failed samples
-    get NaN and False. Refuses a job of another model than the profile's."""
+    get NaN and False. Refuses a job of another model than the profile's. `finalizing`:
+    called by finalize, whose job has every batch done but no final state yet."""
     profile = load_profile(store, profile_id)
-    job = StoredJob.finished(store, job_id)
+    job = StoredJob(store, job_id) if finalizing else StoredJob.finished(store, job_id)
     model = profile.meta.get("model", {})
     if job.sha256 != model.get("sha256"):
         raise SpecError(

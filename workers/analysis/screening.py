@@ -12,12 +12,18 @@ Fit splits the clean, labelled reference per class into a part the per-layer det
 from and a held-out part that (1) standardises each column to a z-score, (2) learns how to
 combine the columns, and (3) places the threshold at the target false-positive rate, as a
 conformal quantile: on fresh clean samples like the reference, at most `fpr` are flagged.
-The combination is learned from clean data alone when `benign` copies are given (noise,
-blur, JPEG-like quantisation of clean samples: extraction.squeezing.benign_corruptions): a
-column that rises on them says "far from clean", not "attacked", and is scaled down by how
-far they reach ("weighted", the default: the maximum of the scaled z-scores; without benign copies
-it is "max"; "mean" averages the z-scores). Known adversarial samples, when given, keep
-only the columns that tell them from the clean and benign samples.
+The combination is learned from clean data alone. "fisher", the default (combining.py):
+each column becomes an empirical p-value against held-out clean samples and, when given,
+their `benign` copies (noise, blur, JPEG-like quantisation of clean samples:
+extraction.squeezing.benign_corruptions), so that being as far from clean as a corruption
+weighs nothing; Fisher's method combines them within the feature-space and the output-space
+columns, then across the two. "weighted" scales each z-score down by how far the benign
+copies reach and takes the maximum; "max" and "mean" take the plain maximum and mean of the
+z-scores. Known adversarial samples, when given, keep only the columns that tell them from
+the clean and benign samples. The p-values and weights are learned on half the held-out
+samples and the threshold is placed on the other half when benign copies or attacks are
+given; without them, the rank transform of "fisher" and the threshold share the held-out
+samples (a rank moves by at most one between them and a fresh sample).
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ import numpy as np
 import numpy.typing as npt
 
 from workers.analysis.auroc import rank_auroc
+from workers.analysis.combining import FisherCombination, families_of
 from workers.analysis.detectors import Mahalanobis, Neighbours
 from workers.analysis.output_scores import OUTPUT_SCORES, output_scores
 from workers.errors import SpecError
@@ -36,6 +43,7 @@ from workers.jobs import AnalysisKind
 
 __all__ = [
     "COMBINE",
+    "DEFAULT_DETECTORS",
     "DETECTORS",
     "LOGITS",
     "SQUEEZE",
@@ -46,7 +54,10 @@ __all__ = [
 
 LAYER_DETECTORS = ("mahalanobis", "knn", "lid")
 DETECTORS = (*LAYER_DETECTORS, *OUTPUT_SCORES, "squeeze")
-COMBINE = ("weighted", "max", "mean")
+# msp and energy are left out by default: near the top they move with the margin, and
+# Fisher's method would count one signal three times.
+DEFAULT_DETECTORS = (*LAYER_DETECTORS, "margin", "squeeze")
+COMBINE = ("fisher", "weighted", "max", "mean")
 # Keys of the model's logits and of the squeezing distances in a sample's mapping: a ':'
 # never occurs in a module's dotted name, so they cannot collide with a layer.
 LOGITS, SQUEEZE = ":logits", ":squeeze"
@@ -104,6 +115,7 @@ class ScreeningProfile:
         self.fpr = 1.0
         self.threshold = -np.inf
         self.calibration_scores = np.zeros(0)
+        self._fisher: FisherCombination | None = None
 
     @classmethod
     def fit(
@@ -116,22 +128,23 @@ class ScreeningProfile:
         detectors: Sequence[str] | None = None,
         k: int = 20,
         bank_size: int = 4096,
-        combine: str = "weighted",
+        combine: str = "fisher",
         adversarial: Mapping[str, npt.ArrayLike] | None = None,
         benign: Mapping[str, npt.ArrayLike] | None = None,
         benign_of: npt.ArrayLike | None = None,
         seed: int = 0,
     ) -> ScreeningProfile:
         """Fit on a clean reference mapping {layer: (N, C), LOGITS: (N, K), SQUEEZE: (N, 2)}
-        with its class labels (N,) (None: one class). `detectors` None takes every one whose
-        input the reference has. `benign` {same keys: (M, ...)} are corrupted copies of
-        reference samples, `benign_of` (M,) the reference row each copies (None: of other
-        samples); copies of held-out rows teach the "weighted" combination. `adversarial`,
+        with its class labels (N,) (None: one class). `detectors` None takes those of
+        DEFAULT_DETECTORS whose input the reference has. `benign` {same keys: (M, ...)}
+        are corrupted copies of reference samples, `benign_of` (M,) the reference row each
+        copies (None: of other samples); copies of held-out rows teach the "fisher" and
+        "weighted" combinations. `adversarial`,
         when given, keeps the columns that tell it from clean and benign samples."""
         x = _inputs(reference)
         layers = [name for name in x if name not in (LOGITS, SQUEEZE)]
         if detectors is None:
-            detectors = [d for d in DETECTORS if _has_input(d, x, layers)]
+            detectors = [d for d in DEFAULT_DETECTORS if _has_input(d, x, layers)]
         _check_options(detectors, fpr, held_out, combine)
         missing = [d for d in detectors if not _has_input(d, x, layers)]
         if missing:
@@ -144,7 +157,8 @@ class ScreeningProfile:
         if y.shape != (n,) or (y < 0).any():
             raise SpecError(f"give a known label (>= 0) for each of the {n} reference samples")
         rng = np.random.default_rng(seed)
-        learns = adversarial is not None or (combine == "weighted" and benign is not None)
+        learned = combine in ("fisher", "weighted") and benign is not None
+        learns = adversarial is not None or learned
         # A small reference holds out more than `held_out`, as much as the rate needs (each
         # class keeps one sample to fit on), so that the default rate works on the demo.
         share = max(held_out, min(held_out_needed(fpr, learns) / n, 1.0))
@@ -187,6 +201,8 @@ class ScreeningProfile:
             b = None
         if adversarial is not None:
             profile._learn_combination(_take(x, learn_rows), b, adversarial)
+        if combine == "fisher":
+            profile._fit_fisher(_take(x, learn_rows if learns else cal_rows), b)
         profile._calibrate(_take(x, threshold_rows), fpr)
         profile.meta["column_weights"] = {
             f"{layer}/{d}": round(float(w), 4)
@@ -217,6 +233,9 @@ class ScreeningProfile:
             "coef": self.coef,
             "calibration_scores": self.calibration_scores,
         }
+        if self._fisher is not None:
+            arrays["fisher_reference"] = self._fisher.reference
+            arrays["fisher_family_reference"] = self._fisher.family_reference
         for layer in self.channels:
             for part in (self._mahalanobis.get(layer), self._neighbours.get(layer)):
                 if part is not None:
@@ -260,6 +279,11 @@ class ScreeningProfile:
             profile = cls(channels, detectors, k, maha, knn, meta, int(json["logits"]))
             profile.z_mean, profile.z_std = a["z_mean"], a["z_std"]
             profile.coef, profile.calibration_scores = a["coef"], a["calibration_scores"]
+            if json["combine"] == "fisher":
+                profile._fisher = FisherCombination(
+                    a["fisher_reference"], a["fisher_family_reference"],
+                    families_of([layer for layer, _ in profile.columns]), profile.coef > 0,
+                )  # fmt: skip
         except KeyError as missing:
             raise SpecError(f"the screening profile lacks {missing}; refit it") from None
         profile.combine, profile.intercept = json["combine"], float(json["intercept"])
@@ -311,8 +335,21 @@ class ScreeningProfile:
         keep = tells >= SELECTED_AUROC
         if not keep.any():
             keep = tells == tells.max()
-        self.combine = "weighted"
+        if self.combine != "fisher":
+            self.combine = "weighted"
         self.coef = np.where(keep, self.coef, 0.0)
+
+    def _fit_fisher(
+        self, clean: Mapping[str, np.ndarray], benign: Mapping[str, np.ndarray] | None
+    ) -> None:
+        """The combination of combining.py, its p-values against held-out clean samples
+        and their benign copies; columns known attacks dropped stay out."""
+        negatives = self.layer_scores(clean)
+        if benign is not None:
+            negatives = np.concatenate([negatives, self.layer_scores(benign)])
+        families = families_of([layer for layer, _ in self.columns])
+        self._fisher = FisherCombination.fit(negatives, families, self.coef > 0)
+        self.coef = self._fisher.weights()
 
     def _calibrate(self, clean: Mapping[str, np.ndarray], fpr: float) -> None:
         scores = self.score(clean)
@@ -350,7 +387,9 @@ class ScreeningProfile:
     def _combined(self, raw: np.ndarray) -> np.ndarray:
         z = (raw - self.z_mean) / self.z_std
         out: np.ndarray
-        if self.combine == "weighted":
+        if self.combine == "fisher" and self._fisher is not None:
+            out = self._fisher.score(z)
+        elif self.combine == "weighted":
             out = (z * self.coef)[:, self.coef > 0].max(axis=1)
         elif self.combine == "mean":
             out = z.mean(axis=1)

@@ -15,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
-from typing import Any, cast
+from typing import Any, Protocol, cast
 
 import numpy as np
 from redis import RedisError
@@ -65,7 +65,13 @@ PROGRESS_MIN_S = 30.0
 # resolved when such a job finalizes, because importing it loads scipy and scikit-learn:
 # seconds that the API and the CLI would spend at every start.
 SCORE_SCREENING = "workers.analysis.profiles:score_job"
-Score = Callable[[str, str, str], None]  # store, job id, profile id
+
+
+class Score(Protocol):
+    """score_job's signature: store, job id, profile id; `finalizing` scores a job whose
+    batches are all done but whose final state is not written yet."""
+
+    def __call__(self, store: str, job_id: str, profile_id: str, *, finalizing: bool) -> Any: ...
 
 
 def _clock(at: float | str) -> str:
@@ -357,14 +363,16 @@ def finalize(
     written = _written(n, int(attrs["batch_size"]), done)
     update["elapsed_s"] = round(_seconds(finished) - _seconds(str(attrs["created"])), 3)
     update["samples_per_s"] = round(throughput(attrs, written, _seconds(finished))[0], 2)
-    group.update_attributes(update)
-    profile = attrs_of(group)["spec"].get("profile_id")
+    profile = attrs.get("spec", {}).get("profile_id")
     if profile and state in (JobState.SUCCEEDED, JobState.PARTIAL):
+        # Scored before the state is written: a client that sees the job finished finds
+        # its scores there.
         score = cast(Score, pkgutil.resolve_name(SCORE_SCREENING))
         try:
-            score(store, job_id, profile)
+            score(store, job_id, profile, finalizing=True)
         except UserError as exc:
-            group.update_attributes({"state": JobState.FAILED.value, "reason": str(exc)})
+            update.update({"state": JobState.FAILED.value, "reason": str(exc)})
+    group.update_attributes(update)
     publish(store, job_id)
     return summary(store, job_id, group)
 

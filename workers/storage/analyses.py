@@ -66,10 +66,7 @@ def save(
         "actmap_version": VERSION,
         **headline,
     }
-    root = zarr.open_group(location(store), mode="a", use_consolidated=False)
-    group = root.require_group(ANALYSES).create_group(
-        analysis_id, attributes={**meta, "state": AnalysisState.RUNNING.value}, overwrite=True
-    )
+    group = _group_with(store, analysis_id, {**meta, "state": AnalysisState.RUNNING.value})
     for path, (values, dims) in results.items():
         text = values.dtype.kind in "OUT"
         parent, _, name = path.rpartition("/")
@@ -81,6 +78,7 @@ def save(
             dimension_names=dims,
             fill_value="" if text else (False if values.dtype == bool else 0),
             compressors="auto" if text else COMPRESSOR,
+            overwrite=True,  # what an interrupted earlier attempt left
         )
         if values.size:
             out[...] = values.astype(object) if text else values
@@ -99,7 +97,6 @@ def placeholder(
     error: str = "",
 ) -> None:
     """The analysis group before (or instead of) its results: kind, tenant and state."""
-    root = zarr.open_group(location(store), mode="a", use_consolidated=False)
     meta = {
         "kind": kind,
         "state": state.value,
@@ -107,5 +104,20 @@ def placeholder(
         **({"reason": reason} if reason else {}),
         **({"error": error} if error else {}),
     }
-    root.require_group(ANALYSES).create_group(analysis_id, attributes=meta, overwrite=True)
+    _group_with(store, analysis_id, meta)
     publish_path(store, analysis_path(analysis_id))
+
+
+def _group_with(store: str, analysis_id: str, attributes: dict[str, Any]) -> zarr.Group:
+    """The analysis group with exactly these attributes, rewritten in place when it exists
+    (one atomic write of its zarr.json): replacing the group, delete then create, leaves a
+    moment in which whoever polls the analysis finds none and answers 404."""
+    try:
+        found = zarr.open_group(
+            location(store), path=analysis_path(analysis_id), mode="r+", use_consolidated=False
+        )
+    except FileNotFoundError:
+        root = zarr.open_group(location(store), mode="a", use_consolidated=False)
+        return root.require_group(ANALYSES).create_group(analysis_id, attributes=attributes)
+    found.attrs.put(attributes)
+    return found

@@ -1,0 +1,108 @@
+"""How a screening profile's columns become one score: Fisher's method over empirical
+p-values, in two families.
+
+Owns `FisherCombination`. Each column (a detector's score on one layer, an output score, the
+squeezing distance; higher is more suspicious) becomes an empirical p-value against a
+reference of negatives: held-out clean samples and, when the profile has them, their benign
+corruptions (noise, blur, JPEG-like), so that a value as far from clean as noise or blur
+reaches gives a large p-value and weighs nothing. The p-values combine by Fisher's method
+(R. A. Fisher 1925, "Statistical Methods for Research Workers": the sum of -log p) within
+each family, the feature-space columns of every layer and the output-space columns (logits,
+squeezing), and each family's sum is turned into a p-value against the same negatives and
+the families combine by Fisher's method again. A conformal threshold on fresh clean samples
+stays the profile's job (screening.py).
+
+Why families: an attack of large L-infinity size moves many feature-space columns at once
+(their sum adds up), while a minimal-perturbation attack (Carlini-Wagner, DeepFool) moves
+almost only the logit margin and the squeezing distance (Xu et al. 2018); one sum over all
+columns would drown those two under twenty uninformative ones, and a maximum over all
+columns gives clean samples a heavy upper tail. Empirical p-values follow the conformal
+construction (Vovk et al. 2005; Bates et al. 2023, "Testing for outliers with conformal
+p-values"): (1 + #{reference >= x}) / (1 + m), with an exponential tail past the
+reference's top values (see _neg_log_p).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+__all__ = ["FAMILIES", "FisherCombination", "families_of"]
+
+FAMILIES = ("features", "outputs")
+# Columns whose "layer" is one of these are output-space; every other column is a layer's.
+OUTPUT_LAYERS = ("logits", "input")
+# The share of the reference's largest values its p-values' exponential tail is fitted to.
+TAIL = 0.1
+
+
+def families_of(layers: list[str]) -> np.ndarray:
+    """(len(layers),) index into FAMILIES of each column, from the column's layer."""
+    return np.asarray([int(layer in OUTPUT_LAYERS) for layer in layers], dtype=np.int64)
+
+
+def _neg_log_p(reference: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """-log of the p-value of each x (n,) against a sorted reference (m,): empirical up to
+    the reference's top TAIL share, an exponential tail fitted to those top values beyond
+    (peaks over a threshold, Pickands 1975, with the generalised Pareto's shape at 0): an
+    empirical p-value stops at 1 / (m + 1), which would make a sample far beyond every
+    reference value no more suspicious than the reference's own extremes."""
+    m = reference.size
+    above = m - np.searchsorted(reference, x, side="left")
+    out: np.ndarray = -np.log((above + 1.0) / (m + 1.0))
+    top = max(2, int(np.ceil(TAIL * m)))
+    if m <= top:
+        return out
+    start = reference[m - top - 1]
+    scale = float(np.mean(reference[m - top :] - start))
+    if not scale > 0:
+        scale = float(np.std(reference)) or 1.0
+    beyond = x > start
+    out[beyond] = -np.log((top + 1.0) / (m + 1.0)) + (x[beyond] - start) / scale
+    return out
+
+
+class FisherCombination:
+    """The sorted negatives of each column (m, J) and of each family's sum (m, F); `use`
+    (J,) bool drops columns (known attacks may pick them)."""
+
+    def __init__(
+        self, reference: np.ndarray, family_reference: np.ndarray, families: np.ndarray,
+        use: np.ndarray,
+    ) -> None:  # fmt: skip
+        self.reference = np.asarray(reference, dtype=np.float64)
+        self.family_reference = np.asarray(family_reference, dtype=np.float64)
+        self.families = np.asarray(families, dtype=np.int64)
+        self.use = np.asarray(use, dtype=bool)
+
+    @classmethod
+    def fit(cls, negatives: np.ndarray, families: np.ndarray, use: np.ndarray) -> FisherCombination:
+        """From the columns' values (m, J) on clean samples and their benign copies."""
+        reference = np.sort(negatives, axis=0)
+        partial = cls(reference, np.zeros((negatives.shape[0], len(FAMILIES))), families, use)
+        sums = partial.family_sums(negatives)
+        return cls(reference, np.sort(sums, axis=0), families, use)
+
+    def family_sums(self, z: np.ndarray) -> np.ndarray:
+        """(n, F): each family's sum of -log p over its columns in use."""
+        sums = np.zeros((z.shape[0], len(FAMILIES)))
+        for j in np.flatnonzero(self.use):
+            sums[:, self.families[j]] += _neg_log_p(self.reference[:, j], z[:, j])
+        return sums
+
+    def score(self, z: np.ndarray) -> np.ndarray:
+        """(n,): the Fisher sum over the families that have a column in use."""
+        sums = self.family_sums(z)
+        out = np.zeros(z.shape[0])
+        for f in np.unique(self.families[self.use]):
+            out += _neg_log_p(self.family_reference[:, f], sums[:, f])
+        return out
+
+    def weights(self) -> np.ndarray:
+        """(J,): each column's share of the score's scale: the families weigh the same,
+        split evenly over their columns in use (zero for unused ones)."""
+        shares = np.zeros(self.use.size)
+        present = np.unique(self.families[self.use])
+        for f in present:
+            mine = self.use & (self.families == f)
+            shares[mine] = 1.0 / (mine.sum() * present.size)
+        return shares
