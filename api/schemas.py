@@ -53,7 +53,12 @@ class ExtractionRequest(_Request):
     )
     input_set: Id | None = Field(default=None, description="an id from POST /v1/inputs")
     batch_size: int = Field(default=32, ge=1, le=4096)
-    dtype: Literal["float16", "float32"] = "float16"
+    dtype: Literal["float16", "float32", "uint8"] = Field(
+        default="float16", description="uint8: per-channel scale and offset per batch"
+    )
+    compression: Literal["zstd", "lz4", "none"] = Field(
+        default="zstd", description="the codec of every array the job writes"
+    )
     channels: list[Channel] | None = Field(
         default=None, min_length=1, max_length=4096, json_schema_extra={"uniqueItems": True}
     )

@@ -32,6 +32,8 @@ __all__ = [
     "VERSION",
     "AnalysisKind",
     "AnalysisState",
+    "Compression",
+    "Dtype",
     "ExtractionSpec",
     "InputKind",
     "JobState",
@@ -45,6 +47,7 @@ __all__ = [
     "IMAGE_SUFFIXES",
     "close_matches",
     "gradcam_class",
+    "host_compression",
     "kind_of",
     "nataraj_width",
     "new_id",
@@ -54,6 +57,19 @@ __all__ = [
 ]
 
 QUEUES = ("screen", "extract", "analysis")
+# How `acts` is stored: uint8 is per-channel affine quantisation, per batch
+# (workers/storage/quantised.py).
+Dtype = Literal["float16", "float32", "uint8"]
+# The codec of every array a job writes.
+Compression = Literal["zstd", "lz4", "none"]
+
+
+def host_compression(gpu: bool) -> Compression:
+    """The codec a job gets when it names none, by what runs its forward: on a GPU host the
+    host cores are free and zstd compresses best for its CPU time; on a CPU-only host the
+    forward uses every core, so every CPU-second of encoding shows up in wall time, and lz4
+    keeps the scan at the peer's rate (tests/bench/extraction.py, figures in its README)."""
+    return "zstd" if gpu else "lz4"
 
 
 class TaskName(StrEnum):
@@ -292,7 +308,7 @@ class ExtractionSpec(_Declared):
     """An extraction job as submitted. Layers are checked against the model's catalogue at
     plan time, where it is known."""
 
-    _OPTIONAL = ("input_kind", "gradcam", "gradcam_target")
+    _OPTIONAL = ("input_kind", "gradcam", "gradcam_target", "compression")
 
     model: str = Field(description="a .pt2 path, package.module:factory, or a registered name")
     weights: str | None = Field(
@@ -306,7 +322,10 @@ class ExtractionSpec(_Declared):
     layers: tuple[str, ...] = Field(min_length=1)
     inputs: tuple[str, ...] = Field(min_length=1)
     batch_size: int = Field(default=32, ge=1, le=4096)
-    dtype: Literal["float16", "float32"] = "float16"
+    dtype: Dtype = "float16"
+    compression: Compression | None = Field(
+        default=None, description="the codec of the job's arrays; None: the host's default"
+    )
     channels: tuple[int, ...] | None = Field(default=None, description="keep these channels only")
     top_k: int | None = Field(default=None, ge=1, description="keep each sample's k strongest")
     max_size: tuple[int, int] | None = Field(default=None, description="downsample to at most HxW")

@@ -25,11 +25,11 @@ from workers.extraction.gradcam import Kept, grad_cam, keeping, targets
 from workers.extraction.hooks import capture
 from workers.extraction.inputs import decode
 from workers.extraction.models import LoadedModel
-from workers.extraction.reduce import Reduction
+from workers.extraction.reduce import MISSING, Reduced, Reduction
 from workers.jobs import ExtractionSpec, ModelInfo, gradcam_class, stored_shape
 from workers.storage.layout import LABEL, SOURCE, read
 from workers.storage.ledger import mark_done
-from workers.storage.rows import BatchRows, LayerRows, concat_rows, write_rows
+from workers.storage.rows import BatchRows, LayerRows, concat_rows, quantise_rows, write_rows
 
 __all__ = [
     "Decoded",
@@ -144,28 +144,23 @@ def compute_batch(model: LoadedModel, spec: ExtractionSpec, decoded: Decoded) ->
         out, captured = model.run(forward, x)
         cams = _cams(model, spec, decoded, ok, out, kept)
         reduced = {name: reduce(name, t) for name, t in captured.items()}
-        host = {
-            name: (
-                _host(r.acts),
-                _host(r.pooled),
-                None if r.top_index is None else _host(r.top_index),
-            )
-            for name, r in reduced.items()
-        }
+        host = {name: _host_rows(r) for name, r in reduced.items()}
         cams_host = {name: (_host(m), _host(t)) for name, (m, t) in cams.items()}
         logits_ok = _host(out.detach().float())
         if device.type == "cuda":
             torch.cuda.synchronize(device)
     logits[ok] = logits_ok
     pred[ok] = logits_ok.argmax(axis=1)
-    for name, (acts, pooled, top) in host.items():
+    for name, (acts, pooled, top, scale, offset) in host.items():
         cam = cams_host.get(name)
         layers[name] = LayerRows(
-            _fill(acts, ok, np.nan),
+            _fill(acts, ok, MISSING if acts.dtype == np.uint8 else np.nan),
             _fill(pooled, ok, np.nan),
             None if top is None else _fill(top, ok, -1),
-            None if cam is None else _fill(cam[0], ok, np.nan),
-            None if cam is None else _fill(cam[1], ok, -1),
+            gradcam=None if cam is None else _fill(cam[0], ok, np.nan),
+            gradcam_target=None if cam is None else _fill(cam[1], ok, -1),
+            scale=scale,
+            offset=offset,
         )
     return BatchRows(decoded.start, decoded.codes, decoded.messages, logits, pred, layers)
 
@@ -190,6 +185,15 @@ def _cams(
     return {name: (m.to(torch.float16), target) for name, m in maps.items()}
 
 
+HostRows = tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray | None, np.ndarray | None]
+
+
+def _host_rows(r: Reduced) -> HostRows:
+    """A layer's reduced tensors as host arrays (acts, pooled, top, scale, offset)."""
+    top, scale, offset = (None if t is None else _host(t) for t in (r.top_index, r.scale, r.offset))
+    return _host(r.acts), _host(r.pooled), top, scale, offset
+
+
 def _fill(rows: np.ndarray, ok: np.ndarray, value: float) -> np.ndarray:
     """Spread the good samples' rows over the batch; failed samples get `value`."""
     if ok.all():
@@ -206,13 +210,18 @@ def _empty_layers(info: ModelInfo, spec: ExtractionSpec, n: int) -> dict[str, La
         shape = stored_shape(out, spec)
         top = np.full((n, shape[0]), -1, np.int32) if spec.top_k else None
         cam = name in spec.gradcam
-        rows[name] = LayerRows(
-            np.full((n, *shape), np.nan, dtype=spec.dtype),
-            np.full((n, out[0]), np.nan, dtype=np.float32),
-            top,
-            np.full((n, *out[1:]), np.nan, dtype=np.float16) if cam else None,
-            np.full(n, -1, dtype=np.int32) if cam else None,
-        )
+        cams = {
+            "gradcam": np.full((n, *out[1:]), np.nan, dtype=np.float16) if cam else None,
+            "gradcam_target": np.full(n, -1, dtype=np.int32) if cam else None,
+        }
+        pooled = np.full((n, out[0]), np.nan, dtype=np.float32)
+        if spec.dtype == "uint8":  # nothing ran: every level missing, no scale or offset
+            unknown = np.full(shape[0], np.nan, dtype=np.float32)
+            acts = np.full((n, *shape), MISSING, dtype=np.uint8)
+            rows[name] = LayerRows(acts, pooled, top, scale=unknown, offset=unknown, **cams)
+        else:
+            acts = np.full((n, *shape), np.nan, dtype=spec.dtype)
+            rows[name] = LayerRows(acts, pooled, top, **cams)
     return rows
 
 
@@ -233,24 +242,30 @@ def store_batch(
 
 def compute_fitting(model: LoadedModel, spec: ExtractionSpec, decoded: Decoded) -> BatchRows:
     """compute_batch, halving the batch on CUDA out-of-memory down to one sample; a sample
-    that alone does not fit becomes a sample error."""
+    that alone does not fit becomes a sample error. The halves of an 8-bit batch are
+    computed as floats and quantised once joined: the batch keeps one scale, and every
+    value stays within half a step of it."""
     try:
         return compute_batch(model, spec, decoded)
     except torch.OutOfMemoryError:
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-        n = len(decoded.codes)
-        if n == 1:  # recorded as a sample error; compute_batch skips the forward for it
-            alone = replace(
-                decoded,
-                codes=np.full(1, SampleCode.COMPUTE, np.int16),
-                messages=["out of GPU memory even alone; lower --batch-size or --max-size"],
-            )
-            return compute_batch(model, spec, alone)
-        first, second = split_decoded(decoded, n // 2)
-        return concat_rows(
-            compute_fitting(model, spec, first), compute_fitting(model, spec, second)
+    if spec.dtype != "uint8":
+        return _halved(model, spec, decoded)
+    return quantise_rows(_halved(model, spec.model_copy(update={"dtype": "float32"}), decoded))
+
+
+def _halved(model: LoadedModel, spec: ExtractionSpec, decoded: Decoded) -> BatchRows:
+    n = len(decoded.codes)
+    if n == 1:  # recorded as a sample error; compute_batch skips the forward for it
+        alone = replace(
+            decoded,
+            codes=np.full(1, SampleCode.COMPUTE, np.int16),
+            messages=["out of GPU memory even alone; lower --batch-size or --max-size"],
         )
+        return compute_batch(model, spec, alone)
+    first, second = split_decoded(decoded, n // 2)
+    return concat_rows(compute_fitting(model, spec, first), compute_fitting(model, spec, second))
 
 
 class WriteBehind:

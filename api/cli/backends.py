@@ -199,6 +199,8 @@ class ApiBackend:
             **({"gradcam": list(spec.gradcam), "gradcam_target": spec.gradcam_target}
                if spec.gradcam else {}),
         }  # fmt: skip
+        if spec.compression is not None:  # else the API's default
+            options["compression"] = spec.compression
         inputs: list[str] = list(spec.inputs)
         if self.upload:
             options["input_set"] = self.client.upload([s.path for s in discover(spec.inputs)])

@@ -142,7 +142,18 @@ def parser() -> argparse.ArgumentParser:
     scan.add_argument("--layers", required=True, help="comma-separated dotted layer names")
     scan.add_argument("--out", help="store: a directory or fsspec URL (default $ACTMAP_STORE)")
     scan.add_argument("--batch-size", type=int, default=32)
-    scan.add_argument("--dtype", choices=("float16", "float32"), default="float16")
+    scan.add_argument(
+        "--dtype", choices=("float16", "float32", "uint8"), default="float16",
+        help="how maps are stored; uint8: per-channel scale and offset per batch, decoded "
+        "when read (README: reading them with xarray)",
+    )  # fmt: skip
+    scan.add_argument(
+        "--compression", choices=("zstd", "lz4", "none"),
+        help="the codec of the job's arrays; default by the host running the forward: "
+        "zstd on a GPU host (embedded with ACTMAP_DEVICE=cuda, and through a broker or "
+        "the API, whose workers are GPU hosts), lz4 on a CPU-only host, whose forward "
+        "uses every core and would wait on zstd",
+    )  # fmt: skip
     scan.add_argument("--channels", type=_ints, help="keep only these channel indices")
     scan.add_argument("--top-k", type=int, help="keep each sample's k strongest channels")
     scan.add_argument(
@@ -245,6 +256,7 @@ def _spec(args: argparse.Namespace, settings: Settings) -> ExtractionSpec:
             inputs=tuple(args.inputs),
             batch_size=args.batch_size,
             dtype=args.dtype,
+            compression=args.compression,
             channels=args.channels,
             top_k=args.top_k,
             max_size=args.max_size,

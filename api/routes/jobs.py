@@ -74,6 +74,7 @@ def submit_extraction(
     spec = ExtractionSpec(
         model=record.ref, weights=record.weights, model_id=record.id, layers=tuple(body.layers),
         inputs=tuple(inputs), batch_size=body.batch_size, dtype=body.dtype,
+        compression=body.compression,
         channels=tuple(body.channels) if body.channels else None, top_k=body.top_k,
         max_size=body.max_size, labels_from_dirs=body.labels_from_dirs, tenant=tenant.name,
         queue=body.queue, roots=roots_of(services, tenant), gradcam=tuple(body.gradcam),

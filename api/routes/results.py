@@ -16,8 +16,8 @@ from api.deps import OwnedJob, ServicesDep, owned_job
 from api.problems import PROBLEMS
 from api.schemas import SamplesPage, ScreenPage, StoreLocation
 from workers.errors import NotFound, SpecError
-from workers.storage.layout import ACTS, LOGITS, POOLED, PRED, SAMPLE, SCREEN, array
-from workers.storage.stored_job import layer_group, sample_rows, screening
+from workers.storage.layout import LOGITS, POOLED, PRED, SAMPLE, SCREEN, array
+from workers.storage.stored_job import layer_group, open_acts, sample_rows, screening
 from workers.storage.summary import JobSummary, job_summary
 
 __all__ = ["router"]
@@ -67,7 +67,7 @@ def activations(
     limit: RowLimit = 16,
 ) -> Response:
     """`acts` of the chosen samples (and channels), as `.npy` bytes."""
-    acts = array(layer_group(job, layer), ACTS)
+    acts = open_acts(layer_group(job, layer))
     rows = _rows(job, samples, offset, limit)
     chosen = [int(c) for c in channels.split(",") if c] if channels else None
     if chosen and max(chosen) >= acts.shape[1]:

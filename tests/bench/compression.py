@@ -272,6 +272,83 @@ def recommend(results: list[Result], min_write: float) -> Result:
     return max(pool, key=lambda r: (round(r.ratio("float16"), 2), r.ratio("float32")))
 
 
+# --- 8-bit storage (`--uint8`) -------------------------------------------------------------
+
+POST_RELU = ("block1", "block2")  # digits-cnn's residual blocks end in a ReLU
+
+
+def _folder_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file() and f.name != "zarr.json")
+
+
+def uint8_figures(n: int, where: str | None) -> None:
+    """Real scans of digits-cnn (trained) over n MNIST digits (as .npy inputs), at float32
+    (the truth), float16 and uint8, each with zstd, lz4 and no compression: bytes per
+    stored value of the post-ReLU layers' acts (uint8: with its scale and offset) and the
+    errors of float16 and uint8 against float32."""
+    from tests.oracle import planned, run_job
+    from workers.extraction.cache import ModelCache
+    from workers.jobs import ExtractionSpec
+    from workers.storage.stored_job import StoredJob
+
+    models = ModelCache()
+    prep = load_model("digits-cnn").info.preprocessing
+    with tempfile.TemporaryDirectory(prefix="actmap-uint8-", dir=where) as tmp_name:
+        tmp = Path(tmp_name)
+        (tmp / "in").mkdir()
+        digits = digit_images(n)
+        scaled = digits[:, None].astype(np.float32) * np.float32(prep.scale)
+        x = (scaled - np.float32(prep.mean[0])) / np.float32(prep.std[0])
+        for i, one in enumerate(x):
+            np.save(tmp / "in" / f"{i:05d}.npy", one)
+        jobs: dict[tuple[str, str], StoredJob] = {}
+        for dtype in ("float32", "float16", "uint8"):
+            for codec in ("zstd", "lz4", "none") if dtype != "float32" else ("zstd",):
+                spec = ExtractionSpec(
+                    model="digits-cnn", layers=POST_RELU, inputs=(str(tmp / "in"),),
+                    batch_size=CHUNK, dtype=dtype, compression=codec,
+                )  # fmt: skip
+                made = planned(str(tmp / "store"), spec, models.get(spec).info)
+                run_job(str(tmp / "store"), made.job_id, models)
+                jobs[dtype, codec] = StoredJob(str(tmp / "store"), made.job_id)
+        print(f"\n8-bit storage: digits-cnn (trained) x {len(x)} MNIST digits, batch {CHUNK}")
+        rows: list[tuple[str, ...]] = [("layer", "dtype", "codec", "bytes / value")]
+        for layer in POST_RELU:
+            for (dtype, codec), job in jobs.items():
+                folder = tmp / "store" / "jobs" / job.id / "layers" / layer
+                names = ("acts", "acts_scale", "acts_offset")
+                stored = sum(_folder_bytes(folder / a) for a in names if (folder / a).exists())
+                values = int(np.prod(job.layer(layer, "acts").shape))
+                rows.append((layer, dtype, codec, f"{stored / values:.3f}"))
+        print(_plain_table(rows))
+        errors: list[tuple[str, ...]] = [
+            ("layer", "stored as", "max |err| / peak", "mean |err| / peak",
+             "max rel. (|x| >= 1% peak)", "mean rel. (|x| >= 1% peak)", "zeros kept exact")
+        ]  # fmt: skip
+        for layer in POST_RELU:
+            truth = np.asarray(jobs["float32", "zstd"].acts(layer)[:])
+            peak = float(np.abs(truth).max())
+            big = np.abs(truth) >= 0.01 * peak
+            half = np.asarray(jobs["float16", "zstd"].acts(layer)[:]).astype(np.float32)
+            small = np.asarray(jobs["uint8", "zstd"].acts(layer)[:])
+            for label, got in (("float16", half), ("uint8", small), ("uint8 vs float16", small)):
+                ref = half if label == "uint8 vs float16" else truth
+                err = np.abs(got - ref)
+                rel = err[big] / np.abs(ref[big])
+                zeros = bool((got[truth == 0] == 0).all())
+                errors.append((layer, label, f"{err.max() / peak:.2e}", f"{err.mean() / peak:.2e}",
+                               f"{rel.max():.2e}", f"{rel.mean():.2e}", str(zeros)))  # fmt: skip
+        print()
+        print(_plain_table(errors))
+
+
+def _plain_table(rows: list[tuple[str, ...]]) -> str:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--digits", type=int, default=512, help="MNIST digits for digits-cnn")
@@ -283,7 +360,15 @@ def main(argv: list[str] | None = None) -> int:
         "--through-zarr", action="store_true",
         help="write through zarr-python's asyncio path instead of actmap's put_rows",
     )  # fmt: skip
+    p.add_argument(
+        "--uint8", action="store_true",
+        help="instead: 8-bit storage's bytes per value and errors on digits-cnn's maps",
+    )  # fmt: skip
     args = p.parse_args(argv)
+    if args.uint8:
+        print(f"load average {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
+        uint8_figures(args.digits, args.dir)
+        return 0
 
     found = collect(args.digits, args.resnet)
     arrays = {

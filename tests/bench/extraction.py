@@ -368,6 +368,177 @@ def gpu_host_model(model: nn.Module, x: torch.Tensor, inputs: str, tmp: Path, ar
     return _table(rows)
 
 
+# --- dtype x compression against Captum (`--grid`) ------------------------------------------
+
+GRID = tuple((d, c) for d in ("float16", "uint8") for c in ("zstd", "lz4", "none"))
+
+
+def make_arrays(folder: Path, n: int) -> list[Path]:
+    """n `.npy` inputs: the images of make_images, decoded and normalised once, so that
+    both sides read the same float32 arrays and neither pays for PNG decoding."""
+    images = make_images(folder.parent / "grid-png", n)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for png in images:
+        path = folder / f"{png.stem}.npy"
+        np.save(path, decode(str(png), PREPROCESSING))
+        paths.append(path)
+    shutil.rmtree(folder.parent / "grid-png")
+    return paths
+
+
+def run_captum(model: nn.Module, paths: list[Path], out: Path) -> float:
+    """Captum's LayerActivation on the four layers, batch 32, each batch's layer written as
+    one float16 `.npy` (the cheapest per-file way a Captum user would store them)."""
+    from captum.attr import LayerActivation
+
+    modules = dict(model.named_modules())
+    method = LayerActivation(model, [modules[name] for name in LAYERS])
+    out.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    for i in range(0, len(paths), BATCH):
+        x = torch.from_numpy(np.stack([np.load(p) for p in paths[i : i + BATCH]]))
+        found = method.attribute(x)
+        for name, acts in zip(LAYERS, found, strict=True):
+            assert isinstance(acts, torch.Tensor)
+            np.save(out / f"{i // BATCH:05d}_{name}.npy", acts.detach().half().numpy())
+    return time.perf_counter() - start
+
+
+def grid_spec(inputs: str, dtype: str, compression: str) -> ExtractionSpec:
+    return ExtractionSpec(
+        model=FACTORY, layers=LAYERS, inputs=(inputs,), batch_size=BATCH, input_kind="array",
+        dtype=dtype, compression=compression,  # type: ignore[arg-type]
+    )  # fmt: skip
+
+
+def run_grid_scan(spec: ExtractionSpec, store: Path) -> tuple[float, float]:
+    """An embedded scan: (seconds of the whole call, seconds from its plan to its end)."""
+    planned: list[float] = []
+    start = time.perf_counter()
+    result = scan(spec, str(store), Settings(), lambda _p: planned.append(time.perf_counter()))
+    end = time.perf_counter()
+    if result.state != "succeeded":
+        raise RuntimeError(f"actmap job ended {result.state}")
+    return end - start, end - planned[0]
+
+
+def grid(args: argparse.Namespace, tmp: Path) -> None:
+    """Every {float16, uint8} x {zstd, lz4, none} scan beside Captum and the bare forward,
+    interleaved, on the same `.npy` inputs; then, with `--grid-profile D,C`, a cProfile
+    of that configuration's pipeline stages run serially."""
+    n = args.images
+    paths = make_arrays(tmp / "arrays", n)
+    inputs = str(tmp / "arrays")
+    model = resnet.resnet18()
+    x = torch.from_numpy(np.stack([np.load(p) for p in paths]))
+    warm = tmp / "warm-list.txt"
+    warm.write_text("\n".join(map(str, paths[:BATCH])))
+    run_bare(model, x[:BATCH])
+    run_captum(model, paths[:BATCH], tmp / "captum-warm")
+    run_grid_scan(grid_spec(f"@{warm}", "float16", "zstd"), tmp / "store-warm")
+    times: dict[str, list[float]] = {}
+    cpu: dict[str, list[float]] = {}  # this process's CPU seconds, every thread
+    sizes: dict[str, float] = {}
+
+    def timed(name: str, method: Callable[[], float]) -> None:
+        gc.collect()
+        start = time.process_time()
+        times.setdefault(name, []).append(method())
+        cpu.setdefault(name, []).append(time.process_time() - start)
+
+    for r in range(args.repeats):
+        timed("bare", lambda: run_bare(model, x))
+        timed("captum", lambda: run_captum(model, paths, tmp / "captum"))
+        sizes["captum"] = disk_bytes(tmp / "captum")[0] / n
+        shutil.rmtree(tmp / "captum")
+        for dtype, codec in GRID:
+            name, store = f"actmap {dtype} {codec}", tmp / f"store-{dtype}-{codec}"
+            gc.collect()
+            start = time.process_time()
+            total, after_plan = run_grid_scan(grid_spec(inputs, dtype, codec), store)
+            cpu.setdefault(name, []).append(time.process_time() - start)
+            times.setdefault(name, []).append(total)
+            times.setdefault(f"{name} run", []).append(after_plan)
+            sizes[name] = sizes[f"{name} run"] = disk_bytes(store / "jobs")[0] / n
+            shutil.rmtree(store)
+        print(f"round {r + 1} done, load average {_load()}", flush=True)
+    best = {name: n / min(t) for name, t in times.items()}
+    median = {name: n / statistics.median(t) for name, t in times.items()}
+    # CPU per image: steadier than wall time on a loaded machine, and what a CPU host's
+    # forward, on every core, loses to everything else.
+    per_image = {name: 1000 * statistics.median(c) / n for name, c in cpu.items()}
+    rows: list[tuple[str, ...]] = [
+        ("method", "best img/s", "/ bare", "/ captum", "median /captum", "CPU ms/img",
+         "captum CPU / this", "KB / image", "runs (s)")
+    ]  # fmt: skip
+    for name, t in times.items():
+        used = per_image.get(name)
+        rows.append((
+            name, f"{best[name]:,.1f}", f"{best[name] / best['bare']:.2f}x",
+            f"{best[name] / best['captum']:.2f}x", f"{median[name] / median['captum']:.2f}x",
+            "" if used is None else f"{used:.1f}",
+            "" if used is None else f"{per_image['captum'] / used:.2f}x",
+            f"{sizes[name] / 1000:,.1f}" if name in sizes else "",
+            " ".join(f"{v:.2f}" for v in t),
+        ))  # fmt: skip
+    print()
+    print(_table(rows))
+    if args.grid_profile:
+        dtype, codec = args.grid_profile.split(",")
+        profile_stages(grid_spec(inputs, dtype, codec), tmp / "store-profile", n)
+
+
+# Where the pipeline's CPU goes, by the functions that own each part of a batch.
+PARTS = {
+    "decode (np.load into the batch)": "decode_batch",
+    "forward + hooks + reduction (compute_batch)": "compute_batch",
+    "  reduction: pooled means, top-k, dtype (Reduction.__call__)": "__call__",
+    "  8-bit quantisation (quantise)": "quantise",
+    "  copies to the host (_host)": "_host",
+    "store_batch (encode + writes + ledger)": "store_batch",
+    "  encode: the codecs (_encode)": "_encode",
+    "  writes: files (_write)": "_write",
+}
+
+
+def profile_stages(spec: ExtractionSpec, store: Path, n: int) -> None:
+    """Each stage of the pipeline serially in this thread under cProfile, summed over the
+    job's batches; the cumulative seconds of the functions in PARTS."""
+    models = ModelCache(Settings().device)
+    model = models.get(spec)
+    job = planned(str(store), spec, model.info)
+    group = open_job(str(store), job.job_id)
+    spec = spec_of(group)
+    profiler = cProfile.Profile()
+    start = time.perf_counter()
+    opened: dict[str, Any] = {}  # the job's arrays opened once, as a worker keeps them
+    profiler.enable()
+    for b in range(job.n_batches):
+        batch = compute_batch(model, spec, decode_batch(group, spec, model.info, b))
+        store_batch(group, b, batch, opened)
+    profiler.disable()
+    wall = time.perf_counter() - start
+    stats = pstats.Stats(profiler)
+    cumulative: dict[str, float] = {}
+    for (file, _line, func), row in stats.stats.items():  # type: ignore[attr-defined]
+        if func in PARTS.values() and "workers" in file:
+            cumulative[func] = cumulative.get(func, 0.0) + row[3]
+    rows: list[tuple[str, ...]] = [
+        (f"serial stages, {spec.dtype} {spec.compression}", "s", "ms / image")
+    ]
+    for label, func in PARTS.items():
+        seconds = cumulative.get(func, 0.0)
+        rows.append((label, f"{seconds:.3f}", f"{1000 * seconds / n:.2f}"))
+    rows.append(("all, under the profiler (wall)", f"{wall:.3f}", f"{1000 * wall / n:.2f}"))
+    print()
+    print(_table(rows))
+    text = io.StringIO()
+    stats.stream = text  # type: ignore[attr-defined]
+    stats.sort_stats("tottime").print_stats(15)
+    print(text.getvalue())
+
+
 # --- the run -----------------------------------------------------------------------------
 
 
@@ -408,8 +579,27 @@ def main(argv: list[str] | None = None) -> int:
         "--gpu-host-model", type=int, default=3, metavar="REPEATS",
         help="extra lines, bare and actmap both on 1 torch thread (0: skip)",
     )  # fmt: skip
+    p.add_argument(
+        "--grid", action="store_true",
+        help="instead: {float16, uint8} x {zstd, lz4, none} against Captum on .npy inputs",
+    )  # fmt: skip
+    p.add_argument(
+        "--grid-profile", metavar="DTYPE,CODEC", help="with --grid: profile that scan's stages"
+    )
     args = p.parse_args(argv)
     n = args.images
+    if args.grid:
+        print(
+            f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
+            f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}, {os.cpu_count()} "
+            f"cores; {n} .npy inputs 3x112x112, batch {BATCH}, layers {','.join(LAYERS)}, "
+            f"{args.repeats} repeats; load average {_load()}",
+            flush=True,
+        )
+        with tempfile.TemporaryDirectory(prefix="actmap-grid-", dir=args.dir) as tmp_name:
+            grid(args, Path(tmp_name))
+        print(f"load average at the end {_load()}")
+        return 0
 
     print(
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} cores; "

@@ -18,6 +18,7 @@ from workers.execution.slots import Slot, list_gpus, slots
 from workers.extraction.models import LoadedModel
 from workers.jobs import ExtractionSpec
 from workers.pipeline import Decoded, compute_batch, compute_fitting
+from workers.storage.quantised import decode
 
 ROOT = Path(__file__).parents[2]
 
@@ -125,3 +126,33 @@ def test_a_sample_that_does_not_fit_alone_becomes_a_sample_error(
     assert (rows.error_code == SampleCode.COMPUTE).all()
     assert "out of GPU memory" in rows.error_message[0]
     assert np.isnan(rows.layers["conv1"].acts).all()
+
+
+def test_a_uint8_batch_computed_in_halves_is_stored_under_one_scale_for_the_batch(
+    model: LoadedModel, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    spec = ExtractionSpec(model="m", layers=("conv1",), inputs=("x",), dtype="uint8")
+    exact = ExtractionSpec(model="m", layers=("conv1",), inputs=("x",), dtype="float32")
+    decoded = _decoded(tmp_path, 12)
+    truth = compute_batch(model, exact, decoded).layers["conv1"].acts
+    whole = compute_batch(model, spec, decoded).layers["conv1"]
+    monkeypatch.setattr(model.module, "forward", _FlakyMemory(model, fits=3))
+    split = compute_fitting(model, spec, decoded).layers["conv1"]
+    assert split.scale is not None
+    assert split.offset is not None
+    assert whole.scale is not None
+    np.testing.assert_allclose(split.scale, whole.scale, rtol=1e-5)
+    values = decode(split.acts, np.tile(split.scale, (12, 1)), np.tile(split.offset, (12, 1)))
+    half_step = split.scale[None, :, None, None] / 2
+    assert (np.abs(values - truth) <= half_step * (1 + 1e-5) + 1e-6).all()
+
+
+def test_a_uint8_batch_where_no_sample_fits_stores_missing_levels(
+    model: LoadedModel, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    spec = ExtractionSpec(model="m", layers=("conv1",), inputs=("x",), dtype="uint8")
+    monkeypatch.setattr(model.module, "forward", _FlakyMemory(model, fits=0))
+    rows = compute_fitting(model, spec, _decoded(tmp_path, 4)).layers["conv1"]
+    assert (rows.acts == 255).all()
+    assert rows.scale is not None
+    assert np.isnan(rows.scale).all()

@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 
 from workers.errors import LayerError
-from workers.extraction.reduce import Reduction
+from workers.extraction.reduce import Reduction, quantise
+from workers.storage.quantised import decode, encode
 
 
 @pytest.fixture
@@ -166,3 +167,53 @@ def test_pooled_of_flat_outputs_is_the_output_itself() -> None:
     reduced = Reduction(channels=(0,), dtype=torch.float16)("fc", flat)
     assert reduced.pooled.dtype == torch.float32
     assert torch.equal(reduced.pooled, flat)
+
+
+def _decoded(q: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor) -> np.ndarray:
+    n = q.shape[0]
+    return decode(q.numpy(), np.tile(scale.numpy(), (n, 1)), np.tile(offset.numpy(), (n, 1)))
+
+
+def test_uint8_levels_decode_within_half_a_step_of_each_channel(output: torch.Tensor) -> None:
+    reduced = Reduction(dtype=torch.uint8)("conv", output)
+    assert reduced.acts.dtype == torch.uint8
+    assert reduced.scale is not None
+    assert reduced.offset is not None
+    assert int(reduced.acts.max()) <= 254
+    error = np.abs(_decoded(reduced.acts, reduced.scale, reduced.offset) - output.numpy())
+    bound = reduced.scale.numpy()[None, :, None, None] / 2
+    assert (error <= bound * (1 + 1e-5) + 1e-7).all()
+    np.testing.assert_allclose(reduced.offset.numpy(), output.amin(dim=(0, 2, 3)).numpy())
+
+
+def test_uint8_of_a_constant_channel_has_scale_zero_and_decodes_exactly(
+    output: torch.Tensor,
+) -> None:
+    output[:, 4] = 2.5
+    q, scale, offset = quantise(output)
+    assert scale[4] == 0
+    assert (_decoded(q, scale, offset)[:, 4] == 2.5).all()
+
+
+def test_uint8_marks_values_that_are_not_finite_and_scales_the_rest(
+    output: torch.Tensor,
+) -> None:
+    output[1] = float("nan")
+    output[2, 3, 0, 0] = float("inf")
+    q, scale, offset = quantise(output)
+    assert (q[1] == 255).all()
+    assert q[2, 3, 0, 0] == 255
+    assert torch.isfinite(scale).all()
+    decoded = _decoded(q, scale, offset)
+    assert np.isnan(decoded[1]).all()
+    good = np.isfinite(output.numpy())
+    assert np.isfinite(decoded[good]).all()
+
+
+def test_uint8_on_the_device_and_on_the_host_agree(output: torch.Tensor) -> None:
+    q, scale, offset = quantise(output)
+    q_host, scale_host, offset_host = encode(output.numpy())
+    np.testing.assert_allclose(scale.numpy(), scale_host, rtol=1e-6)
+    np.testing.assert_array_equal(offset.numpy(), offset_host)
+    # Rounding a value that sits on a half step may go either way in float32.
+    assert np.abs(q.numpy().astype(int) - q_host.astype(int)).max() <= 1

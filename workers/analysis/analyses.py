@@ -11,7 +11,6 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-import zarr
 
 from workers.analysis.compare import COMPARE_BUDGET, compare_rows, pair_by_id, paired_distances
 from workers.analysis.health import layer_health
@@ -20,8 +19,8 @@ from workers.analysis.stats import DEFAULT_BLOCK, channel_quantiles
 from workers.errors import SpecError
 from workers.jobs import AnalysisKind
 from workers.storage.analyses import Arrays, save
-from workers.storage.layout import ACTS, KEPT_CHANNEL, LABEL, POOLED, layer_path
-from workers.storage.stored_job import Picked, Selection, StoredJob
+from workers.storage.layout import KEPT_CHANNEL, LABEL, POOLED, layer_path
+from workers.storage.stored_job import Acts, Picked, Selection, StoredJob
 
 __all__ = ["run_compare", "run_health", "run_signatures"]
 
@@ -31,7 +30,7 @@ SPARSE_APOZ = 0.9
 _COMPARE = ("mean_a", "mean_b", "mean_difference", "cohen_d", "t", "df", "p", "q", "auroc")
 
 
-def _dims(source: zarr.Array[Any]) -> list[str]:
+def _dims(source: Acts) -> list[str]:
     names = getattr(source.metadata, "dimension_names", None)
     return [str(n) for n in names] if names else [f"dim_{i}" for i in range(source.ndim)]
 
@@ -66,7 +65,7 @@ def run_health(
     results: Arrays = {}
     summary: dict[str, Any] = {}
     for layer in names:
-        acts = job.layer(layer, ACTS)
+        acts = job.acts(layer)
         dim = _dims(acts)[1]
         if dim == "rank":
             raise SpecError(
@@ -75,7 +74,7 @@ def run_health(
             )
         p99 = None
         if ref is not None:
-            ref_acts = ref.layer(ref.layers([layer])[0], ACTS)
+            ref_acts = ref.acts(ref.layers([layer])[0])
             if _dims(ref_acts)[1] != dim or ref_acts.shape[1] != acts.shape[1]:
                 raise SpecError(
                     f"layer {layer!r} has {acts.shape[1]} stored channels in job {job_id} and "
@@ -182,8 +181,8 @@ def run_compare(
         }
         if pair is not None:
             d = paired_distances(
-                Picked(job_a.layer(layer, ACTS), rows_a[pair[0]]),
-                Picked(job_b.layer(layer, ACTS), rows_b[pair[1]]),
+                Picked(job_a.acts(layer), rows_a[pair[0]]),
+                Picked(job_b.acts(layer), rows_b[pair[1]]),
                 block=block,
             )
             results[layer_path(layer, "cosine")] = (d.cosine, ["pair"])

@@ -19,7 +19,7 @@ from workers.analysis.atlas import EDGES, SPAN, Responses, TopResponses, byte_sp
 from workers.errors import SpecError
 from workers.jobs import AnalysisKind, kind_of
 from workers.storage.analyses import Arrays, save
-from workers.storage.layout import ACTS, KEPT_CHANNEL, SAMPLE, SOURCE, array, layer_path, read
+from workers.storage.layout import KEPT_CHANNEL, SAMPLE, SOURCE, array, layer_path, read
 from workers.storage.stored_job import Picked, StoredJob
 
 __all__ = ["DEFAULT_TOP", "MAX_TOP", "run_atlas"]
@@ -123,7 +123,7 @@ def run_atlas(
         raise SpecError(f"top is 1 to {MAX_TOP} responses per channel, got {top}")
     job = StoredJob.finished(store, job_id)
     (name,) = job.layers([layer])
-    acts = job.layer(name, ACTS)
+    acts = job.acts(name)  # 8-bit maps decoded
     dims = list(getattr(acts.metadata, "dimension_names", None) or ())
     if "rank" in dims:
         raise SpecError(

@@ -20,7 +20,7 @@ from workers.execution.tasks import register
 from workers.extraction.cache import ModelCache
 from workers.extraction.inputs import list_inputs
 from workers.extraction.models import load_model
-from workers.jobs import QUEUES, ExtractionSpec, ModelInfo, Preprocessing
+from workers.jobs import QUEUES, ExtractionSpec, ModelInfo, Preprocessing, host_compression
 from workers.lifecycle.counters import MemoryCounters
 from workers.lifecycle.delivery import Runtime
 from workers.lifecycle.plan import Plan
@@ -151,6 +151,9 @@ def scan(
 ) -> Status:
     """Plan the job, enqueue its batches, and wait for the worker thread to finish them."""
     job_id: str | None = None
+    if spec.compression is None:  # this host runs the forward: its default
+        gpu = settings.device.startswith("cuda")
+        spec = spec.model_copy(update={"compression": host_compression(gpu)})
     try:
         with embedded(settings) as local:
             info = local.models.get(spec).info

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from workers.errors import LayerError
 from workers.jobs import ExtractionSpec, cap_spatial
 
-__all__ = ["Reduced", "Reduction"]
+__all__ = ["Reduced", "Reduction", "quantise"]
 
 _POOL = {1: F.adaptive_avg_pool1d, 2: F.adaptive_avg_pool2d, 3: F.adaptive_avg_pool3d}
 
@@ -22,6 +22,56 @@ class Reduced:
     acts: torch.Tensor
     pooled: torch.Tensor
     top_index: torch.Tensor | None
+    # uint8 storage: each stored channel's scale and offset over the batch, (C,) float32.
+    scale: torch.Tensor | None = None
+    offset: torch.Tensor | None = None
+
+
+# The levels of workers/storage/quantised.py (not imported: extraction imports no zarr).
+LEVELS = 254
+MISSING = 255
+
+
+def quantise(acts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(n, C, ...) as uint8 levels with a per-channel scale and offset over the batch, on
+    the device (workers/storage/quantised.py says the format; its `encode` is the twin).
+    Maps of finite values, the usual case, take four passes: min, max, scale, cast."""
+    x = acts.float()
+    axes = (0, *range(2, x.dim()))
+    if x.numel() and x.shape[0]:
+        lo, hi = x.amin(dim=axes), x.amax(dim=axes)  # NaN or inf here: some value is not finite
+    else:
+        lo = hi = torch.full((x.shape[1],), float("nan"), device=x.device)
+    finite = bool(torch.isfinite(lo).all() and torch.isfinite(hi).all()) and x.numel() > 0
+    if not finite:
+        return _quantise_some_missing(x)
+    scale = (hi - lo) / LEVELS
+    inv = torch.where(scale > 0, 1 / torch.where(scale > 0, scale, 1.0), 0.0)
+    shape = (1, -1) + (1,) * (x.dim() - 2)
+    # x * inv + (0.5 - lo * inv), truncated: round half up of (x - lo) / scale.
+    levels = torch.addcmul((0.5 - lo * inv).view(shape), x, inv.view(shape))
+    return levels.clamp_(0, LEVELS).to(torch.uint8), scale, lo
+
+
+def _quantise_some_missing(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`quantise` where some values are NaN or infinite: those become MISSING, and each
+    channel's range is that of its finite values (NaN scale and offset when it has none)."""
+    finite = torch.isfinite(x)
+    axes = (0, *range(2, x.dim()))
+    if x.numel():
+        lo = torch.where(finite, x, float("inf")).amin(dim=axes)
+        hi = torch.where(finite, x, float("-inf")).amax(dim=axes)
+    else:
+        lo = hi = torch.zeros(x.shape[1], device=x.device)
+    empty = ~torch.isfinite(lo)
+    lo = torch.where(empty, float("nan"), lo)
+    scale = torch.where(empty, float("nan"), (hi - lo) / LEVELS)
+    inv = torch.where(scale > 0, 1 / torch.where(scale > 0, scale, 1.0), 0.0)
+    shape = (1, -1) + (1,) * (x.dim() - 2)
+    levels = torch.addcmul((0.5 - lo * inv).view(shape), x, inv.view(shape))
+    q = levels.nan_to_num_(0.0).clamp_(0, LEVELS).to(torch.uint8)
+    q.masked_fill_(~finite, MISSING)
+    return q, scale, lo
 
 
 @dataclass(frozen=True)
@@ -33,8 +83,8 @@ class Reduction:
 
     @classmethod
     def from_spec(cls, spec: ExtractionSpec) -> Reduction:
-        dtype = torch.float16 if spec.dtype == "float16" else torch.float32
-        return cls(spec.channels, spec.top_k, spec.max_size, dtype)
+        dtype = {"float16": torch.float16, "float32": torch.float32, "uint8": torch.uint8}
+        return cls(spec.channels, spec.top_k, spec.max_size, dtype[spec.dtype])
 
     def __call__(self, name: str, output: torch.Tensor) -> Reduced:
         spatial = output.dim() - 2
@@ -64,4 +114,7 @@ class Reduction:
             target = cap_spatial(tuple(acts.shape[2:]), self.max_size)
             if target != tuple(acts.shape[2:]):
                 acts = _POOL[spatial](acts.float(), target)  # type: ignore[arg-type]
+        if self.dtype == torch.uint8:
+            q, scale, offset = quantise(acts)
+            return Reduced(q, pooled, top_index, scale, offset)
         return Reduced(acts.to(self.dtype), pooled, top_index)

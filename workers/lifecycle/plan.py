@@ -18,6 +18,7 @@ from workers.jobs import (
     ModelInfo,
     close_matches,
     gradcam_class,
+    host_compression,
     new_id,
     now,
     stored_shape,
@@ -116,6 +117,8 @@ def plan(
     """Check the spec against the catalogue and create every array, with the samples and
     labels of `inputs` (listed by the caller: `extraction.inputs.list_inputs`)."""
     found = layouts(spec, info)
+    if spec.compression is None:  # a caller that knows no host: the GPU host's default
+        spec = spec.model_copy(update={"compression": host_compression(gpu=True)})
     sources, labels, classes = inputs.sources, inputs.labels, inputs.classes
     job_id = job_id or new_id()
     attrs: dict[str, Any] = {
@@ -134,7 +137,9 @@ def plan(
         "actmap_version": VERSION,
     }
     n = len(sources)
-    group = create_job(store, job_id, attrs, n, spec.batch_size, info.classes, found)
+    group = create_job(
+        store, job_id, attrs, n, spec.batch_size, info.classes, found, spec.compression or "zstd"
+    )
     # Whole chunks written directly: through zarr's event loop these three writes took most
     # of the plan's time.
     put_rows(writable(group, SAMPLE), 0, np.asarray([s.id for s in sources], dtype=object))

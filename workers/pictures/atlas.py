@@ -34,7 +34,7 @@ from workers.pictures.render import (
 )
 from workers.pictures.weights import normalise_filters
 from workers.storage.analyses import analysis_ids, open_analysis
-from workers.storage.layout import ACTS, array, attrs, layer_path, read
+from workers.storage.layout import array, attrs, layer_path, read
 from workers.storage.stored_job import StoredJob
 
 __all__ = ["OUTSIDE", "Channel", "atlas_sections", "channel_png", "channel_sheet", "crop"]
@@ -164,7 +164,7 @@ def load_channel(store: str, analysis_id: str, channel: int, *, sources: bool = 
 
     rows, boxes = of("row"), of("crop")
     job = StoredJob(store, str(meta["inputs"]["job_id"]))
-    acts = job.layer(layer, ACTS)
+    acts = job.acts(layer)  # 8-bit maps decoded
     prep = job.attrs.get("spec", {}).get("preprocessing") or job.attrs["catalogue"]["preprocessing"]
     roots = job.attrs.get("spec", {}).get("roots")
     crops: list[np.ndarray | None] = []

@@ -220,7 +220,7 @@ class ReportJob(StoredJob):
     def stored_shape(self, name: str) -> str:
         for layer in self.layers_stored:
             if layer.name == name:
-                return f"{tuple(layer.acts.shape)} {layer.acts.dtype}"
+                return f"{tuple(layer.acts.shape)} {layer.stored_dtype}"
         return ""
 
     def receptive_field(self, name: str) -> str:

@@ -24,13 +24,14 @@ from typing import Any, Literal
 import numpy as np
 import zarr
 import zarr.api.asynchronous
-from zarr.codecs import ZstdCodec
+from zarr.codecs import BloscCodec, ZstdCodec
 from zarr.core.sync import sync
 from zarr.storage import LocalStore
 
 from workers.errors import NotFound
 from workers.storage.chunks import get_all
 from workers.storage.objects import filesystem, get_json, location, put_json
+from workers.storage.quantised import MISSING, OFFSET, SCALE, describe
 
 __all__ = [
     "ACTS",
@@ -65,6 +66,7 @@ __all__ = [
     "attrs",
     "array",
     "read",
+    "CODECS",
     "COMPRESSOR",
     "LayerLayout",
     "create_job",
@@ -116,6 +118,13 @@ CHUNK_BYTES = 8 << 20
 # Chosen by tests/bench/compression.py on real activations: zstd level 1 compressed float16
 # maps best for its CPU time among the codecs tried (figures: tests/bench/README.md).
 COMPRESSOR = ZstdCodec(level=1)
+# A job's `compression`: the codec of every array it writes. lz4 is Blosc's, with byte
+# shuffle (a float's bytes grouped by significance; a no-op for one-byte values).
+CODECS: dict[str, Any] = {
+    "zstd": COMPRESSOR,
+    "lz4": BloscCodec(cname="lz4", clevel=1, shuffle="shuffle"),
+    "none": None,
+}
 _GROUP: dict[str, Any] = {"zarr_format": 3, "node_type": "group", "attributes": {}}
 
 
@@ -268,31 +277,33 @@ def _array(
     dtype: Any,
     dims: list[str],
     fill: Any,
+    codec: Any = COMPRESSOR,
+    attributes: dict[str, Any] | None = None,
 ) -> tuple[str, dict[str, Any]]:
     """One array to create: its path under the job and zarr's arguments."""
-    compress = np.dtype(dtype).kind in "fiub" if dtype is not str else False
     return name, {
         "shape": shape,
         "chunks": chunks,
         "dtype": dtype,
         "dimension_names": dims,
         "fill_value": fill,
-        "compressors": COMPRESSOR if compress else "auto",
+        "compressors": codec,
+        "attributes": attributes or {},
         # Batches write whole chunks; comparing each with the fill value first is wasted.
         "config": {"write_empty_chunks": True},
     }
 
 
 def _gradcam_arrays(
-    path: partial[str], n: int, b: int, shape: tuple[int, ...]
+    new: Any, path: partial[str], n: int, b: int, shape: tuple[int, ...]
 ) -> list[tuple[str, dict[str, Any]]]:
     """A layer's Grad-CAM maps and targets, chunked like its activations."""
     row = int(np.prod(shape)) * 2
     chunk = (sample_chunk(b, row), *shape)
     dims = ["sample", *spatial_dims(len(shape))]
     return [
-        _array(path(GRADCAM), (n, *shape), chunk, "float16", dims, np.nan),
-        _array(path(GRADCAM_TARGET), (n,), (b,), "int32", ["sample"], -1),
+        new(path(GRADCAM), (n, *shape), chunk, "float16", dims, np.nan),
+        new(path(GRADCAM_TARGET), (n,), (b,), "int32", ["sample"], -1),
     ]
 
 
@@ -308,6 +319,42 @@ async def _create_nodes(
     await asyncio.gather(*(job.create_array(name, **kwargs) for name, kwargs in arrays))
 
 
+def _layer_arrays(
+    new: Any, layer: LayerLayout, n: int, b: int, batch_size: int, n_batches: int
+) -> list[tuple[str, dict[str, Any]]]:
+    """A layer's arrays: acts (uint8 with its per-batch scale and offset), pooled, and the
+    channel ids of a subset or of top-k."""
+    path = partial(layer_path, layer.name)
+    dims = ["sample", layer.channel_dim, *spatial_dims(len(layer.shape) - 1)]
+    row = int(np.prod(layer.shape)) * np.dtype(layer.dtype).itemsize
+    chunk = (sample_chunk(b, row), *layer.shape)
+    found = []
+    if layer.dtype == "uint8":
+        meta = describe(batch_size)
+        acts = new(path(ACTS), (n, *layer.shape), chunk, "uint8", dims, MISSING, attributes=meta)
+        found.append(acts)
+        table = (n_batches, layer.shape[0])  # one row per batch: each batch owns its chunk
+        for name in (SCALE, OFFSET):
+            found.append(
+                new(path(name), table, (1, table[1]), "float32", ["batch", dims[1]], np.nan)
+            )
+    else:
+        found.append(new(path(ACTS), (n, *layer.shape), chunk, layer.dtype, dims, np.nan))
+    pooled = (n, layer.channels)
+    found.append(
+        new(path(POOLED), pooled, (b, pooled[1]), "float32", ["sample", "channel"], np.nan)
+    )
+    if layer.channel_dim == "rank":
+        top = (n, layer.shape[0])
+        found.append(new(path(TOP_CHANNEL), top, (b, top[1]), "int32", ["sample", "rank"], -1))
+    if layer.gradcam is not None:
+        found.extend(_gradcam_arrays(new, path, n, b, layer.gradcam))
+    if layer.kept is not None:
+        width = (len(layer.kept),)
+        found.append(new(path(KEPT_CHANNEL), width, width, "int32", ["kept_channel"], -1))
+    return found
+
+
 def create_job(
     store: str,
     job_id: str,
@@ -316,8 +363,10 @@ def create_job(
     batch_size: int,
     n_classes: int,
     layers: list[LayerLayout],
+    compression: str = "zstd",
 ) -> zarr.Group:
-    """Create the job's group and every array with its final shape."""
+    """Create the job's group and every array with its final shape, each compressed with
+    `compression` (a key of CODECS)."""
     ensure_root(store)
     # Opened at its own folder: zarr checks every parent for an existing node when it adds
     # an array, and the job's arrays need nothing from above it.
@@ -325,36 +374,19 @@ def create_job(
     group = zarr.open_group(at, mode="w-", attributes=attrs, use_consolidated=False)
     b = min(batch_size, max(n, 1))
     n_batches = -(-n // batch_size)
+    new = partial(_array, codec=CODECS[compression])
     arrays = [
-        _array(SAMPLE, (n,), (b,), str, ["sample"], ""),
-        _array(SOURCE, (n,), (b,), str, ["sample"], ""),
-        _array(LABEL, (n,), (b,), "int32", ["sample"], -1),
-        _array(LOGITS, (n, n_classes), (b, n_classes), "float32", ["sample", "class"], np.nan),
-        _array(PRED, (n,), (b,), "int32", ["sample"], -1),
-        _array(ERROR_CODE, (n,), (b,), "int16", ["sample"], 0),
-        _array(ERROR_MESSAGE, (n,), (b,), str, ["sample"], ""),
-        _array(DONE, (n_batches,), (1,), "bool", ["batch"], False),
+        new(SAMPLE, (n,), (b,), str, ["sample"], ""),
+        new(SOURCE, (n,), (b,), str, ["sample"], ""),
+        new(LABEL, (n,), (b,), "int32", ["sample"], -1),
+        new(LOGITS, (n, n_classes), (b, n_classes), "float32", ["sample", "class"], np.nan),
+        new(PRED, (n,), (b,), "int32", ["sample"], -1),
+        new(ERROR_CODE, (n,), (b,), "int16", ["sample"], 0),
+        new(ERROR_MESSAGE, (n,), (b,), str, ["sample"], ""),
+        new(DONE, (n_batches,), (1,), "bool", ["batch"], False),
     ]
     for layer in layers:
-        path = partial(layer_path, layer.name)
-        dims = ["sample", layer.channel_dim, *spatial_dims(len(layer.shape) - 1)]
-        row = int(np.prod(layer.shape)) * np.dtype(layer.dtype).itemsize
-        chunk = (sample_chunk(b, row), *layer.shape)
-        arrays.append(_array(path(ACTS), (n, *layer.shape), chunk, layer.dtype, dims, np.nan))
-        pooled = (n, layer.channels)
-        arrays.append(
-            _array(path(POOLED), pooled, (b, pooled[1]), "float32", ["sample", "channel"], np.nan)
-        )
-        if layer.channel_dim == "rank":
-            top = (n, layer.shape[0])
-            arrays.append(
-                _array(path(TOP_CHANNEL), top, (b, top[1]), "int32", ["sample", "rank"], -1)
-            )
-        if layer.gradcam is not None:
-            arrays.extend(_gradcam_arrays(path, n, b, layer.gradcam))
-        if layer.kept is not None:
-            width = (len(layer.kept),)
-            arrays.append(_array(path(KEPT_CHANNEL), width, width, "int32", ["kept_channel"], -1))
+        arrays += _layer_arrays(new, layer, n, b, batch_size, n_batches)
     sync(_create_nodes(at, [layer_path(layer.name) for layer in layers], arrays))
     for layer in layers:
         if layer.kept is not None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from concurrent.futures import Executor, Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -23,8 +23,9 @@ from workers.storage.layout import (
     layer_path,
     writable,
 )
+from workers.storage.quantised import OFFSET, SCALE, encode
 
-__all__ = ["BatchRows", "LayerRows", "concat_rows", "write_rows"]
+__all__ = ["BatchRows", "LayerRows", "concat_rows", "quantise_rows", "write_rows"]
 
 
 @dataclass(frozen=True)
@@ -34,6 +35,9 @@ class LayerRows:
     top_channel: np.ndarray | None = None
     gradcam: np.ndarray | None = None  # (n, y, x) float16, NaN where not computed
     gradcam_target: np.ndarray | None = None  # (n,) int32, -1 where not computed
+    # uint8 acts: the batch's per-channel scale and offset, (C,) float32 each.
+    scale: np.ndarray | None = None
+    offset: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
@@ -78,6 +82,13 @@ def write_rows(
         if layer.gradcam is not None and layer.gradcam_target is not None:
             _set(layer_path(name, GRADCAM), start, layer.gradcam)
             _set(layer_path(name, GRADCAM_TARGET), start, layer.gradcam_target)
+        if layer.scale is not None and layer.offset is not None:
+            # The batch's row of the per-batch tables: the plan's batch size is in attrs.
+            size = group.attrs["batch_size"]
+            assert isinstance(size, int)  # the plan writes it
+            batch = start // size
+            _set(layer_path(name, SCALE), batch, layer.scale[None])
+            _set(layer_path(name, OFFSET), batch, layer.offset[None])
     for future in pending:  # every one, so that no write outlives the call; then errors
         future.exception()
     for future in pending:
@@ -86,6 +97,16 @@ def write_rows(
 
 def _cat(a: np.ndarray | None, b: np.ndarray | None) -> np.ndarray | None:
     return None if a is None or b is None else np.concatenate([a, b])
+
+
+def quantise_rows(rows: BatchRows) -> BatchRows:
+    """A batch's float maps as 8-bit levels with the batch's per-channel scale and offset
+    (workers/storage/quantised.py), on the host: for a batch computed in parts."""
+    layers = {}
+    for name, layer in rows.layers.items():
+        q, scale, offset = encode(layer.acts)
+        layers[name] = replace(layer, acts=q, scale=scale, offset=offset)
+    return replace(rows, layers=layers)
 
 
 def concat_rows(first: BatchRows, second: BatchRows) -> BatchRows:

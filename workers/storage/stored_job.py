@@ -42,14 +42,17 @@ from workers.storage.layout import (
     open_job,
     read,
 )
+from workers.storage.quantised import OFFSET, SCALE, Decoded
 
 __all__ = [
+    "Acts",
     "Picked",
     "Screening",
     "Selection",
     "StoredJob",
     "StoredLayer",
     "layer_group",
+    "open_acts",
     "read_filters",
     "sample_rows",
     "screening",
@@ -142,7 +145,7 @@ class Picked:
     indexed by position, optionally with a second key for the columns (`picked[i:j, c:d]`),
     each read only when asked for."""
 
-    def __init__(self, source: zarr.Array[Any], rows: np.ndarray) -> None:
+    def __init__(self, source: Acts, rows: np.ndarray) -> None:
         self._source = source
         self._rows = np.asarray(rows, dtype=np.int64)
 
@@ -216,6 +219,18 @@ def read_filters(job: zarr.Group, layer: str) -> np.ndarray | None:
     return np.asarray(node[...], dtype=np.float32) if isinstance(node, zarr.Array) else None
 
 
+Acts = zarr.Array[Any] | Decoded  # a layer's maps as float values, however stored
+
+
+def open_acts(layer: zarr.Group) -> Acts:
+    """A layer's `acts`: uint8 ones decoded with their batch's scale and offset (see
+    workers/storage/quantised.py), float ones as stored."""
+    acts = array(layer, ACTS)
+    if SCALE in layer and OFFSET in layer and acts.dtype == np.uint8:
+        return Decoded(acts, array(layer, SCALE), array(layer, OFFSET))
+    return acts
+
+
 @dataclass(frozen=True)
 class StoredLayer:
     """One stored layer: its acts, how its channels were kept, and its catalogue type."""
@@ -225,8 +240,13 @@ class StoredLayer:
     group: zarr.Group
 
     @property
-    def acts(self) -> zarr.Array[Any]:
-        return array(self.group, ACTS)
+    def acts(self) -> Acts:
+        return open_acts(self.group)
+
+    @property
+    def stored_dtype(self) -> str:
+        """How the maps are stored (uint8 for 8-bit maps, which `acts` reads as float32)."""
+        return str(array(self.group, ACTS).dtype)
 
     @property
     def pooled(self) -> zarr.Array[Any]:
@@ -342,6 +362,10 @@ class StoredJob:
 
     def layer(self, layer: str, name: str) -> zarr.Array[Any]:
         return array(self.group, layer_path(layer, name))
+
+    def acts(self, layer: str) -> Acts:
+        """The layer's maps as float values (uint8 storage decoded)."""
+        return open_acts(layer_group(self.group, layer))
 
     def stored(self) -> list[StoredLayer]:
         """Every stored layer with its catalogue type, in `stored_layers` order."""

@@ -25,6 +25,7 @@ from workers.storage.layout import (
     attrs,
     read,
 )
+from workers.storage.quantised import SCALE
 
 __all__ = ["Failure", "JobSummary", "LayerShapes", "job_summary"]
 
@@ -70,6 +71,12 @@ def _input_kind(found: dict[str, Any]) -> str:
     return str(kind)
 
 
+def _stored(layer: zarr.Group) -> str:
+    """How a layer's maps are stored: their dtype, saying so for 8-bit ones."""
+    dtype = str(array(layer, ACTS).dtype)
+    return f"{dtype} (8-bit, scale and offset per batch)" if SCALE in layer else dtype
+
+
 def job_summary(group: zarr.Group) -> JobSummary:
     labels, preds = read(group, LABEL), read(group, PRED)
     known = (labels >= 0) & (preds >= 0)
@@ -78,7 +85,7 @@ def job_summary(group: zarr.Group) -> JobSummary:
         LayerShapes(
             name=name,
             acts=list(array(layer, ACTS).shape),
-            dtype=str(array(layer, ACTS).dtype),
+            dtype=_stored(layer),
             pooled=list(array(layer, POOLED).shape),
         )  # fmt: skip
         for name, layer in (sorted(layers.groups()) if isinstance(layers, zarr.Group) else [])
