@@ -141,17 +141,19 @@ def test_byte_spans_cover_the_rows_and_columns_a_box_stands_for() -> None:
 
 
 def _brute_force(acts: np.ndarray, ok: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
-    """Per channel, every (value, row, y, x) of the samples that ran, sorted by value
-    (largest first) then row, y, x; the first n values and (row, y, x)."""
+    """Per channel, each sample that ran at its largest value (the first position in row
+    order on ties), sorted by value (largest first) then row; the first n values and
+    (row, y, x)."""
     values, where = [], []
     rows = np.flatnonzero(ok)
     for c in range(acts.shape[1]):
-        v = acts[rows, c].astype(np.float32)
-        r, y, x = np.meshgrid(rows, np.arange(v.shape[1]), np.arange(v.shape[2]), indexing="ij")
-        flat = v.ravel()
-        order = np.lexsort((x.ravel(), y.ravel(), r.ravel(), -flat))[:n]
-        values.append(flat[order])
-        where.append(np.stack([r.ravel()[order], y.ravel()[order], x.ravel()[order]], axis=1))
+        v = acts[rows, c].astype(np.float32).reshape(rows.size, -1)
+        at = v.argmax(axis=1)
+        best = v[np.arange(rows.size), at]
+        order = np.lexsort((rows, -best))[:n]
+        y, x = np.unravel_index(at[order], acts.shape[2:])
+        values.append(best[order])
+        where.append(np.stack([rows[order], y, x], axis=1))
     return np.asarray(values), np.asarray(where)
 
 
@@ -161,8 +163,17 @@ def test_top_responses_keep_ties_in_stream_order_block_by_block() -> None:
     top.add(np.array([[[[5.0, 2.0]], [[0.0, 7.0]]], [[[5.0, 5.0]], [[0.0, 0.0]]]]))
     found = top.result()
     assert found.values.tolist() == [[5.0, 5.0, 5.0], [7.0, 0.0, 0.0]]
-    assert found.sample.tolist() == [[0, 1, 2], [1, 0, 0]]
-    assert found.x.tolist() == [[1, 0, 0], [1, 0, 1]]
+    assert found.sample.tolist() == [[0, 1, 2], [1, 0, 2]]
+    assert found.x.tolist() == [[1, 0, 0], [1, 0, 0]]
+
+
+def test_a_channel_shows_n_different_samples_not_one_sample_at_n_positions() -> None:
+    top = TopResponses(1, 2, (2, 2))
+    top.add(np.array([[[[9.0, 8.0], [7.0, 6.0]]], [[[1.0, 0.0], [0.0, 2.0]]]]))
+    found = top.result()
+    assert found.sample.tolist() == [[0, 1]]
+    assert found.values.tolist() == [[9.0, 2.0]]
+    assert (found.y.tolist(), found.x.tolist()) == ([[0, 1]], [[0, 1]])
 
 
 def _layer(store: str, analysis: str, layer: str) -> xr.Dataset:

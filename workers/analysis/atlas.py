@@ -2,9 +2,10 @@
 of activation blocks, the input box each response sees, and the bytes of a binary drawn as
 a Nataraj image that the box covers.
 
-Owns `TopResponses` (a running top-n per channel that keeps n values and indices per
-channel, whatever the number of samples streamed), `field_boxes` and `byte_spans`. Ties
-rank deterministically: a larger value first, then the earlier sample, row and column.
+Owns `TopResponses` (a running top-n per channel over samples, each sample at its strongest
+position, keeping n values and indices per channel whatever the number of samples
+streamed), `field_boxes` and `byte_spans`. Ties rank deterministically: a larger value
+first, then the earlier sample; within a sample, the earlier row and column.
 """
 
 from __future__ import annotations
@@ -27,8 +28,9 @@ SPAN = ("start", "stop", "stride", "run")
 
 @dataclass(frozen=True)
 class Responses:
-    """Each channel's n strongest responses, strongest first: (C, n) values and the
-    position in the stream (sample in the order streamed) and in its map (y, x)."""
+    """Each channel's n samples with the strongest responses, strongest first, each at its
+    strongest position: (C, n) values, the sample (in the order streamed) and the position
+    in its map (y, x)."""
 
     values: np.ndarray
     sample: np.ndarray
@@ -51,8 +53,9 @@ def _first(values: np.ndarray, k: int) -> np.ndarray:
 
 
 class TopResponses:
-    """A running top-n per channel over maps fed block by block, (B, C, *spatial), in
-    sample order. Memory: the n kept per channel plus one block at a time."""
+    """A running top-n samples per channel over maps fed block by block, (B, C, *spatial),
+    in sample order; a sample counts once, at its strongest position, so a channel's atlas
+    shows n different inputs. Memory: the n kept per channel plus one block at a time."""
 
     def __init__(self, channels: int, n: int, spatial: tuple[int, ...]) -> None:
         if n < 1:
@@ -65,13 +68,15 @@ class TopResponses:
 
     def add(self, block: np.ndarray) -> None:
         b, c = block.shape[:2]
-        # Channel-major: column j of a channel is sample j // per_sample, position j % it,
-        # so the stream index (seen * per_sample + j) grows with sample, row and column.
-        flat = np.ascontiguousarray(np.moveaxis(block, 1, 0), dtype=np.float32).reshape(c, -1)
+        flat = np.asarray(block, dtype=np.float32).reshape(b, c, -1)
         flat = np.where(np.isnan(flat), -np.inf, flat)  # a NaN (failed sample) never ranks
-        cols = _first(flat, self.n)
-        values = np.concatenate([self._values, np.take_along_axis(flat, cols, axis=1)], axis=1)
-        index = np.concatenate([self._index, cols + self.seen * self.per_sample], axis=1)
+        at = flat.argmax(axis=2)  # each sample's strongest position: the first on ties
+        best = np.take_along_axis(flat, at[..., None], axis=2)[..., 0].T  # (C, B)
+        cols = _first(best, self.n)
+        # Stream index (sample * per_sample + position) grows with sample, row and column.
+        index = (cols + self.seen) * self.per_sample + np.take_along_axis(at.T, cols, axis=1)
+        values = np.concatenate([self._values, np.take_along_axis(best, cols, axis=1)], axis=1)
+        index = np.concatenate([self._index, index], axis=1)
         order = np.lexsort((index, -values), axis=1)[:, : self.n]
         self._values = np.take_along_axis(values, order, axis=1)
         self._index = np.take_along_axis(index, order, axis=1)

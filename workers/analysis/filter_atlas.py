@@ -135,7 +135,7 @@ def run_atlas(
     row = _field(job, name)
     rows = job.rows()
     stored, full = tuple(acts.shape[2:]), tuple(row["output_shape"][1:])
-    n = min(top, int(rows.size) * stored[0] * stored[1])
+    n = min(top, int(rows.size))  # each sample once
     running = TopResponses(int(acts.shape[1]), n, stored)
     _stream(Picked(acts, rows), running, block)
     found = running.result()
