@@ -144,14 +144,7 @@ class Client:
         """Queue the filter atlas of `layer`; with `wait`, poll until it has finished.
         Its arrays are under `analyses/{analysis_id}` in the store; its channel sheets
         at GET /v1/analyses/{id}/channels/{c}.png."""
-        body = {"job_id": job_id, "layer": layer, "top": top}
-        found: dict[str, Any] = self.request("POST", "/v1/analyses/atlas", json=body).json()
-        if not wait:
-            return found
-        return poll(
-            lambda: self.analysis(found["analysis_id"]),
-            lambda a: a["state"] not in ("queued", "running"), 0.2, timeout, grow=1.5, most=2.0,
-        )  # fmt: skip
+        return self._analyse("atlas", {"job_id": job_id, "layer": layer, "top": top}, wait, timeout)
 
     def explain(
         self, job_id: str, layer: str, top: int = 5, wait: bool = True, timeout: float = 600
@@ -160,7 +153,13 @@ class Client:
         it has finished. Its summary names, per class, the channels most often on the
         evidence; its arrays are under `analyses/{analysis_id}` in the store."""
         body = {"job_id": job_id, "layer": layer, "top": top}
-        found: dict[str, Any] = self.request("POST", "/v1/analyses/explanations", json=body).json()
+        return self._analyse("explanations", body, wait, timeout)
+
+    def _analyse(
+        self, route: str, body: dict[str, Any], wait: bool, timeout: float
+    ) -> dict[str, Any]:
+        """Queue an analysis at /v1/analyses/{route}; with `wait`, poll until it finished."""
+        found: dict[str, Any] = self.request("POST", f"/v1/analyses/{route}", json=body).json()
         if not wait:
             return found
         return poll(

@@ -64,18 +64,23 @@ def test_health_and_comparison_are_queued_on_the_analysis_queue_and_open_as_resu
                               headers=api.as_("other")).status_code == 404  # fmt: skip
 
 
+def _fitted_profile(api: Api) -> dict[str, Any]:
+    """A screening profile fitted on every demo digit under acme's `all/`, at FPR 0.2."""
+    reference = _finished_job(
+        api, api.register(), inputs=[str(api.roots["acme"] / "all")], labels_from_dirs=True,
+        layers=["conv3", "fc"],
+    )  # fmt: skip
+    profile: dict[str, Any] = api.client.post(
+        "/v1/analyses/profiles", headers=api.as_("acme"),
+        json={"reference_job": reference, "fpr": 0.2},
+    ).json()  # fmt: skip
+    return profile
+
+
 def test_a_screening_job_scores_each_sample_with_a_profile(tmp_path: Path) -> None:
     api = wide_api(tmp_path)
     with api.client:
-        model_id = api.register()
-        reference = _finished_job(
-            api, model_id, inputs=[str(api.roots["acme"] / "all")], labels_from_dirs=True,
-            layers=["conv3", "fc"],
-        )  # fmt: skip
-        profile = api.client.post(
-            "/v1/analyses/profiles", headers=api.as_("acme"),
-            json={"reference_job": reference, "fpr": 0.2},
-        ).json()  # fmt: skip
+        profile = _fitted_profile(api)
         assert profile["state"] == "succeeded", profile
         noise = api.roots["acme"] / "noise.npy"
         np.save(
@@ -97,7 +102,10 @@ def test_a_screening_job_scores_each_sample_with_a_profile(tmp_path: Path) -> No
         assert answer["n_flagged"] == answer["total"] == 1
         assert answer["scores"][0] > answer["threshold"]
         assert answer["profile_id"] == profile["analysis_id"]
-        not_screened = api.client.get(f"/v1/jobs/{reference}/screen", headers=api.as_("acme"))
+        not_screened = api.client.get(
+            f"/v1/jobs/{profile['summary']['inputs']['reference_job']}/screen",
+            headers=api.as_("acme"),
+        )
         assert not_screened.status_code == 404
         assert api.client.get(f"/v1/jobs/{screened.json()['job_id']}/screen",
                               headers=api.as_("other")).status_code == 404  # fmt: skip
@@ -116,15 +124,7 @@ def test_a_screening_job_is_not_seen_finished_before_its_scores_are_stored(
 
     monkeypatch.setattr(workers.analysis.profiles, "score_job", watched)
     with api.client:
-        model_id = api.register()
-        reference = _finished_job(
-            api, model_id, inputs=[str(api.roots["acme"] / "all")], labels_from_dirs=True,
-            layers=["conv3", "fc"],
-        )  # fmt: skip
-        profile = api.client.post(
-            "/v1/analyses/profiles", headers=api.as_("acme"),
-            json={"reference_job": reference, "fpr": 0.2},
-        ).json()  # fmt: skip
+        profile = _fitted_profile(api)
         digit = next(iter(sorted((api.roots["acme"] / "all").glob("*/*.png"))))
         screened = api.client.post(
             "/v1/jobs/screenings", headers=api.as_("acme"),
