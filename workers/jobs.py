@@ -76,6 +76,7 @@ class TaskName(StrEnum):
     RUN_BATCH = "actmap.run_batch"
     REGISTER_MODEL = "actmap.register_model"
     ANALYSE = "actmap.analyse"
+    SCREEN_SAMPLE = "actmap.screen_sample"
 
 
 class JobState(StrEnum):
