@@ -48,7 +48,9 @@ def screen_files(args: argparse.Namespace, settings: Settings) -> int:
     for file in args.files:
         name = Path(file).name
         try:
-            answers.append(backend.screen_sample(args.profile, name, _read(file)))
+            found = backend.screen_sample(args.profile, name, _read(file))
+            found.pop("worker_s", None)  # the same answer from every backend
+            answers.append(found)
         except UserError as exc:
             if isinstance(exc, NotFound) or getattr(exc, "status", None) in (401, 404):
                 raise  # the profile, not the file: no other file would fare better

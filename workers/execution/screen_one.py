@@ -13,6 +13,7 @@ from __future__ import annotations
 import base64
 import binascii
 import threading
+import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
@@ -76,11 +77,13 @@ def screen_sample(
     models: ModelCache,
     screeners: Screeners,
 ) -> dict[str, Any]:
-    """The profile's answer for one sample: score, flag, threshold and the model's
-    prediction. A sample that cannot be read raises InputError with its reason. The
-    tenant is checked here, where the profile is used: another tenant's profile answers
-    like one that does not exist. `tenant` None: the store's own user (the command line
-    embedded or on a broker), who may use every profile in it."""
+    """The profile's answer for one sample: score, flag, threshold, the model's prediction,
+    and the seconds it took here (`worker_s`: load, decode, forward, score). A sample that
+    cannot be read raises InputError with its reason. The tenant is checked here, where the
+    profile is used: another tenant's profile answers like one that does not exist.
+    `tenant` None: the store's own user (the command line embedded or on a broker), who may
+    use every profile in it."""
+    began = time.perf_counter()
     try:
         screener = screeners.get(store, profile_id)
     except NotFound:
@@ -108,6 +111,7 @@ def screen_sample(
         "flag": bool(score > profile.threshold),
         "pred": pred,
         "pred_class": classes[pred] if classes and 0 <= pred < len(classes) else None,
+        "worker_s": time.perf_counter() - began,
     }
 
 
