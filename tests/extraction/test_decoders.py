@@ -63,3 +63,18 @@ def test_bytes_of_a_kind_the_model_does_not_read_are_wrong_kind() -> None:
     with pytest.raises(InputError) as raised:
         decode_bytes(b"MZ" * 10, "x.exe", make_prep(), kind="image")
     assert raised.value.code == SampleCode.WRONG_KIND
+
+
+@pytest.mark.parametrize("shape", [(200_000, 200_000), (1, 28, 29)])
+def test_npy_bytes_whose_header_claims_another_shape_are_refused_before_any_allocation(
+    shape: tuple[int, ...],
+) -> None:
+    # Read whole, an array is allocated at the size its header claims before a byte of
+    # its data is read: 149 GiB here, a MemoryError (a 500) instead of a one-line refusal.
+    buffer = io.BytesIO()
+    header = {"descr": "<f4", "fortran_order": False, "shape": shape}
+    np.lib.format.write_array_header_1_0(buffer, header)
+    with pytest.raises(InputError) as raised:
+        decode_bytes(buffer.getvalue() + b"\0" * 100, "x.npy", make_prep(size=(28, 28)))
+    assert raised.value.code == SampleCode.WRONG_SHAPE
+    assert f"shape {shape}" in str(raised.value)

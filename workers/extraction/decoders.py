@@ -140,7 +140,8 @@ def _array(file: Path | BinaryIO, name: str, prep: Preprocessing) -> np.ndarray:
         with _NPY_HEADER:  # a file's header only: its data is mapped, and copied below
             if isinstance(file, Path):
                 array = np.load(file, mmap_mode="r", allow_pickle=False)
-            else:  # bytes a request sent: read whole
+            else:  # bytes a request sent: read whole, once the header is checked
+                _check_shape(_header_shape(file, name), name, prep)
                 array = np.load(file, allow_pickle=False)
     except PermissionError:
         raise
@@ -149,17 +150,38 @@ def _array(file: Path | BinaryIO, name: str, prep: Preprocessing) -> np.ndarray:
     if not isinstance(array, np.ndarray):  # an .npz archive under a .npy name
         array.close()
         raise InputError(SampleCode.CORRUPT, f"{name} is an archive, not one .npy array")
-    if array.shape != prep.input_shape:
-        shape = array.shape
-        raise InputError(
-            SampleCode.WRONG_SHAPE,
-            f"{name} has shape {shape}, the model takes {prep.input_shape}",
-        )
+    _check_shape(array.shape, name, prep)
     if not np.issubdtype(array.dtype, np.number):
         raise InputError(SampleCode.WRONG_SHAPE, f"{name} holds {array.dtype}, not numbers")
     # A view of the map for float32 (the caller copies it into its batch; the file is
     # closed already, the map goes with the view), else one converted copy.
     return np.asarray(array, dtype=np.float32)
+
+
+def _header_shape(file: BinaryIO, name: str) -> tuple[int, ...]:
+    """The shape a `.npy` header claims, read without its data; the file is put back at its
+    start. np.load of a file object allocates what the header claims before reading the
+    data: a few bytes could ask for any size."""
+    start = file.tell()
+    version = np.lib.format.read_magic(file)
+    if version == (1, 0):
+        shape, _, dtype = np.lib.format.read_array_header_1_0(file)
+    elif version == (2, 0):
+        shape, _, dtype = np.lib.format.read_array_header_2_0(file)
+    else:
+        raise InputError(SampleCode.CORRUPT, f"{name} is a .npy of format {version}, not 1 or 2")
+    if dtype.hasobject:  # what np.load refuses without unpickling, as for a file
+        raise InputError(SampleCode.CORRUPT, f"{name} is not a valid .npy array")
+    file.seek(start)
+    return tuple(shape)
+
+
+def _check_shape(shape: tuple[int, ...], name: str, prep: Preprocessing) -> None:
+    if shape != prep.input_shape:
+        raise InputError(
+            SampleCode.WRONG_SHAPE,
+            f"{name} has shape {shape}, the model takes {prep.input_shape}",
+        )
 
 
 def _image(file: Path | BinaryIO, name: str, prep: Preprocessing) -> np.ndarray:
