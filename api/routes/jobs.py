@@ -78,7 +78,7 @@ def submit_extraction(
         channels=tuple(body.channels) if body.channels else None, top_k=body.top_k,
         max_size=body.max_size, labels_from_dirs=body.labels_from_dirs, tenant=tenant.name,
         queue=body.queue, roots=roots_of(services, tenant), gradcam=tuple(body.gradcam),
-        gradcam_target=body.gradcam_target,
+        gradcam_target=body.gradcam_target, squeeze=body.squeeze, benign=body.benign,
     )  # fmt: skip
     listed = list_inputs(spec, record.catalogue, checked_sources(services, tenant, spec.inputs))
     samples_quota(tenant, len(listed.sources))
@@ -125,6 +125,7 @@ def screenings(services: ServicesDep, tenant: TenantDep, body: ScreeningRequest)
         {**spec, "inputs": tuple(inputs_of(services, tenant, request)), "layers": tuple(layers),
          "labels_csv": None, "labels_from_dirs": False, "profile_id": body.profile_id,
          "queue": "screen", "channels": None, "top_k": None, "max_size": None, "gradcam": (),
+         "squeeze": "squeeze" in (profile.summary.get("detectors") or ()), "benign": False,
          "tenant": tenant.name, "roots": roots_of(services, tenant)}
     )  # fmt: skip
     catalogue = Registry(services.store).get(tenant.name, str(spec.get("model_id"))).catalogue
