@@ -1,0 +1,153 @@
+"""Screening through the store: the profile of tests/bench/screening.py fitted and run the
+way a user does it, with `actmap scan --squeeze --benign`, `screen fit` and `screen run`.
+
+Run from the repository root (no attack library needed):
+
+    nice -n 10 .venv/bin/python tests/bench/screening_store.py [--cache /tmp/actmap-screen]
+
+Owns one store-path measurement on the bench's data and model (screening.py: the same
+split, the same DigitsNet trained with noise augmentation, cached in --cache): the 1,000
+reference digits and the 1,000 test digits written as 8-bit PNGs in label folders, the first
+TEST_ATTACKED test digits attacked by FGSM at eps 0.2 (workers/extraction/attacks.py) and
+written as PNGs too; the reference scanned embedded with --squeeze --benign, the profile
+fitted with `screen fit --fpr 0.05` (default detectors and combination), and the clean and
+the attacked test digits screened with `screen run`. Prints the realised clean FPR and the
+AUROC of the successful attacks (clean digit right, attacked copy wrong) against the clean
+test digits. Nothing here is an assertion.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+# As in screening.py: tests/bench/api.py would shadow the standard library's queue.
+BENCH = Path(__file__).resolve().parent
+ROOT = BENCH.parents[1]
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != BENCH]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import argparse  # noqa: E402
+import contextlib  # noqa: E402
+import io  # noqa: E402
+import json  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+from sklearn.metrics import roc_auc_score  # noqa: E402
+
+from api.cli.main import main as actmap  # noqa: E402
+from tests.bench.screening import FPR, SEED, SPLIT, TEST_ATTACKED, Pixels, train  # noqa: E402
+from workers.demo.digits import digits_cnn  # noqa: E402
+from workers.demo.train import load_digits  # noqa: E402
+from workers.extraction.attacks import fgsm  # noqa: E402
+from workers.storage.layout import open_job, read  # noqa: E402
+
+LAYERS = "conv1,block1,conv2,block2,conv3,pool"
+
+
+def write_pngs(folder: Path, x: torch.Tensor, labels: np.ndarray, tag: str) -> None:
+    for i, (image, label) in enumerate(zip(x, labels, strict=True)):
+        (folder / str(label)).mkdir(parents=True, exist_ok=True)
+        pixels = (image[0].numpy() * 255).round().clip(0, 255).astype(np.uint8)
+        Image.fromarray(pixels).save(folder / str(label) / f"{tag}-{i:04d}.png")
+
+
+def run(argv: list[str]) -> dict[str, object]:
+    """`actmap ARGV --json`, its last line parsed."""
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        code = actmap([*argv, "--json"])
+    if code != 0:
+        raise SystemExit(f"actmap {' '.join(argv)} exited {code}")
+    found: dict[str, object] = json.loads(out.getvalue().strip().splitlines()[-1])
+    return found
+
+
+def screened(store: str, job_id: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """(scores, preds, source file names) of a screening job, in row order."""
+    group = open_job(store, job_id, mode="r")
+    names = [Path(str(p)).name for p in read(group, "source")]
+    return np.asarray(read(group, "screen/score")), np.asarray(read(group, "pred")), names
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--epochs", type=int, default=6)
+    parser.add_argument("--cache", type=Path, default=Path("/tmp/actmap-screen"))
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(SEED)
+    args.cache.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+
+    pixels, labels = load_digits()
+    order = np.random.default_rng(SEED).permutation(labels.size)
+    cut = np.cumsum(SPLIT)
+    train_rows, ref_rows, test_rows = order[: cut[0]], order[cut[0] : cut[1]], order[cut[1] :]
+    x01 = torch.from_numpy(pixels.astype(np.float32) / 255.0)[:, None]
+    targets = torch.from_numpy(labels)
+    model = digits_cnn()
+    weights = args.cache / f"model-{args.epochs}.pt"
+    if weights.exists():
+        model.load_state_dict(torch.load(weights))
+    else:
+        train(model, x01[train_rows], targets[train_rows], args.epochs)
+        torch.save(model.state_dict(), weights)
+    model.eval()
+    print(f"model ready in {time.perf_counter() - started:.0f} s")
+
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        store = str(root / "store")
+        n = TEST_ATTACKED
+        write_pngs(root / "ref", x01[ref_rows], labels[ref_rows], "ref")
+        write_pngs(root / "clean", x01[test_rows], labels[test_rows], "clean")
+        adv = fgsm(Pixels(model), x01[test_rows][:n], targets[test_rows][:n], 0.2)
+        write_pngs(root / "fgsm", adv.detach(), labels[test_rows][:n], "fgsm")
+        model_args = ["--model", "workers.demo.digits:digits_cnn", "--weights", str(weights)]
+        t0 = time.perf_counter()
+        ref = run(["scan", str(root / "ref"), *model_args, "--layers", LAYERS,
+                   "--labels-from-dirs", "--squeeze", "--benign", "--dtype", "float32",
+                   "--batch-size", "250", "--out", store])  # fmt: skip
+        print(f"reference scanned with --squeeze --benign in {time.perf_counter() - t0:.0f} s")
+        t0 = time.perf_counter()
+        fitted = run(["screen", "fit", "--reference", str(ref["job_id"]), "--fpr", str(FPR),
+                      "--store", store])  # fmt: skip
+        print(f"profile fitted in {time.perf_counter() - t0:.0f} s: squeeze {fitted['squeeze']}, "
+              f"benign copies {fitted['benign_copies']}")  # fmt: skip
+        profile, threshold = str(fitted["profile_id"]), float(fitted["threshold"])  # type: ignore[arg-type]
+        found = {}
+        for name in ("clean", "fgsm"):
+            job = run(["screen", "run", str(root / name), "--profile", profile, "--store", store])
+            found[name] = screened(store, str(job["job_id"]))
+
+    def label_of(names: list[str], tag: str) -> np.ndarray:
+        index = [int(n.split("-")[1].split(".")[0]) for n in names]
+        assert all(n.startswith(tag) for n in names)
+        return labels[test_rows][index], np.asarray(index)
+
+    clean_scores, clean_pred, clean_names = found["clean"]
+    y_clean, i_clean = label_of(clean_names, "clean")
+    adv_scores, adv_pred, adv_names = found["fgsm"]
+    y_adv, i_adv = label_of(adv_names, "fgsm")
+    right = dict(zip(i_clean.tolist(), (clean_pred == y_clean).tolist(), strict=True))
+    fooled = np.asarray([right[i] for i in i_adv.tolist()]) & (adv_pred != y_adv)
+    positives = adv_scores[fooled]
+    target = np.r_[np.ones(positives.size), np.zeros(clean_scores.size)]
+    auroc = roc_auc_score(target, np.r_[positives, clean_scores])
+    print(f"\nstore path, profile {profile}: threshold {threshold:.3f}")
+    print(f"realised clean FPR {np.mean(clean_scores > threshold):.3f} on {clean_scores.size} "
+          f"test digits (target {FPR})")  # fmt: skip
+    print(f"FGSM eps 0.2 (8-bit PNG): {int(fooled.sum())} of {n} successful, AUROC vs clean "
+          f"{auroc:.3f}, flagged {np.mean(positives > threshold):.3f}")  # fmt: skip
+    print(f"\ntotal {time.perf_counter() - started:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
