@@ -41,9 +41,7 @@ from PIL import Image  # noqa: E402
 from sklearn.metrics import roc_auc_score  # noqa: E402
 
 from api.cli.main import main as actmap  # noqa: E402
-from tests.bench.screening import FPR, SEED, SPLIT, TEST_ATTACKED, Pixels, train  # noqa: E402
-from workers.demo.digits import digits_cnn  # noqa: E402
-from workers.demo.train import load_digits  # noqa: E402
+from tests.bench.screening import FPR, SEED, TEST_ATTACKED, Pixels, prepared  # noqa: E402
 from workers.extraction.attacks import fgsm  # noqa: E402
 from workers.storage.layout import open_job, read  # noqa: E402
 
@@ -86,20 +84,10 @@ def main() -> None:
     args.cache.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
 
-    pixels, labels = load_digits()
-    order = np.random.default_rng(SEED).permutation(labels.size)
-    cut = np.cumsum(SPLIT)
-    train_rows, ref_rows, test_rows = order[: cut[0]], order[cut[0] : cut[1]], order[cut[1] :]
-    x01 = torch.from_numpy(pixels.astype(np.float32) / 255.0)[:, None]
-    targets = torch.from_numpy(labels)
-    model = digits_cnn()
-    weights = args.cache / f"model-{args.epochs}.pt"
-    if weights.exists():
-        model.load_state_dict(torch.load(weights))
-    else:
-        train(model, x01[train_rows], targets[train_rows], args.epochs)
-        torch.save(model.state_dict(), weights)
-    model.eval()
+    data = prepared(args.cache, args.epochs)
+    x01, targets, model, weights = data.x01, data.targets, data.model, data.weights
+    ref_rows, test_rows = data.ref_rows, data.test_rows
+    labels = targets.numpy()
     print(f"model ready in {time.perf_counter() - started:.0f} s")
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -127,7 +115,8 @@ def main() -> None:
             job = run(["screen", "run", str(root / name), "--profile", profile, "--store", store])
             found[name] = screened(store, str(job["job_id"]))
 
-    def label_of(names: list[str], tag: str) -> np.ndarray:
+    def label_of(names: list[str], tag: str) -> tuple[np.ndarray, np.ndarray]:
+        """(labels, test-split index) of screened files named {tag}-{index}.png."""
         index = [int(n.split("-")[1].split(".")[0]) for n in names]
         assert all(n.startswith(tag) for n in names)
         return labels[test_rows][index], np.asarray(index)

@@ -5,6 +5,7 @@ Never imports torch.
       layers/{layer}/      acts pooled (top_channel for top-k, kept_channel for a subset,
                            gradcam and gradcam_target where Grad-CAM was asked)
       screen/              score flag (a screening job), filters/{layer} (a report's weights)
+      squeeze, benign/     a screening reference's extras (squeezed.py)
     analyses/{id}/         a health, comparison, signatures or screening-profile result
     uploads/{tenant}/      uploaded inputs (plain files); index/ the job index (index.py)
 
