@@ -215,8 +215,9 @@ def prepared(cache: Path, epochs: int) -> Prepared:
     return Prepared(x01, targets, train_rows, ref_rows, test_rows, model, weights)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def parsed(parser: argparse.ArgumentParser) -> argparse.Namespace:
+    """The screening benches' options (--epochs, --cache, --threads) added and parsed, with
+    torch's threads and seed set and the cache folder made."""
     parser.add_argument("--epochs", type=int, default=6, help="training epochs (demo: 6)")
     parser.add_argument("--cache", type=Path, default=Path("/tmp/actmap-screen"))
     parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
@@ -224,6 +225,11 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(SEED)
     args.cache.mkdir(parents=True, exist_ok=True)
+    return args
+
+
+def main() -> None:
+    args = parsed(argparse.ArgumentParser(description=__doc__.split("\n\n")[0]))
     started = time.perf_counter()
 
     data = prepared(args.cache, args.epochs)

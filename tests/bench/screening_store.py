@@ -43,7 +43,7 @@ from PIL import Image  # noqa: E402
 from sklearn.metrics import roc_auc_score  # noqa: E402
 
 from api.cli.main import main as actmap  # noqa: E402
-from tests.bench.screening import FPR, SEED, TEST_ATTACKED, Pixels, prepared  # noqa: E402
+from tests.bench.screening import FPR, TEST_ATTACKED, Pixels, parsed, prepared  # noqa: E402
 from workers.analysis.profiles import fit_profile, load_profile, score_job  # noqa: E402
 from workers.extraction.attacks import fgsm  # noqa: E402
 from workers.storage.layout import open_job, read  # noqa: E402
@@ -85,14 +85,8 @@ def label_of(labels: np.ndarray, names: list[str], tag: str) -> tuple[np.ndarray
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--epochs", type=int, default=6)
-    parser.add_argument("--cache", type=Path, default=Path("/tmp/actmap-screen"))
-    parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seeds", type=int, default=5, help="profile fits (split seeds)")
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(SEED)
-    args.cache.mkdir(parents=True, exist_ok=True)
+    args = parsed(parser)
     started = time.perf_counter()
 
     data = prepared(args.cache, args.epochs)
