@@ -15,7 +15,8 @@ from api.broker import Broker
 from api.deps import Services, known_query
 from api.gate import Gate
 from api.logs import redact_access_log
-from api.routes import analyses, health, inputs, jobs, models, pictures, results
+from api.quotas import InFlight
+from api.routes import analyses, health, inputs, jobs, models, pictures, results, screen
 from workers.jobs import VERSION
 from workers.settings import Settings
 
@@ -36,6 +37,7 @@ def create_app(settings: Settings, broker: Broker) -> FastAPI:
         swagger_ui_parameters={"validatorUrl": None},
     )
     app.state.services = services
+    app.state.screenings = InFlight()  # per process, like the threads that wait on them
     problems.install(app)
     max_body = settings.max_body_bytes or services.tenants.largest_upload() + (1 << 20)
     app.add_middleware(Gate, tenants=services.tenants, max_body=max_body)
@@ -55,6 +57,6 @@ def create_app(settings: Settings, broker: Broker) -> FastAPI:
     app.include_router(health.router)
     app.include_router(health.metrics, include_in_schema=settings.metrics_access != "off")
     strict = [Depends(known_query)]
-    for resource in (models, inputs, jobs, results, pictures, analyses):
+    for resource in (models, inputs, jobs, results, pictures, analyses, screen):
         app.include_router(resource.router, dependencies=strict)
     return app

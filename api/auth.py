@@ -40,6 +40,8 @@ class Quotas(BaseModel):
     queued_jobs: int = Field(default=20, ge=1)
     samples_per_job: int = Field(default=1_000_000, ge=1)
     upload_bytes: int = Field(default=64 << 20, ge=1)
+    # One-sample screenings of this tenant waiting for a worker at once, per API process.
+    screenings_at_once: int = Field(default=8, ge=1)
 
 
 class Tenant(BaseModel):

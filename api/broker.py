@@ -38,6 +38,11 @@ class Busy(Exception):
 
 class Broker(Protocol):
     def send(self, task: str, args: list[Any], queue: str) -> None: ...
+    def call(self, task: str, args: list[Any], queue: str, timeout: float) -> Any:
+        """Send a task and wait up to `timeout` s for its result (the fast path of one
+        screening). Raises Unavailable when no worker answers in time."""
+        ...
+
     def claim(self, key: str, value: str) -> str | None:
         """Store value under key unless present; return the value already there, if any."""
         ...
@@ -91,6 +96,23 @@ class RedisBroker:
 
     def send(self, task: str, args: list[Any], queue: str) -> None:
         self._app.send_task(task, args=args, queue=queue)
+
+    def call(self, task: str, args: list[Any], queue: str, timeout: float) -> Any:
+        from celery.exceptions import TimeoutError as NoAnswer
+
+        from workers.lifecycle.submit import Unavailable
+
+        # Expires with the wait: a worker that takes it up later drops it unrun.
+        result = self._app.send_task(task, args=args, queue=queue, expires=timeout)
+        try:
+            return result.get(timeout=timeout)
+        except NoAnswer:
+            raise Unavailable(
+                f"no worker of the {queue!r} queue answered within {timeout:g} s; retry, or "
+                f"ask the operator to start one (actmap worker --queues {queue})"
+            ) from None
+        finally:
+            result.forget()  # the answer is read once: keep no copy in Redis
 
     def claim(self, key: str, value: str) -> str | None:
         if self._redis.set(key, value, nx=True, ex=_IDEMPOTENCY_TTL):
@@ -167,7 +189,7 @@ class MemoryBroker:
     run the worker function in line)."""
 
     def __init__(
-        self, run: Callable[[str, list[Any]], None] | None = None, counters: Counters | None = None
+        self, run: Callable[[str, list[Any]], Any] | None = None, counters: Counters | None = None
     ) -> None:
         self.sent: list[tuple[str, list[Any], str]] = []
         self._counters = counters
@@ -182,6 +204,14 @@ class MemoryBroker:
         self.sent.append((task, args, queue))
         if self._run is not None:
             self._run(task, args)
+
+    def call(self, task: str, args: list[Any], queue: str, timeout: float) -> Any:  # noqa: ARG002
+        self.sent.append((task, args, queue))
+        if self._run is None:
+            from workers.lifecycle.submit import Unavailable
+
+            raise Unavailable(f"no worker of the {queue!r} queue")
+        return self._run(task, args)
 
     def claim(self, key: str, value: str) -> str | None:
         with self._lock:

@@ -155,6 +155,16 @@ class Client:
         body = {"job_id": job_id, "layer": layer, "top": top}
         return self._analyse("explanations", body, wait, timeout)
 
+    def screen_sample(self, profile_id: str, data: bytes, name: str = "sample") -> dict[str, Any]:
+        """Screen one sample now with a fitted profile: its bytes (an image, a `.npy`
+        array or a binary, decoded by the suffix of `name`). Returns the score, the flag,
+        the threshold and the model's prediction; nothing is stored."""
+        found: dict[str, Any] = self.request(
+            "POST", f"/v1/analyses/{profile_id}/screen", params={"name": name}, content=data,
+            headers={"Content-Type": "application/octet-stream"},
+        ).json()  # fmt: skip
+        return found
+
     def _analyse(
         self, route: str, body: dict[str, Any], wait: bool, timeout: float
     ) -> dict[str, Any]:

@@ -17,7 +17,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from api.auth import Unauthorized
 from api.quotas import TooLarge, TooMany
 from api.schemas import Problem
-from workers.errors import Conflict, NotFound, UserError
+from workers.errors import Conflict, NotFound, TransientError, UserError
 from workers.lifecycle.submit import Busy, Unavailable
 
 __all__ = ["PROBLEMS", "STATUS", "install"]
@@ -31,6 +31,7 @@ STATUS: dict[type[Exception], int] = {
     TooMany: 429,
     Unavailable: 503,  # the broker is down: nothing was acknowledged, retry later
     Busy: 503,  # the same idempotency key is being submitted by another request
+    TransientError: 503,  # a worker lost its store or Redis for a moment: retry
     UserError: 422,
 }
 
@@ -43,7 +44,8 @@ PROBLEMS: dict[int | str, dict[str, Any]] = {
         (409, "the model or job is not in a state for this"),
         (413, "over a size quota"),
         (422, "an invalid request, said in one line"),
-        (429, "over the queued-jobs quota"),
+        (429, "over the queued-jobs quota, or too many screenings at once"),
+        (503, "no worker answered, or the broker is away: nothing was done, retry"),
     )
 }
 

@@ -10,6 +10,7 @@ concurrent uploads share one budget; a refused or failed upload gives its bytes 
 from __future__ import annotations
 
 import shutil
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -27,7 +28,7 @@ from workers.storage.index import count
 from workers.storage.objects import location
 from workers.storage.registry import REGISTRY
 
-__all__ = ["TooLarge", "TooMany", "UploadQuota", "job_slot", "samples"]
+__all__ = ["InFlight", "TooLarge", "TooMany", "UploadQuota", "job_slot", "samples"]
 
 _ACTIVE = (JobState.QUEUED.value, JobState.RUNNING.value)
 
@@ -63,6 +64,32 @@ def job_slot(services: Services, tenant: Tenant) -> Iterator[None]:
             yield
     except Busy:
         raise TooMany("too many of your submissions at once; retry in a few seconds") from None
+
+
+class InFlight:
+    """Requests of each tenant in progress in this process, each tenant under its quota
+    `screenings_at_once`: one tenant's burst waits on its own 429s, not on the shared
+    `screen` queue ahead of everyone else's samples."""
+
+    def __init__(self) -> None:
+        self._held: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    @contextmanager
+    def slot(self, tenant: Tenant) -> Iterator[None]:
+        limit = tenant.quotas.screenings_at_once
+        with self._lock:
+            if self._held.get(tenant.name, 0) >= limit:
+                raise TooMany(
+                    f"you have {limit} screenings waiting for an answer, your limit "
+                    "(quotas.screenings_at_once); wait for one, or submit a screening job"
+                )
+            self._held[tenant.name] = self._held.get(tenant.name, 0) + 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._held[tenant.name] -= 1
 
 
 def samples(tenant: Tenant, n: int) -> None:

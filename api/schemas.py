@@ -11,16 +11,17 @@ from workers.jobs import ModelInfo
 __all__ = [
     "Accepted",
     "AnalysisOut",
-    "JobAnalysisRequest",
-    "ProfileRequest",
-    "Problem",
     "ComparisonRequest",
     "ExtractionRequest",
     "InputSet",
+    "JobAnalysisRequest",
     "JobOut",
     "ModelOut",
+    "Problem",
+    "ProfileRequest",
     "SampleErrors",
     "SamplesPage",
+    "ScreenAnswer",
     "ScreenPage",
     "ScreeningRequest",
     "StoreLocation",
@@ -244,6 +245,20 @@ class ScreenPage(_Body):
     flags: list[bool]
     offset: int
     total: int
+
+
+class ScreenAnswer(_Body):
+    """One sample screened now: its score, whether it is above the profile's threshold
+    (flagged), and the model's prediction. Nothing is stored."""
+
+    profile_id: str
+    sample: str
+    score: float
+    flag: bool
+    threshold: float
+    fpr: float
+    pred: int
+    pred_class: str | None
 
 
 class StoreLocation(_Body):

@@ -27,6 +27,7 @@ __all__ = [
     "InputError",
     "LayerError",
     "ModelError",
+    "REFUSALS",
     "NotFound",
     "SampleCode",
     "SpecError",
@@ -93,3 +94,12 @@ class InputError(UserError):
 
 class TransientError(ActmapError):
     """Raised when the same call may succeed later: a lost connection, CUDA out of memory."""
+
+
+# What a worker answers instead of a result when the caller's request was refused (a task
+# returns its refusal as data, by kind), and the error the caller raises for each.
+REFUSALS: dict[str, type[ActmapError]] = {
+    "not_found": NotFound,
+    "user": UserError,
+    "transient": TransientError,
+}

@@ -78,6 +78,7 @@ class TaskName(StrEnum):
     RUN_BATCH = "actmap.run_batch"
     REGISTER_MODEL = "actmap.register_model"
     ANALYSE = "actmap.analyse"
+    SCREEN_SAMPLE = "actmap.screen_sample"
 
 
 class JobState(StrEnum):

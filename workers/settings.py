@@ -42,6 +42,9 @@ class Settings(BaseSettings):
     metrics: Literal["off", "open", "token"] | None = None
     metrics_token: SecretStr | None = None
     quota_lock_s: float = Field(default=30.0, gt=0)
+    # How long the API waits for a `screen` worker's answer to one sample (the first
+    # request of a profile loads its model there).
+    screen_timeout_s: float = Field(default=30.0, gt=0)
 
     @model_validator(mode="after")
     def _metrics_token_given(self) -> Self:

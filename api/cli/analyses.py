@@ -72,16 +72,23 @@ def add_parsers(sub: Any) -> None:
     runs = action.add_parser("run", help="a screening job: extract and score INPUTs")
     runs.add_argument("inputs", nargs="+", metavar="INPUT")
     runs.add_argument("--profile", required=True)
+    now = action.add_parser(
+        "sample",
+        help="screen FILEs now, one at a time, without a job: each answered by a warm "
+        "`screen` worker (through an API or a broker) or in this process; nothing stored",
+    )
+    now.add_argument("files", nargs="+", metavar="FILE", help="local files, sent as bytes")
+    now.add_argument("--profile", required=True)
     atlas = sub.add_parser("atlas", help="each channel's strongest responses and input crops")
     atlas.add_argument("job_id", metavar="JOB")
     atlas.add_argument("--layer", required=True, help="a stored layer with 2-d maps")
     atlas.add_argument(
         "--top", type=int, default=9, help="responses kept per channel, 1 to 256 (default: 9)"
     )
-    for parser in (health, compare, explain, fit, runs, atlas):
+    for parser in (health, compare, explain, fit, runs, now, atlas):
         parser.add_argument("--store", help="store (default $ACTMAP_STORE)")
         parser.add_argument("--json", action="store_true", help="print one JSON object")
-    for parser in (health, compare, explain, fit, runs, atlas):
+    for parser in (health, compare, explain, fit, runs, now, atlas):
         parser.add_argument("--api", help="through this API (default $ACTMAP_API_URL)")
         parser.add_argument("--token", help="the API's bearer token (default $ACTMAP_TOKEN)")
 
@@ -158,6 +165,10 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
 
     if args.command == "screen" and args.screen_action == "run":
         return _screen_run(args, settings, args.store or settings.store)
+    if args.command == "screen" and args.screen_action == "sample":
+        from api.cli.screen_now import screen_files
+
+        return screen_files(args, settings)
     kind, params = _request(args)
     backend = backend_for(settings, args.store or settings.store, args.api)
     if kind == AnalysisKind.SCREENING_PROFILE and not isinstance(backend, ApiBackend):

@@ -11,8 +11,8 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
 from workers.analysis.requests import Analysis
-from workers.errors import UserError
-from workers.jobs import AnalysisKind, ExtractionSpec, poll
+from workers.errors import REFUSALS, UserError
+from workers.jobs import AnalysisKind, ExtractionSpec, TaskName, poll
 from workers.lifecycle.counters import Counters
 from workers.lifecycle.state import Status, can_progress, cancel, job_page, list_jobs, status
 from workers.settings import Settings
@@ -43,6 +43,10 @@ class Backend(Protocol):
     def wait(self, job_id: str, progress: Progress) -> Status: ...
     def cancel(self, job_id: str) -> Status: ...
     def resume(self, job_id: str, wait: bool, progress: Progress) -> Status: ...
+    def screen_sample(self, profile_id: str, name: str, data: bytes) -> dict[str, Any]:
+        """One sample screened now, without a job (workers/execution/screen_one.py)."""
+        ...
+
     def analyse(
         self, kind: AnalysisKind, params: dict[str, Any], progress: AnalysisProgress
     ) -> Analysis: ...
@@ -98,6 +102,11 @@ class EmbeddedBackend(_StoreReads):
         with embedded.embedded(self.settings) as local:
             analysis_id = submit(local.jobs.send, self.store, kind, params, _LOCAL)
             return wait(self.store, analysis_id, progress, local.thread.is_alive)
+
+    def screen_sample(self, profile_id: str, name: str, data: bytes) -> dict[str, Any]:
+        from workers.execution.screen_one import screen_here
+
+        return screen_here(self.settings, self.store, profile_id, name, data)
 
 
 class BrokerBackend(_StoreReads):
@@ -160,6 +169,23 @@ class BrokerBackend(_StoreReads):
 
         analysis_id = submit(self._jobs().send, self.store, kind, params, _LOCAL)
         return wait(self.store, analysis_id, progress)
+
+    def screen_sample(self, profile_id: str, name: str, data: bytes) -> dict[str, Any]:
+        import base64
+
+        from api.broker import RedisBroker
+
+        args = [self.store, None, profile_id, name, base64.b64encode(data).decode()]
+        broker = RedisBroker(self._url, self._app())
+        try:
+            found: dict[str, Any] = broker.call(
+                TaskName.SCREEN_SAMPLE, args, "screen", self.settings.screen_timeout_s
+            )
+        finally:
+            broker.close()
+        if "refused" in found:
+            raise REFUSALS.get(found["refused"], UserError)(found["error"])
+        return found
 
 
 class ApiBackend:
@@ -238,6 +264,9 @@ class ApiBackend:
     def resume(self, job_id: str, wait: bool, progress: Progress) -> Status:
         current = self._status(self.client.job(job_id).resume())
         return self.wait(job_id, progress) if wait else current
+
+    def screen_sample(self, profile_id: str, name: str, data: bytes) -> dict[str, Any]:
+        return self.client.screen_sample(profile_id, data, name)
 
     def analyse(
         self, kind: AnalysisKind, params: dict[str, Any], progress: AnalysisProgress

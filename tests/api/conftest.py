@@ -17,6 +17,7 @@ from api.broker import MemoryBroker
 from workers.analysis.requests import run_analysis
 from workers.demo.digits import WEIGHTS
 from workers.execution.registration import register_model
+from workers.execution.screen_one import Screeners, answer
 from workers.extraction.cache import ModelCache
 from workers.jobs import TaskName
 from workers.lifecycle.counters import Counters, MemoryCounters
@@ -62,7 +63,12 @@ def _inline(settings: Settings, counters: Counters | None = None) -> Any:
         Extraction(ModelCache(factories=settings.factories)), counters or MemoryCounters()
     )
 
-    def run(task: str, args: list[Any]) -> None:
+    models, screeners = ModelCache(factories=settings.factories), Screeners()
+
+    def run(task: str, args: list[Any]) -> Any:
+        if task == TaskName.SCREEN_SAMPLE:
+            store, tenant, profile_id, name, data = args
+            return answer(store, tenant, profile_id, name, data, models, screeners)
         if task == TaskName.REGISTER_MODEL:
             store, tenant, model_id = args
             register_model(store, tenant, model_id, settings.factories)
@@ -72,6 +78,7 @@ def _inline(settings: Settings, counters: Counters | None = None) -> Any:
         elif task == TaskName.RUN_BATCH:
             store, job_id, batches = args
             execute_batches(store, job_id, batches, runtime)
+        return None  # only the screening of one sample is waited for
 
     return run
 

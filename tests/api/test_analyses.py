@@ -64,7 +64,7 @@ def test_health_and_comparison_are_queued_on_the_analysis_queue_and_open_as_resu
                               headers=api.as_("other")).status_code == 404  # fmt: skip
 
 
-def _fitted_profile(api: Api) -> dict[str, Any]:
+def fitted_profile(api: Api) -> dict[str, Any]:
     """A screening profile fitted on every demo digit under acme's `all/`, at FPR 0.2."""
     reference = _finished_job(
         api, api.register(), inputs=[str(api.roots["acme"] / "all")], labels_from_dirs=True,
@@ -80,7 +80,7 @@ def _fitted_profile(api: Api) -> dict[str, Any]:
 def test_a_screening_job_scores_each_sample_with_a_profile(tmp_path: Path) -> None:
     api = wide_api(tmp_path)
     with api.client:
-        profile = _fitted_profile(api)
+        profile = fitted_profile(api)
         assert profile["state"] == "succeeded", profile
         noise = api.roots["acme"] / "noise.npy"
         np.save(
@@ -124,7 +124,7 @@ def test_a_screening_job_is_not_seen_finished_before_its_scores_are_stored(
 
     monkeypatch.setattr(workers.analysis.profiles, "score_job", watched)
     with api.client:
-        profile = _fitted_profile(api)
+        profile = fitted_profile(api)
         digit = next(iter(sorted((api.roots["acme"] / "all").glob("*/*.png"))))
         screened = api.client.post(
             "/v1/jobs/screenings", headers=api.as_("acme"),

@@ -1,4 +1,4 @@
-"""`screen run` of one sample through the API with a warm worker: how long until its answer?
+"""One sample screened through the API with a warm worker: how long until its answer?
 
 Run from the repository root (needs redis-server; about 2 minutes on 2 shared cores):
 
@@ -15,13 +15,23 @@ Setup, through the API: the bundled model registered; a reference extraction of 
 digits (labels from their folders, the layers conv1, conv2, conv3, pool); a screening profile
 fitted on it (POST /v1/analyses/profiles, FPR 0.05, the default detectors and combination).
 
-Then `--warmup` untimed and `--requests` timed screenings, one after the other, each of one
-demo digit named by its server path (what `actmap screen run --api` sends): POST
-/v1/jobs/screenings, poll GET /v1/jobs/{id} every `--poll` seconds until it is finished, then
-GET /v1/jobs/{id}/screen (the score, the flag and the threshold). Printed: p50, p95 and max
-of the whole request and of its parts (submit: until the 202; wait: until the poll that saw
-the job finished; answer: the score's GET), the share flagged, and the load average before
-and after. Every figure comes from one run on one machine; nothing here is an assertion.
+Then `--warmup` untimed and `--requests` timed screenings of each path, interleaved (a job,
+then a sample, alternating which goes first), one demo digit each:
+
+* job: a screening job (what `actmap screen run --api` does): POST /v1/jobs/screenings with
+  the digit's server path, poll GET /v1/jobs/{id} every `--poll` seconds until it is
+  finished, then GET /v1/jobs/{id}/screen (the score, the flag and the threshold);
+* sample: the digit's bytes screened now (what `actmap screen sample --api` does): POST
+  /v1/analyses/{profile}/screen, answered by the worker, nothing stored. Its parts, from the
+  response's Server-Timing: worker (the task's own work: decode, forward, score), broker
+  (the rest of the API's wait: the queue, Redis, the handover to the worker's child) and api
+  (the rest: HTTP, the token, the profile's check, the body).
+
+Printed: p50, p95 and max of each path's whole request and of the job path's parts (submit:
+until the 202; wait: until the poll that saw the job finished; answer: the score's GET), the
+share flagged, how far apart the two paths' scores of each digit are, and the load average
+before and after. Every figure comes from one run on one machine; nothing here is an
+assertion.
 """
 
 from __future__ import annotations
@@ -111,7 +121,32 @@ def one_request(client: Client, profile: str, digit: Path, poll: float) -> dict[
     if state != "succeeded" or answer["scores"][0] is None:
         raise RuntimeError(f"screening {job_id} ended {state}: {answer}")
     return {"submit": t1 - t0, "wait": t2 - t1, "answer": t3 - t2, "total": t3 - t0,
-            "flagged": float(answer["flags"][0])}  # fmt: skip
+            "score": answer["scores"][0], "flagged": float(answer["flags"][0])}  # fmt: skip
+
+
+def one_sample(client: Client, profile: str, digit: Path) -> dict[str, float]:
+    """Seconds of one screening of the digit's bytes, its score, and 'flagged' (1.0, 0.0)."""
+    data = digit.read_bytes()
+    t0 = time.perf_counter()
+    response = client.request(
+        "POST", f"/v1/analyses/{profile}/screen", params={"name": digit.name}, content=data,
+        headers={"Content-Type": "application/octet-stream"},
+    )  # fmt: skip
+    total = time.perf_counter() - t0
+    answer = response.json()
+    timing = response.headers["Server-Timing"]
+    parts = {
+        name: float(dur.removeprefix("dur=")) / 1e3
+        for name, dur in (part.strip().split(";") for part in timing.split(","))
+    }
+    return {"total": total, "worker": parts["worker"], "broker": parts["broker"],
+            "api": total - parts["worker"] - parts["broker"], "score": answer["score"],
+            "flagged": float(answer["flag"])}  # fmt: skip
+
+
+def _row(name: str, seconds: list[float]) -> str:
+    v = np.array(seconds) * 1e3
+    return f"{name:<16}{np.percentile(v, 50):>8.1f}{np.percentile(v, 95):>8.1f}{v.max():>8.1f}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -147,19 +182,30 @@ def main(argv: list[str] | None = None) -> int:
             print(f"ready after {time.monotonic() - began:.0f} s: profile {profile}", flush=True)
             for i in range(args.warmup):
                 one_request(client, profile, digits[i % len(digits)], args.poll)
-            trips = [
-                one_request(client, profile, digits[i % len(digits)], args.poll)
-                for i in range(args.requests)
-            ]
-        print(f"\n{args.requests} single-sample screenings through the API, one at a time, "
-              f"{args.poll * 1e3:.0f} ms poll; ms:")  # fmt: skip
-        print(f"{'part':<8}{'p50':>8}{'p95':>8}{'max':>8}")
+                one_sample(client, profile, digits[i % len(digits)])
+            jobs, samples = [], []
+            for i in range(args.requests):
+                digit = digits[i % len(digits)]
+                if i % 2:
+                    samples.append(one_sample(client, profile, digit))
+                    jobs.append(one_request(client, profile, digit, args.poll))
+                else:
+                    jobs.append(one_request(client, profile, digit, args.poll))
+                    samples.append(one_sample(client, profile, digit))
+        print(f"\n{args.requests} screenings of one digit by each path through the API, one "
+              f"at a time, interleaved, {args.poll * 1e3:.0f} ms poll; ms:")  # fmt: skip
+        print(f"{'path / part':<16}{'p50':>8}{'p95':>8}{'max':>8}")
         for part in ("submit", "wait", "answer", "total"):
-            v = np.array([t[part] for t in trips]) * 1e3
-            print(f"{part:<8}{np.percentile(v, 50):>8.1f}{np.percentile(v, 95):>8.1f}"
-                  f"{v.max():>8.1f}")  # fmt: skip
-        flagged = np.mean([t["flagged"] for t in trips])
-        print(f"flagged: {flagged:.1%} of the (clean) demo digits; load average {load()}; "
+            print(_row(f"job {part}", [t[part] for t in jobs]))
+        for part in ("api", "broker", "worker", "total"):
+            print(_row(f"sample {part}", [t[part] for t in samples]))
+        by_job = np.array([t["score"] for t in jobs])
+        apart = np.abs(np.array([t["score"] for t in samples]) - by_job) / np.abs(by_job)
+        for name, trips in (("job", jobs), ("sample", samples)):
+            flagged = np.mean([t["flagged"] for t in trips])
+            print(f"{name}: {flagged:.1%} of the (clean) demo digits flagged")
+        print(f"scores of the two paths apart by at most {apart.max():.2e} (relative), median "
+              f"{np.median(apart):.2e}; load average {load()}; "
               f"{time.monotonic() - began:.0f} s")  # fmt: skip
         ok = True
     finally:

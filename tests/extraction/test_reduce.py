@@ -217,3 +217,14 @@ def test_uint8_on_the_device_and_on_the_host_agree(output: torch.Tensor) -> None
     np.testing.assert_array_equal(offset.numpy(), offset_host)
     # Rounding a value that sits on a half step may go either way in float32.
     assert np.abs(q.numpy().astype(int) - q_host.astype(int)).max() <= 1
+
+
+def test_uint8_keeps_post_relu_zeros_at_level_zero_so_they_decode_to_exactly_zero(
+    output: torch.Tensor,
+) -> None:
+    # Runs of zeros are most of what zstd saves on 8-bit maps (tests/bench/README.md).
+    relu = torch.relu(output)
+    zeros = (relu == 0).numpy()
+    for q, scale, offset in (quantise(relu), tuple(map(torch.from_numpy, encode(relu.numpy())))):
+        assert (q.numpy()[zeros] == 0).all()
+        assert (_decoded(q, scale, offset)[zeros] == 0).all()

@@ -176,9 +176,10 @@ class Cluster:
     def counters(self) -> RedisCounters:
         return RedisCounters(self.redis.url)
 
-    def start(self, workers: int, alive: int = 0) -> None:
-        """Start `workers` CPU workers; `alive` others already answer on the same Redis."""
-        argv = ["worker", "--cpu", str(workers), "--queues", "extract"]
+    def start(self, workers: int, alive: int = 0, queues: str = "extract") -> None:
+        """Start `workers` CPU workers of `queues`; `alive` others already answer on the
+        same Redis."""
+        argv = ["worker", "--cpu", str(workers), "--queues", queues]
         self.launcher = subprocess.Popen(
             [sys.executable, "-m", "api.cli.main", *argv],
             env=self.env, cwd=ROOT, start_new_session=True,

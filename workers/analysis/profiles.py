@@ -2,20 +2,23 @@
 
 Owns `fit_profile` (a `ScreeningProfile` fitted on a job's pooled activations and logits,
 with its squeezing distances and benign copies when it stores them: storage/squeezed.py;
-saved as the analysis kind `screening-profile`), `load_profile`, and `score_job`, which
+saved as the analysis kind `screening-profile`), `load_profile`, `screening_spec` (what a
+screening of new inputs runs: the reference job's model and the profile's layers, with the
+squeezing distances when the profile scores them), and `score_job`, which
 scores a job and stores its `screen/score` and `screen/flag` (storage/screen.py).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
 from workers.analysis.screening import LOGITS, SQUEEZE, ScreeningProfile, check_reference
 from workers.analysis.stats import DEFAULT_BLOCK, iter_rows
 from workers.errors import SpecError
-from workers.jobs import AnalysisKind
+from workers.jobs import AnalysisKind, ExtractionSpec
 from workers.storage.analyses import Arrays, open_analysis, save
 from workers.storage.layout import (
     ERROR_CODE,
@@ -33,7 +36,13 @@ from workers.storage.squeezed import SQUEEZE as SQUEEZED
 from workers.storage.squeezed import benign_path, read_rows, stored_copies
 from workers.storage.stored_job import Picked, StoredJob, subgroup
 
-__all__ = ["check_reference_job", "fit_profile", "load_profile", "score_job"]
+__all__ = [
+    "check_reference_job",
+    "fit_profile",
+    "load_profile",
+    "score_job",
+    "screening_spec",
+]
 
 # Rows scored at a time: a screening job is read in blocks of this many samples.
 _SCORE_BLOCK = 4096
@@ -192,12 +201,35 @@ _PROFILE_DIMS = {
 }
 
 
-def load_profile(store: str, profile_id: str) -> ScreeningProfile:
-    """The stored profile, ready to score; its `meta["model"]` is the model it was fitted on."""
-    group = open_analysis(store, profile_id)
+def _profile_attrs(group: Any, profile_id: str) -> dict[str, Any]:
     meta = attrs(group)
     if meta.get("kind") != AnalysisKind.SCREENING_PROFILE:
         raise SpecError(f"analysis {profile_id} is a {meta.get('kind')}, not a screening profile")
+    if "profile" not in meta:
+        raise SpecError(f"screening profile {profile_id} is {meta.get('state')}, not fitted yet")
+    return meta
+
+
+def screening_spec(store: str, profile_id: str, **fields: Any) -> ExtractionSpec:
+    """The spec a screening with the profile runs: its reference job's spec (model, weights,
+    preprocessing, roots, inputs) on the profile's layers, on the `screen` queue, scored
+    with it; `fields` set the rest (inputs, tenant, roots)."""
+    meta = _profile_attrs(open_analysis(store, profile_id), profile_id)
+    reference = str(meta["inputs"]["reference_job"])
+    spec = attrs(open_job(store, reference, mode="r"))["spec"]
+    layers = tuple(str(entry["name"]) for entry in meta["profile"]["layers"])
+    return ExtractionSpec.model_validate(
+        {**spec, "layers": layers, "labels_csv": None, "labels_from_dirs": False,
+         "profile_id": profile_id, "queue": "screen", "channels": None, "top_k": None,
+         "max_size": None, "gradcam": (),
+         "squeeze": "squeeze" in meta["profile"]["detectors"], "benign": False, **fields}
+    )  # fmt: skip
+
+
+def load_profile(store: str, profile_id: str) -> ScreeningProfile:
+    """The stored profile, ready to score; its `meta["model"]` is the model it was fitted on."""
+    group = open_analysis(store, profile_id)
+    meta = _profile_attrs(group, profile_id)
     arrays: dict[str, np.ndarray] = {
         name: np.asarray(node[:]) for name, node in group.arrays() if name != "column"
     }

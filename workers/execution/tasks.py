@@ -14,6 +14,7 @@ from celery.exceptions import SoftTimeLimitExceeded
 from workers.errors import TransientError
 from workers.execution import registration
 from workers.execution.celery_app import CeleryQueue
+from workers.execution.screen_one import Screeners, answer
 from workers.extraction.cache import ModelCache
 from workers.extraction.isolation import ChildLimits
 from workers.jobs import TaskName
@@ -33,6 +34,7 @@ def register(app: Celery, runtime: Callable[[], Runtime], models: Callable[[], M
     """Register the tasks on `app`. `runtime()` builds or returns the per-process state,
     and `models()` the models it extracts with, so that models and connections are made in
     the worker child, after the fork."""
+    screeners = Screeners()  # numpy arrays only: safe to make before the fork
 
     @app.task(name=TaskName.RUN_BATCH, bind=True, max_retries=5, shared=False)  # type: ignore[untyped-decorator]
     def run_batch(self: Task, store: str, job_id: str, batches: list[int]) -> dict[str, Any]:
@@ -86,3 +88,10 @@ def register(app: Celery, runtime: Callable[[], Runtime], models: Callable[[], M
         limits = cache.verdicts.limits if cache.verdicts else ChildLimits()
         state = registration.register_model(store, tenant, model_id, cache.factories, limits)
         return {"model_id": model_id, "state": state}
+
+    @app.task(name=TaskName.SCREEN_SAMPLE, shared=False)  # type: ignore[untyped-decorator]
+    def screen(
+        store: str, tenant: str | None, profile_id: str, name: str, data: str
+    ) -> dict[str, Any]:
+        # The answer is the result: the caller waits for it (no job, nothing stored).
+        return answer(store, tenant, profile_id, name, data, models(), screeners)
