@@ -352,20 +352,10 @@ def _screen_here(
     backend: Any, args: argparse.Namespace, store: str, show: bool
 ) -> tuple[Any, float, float]:
     """Embedded or on a broker: the screening spec is made here from the stored profile."""
-    from workers.analysis.profiles import load_profile
-    from workers.jobs import ExtractionSpec
-    from workers.storage.analyses import open_analysis
-    from workers.storage.layout import attrs, open_job
+    from workers.analysis.profiles import load_profile, screening_spec
 
     profile = load_profile(store, args.profile)
-    reference = attrs(open_analysis(store, args.profile))["inputs"]["reference_job"]
-    spec = attrs(open_job(store, reference, mode="r"))["spec"]
-    screening = ExtractionSpec.model_validate(
-        {**spec, "inputs": tuple(args.inputs), "layers": tuple(profile.channels),
-         "labels_csv": None, "labels_from_dirs": False, "profile_id": args.profile,
-         "queue": "screen", "channels": None, "top_k": None, "max_size": None, "gradcam": (),
-         "squeeze": "squeeze" in profile.detectors, "benign": False}
-    )  # fmt: skip
+    screening = screening_spec(store, args.profile, inputs=tuple(args.inputs))
     with output.progress(show) as (on_plan, on_status):
         result = backend.scan(screening, True, on_plan, on_status)
     return result, profile.threshold, profile.fpr

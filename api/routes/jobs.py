@@ -27,6 +27,7 @@ from api.problems import PROBLEMS
 from api.quotas import job_slot
 from api.quotas import samples as samples_quota
 from api.schemas import Accepted, ExtractionRequest, JobOut, SampleErrors, ScreeningRequest
+from workers.analysis.profiles import screening_spec
 from workers.errors import Conflict, SampleCode, SpecError
 from workers.extraction.inputs import list_inputs
 from workers.jobs import (
@@ -121,12 +122,9 @@ def screenings(services: ServicesDep, tenant: TenantDep, body: ScreeningRequest)
         model_id=spec.get("model_id") or "-", layers=layers, inputs=body.inputs,
         input_set=body.input_set, queue="screen",
     )  # fmt: skip
-    screening = ExtractionSpec.model_validate(
-        {**spec, "inputs": tuple(inputs_of(services, tenant, request)), "layers": tuple(layers),
-         "labels_csv": None, "labels_from_dirs": False, "profile_id": body.profile_id,
-         "queue": "screen", "channels": None, "top_k": None, "max_size": None, "gradcam": (),
-         "squeeze": "squeeze" in (profile.summary.get("detectors") or ()), "benign": False,
-         "tenant": tenant.name, "roots": roots_of(services, tenant)}
+    screening = screening_spec(
+        services.store, body.profile_id, inputs=tuple(inputs_of(services, tenant, request)),
+        tenant=tenant.name, roots=roots_of(services, tenant),
     )  # fmt: skip
     catalogue = Registry(services.store).get(tenant.name, str(spec.get("model_id"))).catalogue
     if catalogue is None:

@@ -23,6 +23,7 @@ from workers.analysis.profiles import fit_profile, score_job
 from workers.analysis.screening import LOGITS, SQUEEZE, ScreeningProfile
 from workers.demo.digits import PREPROCESSING, WEIGHTS
 from workers.errors import SpecError
+from workers.execution.screen_one import Screeners, screen_sample
 from workers.extraction.attacks import fgsm, normaliser
 from workers.extraction.cache import ModelCache
 from workers.extraction.inputs import decode
@@ -229,3 +230,16 @@ def test_rerunning_a_batch_of_a_squeeze_and_benign_job_rewrites_identical_bytes(
         values = np.asarray(read(open_job(store, job_id, mode="r"), name))
         assert np.isnan(values[failed]).all(), name
         assert np.isfinite(values[:failed]).all(), name
+
+
+def test_one_sample_screened_now_scores_with_squeezing_as_a_screening_job_does(
+    reference: Reference, capsys: pytest.CaptureFixture[str]
+) -> None:
+    store, path = reference.store, reference.paths[0]
+    profile = fit_profile(store, reference.job_id, fpr=0.2)
+    found = screen_sample(
+        store, None, profile, Path(path).name, Path(path).read_bytes(), ModelCache(), Screeners()
+    )
+    assert main(["screen", "run", path, "--profile", profile, "--store", store, "--json"]) == 0
+    job = open_job(store, _last(capsys)["job_id"], mode="r")
+    assert found["score"] == pytest.approx(float(read(job, "screen/score")[0]), abs=1e-5)
