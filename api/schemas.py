@@ -76,6 +76,14 @@ class ExtractionRequest(_Request):
     gradcam_target: Name = Field(
         default="pred", description="the class Grad-CAM explains: pred, label or a class"
     )
+    squeeze: bool = Field(
+        default=False, description="also store each sample's feature-squeezing distances"
+    )
+    benign: bool = Field(
+        default=False,
+        description="also store benign copies' pooled activations and logits (a screening "
+        "profile's reference)",
+    )
 
     @model_validator(mode="after")
     def _some_inputs(self) -> ExtractionRequest:

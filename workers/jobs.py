@@ -28,10 +28,12 @@ from pydantic import (
 
 __all__ = [
     "QUEUES",
+    "SQUEEZERS",
     "CONV_TYPES",
     "VERSION",
     "AnalysisKind",
     "AnalysisState",
+    "BENIGN_COPIES",
     "Compression",
     "Dtype",
     "ExtractionSpec",
@@ -173,6 +175,14 @@ class _Frozen(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
 
+# A job's `squeeze` column: the softmax's L1 change under each of Xu et al.'s squeezers.
+SQUEEZERS = ("bit_depth", "median")
+# The benign copies a job stores with `benign`, made by extraction/squeezing.py: Gaussian
+# noise of per-pixel std 0.05 to 0.3, a blur of sigma 1, JPEG-like quantisation of step 0.25.
+# Their names are group names in the store.
+BENIGN_COPIES = ("noise-0.05", "noise-0.1", "noise-0.2", "noise-0.3", "blur-1.0", "jpeg-0.25")
+
+
 # What a model reads: decoded images, `.npy` arrays, or any file drawn as a Nataraj image.
 InputKind = Literal["image", "array", "binary"]
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif"}
@@ -309,7 +319,7 @@ class ExtractionSpec(_Declared):
     """An extraction job as submitted. Layers are checked against the model's catalogue at
     plan time, where it is known."""
 
-    _OPTIONAL = ("input_kind", "gradcam", "gradcam_target", "compression")
+    _OPTIONAL = ("input_kind", "gradcam", "gradcam_target", "compression", "squeeze", "benign")
 
     model: str = Field(description="a .pt2 path, package.module:factory, or a registered name")
     weights: str | None = Field(
@@ -344,6 +354,15 @@ class ExtractionSpec(_Declared):
         min_length=1,
         max_length=512,
         description="the class Grad-CAM explains: pred, label, or a class (name or index)",
+    )
+    squeeze: bool = Field(
+        default=False,
+        description="also store each sample's feature-squeezing distances (screening)",
+    )
+    benign: bool = Field(
+        default=False,
+        description="also store benign copies' pooled activations and logits (a screening "
+        "profile's reference)",
     )
     tenant: str = "local"
     roots: tuple[str, ...] | None = Field(

@@ -26,10 +26,18 @@ from workers.extraction.hooks import capture
 from workers.extraction.inputs import decode
 from workers.extraction.models import LoadedModel
 from workers.extraction.reduce import MISSING, Reduced, Reduction
+from workers.extraction.screen_inputs import batch_extras
 from workers.jobs import ExtractionSpec, ModelInfo, gradcam_class, stored_shape
 from workers.storage.layout import LABEL, SOURCE, read
 from workers.storage.ledger import mark_done
-from workers.storage.rows import BatchRows, LayerRows, concat_rows, quantise_rows, write_rows
+from workers.storage.rows import (
+    BatchRows,
+    CopyRows,
+    LayerRows,
+    concat_rows,
+    quantise_rows,
+    write_rows,
+)
 
 __all__ = [
     "Decoded",
@@ -132,7 +140,8 @@ def compute_batch(model: LoadedModel, spec: ExtractionSpec, decoded: Decoded) ->
     pred = np.full(n, -1, dtype=np.int32)
     if not ok.any():
         layers = _empty_layers(model.info, spec, n)
-        return BatchRows(decoded.start, decoded.codes, decoded.messages, logits, pred, layers)
+        empty = BatchRows(decoded.start, decoded.codes, decoded.messages, logits, pred, layers)
+        return _with_extras(empty, model, spec, None, None, ok)
     good = decoded.x if ok.all() else decoded.x[ok]  # a mask always copies
     x = torch.from_numpy(good).to(device, non_blocking=True)
     with ExitStack() as stack:
@@ -162,7 +171,26 @@ def compute_batch(model: LoadedModel, spec: ExtractionSpec, decoded: Decoded) ->
             scale=scale,
             offset=offset,
         )
-    return BatchRows(decoded.start, decoded.codes, decoded.messages, logits, pred, layers)
+    rows = BatchRows(decoded.start, decoded.codes, decoded.messages, logits, pred, layers)
+    return _with_extras(rows, model, spec, x, out.detach(), ok)
+
+
+def _with_extras(
+    rows: BatchRows,
+    model: LoadedModel,
+    spec: ExtractionSpec,
+    x: torch.Tensor | None,
+    logits: torch.Tensor | None,
+    ok: np.ndarray,
+) -> BatchRows:
+    """The batch's squeezing distances and benign copies, when the job asks for them."""
+    if not (spec.squeeze or spec.benign):
+        return rows
+    found = batch_extras(
+        model, spec.layers, x, logits, ok, rows.start, squeeze=spec.squeeze, benign=spec.benign
+    )
+    copies = {name: CopyRows(*copy) for name, copy in found.benign.items()}
+    return replace(rows, squeeze=found.squeeze, benign=copies)
 
 
 def _cams(

@@ -174,7 +174,9 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     if kind == AnalysisKind.SCREENING_PROFILE and not isinstance(backend, ApiBackend):
         from workers.analysis.profiles import check_reference_job
 
-        check_reference_job(backend.store, args.reference, args.fpr, args.adversarial is not None)
+        check_reference_job(
+            backend.store, args.reference, args.fpr, args.adversarial is not None, args.combine
+        )
     with _spinner(not args.json and output.err.is_terminal) as progress:
         found = backend.analyse(kind, params, progress)
     if found.state != "succeeded":
@@ -291,6 +293,12 @@ def _print_weights(summary: dict[str, Any]) -> None:
         f"combine {summary.get('combine')}",
         highlight=False,
     )
+    copies = summary.get("benign_copies") or []
+    output.out.print(
+        f"squeezing distances: {'used' if summary.get('squeeze') else 'none'}; benign "
+        f"copies: {', '.join(copies) if copies else 'none (clean held-out samples only)'}",
+        highlight=False,
+    )
     ranked = sorted(weights.items(), key=lambda item: -abs(item[1]))
     total = sum(abs(w) for _, w in ranked) or 1.0
     shown = ", ".join(f"{name} {abs(w) / total:.0%}" for name, w in ranked[:8] if w)
@@ -344,19 +352,10 @@ def _screen_here(
     backend: Any, args: argparse.Namespace, store: str, show: bool
 ) -> tuple[Any, float, float]:
     """Embedded or on a broker: the screening spec is made here from the stored profile."""
-    from workers.analysis.profiles import load_profile
-    from workers.jobs import ExtractionSpec
-    from workers.storage.analyses import open_analysis
-    from workers.storage.layout import attrs, open_job
+    from workers.analysis.profiles import load_profile, screening_spec
 
     profile = load_profile(store, args.profile)
-    reference = attrs(open_analysis(store, args.profile))["inputs"]["reference_job"]
-    spec = attrs(open_job(store, reference, mode="r"))["spec"]
-    screening = ExtractionSpec.model_validate(
-        {**spec, "inputs": tuple(args.inputs), "layers": tuple(profile.channels),
-         "labels_csv": None, "labels_from_dirs": False, "profile_id": args.profile,
-         "queue": "screen", "channels": None, "top_k": None, "max_size": None, "gradcam": ()}
-    )  # fmt: skip
+    screening = screening_spec(store, args.profile, inputs=tuple(args.inputs))
     with output.progress(show) as (on_plan, on_status):
         result = backend.scan(screening, True, on_plan, on_status)
     return result, profile.threshold, profile.fpr

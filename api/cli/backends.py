@@ -224,6 +224,8 @@ class ApiBackend:
             "max_size": spec.max_size, "labels_from_dirs": spec.labels_from_dirs,
             **({"gradcam": list(spec.gradcam), "gradcam_target": spec.gradcam_target}
                if spec.gradcam else {}),
+            **({"squeeze": True} if spec.squeeze else {}),
+            **({"benign": True} if spec.benign else {}),
         }  # fmt: skip
         if spec.compression is not None:  # else the API's default
             options["compression"] = spec.compression

@@ -167,6 +167,16 @@ def parser() -> argparse.ArgumentParser:
         "--target", default="pred", metavar="pred|label|CLASS",
         help="the class Grad-CAM explains: the prediction, the label, or one class",
     )  # fmt: skip
+    scan.add_argument(
+        "--squeeze", action="store_true",
+        help="also store each sample's feature-squeezing distances (Xu et al. 2018), which "
+        "a screening profile scores: two extra forwards per batch",
+    )  # fmt: skip
+    scan.add_argument(
+        "--benign", action="store_true",
+        help="also store benign copies (noise, blur, JPEG-like) of each sample, pooled "
+        "activations and logits: a screening profile's reference learns from them",
+    )  # fmt: skip
     scan.add_argument("--labels", help="CSV of sample_id,label")
     scan.add_argument(
         "--labels-from-dirs", action="store_true",
@@ -266,6 +276,8 @@ def _spec(args: argparse.Namespace, settings: Settings) -> ExtractionSpec:
             input_kind=args.input_kind,
             gradcam=tuple(v.strip() for v in (args.gradcam or "").split(",") if v.strip()),
             gradcam_target=args.target,
+            squeeze=args.squeeze,
+            benign=args.benign,
         )
     except ValidationError as exc:
         first = exc.errors()[0]

@@ -27,6 +27,7 @@ from api.problems import PROBLEMS
 from api.quotas import job_slot
 from api.quotas import samples as samples_quota
 from api.schemas import Accepted, ExtractionRequest, JobOut, SampleErrors, ScreeningRequest
+from workers.analysis.profiles import screening_spec
 from workers.errors import Conflict, SampleCode, SpecError
 from workers.extraction.inputs import list_inputs
 from workers.jobs import (
@@ -78,7 +79,7 @@ def submit_extraction(
         channels=tuple(body.channels) if body.channels else None, top_k=body.top_k,
         max_size=body.max_size, labels_from_dirs=body.labels_from_dirs, tenant=tenant.name,
         queue=body.queue, roots=roots_of(services, tenant), gradcam=tuple(body.gradcam),
-        gradcam_target=body.gradcam_target,
+        gradcam_target=body.gradcam_target, squeeze=body.squeeze, benign=body.benign,
     )  # fmt: skip
     listed = list_inputs(spec, record.catalogue, checked_sources(services, tenant, spec.inputs))
     samples_quota(tenant, len(listed.sources))
@@ -121,11 +122,9 @@ def screenings(services: ServicesDep, tenant: TenantDep, body: ScreeningRequest)
         model_id=spec.get("model_id") or "-", layers=layers, inputs=body.inputs,
         input_set=body.input_set, queue="screen",
     )  # fmt: skip
-    screening = ExtractionSpec.model_validate(
-        {**spec, "inputs": tuple(inputs_of(services, tenant, request)), "layers": tuple(layers),
-         "labels_csv": None, "labels_from_dirs": False, "profile_id": body.profile_id,
-         "queue": "screen", "channels": None, "top_k": None, "max_size": None, "gradcam": (),
-         "tenant": tenant.name, "roots": roots_of(services, tenant)}
+    screening = screening_spec(
+        services.store, body.profile_id, inputs=tuple(inputs_of(services, tenant, request)),
+        tenant=tenant.name, roots=roots_of(services, tenant),
     )  # fmt: skip
     catalogue = Registry(services.store).get(tenant.name, str(spec.get("model_id"))).catalogue
     if catalogue is None:

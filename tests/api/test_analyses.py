@@ -265,3 +265,33 @@ def test_explaining_a_job_without_gradcam_fails_with_its_reason(api: Api) -> Non
     found = api.client.post("/v1/analyses/explanations", headers=api.as_("acme"), json=body)
     assert found.json()["state"] == "failed"
     assert "no Grad-CAM maps for layer 'conv3'" in found.json()["reason"]
+
+
+def test_a_profile_fitted_with_squeezing_and_benign_copies_screens_with_squeezing(
+    tmp_path: Path,
+) -> None:
+    api = wide_api(tmp_path)
+    with api.client:
+        reference = _finished_job(
+            api, api.register(), inputs=[str(api.roots["acme"] / "all")], labels_from_dirs=True,
+            layers=["conv3", "fc"], squeeze=True, benign=True,
+        )  # fmt: skip
+        profile = api.client.post(
+            "/v1/analyses/profiles", headers=api.as_("acme"),
+            json={"reference_job": reference, "fpr": 0.2},
+        ).json()  # fmt: skip
+        assert profile["state"] == "succeeded", profile
+        assert profile["summary"]["squeeze"] is True
+        assert len(profile["summary"]["benign_copies"]) == 6
+        digit = next(iter(sorted((api.roots["acme"] / "all").glob("*/*.png"))))
+        screened = api.client.post(
+            "/v1/jobs/screenings", headers=api.as_("acme"),
+            json={"profile_id": profile["analysis_id"], "inputs": [str(digit)]},
+        )  # fmt: skip
+        assert screened.status_code == 202, screened.text
+        group = open_job(str(api.store), screened.json()["job_id"], mode="r")
+        spec = attrs(group)["spec"]
+        assert spec["squeeze"] is True
+        assert "benign" not in spec
+        assert np.isfinite(read(group, "squeeze")).all()
+        assert read(group, "screen/flag").shape == (1,)

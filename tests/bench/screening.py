@@ -53,6 +53,7 @@ if str(ROOT) not in sys.path:
 import argparse  # noqa: E402
 import time  # noqa: E402
 from collections.abc import Callable  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -180,17 +181,23 @@ def auroc(positive: np.ndarray, negative: np.ndarray) -> float:
     return float(roc_auc_score(target, np.r_[positive, negative]))
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--epochs", type=int, default=6, help="training epochs (demo: 6)")
-    parser.add_argument("--cache", type=Path, default=Path("/tmp/actmap-screen"))
-    parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(SEED)
-    args.cache.mkdir(parents=True, exist_ok=True)
-    started = time.perf_counter()
+@dataclass(frozen=True)
+class Prepared:
+    """The digits in [0, 1], their labels, the split's rows, and the trained model, whose
+    state dict is `weights`."""
 
+    x01: Tensor
+    targets: Tensor
+    train_rows: np.ndarray
+    ref_rows: np.ndarray
+    test_rows: np.ndarray
+    model: nn.Module
+    weights: Path
+
+
+def prepared(cache: Path, epochs: int) -> Prepared:
+    """The seeded split of SPLIT and DigitsNet trained on its train rows (`train`), read
+    from cache/model-{epochs}.pt when trained before."""
     pixels, labels = load_digits()
     order = np.random.default_rng(SEED).permutation(labels.size)
     cut = np.cumsum(SPLIT)
@@ -198,13 +205,36 @@ def main() -> None:
     x01 = torch.from_numpy(pixels.astype(np.float32) / 255.0)[:, None]
     targets = torch.from_numpy(labels)
     model = digits_cnn()
-    weights = args.cache / f"model-{args.epochs}.pt"
+    weights = cache / f"model-{epochs}.pt"
     if weights.exists():
         model.load_state_dict(torch.load(weights))
         model.eval()
     else:
-        train(model, x01[train_rows], targets[train_rows], args.epochs)
+        train(model, x01[train_rows], targets[train_rows], epochs)
         torch.save(model.state_dict(), weights)
+    return Prepared(x01, targets, train_rows, ref_rows, test_rows, model, weights)
+
+
+def parsed(parser: argparse.ArgumentParser) -> argparse.Namespace:
+    """The screening benches' options (--epochs, --cache, --threads) added and parsed, with
+    torch's threads and seed set and the cache folder made."""
+    parser.add_argument("--epochs", type=int, default=6, help="training epochs (demo: 6)")
+    parser.add_argument("--cache", type=Path, default=Path("/tmp/actmap-screen"))
+    parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(SEED)
+    args.cache.mkdir(parents=True, exist_ok=True)
+    return args
+
+
+def main() -> None:
+    args = parsed(argparse.ArgumentParser(description=__doc__.split("\n\n")[0]))
+    started = time.perf_counter()
+
+    data = prepared(args.cache, args.epochs)
+    x01, targets, model = data.x01, data.targets, data.model
+    ref_rows, test_rows = data.ref_rows, data.test_rows
     net = Pixels(model).eval()
     print(f"model ready in {time.perf_counter() - started:.0f} s")
 

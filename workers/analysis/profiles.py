@@ -1,8 +1,10 @@
 """Screening profiles in the store: fitted on a reference job, loaded, and scoring a job.
 
-Owns `fit_profile` (a `ScreeningProfile` fitted on a job's pooled activations, saved as the
-analysis kind `screening-profile`), `load_profile`, `screening_spec` (what a screening of new
-inputs runs: the reference job's model and the profile's layers), and `score_job`, which
+Owns `fit_profile` (a `ScreeningProfile` fitted on a job's pooled activations and logits,
+with its squeezing distances and benign copies when it stores them: storage/squeezed.py;
+saved as the analysis kind `screening-profile`), `load_profile`, `screening_spec` (what a
+screening of new inputs runs: the reference job's model and the profile's layers, with the
+squeezing distances when the profile scores them), and `score_job`, which
 scores a job and stores its `screen/score` and `screen/flag` (storage/screen.py).
 """
 
@@ -13,13 +15,25 @@ from typing import Any
 
 import numpy as np
 
-from workers.analysis.screening import LOGITS, ScreeningProfile, check_reference
+from workers.analysis.screening import LOGITS, SQUEEZE, ScreeningProfile, check_reference
 from workers.analysis.stats import DEFAULT_BLOCK, iter_rows
 from workers.errors import SpecError
 from workers.jobs import AnalysisKind, ExtractionSpec
 from workers.storage.analyses import Arrays, open_analysis, save
-from workers.storage.layout import ERROR_CODE, LABEL, LAYERS, POOLED, attrs, open_job, read
+from workers.storage.layout import (
+    ERROR_CODE,
+    LABEL,
+    LAYERS,
+    POOLED,
+    array,
+    attrs,
+    open_job,
+    read,
+)
+from workers.storage.layout import LOGITS as STORED_LOGITS
 from workers.storage.screen import write_screen
+from workers.storage.squeezed import SQUEEZE as SQUEEZED
+from workers.storage.squeezed import benign_path, read_rows, stored_copies
 from workers.storage.stored_job import Picked, StoredJob, subgroup
 
 __all__ = [
@@ -45,10 +59,15 @@ def _logits(job: StoredJob, rows: np.ndarray) -> np.ndarray:
     return logits
 
 
-def check_reference_job(store: str, job_id: str, fpr: float, learns: bool = False) -> None:
+def check_reference_job(
+    store: str, job_id: str, fpr: float, learns: bool = False, combine: str = "fisher"
+) -> None:
     """A reference job too small for `fpr` refused before anything is queued (the fit
-    checks again, on the samples that ran)."""
-    labels = np.asarray(read(open_job(store, job_id, mode="r"), LABEL))
+    checks again, on the samples that ran). Benign copies teach the "fisher" and "weighted"
+    combinations, which then learn on half the held-out samples."""
+    group = open_job(store, job_id, mode="r")
+    learns = learns or (combine in ("fisher", "weighted") and bool(stored_copies(group)))
+    labels = np.asarray(read(group, LABEL))
     if not (labels >= 0).all():
         labels = np.zeros(labels.size, dtype=np.int64)  # fitted as one class
     check_reference(labels, fpr, learns=learns)
@@ -69,13 +88,20 @@ def fit_profile(
     analysis_id: str | None = None,
 ) -> str:
     """Fit a `ScreeningProfile` on the reference job's pooled activations and logits (with
-    its labels when every sample has one) and store it; `adversarial_job`, of the same
-    model, tunes the combination. Returns the profile id, which `score_job` takes."""
+    its labels when every sample has one), and its squeezing distances and benign copies
+    when it stores them (`actmap scan --squeeze --benign`), and store it; `adversarial_job`,
+    of the same model, tunes the combination. Returns the profile id, which `score_job`
+    takes."""
     ref = StoredJob.finished(store, reference_job)
     names = ref.layers(layers)
     rows = ref.rows()
     x = {layer: _load(Picked(ref.layer(layer, POOLED), rows), block) for layer in names}
     x[LOGITS] = _logits(ref, rows)
+    squeezed = SQUEEZED in ref.group
+    if squeezed:
+        x[SQUEEZE] = read_rows(ref.group, SQUEEZED, rows)
+    copies = stored_copies(ref.group)
+    benign, benign_of = _benign(ref, names, rows, copies, squeezed)
     labels = ref.column(LABEL)[rows]
     known = bool((labels >= 0).all())
     adversarial = None
@@ -92,6 +118,13 @@ def fit_profile(
             for layer in adv.layers(names)
         }
         adversarial[LOGITS] = _logits(adv, adv_rows)
+        if squeezed and SQUEEZED not in adv.group:
+            raise SpecError(
+                f"reference job {ref.id} has squeezing distances and adversarial job {adv.id} "
+                "has none; scan the adversarial samples with --squeeze too"
+            )
+        if squeezed:
+            adversarial[SQUEEZE] = read_rows(adv.group, SQUEEZED, adv_rows)
     profile = ScreeningProfile.fit(
         x,
         labels if known else None,
@@ -100,6 +133,8 @@ def fit_profile(
         combine=combine,
         k=k,
         adversarial=adversarial,
+        benign=benign,
+        benign_of=benign_of,
         seed=seed,
     )
     results: Arrays = {
@@ -120,6 +155,9 @@ def fit_profile(
         "combine": stored["combine"],
         "detectors": stored["detectors"],
         "column_weights": stored.get("column_weights"),
+        # What the reference gave beyond activations and logits, so `screen fit` says it.
+        "squeeze": "squeeze" in profile.detectors,
+        "benign_copies": copies,
         "profile": stored,
     }
     inputs = {
@@ -130,6 +168,24 @@ def fit_profile(
         "labels": known,
     }
     return save(store, AnalysisKind.SCREENING_PROFILE, ref, inputs, headline, results, analysis_id)
+
+
+def _benign(
+    ref: StoredJob, names: Sequence[str], rows: np.ndarray, copies: list[str], squeezed: bool
+) -> tuple[dict[str, np.ndarray] | None, np.ndarray | None]:
+    """The stored benign copies of `rows` as one sample mapping, copy after copy, and the
+    reference row (0 to rows.size - 1) each copies; None when the job stores none."""
+    if not copies:
+        return None, None
+    parts = []
+    for copy in copies:
+        part = {n: read_rows(ref.group, benign_path(copy, POOLED, n), rows) for n in names}
+        part[LOGITS] = read_rows(ref.group, benign_path(copy, STORED_LOGITS), rows)
+        if squeezed:
+            part[SQUEEZE] = read_rows(ref.group, benign_path(copy, SQUEEZED), rows)
+        parts.append(part)
+    found = {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
+    return found, np.tile(np.arange(rows.size), len(copies))
 
 
 _PROFILE_DIMS = {
@@ -165,7 +221,8 @@ def screening_spec(store: str, profile_id: str, **fields: Any) -> ExtractionSpec
     return ExtractionSpec.model_validate(
         {**spec, "layers": layers, "labels_csv": None, "labels_from_dirs": False,
          "profile_id": profile_id, "queue": "screen", "channels": None, "top_k": None,
-         "max_size": None, "gradcam": (), **fields}
+         "max_size": None, "gradcam": (),
+         "squeeze": "squeeze" in meta["profile"]["detectors"], "benign": False, **fields}
     )  # fmt: skip
 
 
@@ -200,6 +257,11 @@ def score_job(
             f"(sha256 {job.sha256[:12]}); fit a profile on a reference job of this model"
         )
     names = job.layers(list(profile.channels))
+    if "squeeze" in profile.detectors and SQUEEZED not in job.group:
+        raise SpecError(
+            f"profile {profile_id} scores feature squeezing and job {job_id} was extracted "
+            "without it; screen with `actmap screen run --profile`, or scan with --squeeze"
+        )
     ok = job.column(ERROR_CODE) == 0
     n = ok.size
     scores = np.full(n, np.nan, dtype=np.float32)
@@ -213,6 +275,9 @@ def score_job(
         }
         if profile.logits:
             part[LOGITS] = np.asarray(job.logits[start : start + keep.size])[keep]
+        if "squeeze" in profile.detectors:
+            stored = array(job.group, SQUEEZED)[start : start + keep.size]
+            part[SQUEEZE] = np.asarray(stored)[keep]
         scores[start : start + keep.size][keep] = profile.score(part)
     flags = np.asarray(ok & (scores > profile.threshold), dtype=bool)
     write_screen(store, job_id, profile_id, float(profile.threshold), profile.fpr, scores, flags)

@@ -22,7 +22,7 @@ import numpy as np
 
 from workers.analysis.profiles import load_profile, screening_spec
 from workers.analysis.requests import describe
-from workers.analysis.screening import LOGITS, ScreeningProfile
+from workers.analysis.screening import LOGITS, SQUEEZE, ScreeningProfile
 from workers.errors import NotFound, TransientError, UserError
 from workers.extraction.cache import ModelCache
 from workers.extraction.decoders import decode_bytes
@@ -99,6 +99,8 @@ def screen_sample(
     sample: dict[str, np.ndarray] = {layer: rows.layers[layer].pooled for layer in profile.channels}
     if profile.logits:
         sample[LOGITS] = rows.logits
+    if rows.squeeze is not None:  # the spec asks for it when the profile scores it
+        sample[SQUEEZE] = rows.squeeze
     score = float(profile.score(sample)[0])
     pred = int(rows.pred[0])
     classes = prep.classes

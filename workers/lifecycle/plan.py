@@ -26,6 +26,7 @@ from workers.jobs import (
 from workers.storage.chunks import put_rows
 from workers.storage.consolidate import publish
 from workers.storage.layout import LABEL, SAMPLE, SOURCE, LayerLayout, create_job, writable
+from workers.storage.squeezed import screen_extras
 
 __all__ = ["Plan", "layouts", "plan"]
 
@@ -137,9 +138,14 @@ def plan(
         "actmap_version": VERSION,
     }
     n = len(sources)
+    more = None
+    if spec.squeeze or spec.benign:
+        channels = {layer.name: layer.channels for layer in found}
+        more = screen_extras(spec.squeeze, spec.benign, info.classes, channels)
     group = create_job(
-        store, job_id, attrs, n, spec.batch_size, info.classes, found, spec.compression or "zstd"
-    )
+        store, job_id, attrs, n, spec.batch_size, info.classes, found,
+        spec.compression or "zstd", more,
+    )  # fmt: skip
     # Whole chunks written directly: through zarr's event loop these three writes took most
     # of the plan's time.
     put_rows(writable(group, SAMPLE), 0, np.asarray([s.id for s in sources], dtype=object))

@@ -24,8 +24,9 @@ from workers.storage.layout import (
     writable,
 )
 from workers.storage.quantised import OFFSET, SCALE, encode
+from workers.storage.squeezed import SQUEEZE, benign_path
 
-__all__ = ["BatchRows", "LayerRows", "concat_rows", "quantise_rows", "write_rows"]
+__all__ = ["BatchRows", "CopyRows", "LayerRows", "concat_rows", "quantise_rows", "write_rows"]
 
 
 @dataclass(frozen=True)
@@ -41,6 +42,16 @@ class LayerRows:
 
 
 @dataclass(frozen=True)
+class CopyRows:
+    """A benign copy's rows (a job's `benign` option): logits (n, K), pooled activations
+    {layer: (n, C)}, squeezing distances (n, 2) with `squeeze`; float32, NaN where failed."""
+
+    logits: np.ndarray
+    pooled: dict[str, np.ndarray]
+    squeeze: np.ndarray | None = None
+
+
+@dataclass(frozen=True)
 class BatchRows:
     """Everything batch i stores, for rows [start, start + len(error_code))."""
 
@@ -50,6 +61,8 @@ class BatchRows:
     logits: np.ndarray
     pred: np.ndarray
     layers: dict[str, LayerRows] = field(default_factory=dict)
+    squeeze: np.ndarray | None = None  # (n, 2) float32 with the job's `squeeze` option
+    benign: dict[str, CopyRows] = field(default_factory=dict)  # with its `benign` option
 
 
 def write_rows(
@@ -89,6 +102,14 @@ def write_rows(
             batch = start // size
             _set(layer_path(name, SCALE), batch, layer.scale[None])
             _set(layer_path(name, OFFSET), batch, layer.offset[None])
+    if rows.squeeze is not None:
+        _set(SQUEEZE, start, rows.squeeze)
+    for copy, found in rows.benign.items():
+        _set(benign_path(copy, LOGITS), start, found.logits)
+        for name, values in found.pooled.items():
+            _set(benign_path(copy, POOLED, name), start, values)
+        if found.squeeze is not None:
+            _set(benign_path(copy, SQUEEZE), start, found.squeeze)
     for future in pending:  # every one, so that no write outlives the call; then errors
         future.exception()
     for future in pending:
@@ -121,6 +142,14 @@ def concat_rows(first: BatchRows, second: BatchRows) -> BatchRows:
         )
         for name, rows in first.layers.items()
     }
+    benign = {
+        name: CopyRows(
+            np.concatenate([rows.logits, second.benign[name].logits]),
+            {n: np.concatenate([v, second.benign[name].pooled[n]]) for n, v in rows.pooled.items()},
+            _cat(rows.squeeze, second.benign[name].squeeze),
+        )
+        for name, rows in first.benign.items()
+    }
     return BatchRows(
         first.start,
         np.concatenate([first.error_code, second.error_code]),
@@ -128,4 +157,6 @@ def concat_rows(first: BatchRows, second: BatchRows) -> BatchRows:
         np.concatenate([first.logits, second.logits]),
         np.concatenate([first.pred, second.pred]),
         layers,
+        _cat(first.squeeze, second.squeeze),
+        benign,
     )
