@@ -67,7 +67,7 @@ class Requests:
     def _sent(self, request: Any, event_name: str, **_: Any) -> None:
         operation = event_name.rsplit(".", 1)[-1]
         url = urlsplit(request.url)
-        bucket, _, key = unquote(url.path).lstrip("/").partition("/")
+        bucket, _slash, key = unquote(url.path).lstrip("/").partition("/")
         query = parse_qs(url.query)
         if operation == "ListObjectsV2":
             prefix = query.get("prefix", [""])[0]
@@ -105,11 +105,11 @@ def counting() -> Iterator[Requests]:
         self.register("before-send.s3", found._sent)
         self.register("after-call.s3", found._replied)
 
-    AioSession.__init__ = init  # type: ignore[method-assign]
+    AioSession.__init__ = init
     try:
         yield found
     finally:
-        AioSession.__init__ = original  # type: ignore[method-assign]
+        AioSession.__init__ = original
 
 
 def count_each(ops: dict[str, Callable[[], Any]], seen: Requests) -> dict[str, Requests]:
@@ -166,12 +166,13 @@ def print_counts(rows: list[tuple[int, dict[str, Requests]]]) -> None:
         ops = sorted(set().union(*(s.by_operation() for s in seen)))
         for op in ops:
             print(f"  {op:<58}" + "".join(f"{s.by_operation()[op]:>12}" for s in seen))
-        for label, value in (
+        totals: tuple[tuple[str, Callable[[Requests], int]], ...] = (
             ("all requests", lambda s: s.total),
             ("keys and prefixes listed", lambda s: s.listed),
             ("bytes sent", lambda s: s.sent),
             ("bytes received", lambda s: s.received),
-        ):
+        )
+        for label, value in totals:
             print(f"  {label:<58}" + "".join(f"{value(s):>12}" for s in seen))
         classes = sorted(set().union(*(s.calls for s in seen)))
         for c in classes:
