@@ -178,7 +178,8 @@ def print_counts(rows: list[tuple[int, dict[str, Requests]]]) -> None:
         for c in classes:
             counts = [s.calls[c] for s in seen]
             if c.startswith("ListObjectsV2") or len(set(counts)) > 1:
-                print(f"    {c[:56]:<56}" + "".join(f"{n:>12}" for n in counts))
+                # The class whole on a line of its own: prefixes are longer than a column.
+                print(f"    {c}\n    {'':<56}" + "".join(f"{n:>12}" for n in counts))
 
 
 def print_moto(rows: list[tuple[int, dict[str, float]]]) -> None:

@@ -19,7 +19,11 @@ these are timed (the median of --repeats, interleaved round by round):
   running `actmap serve` (a private redis-server; local store only: the model registry is
   a local folder).
 
-Each is printed as a ratio to its value at 10 jobs; the root `zarr.json` size too.
+Each is printed as a ratio to its value at 10 jobs; the root `zarr.json` size too. With
+`--s3 --count-requests`, each operation is also run once more at each size while its S3
+requests are counted (tests/bench/s3_requests.py: by operation, listings by prefix, keys
+listed, bytes), and moto's own answer to a listing of one fixed prefix, a HEAD and a GET is
+timed with boto3 alone: counts that stay the same while time grows point at the server.
 
 How the store is filled faster than by scans: one job is scanned for real, then copied
 under new ids (its whole folder: every group, array, chunk and the ledger), its `created`
