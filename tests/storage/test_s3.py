@@ -101,8 +101,8 @@ def test_no_secret_is_stored_in_the_store_or_said_in_an_error(s3_store: str) -> 
 
 def test_a_status_on_s3_reads_zarr_v3_documents_and_lists_nothing(s3_store: str) -> None:
     # A group opened without its format asks for the v2 documents too, and s3fs answers
-    # each missing one with a HEAD and a listing: 3 listings a job, 150 a page of 50, and
-    # an object store's listing is its slowest request.
+    # each missing one with a HEAD and a listing: 3 listings a job (138 in a page of 50 in
+    # tests/bench/README.md), and an object store's listing is its slowest request.
     models = ModelCache()
     job = planned(s3_store, _spec(), models.get(_spec()).info)
     run_job(s3_store, job.job_id, models)  # every chunk written: none is missing
