@@ -19,7 +19,11 @@ these are timed (the median of --repeats, interleaved round by round):
   running `actmap serve` (a private redis-server; local store only: the model registry is
   a local folder).
 
-Each is printed as a ratio to its value at 10 jobs; the root `zarr.json` size too.
+Each is printed as a ratio to its value at 10 jobs; the root `zarr.json` size too. With
+`--s3 --count-requests`, each operation is also run once more at each size while its S3
+requests are counted (tests/bench/s3_requests.py: by operation, listings by prefix, keys
+listed, bytes), and moto's own answer to a listing of one fixed prefix, a HEAD and a GET is
+timed with boto3 alone: counts that stay the same while time grows point at the server.
 
 How the store is filled faster than by scans: one job is scanned for real, then copied
 under new ids (its whole folder: every group, array, chunk and the ledger), its `created`
@@ -65,6 +69,14 @@ from tests.bench.api import (  # noqa: E402
     register,
     start_redis,
     write_auth,
+)
+from tests.bench.s3_requests import (  # noqa: E402
+    Requests,
+    count_each,
+    counting,
+    print_counts,
+    print_moto,
+    time_moto,
 )
 from tests.oracle import planned, run_job  # noqa: E402
 from workers.extraction.cache import ModelCache  # noqa: E402
@@ -128,14 +140,13 @@ def _root_bytes(store: str) -> int:
     return int(fs.size(f"{root}/zarr.json"))
 
 
-def measure(
+def _ops(
     store: str,
     template: str,
     models: ModelCache,
     inputs: tuple[str, ...],
-    repeats: int,
     api: tuple[str, str] | None,
-) -> dict[str, float]:
+) -> dict[str, Callable[[], Any]]:
     ops: dict[str, Callable[[], Any]] = {
         "scan": lambda: run_job(store, planned(store, _spec(inputs), models.get(_spec(inputs)).info).job_id, models),  # noqa: E501
         "list": lambda: _quiet_cli(["jobs", "list", "--store", store, "--limit", "50", "--json"]),
@@ -148,6 +159,10 @@ def measure(
         client = Client(url, TOKEN)
         ops["submit"] = lambda: client.submit_extraction(model_id, inputs, ["fc"], batch_size=4)
         ops["GET jobs"] = lambda: client.jobs_page(limit=50)
+    return ops
+
+
+def measure(ops: dict[str, Callable[[], Any]], repeats: int) -> dict[str, float]:
     times: dict[str, list[float]] = {name: [] for name in ops}
     for _ in range(repeats):  # interleaved: every op once a round
         for name, fn in ops.items():
@@ -175,7 +190,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=5, help="rounds of timings at each size")
     p.add_argument("--s3", action="store_true", help="on a moto S3 server (no API figures)")
     p.add_argument("--redis-server", default=shutil.which("redis-server") or "redis-server")
+    p.add_argument(
+        "--count-requests", action="store_true",
+        help="with --s3: also count each operation's S3 requests once, and time moto's own "
+        "listing of a fixed prefix, at each size",
+    )  # fmt: skip
     args = p.parse_args(argv)
+    if args.count_requests and not args.s3:
+        p.error("--count-requests counts S3 requests: add --s3")
     sizes = [int(s) for s in args.sizes.split(",")]
     when = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
     print(f"{when}; {platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
@@ -184,6 +206,9 @@ def main(argv: list[str] | None = None) -> int:
     (tmp / "logs").mkdir()
     (tmp / "redis").mkdir()
     procs = Processes(tmp / "logs")
+    hooks = contextlib.ExitStack()
+    # Entered before the first store call: s3fs caches its instances, and their sessions.
+    seen = hooks.enter_context(counting()) if args.count_requests else None
     try:
         data, auth = write_auth(tmp)
         inputs = tuple(str(p) for p in sorted((data / "3").glob("*.png"))[:4])
@@ -205,17 +230,27 @@ def main(argv: list[str] | None = None) -> int:
         run_job(store, template, models)
         filler = Filler(store, template)
         rows = []
+        counted: list[tuple[int, dict[str, Requests]]] = []
+        moto: list[tuple[int, dict[str, float]]] = []
         for size in sizes:
             began = time.monotonic()
             while filler.count + 1 < size:
                 filler.add(size - 1 - filler.count)
             print(f"filled to {size} jobs in {time.monotonic() - began:.0f} s", flush=True)
-            found = measure(store, template, models, inputs, args.repeats, api)
+            ops = _ops(store, template, models, inputs, api)
+            found = measure(ops, args.repeats)
             rows.append((size, _root_bytes(store), found))
             print("  " + ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in found.items()), flush=True)
+            if seen is not None:
+                counted.append((size, count_each(ops, seen)))
+                moto.append((size, time_moto(store, template)))
         _print(rows)
+        if counted:
+            print_counts(counted)
+            print_moto(moto)
         print(f"load average after: {os.getloadavg()[0]:.2f}")
     finally:
+        hooks.close()
         procs.stop()
         shutil.rmtree(tmp, ignore_errors=True)
     return 0

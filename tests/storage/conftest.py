@@ -68,14 +68,14 @@ def s3_store(s3_endpoint: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]
     monkeypatch.setenv("AWS_ENDPOINT_URL", s3_endpoint)
     for name, value in CREDENTIALS.items():
         monkeypatch.setenv(name, value)
-    _close_all()  # a cached instance keeps an older endpoint
+    close_all()  # a cached instance keeps an older endpoint
     try:
         yield f"s3://{BUCKET}/store-{uuid.uuid4().hex[:12]}"
     finally:
-        _close_all()
+        close_all()
 
 
-def _close_all() -> None:
+def close_all() -> None:
     """Close the HTTP sessions of every cached s3fs instance (ours and zarr's, which runs on
     zarr's own event loop), then forget them: a session left to the garbage collector is
     an unclosed-socket warning at exit."""

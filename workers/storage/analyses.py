@@ -19,7 +19,7 @@ import zarr
 from workers.errors import NotFound
 from workers.jobs import VERSION, AnalysisKind, AnalysisState, new_id, now
 from workers.storage.consolidate import publish_path
-from workers.storage.layout import ANALYSES, COMPRESSOR, analysis_path, group_names
+from workers.storage.layout import ANALYSES, COMPRESSOR, V3, analysis_path, group_names
 from workers.storage.objects import location
 from workers.storage.stored_job import StoredJob
 
@@ -36,9 +36,7 @@ def analysis_ids(store: str) -> list[str]:
 def open_analysis(store: str, analysis_id: str) -> zarr.Group:
     """The analysis group, read fresh from the store."""
     try:
-        return zarr.open_group(
-            location(store), path=analysis_path(analysis_id), mode="r", use_consolidated=False
-        )
+        return zarr.open_group(location(store), path=analysis_path(analysis_id), mode="r", **V3)
     except FileNotFoundError:
         raise NotFound(f"no analysis {analysis_id!r} in store {store}") from None
 
@@ -113,11 +111,9 @@ def _group_with(store: str, analysis_id: str, attributes: dict[str, Any]) -> zar
     (one atomic write of its zarr.json): replacing the group, delete then create, leaves a
     moment in which whoever polls the analysis finds none and answers 404."""
     try:
-        found = zarr.open_group(
-            location(store), path=analysis_path(analysis_id), mode="r+", use_consolidated=False
-        )
+        found = zarr.open_group(location(store), path=analysis_path(analysis_id), mode="r+", **V3)
     except FileNotFoundError:
-        root = zarr.open_group(location(store), mode="a", use_consolidated=False)
+        root = zarr.open_group(location(store), mode="a", **V3)
         return root.require_group(ANALYSES).create_group(analysis_id, attributes=attributes)
     found.attrs.put(attributes)
     return found

@@ -61,6 +61,7 @@ __all__ = [
     "SOURCE",
     "TOP_CHANNEL",
     "UPLOADS",
+    "V3",
     "analysis_path",
     "job_path",
     "layer_path",
@@ -128,6 +129,10 @@ CODECS: dict[str, Any] = {
     "none": None,
 }
 _GROUP: dict[str, Any] = {"zarr_format": 3, "node_type": "group", "attributes": {}}
+# How every group of the store is opened: fresh (never from consolidated metadata), and as
+# Zarr v3, which every store is. A group of unknown format is read with its three v2
+# documents too, and on S3 each missing document costs s3fs a HEAD and a listing.
+V3: dict[str, Any] = {"zarr_format": 3, "use_consolidated": False}
 
 
 @dataclass(frozen=True)
@@ -174,7 +179,7 @@ def fresh_attrs(group: zarr.Group) -> dict[str, Any]:
     new inode: an unchanged stat means unchanged attributes, and the parse is skipped."""
     store, path = group.store_path.store, group.store_path.path
     if not isinstance(store, LocalStore):
-        return attrs(zarr.open_group(store, path=path, mode="r", use_consolidated=False))
+        return attrs(zarr.open_group(store, path=path, mode="r", **V3))
     file = Path(store.root) / path / "zarr.json"
     try:
         info = file.stat()
@@ -231,7 +236,7 @@ def layer_path(layer: str, name: str | None = None) -> str:
 def group_names(store: str, path: str) -> list[str]:
     """The names of the groups under `path` (JOBS, ANALYSES), sorted; none when it is absent."""
     try:
-        found = zarr.open_group(location(store), path=path, mode="r", use_consolidated=False)
+        found = zarr.open_group(location(store), path=path, mode="r", **V3)
     except FileNotFoundError:
         return []
     return sorted(name for name, _ in found.groups())
@@ -244,12 +249,7 @@ def job_ids(store: str) -> list[str]:
 def open_job(store: str, job_id: str, mode: Literal["r", "r+"] = "r+") -> zarr.Group:
     """The job's group, read fresh from the store (never from consolidated metadata)."""
     try:
-        return zarr.open_group(
-            location(store),
-            path=job_path(job_id),
-            mode=mode,
-            use_consolidated=False,
-        )
+        return zarr.open_group(location(store), path=job_path(job_id), mode=mode, **V3)
     except FileNotFoundError:
         raise NotFound(
             f"no job {job_id!r} in store {store}; `actmap jobs list` shows them"
@@ -315,7 +315,7 @@ async def _create_nodes(
     """The job's groups, parents first, then all of its arrays at once: created one after
     another, each waited on a round trip to zarr's event loop (16 arrays, 0.065 s of a
     0.1 s plan)."""
-    job = await zarr.api.asynchronous.open_group(at, mode="r+", use_consolidated=False)
+    job = await zarr.api.asynchronous.open_group(at, mode="r+", **V3)
     for depth in sorted({path.count("/") for path in groups}):
         level = sorted({path for path in groups if path.count("/") == depth})
         await asyncio.gather(*(job.require_group(path) for path in level))
@@ -377,7 +377,7 @@ def create_job(
     # Opened at its own folder: zarr checks every parent for an existing node when it adds
     # an array, and the job's arrays need nothing from above it.
     at = f"{location(store).rstrip('/')}/{job_path(job_id)}"
-    group = zarr.open_group(at, mode="w-", attributes=attrs, use_consolidated=False)
+    group = zarr.open_group(at, mode="w-", attributes=attrs, **V3)
     b = min(batch_size, max(n, 1))
     n_batches = -(-n // batch_size)
     new = partial(_array, codec=CODECS[compression])
