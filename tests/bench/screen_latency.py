@@ -27,6 +27,9 @@ then a sample, alternating which goes first), one demo digit each:
   (the rest of the API's wait: the queue, Redis, the handover to the worker's child) and api
   (the rest: HTTP, the token, the profile's check, the body).
 
+Then `--alone` one-sample screenings back to back, with no job between them (a screening
+queue's steady state: the worker's child has only these to do).
+
 Printed: p50, p95 and max of each path's whole request and of the job path's parts (submit:
 until the 202; wait: until the poll that saw the job finished; answer: the score's GET), the
 share flagged, how far apart the two paths' scores of each digit are, and the load average
@@ -153,6 +156,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     p.add_argument("--requests", type=int, default=200, help="timed screenings")
     p.add_argument("--warmup", type=int, default=5, help="untimed screenings first")
+    p.add_argument(
+        "--alone", type=int, default=200, help="then one-sample screenings with no job between"
+    )
     p.add_argument("--poll", type=float, default=0.01, help="status poll interval, seconds")
     p.add_argument("--threads", type=int, default=1, help="the worker's torch threads")
     p.add_argument("--redis-server", default=shutil.which("redis-server") or "redis-server")
@@ -192,6 +198,9 @@ def main(argv: list[str] | None = None) -> int:
                 else:
                     jobs.append(one_request(client, profile, digit, args.poll))
                     samples.append(one_sample(client, profile, digit))
+            alone = [
+                one_sample(client, profile, digits[i % len(digits)]) for i in range(args.alone)
+            ]
         print(f"\n{args.requests} screenings of one digit by each path through the API, one "
               f"at a time, interleaved, {args.poll * 1e3:.0f} ms poll; ms:")  # fmt: skip
         print(f"{'path / part':<16}{'p50':>8}{'p95':>8}{'max':>8}")
@@ -199,6 +208,10 @@ def main(argv: list[str] | None = None) -> int:
             print(_row(f"job {part}", [t[part] for t in jobs]))
         for part in ("api", "broker", "worker", "total"):
             print(_row(f"sample {part}", [t[part] for t in samples]))
+        if alone:
+            print(f"then {args.alone} one-sample screenings back to back, no job between them:")
+            for part in ("api", "broker", "worker", "total"):
+                print(_row(f"alone {part}", [t[part] for t in alone]))
         by_job = np.array([t["score"] for t in jobs])
         apart = np.abs(np.array([t["score"] for t in samples]) - by_job) / np.abs(by_job)
         for name, trips in (("job", jobs), ("sample", samples)):
