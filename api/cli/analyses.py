@@ -174,9 +174,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     if kind == AnalysisKind.SCREENING_PROFILE and not isinstance(backend, ApiBackend):
         from workers.analysis.profiles import check_reference_job
 
-        check_reference_job(
-            backend.store, args.reference, args.fpr, args.adversarial is not None, args.combine
-        )
+        check_reference_job(backend.store, args.reference, args.fpr)
     with _spinner(not args.json and output.err.is_terminal) as progress:
         found = backend.analyse(kind, params, progress)
     if found.state != "succeeded":

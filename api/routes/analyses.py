@@ -86,9 +86,7 @@ def profiles(services: ServicesDep, tenant: TenantDep, body: ProfileRequest) -> 
     job_of(services, tenant, body.reference_job)
     if body.adversarial_job:
         job_of(services, tenant, body.adversarial_job)
-    check_reference_job(
-        services.store, body.reference_job, body.fpr, bool(body.adversarial_job), body.combine
-    )
+    check_reference_job(services.store, body.reference_job, body.fpr)
     return _queue(services, tenant, AnalysisKind.SCREENING_PROFILE, body.model_dump())
 
 

@@ -24,15 +24,32 @@ reference's top values (see _neg_log_p).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
-__all__ = ["FAMILIES", "FisherCombination", "families_of"]
+from workers.analysis.auroc import rank_auroc
+
+__all__ = [
+    "COMBINE",
+    "FAMILIES",
+    "Combination",
+    "FisherCombination",
+    "families_of",
+    "picked",
+]
+
+COMBINE = ("fisher", "weighted", "max", "mean")
 
 FAMILIES = ("features", "outputs")
 # Columns whose "layer" is one of these are output-space; every other column is a layer's.
 OUTPUT_LAYERS = ("logits", "input")
 # The share of the reference's largest values its p-values' exponential tail is fitted to.
 TAIL = 0.1
+# How much of the benign copies the weighted combination keeps within a z-score of 1.
+BENIGN_QUANTILE = 0.99
+# A column known attacks must separate from clean and benign samples this well to be kept.
+SELECTED_AUROC = 0.75
 
 
 def families_of(layers: list[str]) -> np.ndarray:
@@ -106,3 +123,62 @@ class FisherCombination:
             mine = self.use & (self.families == f)
             shares[mine] = 1.0 / (mine.sum() * present.size)
         return shares
+
+
+@dataclass(frozen=True)
+class Combination:
+    """How z-scores (n, J) become one score: `combine` (one of COMBINE), each column's
+    weight `coef` (J,) (zero: left out) and, for "fisher", its p-value references."""
+
+    combine: str
+    coef: np.ndarray
+    fisher: FisherCombination | None = None
+
+    @classmethod
+    def learn(
+        cls,
+        combine: str,
+        families: np.ndarray,
+        clean: np.ndarray,
+        benign: np.ndarray | None = None,
+        adversarial: np.ndarray | None = None,
+    ) -> Combination:
+        """Learned from the z-scores of held-out clean samples (m, J), their benign copies
+        and known attacks (None: not given). "weighted" scales each column by 1 / max(1, q),
+        q the BENIGN_QUANTILE of the benign copies' z-scores, so that being as far from
+        clean as noise or blur is not enough to be flagged. Known attacks keep the columns
+        `picked` by how well they tell the attacks from clean and benign samples ("max" and
+        "mean" then become "weighted")."""
+        coef = np.ones(clean.shape[1])
+        negatives = clean if benign is None else np.concatenate([clean, benign])
+        if benign is not None and combine == "weighted":
+            coef = 1.0 / np.maximum(1.0, np.quantile(benign, BENIGN_QUANTILE, axis=0))
+        if adversarial is not None:
+            tells = rank_auroc(np.concatenate([adversarial, negatives]), adversarial.shape[0])
+            combine = combine if combine == "fisher" else "weighted"
+            coef = np.where(picked(tells), coef, 0.0)
+        if combine != "fisher":
+            return cls(combine, coef)
+        fisher = FisherCombination.fit(negatives, families, coef > 0)
+        return cls(combine, fisher.weights(), fisher)
+
+    def score(self, z: np.ndarray) -> np.ndarray:
+        """(n,): the combined score of z-scores (n, J); higher is more suspicious."""
+        out: np.ndarray
+        if self.fisher is not None:
+            out = self.fisher.score(z)
+        elif self.combine == "weighted":
+            out = (z * self.coef)[:, self.coef > 0].max(axis=1)
+        elif self.combine == "mean":
+            out = z.mean(axis=1)
+        else:
+            out = z.max(axis=1)
+        return out
+
+
+def picked(tells: np.ndarray) -> np.ndarray:
+    """(J,) bool: the columns that tell known attacks from clean and benign samples, given
+    each column's AUROC `tells` (J,): at least SELECTED_AUROC, else the best one. A sum over
+    every column would add up the small, benign-sized rises of many columns and flag noise."""
+    keep: np.ndarray = tells >= SELECTED_AUROC
+    return keep if keep.any() else tells == tells.max()

@@ -15,7 +15,8 @@ from typing import Any
 
 import numpy as np
 
-from workers.analysis.screening import LOGITS, SQUEEZE, ScreeningProfile, check_reference
+from workers.analysis.calibration import check_reference
+from workers.analysis.screening import LOGITS, SQUEEZE, ScreeningProfile
 from workers.analysis.stats import DEFAULT_BLOCK, iter_rows
 from workers.errors import SpecError
 from workers.jobs import AnalysisKind, ExtractionSpec
@@ -59,18 +60,14 @@ def _logits(job: StoredJob, rows: np.ndarray) -> np.ndarray:
     return logits
 
 
-def check_reference_job(
-    store: str, job_id: str, fpr: float, learns: bool = False, combine: str = "fisher"
-) -> None:
+def check_reference_job(store: str, job_id: str, fpr: float) -> None:
     """A reference job too small for `fpr` refused before anything is queued (the fit
-    checks again, on the samples that ran). Benign copies teach the "fisher" and "weighted"
-    combinations, which then learn on half the held-out samples."""
+    checks again, on the samples that ran)."""
     group = open_job(store, job_id, mode="r")
-    learns = learns or (combine in ("fisher", "weighted") and bool(stored_copies(group)))
     labels = np.asarray(read(group, LABEL))
     if not (labels >= 0).all():
         labels = np.zeros(labels.size, dtype=np.int64)  # fitted as one class
-    check_reference(labels, fpr, learns=learns)
+    check_reference(labels, fpr)
 
 
 def fit_profile(

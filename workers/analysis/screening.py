@@ -20,10 +20,8 @@ weighs nothing; Fisher's method combines them within the feature-space and the o
 columns, then across the two. "weighted" scales each z-score down by how far the benign
 copies reach and takes the maximum; "max" and "mean" take the plain maximum and mean of the
 z-scores. Known adversarial samples, when given, keep only the columns that tell them from
-the clean and benign samples. The p-values and weights are learned on half the held-out
-samples and the threshold is placed on the other half when benign copies or attacks are
-given; without them, the rank transform of "fisher" and the threshold share the held-out
-samples (a rank moves by at most one between them and a fresh sample).
+the clean and benign samples. Every held-out sample both teaches the combination and places
+the threshold, through cross-fitting (calibration.py).
 """
 
 from __future__ import annotations
@@ -35,7 +33,14 @@ import numpy as np
 import numpy.typing as npt
 
 from workers.analysis.auroc import rank_auroc
-from workers.analysis.combining import FisherCombination, families_of
+from workers.analysis.calibration import (
+    check_reference,
+    conformal_threshold,
+    cross_fitted,
+    held_out_share,
+    split,
+)
+from workers.analysis.combining import COMBINE, Combination, FisherCombination, families_of
 from workers.analysis.detectors import Mahalanobis, Neighbours
 from workers.analysis.output_scores import OUTPUT_SCORES, output_scores
 from workers.errors import SpecError
@@ -48,8 +53,6 @@ __all__ = [
     "LOGITS",
     "SQUEEZE",
     "ScreeningProfile",
-    "check_reference",
-    "held_out_needed",
 ]
 
 LAYER_DETECTORS = ("mahalanobis", "knn", "lid")
@@ -57,14 +60,9 @@ DETECTORS = (*LAYER_DETECTORS, *OUTPUT_SCORES, "squeeze")
 # msp and energy are left out by default: near the top they move with the margin, and
 # Fisher's method would count one signal three times.
 DEFAULT_DETECTORS = (*LAYER_DETECTORS, "margin", "squeeze")
-COMBINE = ("fisher", "weighted", "max", "mean")
 # Keys of the model's logits and of the squeezing distances in a sample's mapping: a ':'
 # never occurs in a module's dotted name, so they cannot collide with a layer.
 LOGITS, SQUEEZE = ":logits", ":squeeze"
-# How much of the benign copies the weighted combination keeps within a z-score of 1.
-BENIGN_QUANTILE = 0.99
-# A column known attacks must separate from clean and benign samples this well to be kept.
-SELECTED_AUROC = 0.75
 KIND, VERSION = AnalysisKind.SCREENING_PROFILE.value, 2
 # JSON keys the profile itself reads back; the rest is descriptive metadata.
 _CORE = {
@@ -109,13 +107,10 @@ class ScreeningProfile:
         self.meta = dict(meta)
         self.z_mean = np.zeros(len(self.columns))
         self.z_std = np.ones(len(self.columns))
-        self.combine = "max"
-        self.coef = np.ones(len(self.columns))
-        self.intercept = 0.0
+        self.combination = Combination("max", np.ones(len(self.columns)))
         self.fpr = 1.0
         self.threshold = -np.inf
         self.calibration_scores = np.zeros(0)
-        self._fisher: FisherCombination | None = None
 
     @classmethod
     def fit(
@@ -157,23 +152,9 @@ class ScreeningProfile:
         if y.shape != (n,) or (y < 0).any():
             raise SpecError(f"give a known label (>= 0) for each of the {n} reference samples")
         rng = np.random.default_rng(seed)
-        learned = combine in ("fisher", "weighted") and benign is not None
-        learns = adversarial is not None or learned
-        # A small reference holds out more than `held_out`, as much as the rate needs (each
-        # class keeps one sample to fit on), so that the default rate works on the demo.
-        share = max(held_out, min(held_out_needed(fpr, learns) / n, 1.0))
-        fit_rows, cal_rows = _split(y, share, rng)
-        # A learned combination learns from half the held-out samples and the threshold
-        # comes from the other half: a threshold set on the combination's own training data
-        # flags too few fresh clean samples.
-        learn_rows, threshold_rows = cal_rows[:0], cal_rows
-        if learns:
-            shuffled = rng.permutation(cal_rows)
-            learn_rows, threshold_rows = (
-                np.sort(shuffled[: cal_rows.size // 2]),
-                np.sort(shuffled[cal_rows.size // 2 :]),
-            )
-        check_reference(y, fpr, learns, share)
+        share = held_out_share(held_out, fpr, n)
+        fit_rows, cal_rows = split(y, share, rng)
+        check_reference(y, fpr, share)
         fit_x = {name: x[name][fit_rows] for name in layers}
         maha = {}
         if "mahalanobis" in detectors:
@@ -185,28 +166,40 @@ class ScreeningProfile:
             "classes": np.unique(y).tolist(),
             "n_fit": int(fit_rows.size),
             "n_calibration": int(cal_rows.size),
-            "n_threshold": int(threshold_rows.size),
             "seed": seed,
         }
         channels = {name: x[name].shape[1] for name in layers}
         n_logits = x[LOGITS].shape[1] if LOGITS in x and set(OUTPUT_SCORES) & set(detectors) else 0
         profile = cls(channels, detectors, k, maha, knn, meta, n_logits)
-        profile._standardise(_take(x, cal_rows))
-        profile.combine = combine
+        cal_x = _take(x, cal_rows)
+        profile._standardise(cal_x)
+        z = profile.layer_scores(cal_x)
+        z_benign = z_adversarial = source = None
         if benign is not None:
-            copies = _benign_rows(benign, benign_of, learn_rows if learns else cal_rows, n)
-            b = _take(_inputs(benign), copies)
-            profile._weigh(_take(x, learn_rows if learns else cal_rows), b, combine == "weighted")
-        else:
-            b = None
+            copies, source = _benign_rows(benign, benign_of, cal_rows, n)
+            z_benign = profile.layer_scores(_take(_inputs(benign), copies))
+            profile._report("benign_auroc", z_benign, z)
         if adversarial is not None:
-            profile._learn_combination(_take(x, learn_rows), b, adversarial)
-        if combine == "fisher":
-            profile._fit_fisher(_take(x, learn_rows if learns else cal_rows), b)
-        profile._calibrate(_take(x, threshold_rows), fpr)
+            z_adversarial = profile.layer_scores(adversarial)
+            negatives = z if z_benign is None else np.concatenate([z, z_benign])
+            profile._report("adversarial_auroc", z_adversarial, negatives)
+        families = families_of([layer for layer, _ in profile.columns])
+
+        def learned(rows: np.ndarray) -> Combination:
+            # The benign copies of `rows` only (all of them when their sources are unknown).
+            b = z_benign
+            if b is not None and source is not None:
+                b = b[(source < 0) | np.isin(source, rows)]
+            return Combination.learn(combine, families, z[rows], b, z_adversarial)
+
+        profile.combination = learned(np.arange(cal_rows.size))
+        # The combination learned from these rows: each is scored by one learned without
+        # it (calibration.py).
+        scores = cross_fitted(cal_rows.size, lambda rows, out: learned(rows).score(z[out]), seed)
+        profile._calibrate(scores, fpr)
         profile.meta["column_weights"] = {
             f"{layer}/{d}": round(float(w), 4)
-            for (layer, d), w in zip(profile.columns, profile.coef, strict=True)
+            for (layer, d), w in zip(profile.columns, profile.combination.coef, strict=True)
         }
         return profile
 
@@ -230,12 +223,13 @@ class ScreeningProfile:
         arrays = {
             "z_mean": self.z_mean,
             "z_std": self.z_std,
-            "coef": self.coef,
+            "coef": self.combination.coef,
             "calibration_scores": self.calibration_scores,
         }
-        if self._fisher is not None:
-            arrays["fisher_reference"] = self._fisher.reference
-            arrays["fisher_family_reference"] = self._fisher.family_reference
+        fisher = self.combination.fisher
+        if fisher is not None:
+            arrays["fisher_reference"] = fisher.reference
+            arrays["fisher_family_reference"] = fisher.family_reference
         for layer in self.channels:
             for part in (self._mahalanobis.get(layer), self._neighbours.get(layer)):
                 if part is not None:
@@ -251,8 +245,8 @@ class ScreeningProfile:
             "logits": self.logits,
             "detectors": list(self.detectors),
             "k": self.k,
-            "combine": self.combine,
-            "intercept": self.intercept,
+            "combine": self.combination.combine,
+            "intercept": 0.0,
             "fpr": self.fpr,
             "threshold": float(self.threshold),
             **self.meta,
@@ -278,15 +272,16 @@ class ScreeningProfile:
             meta = {key: value for key, value in json.items() if key not in _CORE}
             profile = cls(channels, detectors, k, maha, knn, meta, int(json["logits"]))
             profile.z_mean, profile.z_std = a["z_mean"], a["z_std"]
-            profile.coef, profile.calibration_scores = a["coef"], a["calibration_scores"]
+            profile.calibration_scores, coef = a["calibration_scores"], a["coef"]
+            fisher = None
             if json["combine"] == "fisher":
-                profile._fisher = FisherCombination(
+                fisher = FisherCombination(
                     a["fisher_reference"], a["fisher_family_reference"],
-                    families_of([layer for layer, _ in profile.columns]), profile.coef > 0,
+                    families_of([layer for layer, _ in profile.columns]), coef > 0,
                 )  # fmt: skip
         except KeyError as missing:
             raise SpecError(f"the screening profile lacks {missing}; refit it") from None
-        profile.combine, profile.intercept = json["combine"], float(json["intercept"])
+        profile.combination = Combination(json["combine"], coef, fisher)
         profile.fpr, profile.threshold = float(json["fpr"]), float(json["threshold"])
         return profile
 
@@ -296,65 +291,17 @@ class ScreeningProfile:
         std = raw.std(axis=0)
         self.z_std = np.where(std > 0, std, 1.0)
 
-    def _weigh(
-        self, clean: Mapping[str, np.ndarray], benign: Mapping[str, np.ndarray], use: bool
-    ) -> None:
-        """Each column's weight: 1 / max(1, q), q the BENIGN_QUANTILE of the benign copies'
-        z-scores. A column that any corruption pushes far from clean is scaled so that the
-        corruptions stay within a clean z-score of about 1: being as far from clean as noise
-        or blur is not enough to be flagged; going beyond them is."""
-        z_clean, z_benign = self.layer_scores(clean), self.layer_scores(benign)
-        shift = rank_auroc(np.concatenate([z_benign, z_clean]), z_benign.shape[0])
-        self.meta["benign_auroc"] = {
-            f"{layer}/{d}": round(float(a), 4)
-            for (layer, d), a in zip(self.columns, shift, strict=True)
-        }
-        if use:
-            reach = np.quantile(z_benign, BENIGN_QUANTILE, axis=0)
-            self.coef = 1.0 / np.maximum(1.0, reach)
-
-    def _learn_combination(
-        self,
-        clean: Mapping[str, np.ndarray],
-        benign: Mapping[str, np.ndarray] | None,
-        adversarial: Mapping[str, npt.ArrayLike],
-    ) -> None:
-        """Known attacks pick the columns that tell them from clean and benign samples (AUROC
-        at least SELECTED_AUROC); the score stays the maximum of the weighted z-scores over
-        those. A linear model over every column would add up the small, benign-sized rises
-        of many columns and flag noise."""
-        negatives = self.layer_scores(clean)
-        if benign is not None:
-            negatives = np.concatenate([negatives, self.layer_scores(benign)])
-        positives = self.layer_scores(adversarial)
+    def _report(self, key: str, positives: np.ndarray, negatives: np.ndarray) -> None:
+        """meta[key]: how well each column tells `positives` from `negatives` (AUROC)."""
         tells = rank_auroc(np.concatenate([positives, negatives]), positives.shape[0])
-        self.meta["adversarial_auroc"] = {
+        self.meta[key] = {
             f"{layer}/{d}": round(float(a), 4)
             for (layer, d), a in zip(self.columns, tells, strict=True)
         }
-        keep = tells >= SELECTED_AUROC
-        if not keep.any():
-            keep = tells == tells.max()
-        if self.combine != "fisher":
-            self.combine = "weighted"
-        self.coef = np.where(keep, self.coef, 0.0)
 
-    def _fit_fisher(
-        self, clean: Mapping[str, np.ndarray], benign: Mapping[str, np.ndarray] | None
-    ) -> None:
-        """The combination of combining.py, its p-values against held-out clean samples
-        and their benign copies; columns known attacks dropped stay out."""
-        negatives = self.layer_scores(clean)
-        if benign is not None:
-            negatives = np.concatenate([negatives, self.layer_scores(benign)])
-        families = families_of([layer for layer, _ in self.columns])
-        self._fisher = FisherCombination.fit(negatives, families, self.coef > 0)
-        self.coef = self._fisher.weights()
-
-    def _calibrate(self, clean: Mapping[str, np.ndarray], fpr: float) -> None:
-        scores = self.score(clean)
+    def _calibrate(self, scores: np.ndarray, fpr: float) -> None:
         self.fpr = fpr
-        self.threshold = _conformal_threshold(scores, fpr)
+        self.threshold = conformal_threshold(scores, fpr)
         self.calibration_scores = scores
         self.meta["calibration_fpr"] = float(np.mean(scores > self.threshold))
 
@@ -385,17 +332,7 @@ class ScreeningProfile:
         return wanted
 
     def _combined(self, raw: np.ndarray) -> np.ndarray:
-        z = (raw - self.z_mean) / self.z_std
-        out: np.ndarray
-        if self.combine == "fisher" and self._fisher is not None:
-            out = self._fisher.score(z)
-        elif self.combine == "weighted":
-            out = (z * self.coef)[:, self.coef > 0].max(axis=1)
-        elif self.combine == "mean":
-            out = z.mean(axis=1)
-        else:
-            out = z.max(axis=1)
-        return out
+        return self.combination.score((raw - self.z_mean) / self.z_std)
 
 
 def _has_input(detector: str, x: Mapping[str, np.ndarray], layers: Sequence[str]) -> bool:
@@ -406,19 +343,20 @@ def _has_input(detector: str, x: Mapping[str, np.ndarray], layers: Sequence[str]
 
 def _benign_rows(
     benign: Mapping[str, npt.ArrayLike], benign_of: npt.ArrayLike | None, rows: np.ndarray, n: int
-) -> np.ndarray:
+) -> tuple[np.ndarray, np.ndarray]:
     """The benign copies that may teach the combination: those of `rows` (held-out samples,
-    which the per-layer detectors never saw), or every copy when their sources are unknown."""
+    which the per-layer detectors never saw), or every copy when their sources are unknown;
+    and each one's source as a position in `rows` (-1: unknown)."""
     m = np.asarray(next(iter(benign.values()))).shape[0]
     if benign_of is None:
-        return np.arange(m)
+        return np.arange(m), np.full(m, -1)
     of = np.asarray(benign_of)
     if of.shape != (m,) or (of < 0).any() or (of >= n).any():
         raise SpecError(f"benign_of gives the reference row (0 to {n - 1}) of each of {m} copies")
     picked = np.flatnonzero(np.isin(of, rows))
     if picked.size == 0:
         raise SpecError("no benign copy is of a held-out reference sample; copy every sample")
-    return picked
+    return picked, np.searchsorted(rows, of[picked])
 
 
 def _inputs(
@@ -458,49 +396,6 @@ def _check_options(detectors: Sequence[str], fpr: float, held_out: float, combin
 
 def _take(x: Mapping[str, np.ndarray], rows: np.ndarray) -> dict[str, np.ndarray]:
     return {name: v[rows] for name, v in x.items()}
-
-
-def held_out_needed(fpr: float, learns: bool = False) -> int:
-    """Held-out clean samples a conformal threshold at `fpr` needs (twice that when half of
-    them teach a learned combination)."""
-    return (int(np.ceil(1 / fpr)) - 1) * (2 if learns else 1)
-
-
-def check_reference(
-    labels: np.ndarray, fpr: float, learns: bool = False, held_out: float = 0.25
-) -> None:
-    """Refuse, before any work, a reference too small for `fpr`: one that cannot hold out
-    enough clean samples while keeping one of each class to fit on."""
-    need = held_out_needed(fpr)
-    share = max(held_out, min(held_out_needed(fpr, learns) / max(labels.size, 1), 1.0))
-    sizes = np.unique(labels, return_counts=True)[1]
-    held = int(np.minimum(np.round(share * sizes), sizes - 1).sum())
-    got = held - held // 2 if learns else held  # half of them learn the combination
-    if got < need:
-        raise SpecError(
-            f"a false-positive rate of {fpr} needs at least {need} held-out clean samples, "
-            f"and this reference of {labels.size} (keeping one of each class to fit on) "
-            f"gives {got}; scan more reference samples or raise --fpr"
-        )
-
-
-def _split(
-    labels: np.ndarray, held_out: float, rng: np.random.Generator
-) -> tuple[np.ndarray, np.ndarray]:
-    """Rows to fit on and held-out rows, per class, keeping at least one of each class to fit."""
-    cal = []
-    for c in np.unique(labels):
-        rows = rng.permutation(np.flatnonzero(labels == c))
-        cal.append(rows[: min(round(held_out * rows.size), rows.size - 1)])
-    held = np.sort(np.concatenate(cal))
-    return np.setdiff1d(np.arange(labels.size), held), held
-
-
-def _conformal_threshold(scores: np.ndarray, fpr: float) -> float:
-    """The k-th largest held-out score, k = floor(fpr (n + 1)): a fresh clean score lies above
-    it with probability k / (n + 1) <= fpr (exchangeability)."""
-    k = int(fpr * (scores.size + 1))
-    return float(np.sort(scores)[::-1][k - 1])
 
 
 def _under(arrays: Mapping[str, np.ndarray], layer: str) -> dict[str, np.ndarray]:
