@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from workers.analysis.combining import FisherCombination, families_of
 
@@ -39,3 +40,18 @@ def test_a_column_left_out_changes_nothing_and_weights_split_evenly_per_family()
     moved[:, 1] += 100.0
     np.testing.assert_array_equal(combination.score(x), combination.score(moved))
     np.testing.assert_allclose(combination.weights(), [0.5, 0.0, 0.5])
+
+
+def test_a_score_moves_continuously_with_float_noise_of_its_columns() -> None:
+    """The same sample in another batch differs by float noise (about 1e-6 here); crossing
+    a reference value must not move its score by a whole rank."""
+    rng = np.random.default_rng(2)
+    negatives = rng.standard_normal((40, 2))
+    combination = FisherCombination.fit(
+        negatives, families_of(["conv1", "logits"]), np.ones(2, bool)
+    )
+    at = np.sort(negatives[:, 0])[20]  # a reference value, inside the empirical range
+    below, above = combination.score(np.array([[at - 1e-9, 0.0], [at + 1e-9, 0.0]]))
+    assert above == pytest.approx(below, abs=1e-6)
+    # It still ranks: a value past more of the reference scores higher.
+    assert combination.score(np.array([[at + 0.5, 0.0]]))[0] > above

@@ -18,8 +18,8 @@ almost only the logit margin and the squeezing distance (Xu et al. 2018); one su
 columns would drown those two under twenty uninformative ones, and a maximum over all
 columns gives clean samples a heavy upper tail. Empirical p-values follow the conformal
 construction (Vovk et al. 2005; Bates et al. 2023, "Testing for outliers with conformal
-p-values"): (1 + #{reference >= x}) / (1 + m), with an exponential tail past the
-reference's top values (see _neg_log_p).
+p-values"): (1 + #{reference >= x}) / (1 + m), that count linear between reference values,
+with an exponential tail past the reference's top values (see _neg_log_p).
 """
 
 from __future__ import annotations
@@ -62,10 +62,20 @@ def _neg_log_p(reference: np.ndarray, x: np.ndarray) -> np.ndarray:
     the reference's top TAIL share, an exponential tail fitted to those top values beyond
     (peaks over a threshold, Pickands 1975, with the generalised Pareto's shape at 0): an
     empirical p-value stops at 1 / (m + 1), which would make a sample far beyond every
-    reference value no more suspicious than the reference's own extremes."""
+    reference value no more suspicious than the reference's own extremes. The count of
+    reference values at or above x is exact at each of them and linear in between, so that
+    a score moves continuously with x: the same sample in another batch differs by float
+    noise, which must not move it by a whole rank."""
     m = reference.size
-    above = m - np.searchsorted(reference, x, side="left")
-    out: np.ndarray = -np.log((above + 1.0) / (m + 1.0))
+    first = np.r_[True, reference[1:] != reference[:-1]]
+    knots, below = reference[first], np.flatnonzero(first)  # below: #{reference < knot}
+
+    def neg_log_p(v: np.ndarray) -> np.ndarray:
+        above = m - np.interp(v, knots, below)
+        out: np.ndarray = -np.log((above + 1.0) / (m + 1.0))
+        return out
+
+    out = neg_log_p(x)
     top = max(2, int(np.ceil(TAIL * m)))
     if m <= top:
         return out
@@ -74,7 +84,7 @@ def _neg_log_p(reference: np.ndarray, x: np.ndarray) -> np.ndarray:
     if not scale > 0:
         scale = float(np.std(reference)) or 1.0
     beyond = x > start
-    out[beyond] = -np.log((top + 1.0) / (m + 1.0)) + (x[beyond] - start) / scale
+    out[beyond] = neg_log_p(np.array([start]))[0] + (x[beyond] - start) / scale
     return out
 
 
