@@ -155,11 +155,19 @@ class ProfileRequest(_Request):
     reference_job: Id
     layers: list[Name] | None = Field(default=None, max_length=64)
     fpr: float = Field(default=0.05, gt=0, lt=0.5)
+    held_out: float = Field(
+        default=0.25,
+        gt=0,
+        lt=1,
+        description="share of each class held out to learn the combination and place the "
+        "threshold (more on a reference too small for fpr)",
+    )
     adversarial_job: Id | None = None
     detectors: list[str] | None = Field(
         default=None,
         max_length=32,
-        description="default: mahalanobis, knn, lid and margin (msp and energy on request)",
+        description="default: mahalanobis, knn, lid and margin, and squeeze on a reference "
+        "scanned with squeezing (msp and energy on request)",
     )
     combine: Literal["fisher", "weighted", "max", "mean"] = "fisher"
 

@@ -86,7 +86,7 @@ def profiles(services: ServicesDep, tenant: TenantDep, body: ProfileRequest) -> 
     job_of(services, tenant, body.reference_job)
     if body.adversarial_job:
         job_of(services, tenant, body.adversarial_job)
-    check_reference_job(services.store, body.reference_job, body.fpr)
+    check_reference_job(services.store, body.reference_job, body.fpr, body.held_out)
     return _queue(services, tenant, AnalysisKind.SCREENING_PROFILE, body.model_dump())
 
 

@@ -171,6 +171,12 @@ def test_a_reference_too_small_for_the_rate_is_refused_before_anything_is_queued
     assert "needs at least 19 held-out clean samples" in detail
     assert "\n" not in detail
     assert len(api.broker.sent) == sent
+    whole = api.client.post(
+        "/v1/analyses/profiles", headers=api.as_("acme"),
+        json={"reference_job": job_id, "held_out": 1.0},
+    )  # fmt: skip
+    assert whole.status_code == 422
+    assert [e["loc"][-1] for e in whole.json()["errors"]] == ["held_out"]
 
 
 def test_an_atlas_is_queued_and_its_channel_sheets_are_the_owning_tenants_only(

@@ -60,14 +60,14 @@ def _logits(job: StoredJob, rows: np.ndarray) -> np.ndarray:
     return logits
 
 
-def check_reference_job(store: str, job_id: str, fpr: float) -> None:
+def check_reference_job(store: str, job_id: str, fpr: float, held_out: float = 0.25) -> None:
     """A reference job too small for `fpr` refused before anything is queued (the fit
     checks again, on the samples that ran)."""
     group = open_job(store, job_id, mode="r")
     labels = np.asarray(read(group, LABEL))
     if not (labels >= 0).all():
         labels = np.zeros(labels.size, dtype=np.int64)  # fitted as one class
-    check_reference(labels, fpr)
+    check_reference(labels, fpr, held_out)
 
 
 def fit_profile(
@@ -79,6 +79,7 @@ def fit_profile(
     *,
     detectors: Sequence[str] | None = None,
     combine: str = "fisher",
+    held_out: float = 0.25,
     k: int = 20,
     seed: int = 0,
     block: int = DEFAULT_BLOCK,
@@ -126,6 +127,7 @@ def fit_profile(
         x,
         labels if known else None,
         fpr=fpr,
+        held_out=held_out,
         detectors=detectors,
         combine=combine,
         k=k,
@@ -149,6 +151,7 @@ def fit_profile(
         "threshold": stored["threshold"],
         "fpr": fpr,
         "calibration_fpr": stored.get("calibration_fpr"),
+        "n_calibration": stored.get("n_calibration"),
         "combine": stored["combine"],
         "detectors": stored["detectors"],
         "column_weights": stored.get("column_weights"),
@@ -162,6 +165,7 @@ def fit_profile(
         "adversarial_job": adversarial_job,
         "layers": names,
         "n_reference": int(rows.size),
+        "held_out": held_out,
         "labels": known,
     }
     return save(store, AnalysisKind.SCREENING_PROFILE, ref, inputs, headline, results, analysis_id)

@@ -147,7 +147,8 @@ def run_analysis(
             fit_profile(
                 store, params["reference_job"], layers, params.get("fpr", 0.05),
                 params.get("adversarial_job"), detectors=params.get("detectors"),
-                combine=params.get("combine") or "fisher", analysis_id=analysis_id,
+                combine=params.get("combine") or "fisher",
+                held_out=params.get("held_out") or 0.25, analysis_id=analysis_id,
             )  # fmt: skip
     except UserError as exc:
         placeholder(store, analysis_id, kind, tenant, AnalysisState.FAILED, str(exc), "user")

@@ -95,3 +95,19 @@ def test_screen_fit_on_a_reference_too_small_refuses_before_work(
     assert len(err) == 1
     assert "needs at least" in err[0]
     assert not Path(store, "analyses").exists()
+
+
+def test_screen_fit_holds_out_the_share_asked_and_says_on_how_many_it_calibrated(
+    scanned: tuple[str, str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    store, job = scanned
+    capsys.readouterr()
+    fit = ["screen", "fit", "--reference", job, "--fpr", "0.1", "--store", store]
+    assert main(fit) == 0
+    assert "on 10 held-out clean samples" in capsys.readouterr().out  # 1 of each class's 4
+    assert main([*fit, "--held-out", "0.5", "--json"]) == 0
+    fitted = json.loads(capsys.readouterr().out)
+    assert fitted["n_calibration"] == fitted["profile"]["n_calibration"] == 20
+    assert main([*fit, "--held-out", "1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["actmap: error: --held-out is a share in (0, 1), got 1.0"]
