@@ -5,8 +5,8 @@ Health, comparisons and profiles are analysis jobs on the `analysis` queue, sent
 scan: with `--api` (or $ACTMAP_API_URL) through the API, else with $ACTMAP_BROKER_URL to
 the cluster's workers, else to a worker thread of this process (the embedded default).
 The command waits for the result and prints it; the same output and exit codes in all
-three. `screen run` is an extraction job on the `screen` queue, scored with the profile
-when it finalizes.
+three. `screen run` (screen_jobs.py) is an extraction job on the `screen` queue, scored with
+the profile when it finalizes.
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Any
 
 from rich.table import Table
@@ -25,7 +24,6 @@ from workers.analysis.requests import Analysis
 from workers.errors import ActmapError, UserError
 from workers.jobs import AnalysisKind
 from workers.settings import Settings
-from workers.storage.layout import FLAG, JOBS, SAMPLE, SCORE, SCREEN
 
 __all__ = ["add_parsers", "run"]
 
@@ -177,7 +175,9 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     from api.cli.backends import backend_for
 
     if args.command == "screen" and args.screen_action == "run":
-        return _screen_run(args, settings, args.store or settings.store)
+        from api.cli.screen_jobs import screen_run
+
+        return screen_run(args, settings, args.store or settings.store)
     if args.command == "screen" and args.screen_action == "sample":
         from api.cli.screen_now import screen_files
 
@@ -315,99 +315,3 @@ def _print_weights(summary: dict[str, Any]) -> None:
     total = sum(abs(w) for _, w in ranked) or 1.0
     shown = ", ".join(f"{name} {abs(w) / total:.0%}" for name, w in ranked[:8] if w)
     output.out.print(f"weight carried by: {shown}", highlight=False)
-
-
-def _screen_run(args: argparse.Namespace, settings: Settings, store: str) -> int:
-    from api.cli.backends import backend_for
-
-    backend = backend_for(settings, store, args.api)
-    show = not args.json and output.err.is_terminal
-    flags = scores = ids = None
-    if isinstance(backend, ApiBackend):
-        result, where, threshold, fpr = _screen_through_api(backend, args, show)
-        if result.state in ("succeeded", "partial"):
-            flags, scores, ids = _answers(backend, result.job_id)
-    else:
-        result, threshold, fpr = _screen_here(backend, args, store, show)
-        where = store
-        if result.state in ("succeeded", "partial"):
-            from workers.storage.layout import open_job, read
-
-            group = open_job(where, result.job_id, mode="r")
-            flags, scores, ids = (
-                read(group, f"{SCREEN}/{FLAG}"),
-                read(group, f"{SCREEN}/{SCORE}"),
-                read(group, SAMPLE),
-            )
-    n_flagged = int(flags.sum()) if flags is not None else None
-    found = {"job_id": result.job_id, "store": where or backend.store, "state": result.state,
-             "n_samples": result.n_samples, "n_flagged": n_flagged,
-             "threshold": threshold}  # fmt: skip
-    if args.json:
-        output.print_json(found)
-    else:
-        output.out.print(output.status_line(result), highlight=False)
-        if flags is not None and scores is not None and ids is not None:
-            output.out.print(
-                f"{n_flagged} of {result.n_samples} flagged (score above the threshold "
-                f"{threshold:.4g}, fpr {fpr})",
-                highlight=False,
-            )
-            for i in flags.nonzero()[0][:20]:
-                output.out.print(
-                    f"  [red]flagged[/] {ids[i]}: score {scores[i]:.2f}", highlight=False
-                )
-    return 0 if result.state in ("succeeded", "partial") else 1
-
-
-def _screen_here(
-    backend: Any, args: argparse.Namespace, store: str, show: bool
-) -> tuple[Any, float, float]:
-    """Embedded or on a broker: the screening spec is made here from the stored profile."""
-    from workers.analysis.profiles import load_profile, screening_spec
-
-    profile = load_profile(store, args.profile)
-    screening = screening_spec(store, args.profile, inputs=tuple(args.inputs))
-    with output.progress(show) as (on_plan, on_status):
-        result = backend.scan(screening, True, on_plan, on_status)
-    return result, profile.threshold, profile.fpr
-
-
-def _answers(backend: ApiBackend, job_id: str) -> tuple[Any, Any, Any]:
-    """(flags, scores, ids) of a screening job, read page by page through the API."""
-    import numpy as np
-
-    flags: list[bool] = []
-    scores: list[float] = []
-    ids: list[str] = []
-    while True:
-        page = backend.client.request(
-            "GET", f"/v1/jobs/{job_id}/screen", params={"offset": len(ids), "limit": 1000}
-        ).json()
-        flags += page["flags"]
-        scores += [np.nan if v is None else v for v in page["scores"]]
-        ids += page["samples"]
-        if not page["samples"] or len(ids) >= page["total"]:
-            return np.asarray(flags, dtype=bool), np.asarray(scores), np.asarray(ids)
-
-
-def _screen_through_api(
-    backend: ApiBackend, args: argparse.Namespace, show: bool
-) -> tuple[Any, str | None, float, float]:
-    """Through the API, which makes the screening spec; the answers come through the API
-    (GET /v1/jobs/{id}/screen), the store is named when this host reaches it."""
-    import uuid
-
-    client = backend.client
-    profile = client.request("GET", f"/v1/analyses/{args.profile}").json()["summary"] or {}
-    body = {"profile_id": args.profile, "inputs": list(args.inputs)}
-    headers = {"Idempotency-Key": uuid.uuid4().hex}
-    job_id = client.request("POST", "/v1/jobs/screenings", json=body, headers=headers).json()[
-        "job_id"
-    ]
-    with output.progress(show) as (_, on_status):
-        result = backend.wait(job_id, on_status)
-    where = str(client.request("GET", f"/v1/jobs/{job_id}/store").json()["store"])
-    reachable = "://" not in where and (Path(where) / JOBS / job_id).is_dir()
-    threshold, fpr = float(profile["threshold"]), float(profile["fpr"])
-    return result, where if reachable else None, threshold, fpr
